@@ -1,0 +1,13 @@
+"""fp8norm: low-precision (FP8 block-scaled) checkpoints of large language models.
+
+    >>> import torch, fp8norm
+    >>> q, scale_inv = fp8norm.quant_fp8_block(torch.randn(300, 700, dtype=torch.bfloat16))
+    >>> w = fp8norm.dequant_fp8_block(q, scale_inv)
+
+Kernels: `fp8norm.kernels` (Triton); their torch twins: `fp8norm.reference`.
+"""
+
+from .dispatch import backend_for, dequant_fp8_block, quant_fp8_block
+
+__version__ = "0.1.0"
+__all__ = ["quant_fp8_block", "dequant_fp8_block", "backend_for", "__version__"]

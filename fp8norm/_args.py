@@ -1,0 +1,80 @@
+"""Argument checks shared by the Triton kernels' wrappers and the torch twins (same errors for both)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import numerics as nx
+
+
+def check_block_size(block_size) -> tuple[int, int]:
+    bm, bn = (int(b) for b in block_size)
+    if bm <= 0 or bn <= 0:
+        raise ValueError(f"block_size must be two positive ints, got {tuple(block_size)}")
+    return bm, bn
+
+
+def check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv):
+    """Validate quant_fp8_block's arguments; returns (block_size, scale_inv as fp32 or None)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in nx.INPUT_DTYPES:
+        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be 2D [M, N] or 3D [E, M, N], got shape {tuple(x.shape)}")
+    if scale_fmt not in nx.SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {nx.SCALE_FMTS}, got {scale_fmt!r}")
+    if scale_dtype not in nx.SCALE_DTYPES:
+        raise TypeError(f"scale_dtype must be float32, bfloat16 or float8_e8m0fnu, got {scale_dtype}")
+    if scale_dtype == torch.float8_e8m0fnu and scale_fmt != "ue8m0":
+        raise ValueError("scale_dtype float8_e8m0fnu holds only powers of two: use scale_fmt='ue8m0'")
+    if not amax_floor > 0:
+        raise ValueError(f"amax_floor must be > 0 (zero tiles would divide by zero), got {amax_floor}")
+    block_size = check_block_size(block_size)
+    if scale_inv is None:
+        return block_size, None
+    expected = nx.scale_inv_shape(tuple(x.shape), block_size)
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for x {tuple(x.shape)} "
+            f"and block_size {block_size}"
+        )
+    if scale_inv.device != x.device:
+        raise ValueError(f"scale_inv is on {scale_inv.device}, x on {x.device}")
+    sf = scale_inv.float()
+    if not bool((torch.isfinite(sf) & (sf > 0)).all()):
+        raise ValueError("scale_inv must be finite and > 0 everywhere")
+    return block_size, sf.contiguous()
+
+
+def check_dequant_args(q, scale_inv, block_size, out_dtype):
+    """Validate dequant_fp8_block's arguments; returns (block_size, scale_inv as fp32)."""
+    if q.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"q must be float8_e4m3fn, got {q.dtype}")
+    if q.dim() not in (2, 3):
+        raise ValueError(f"q must be 2D [M, N] or 3D [E, M, N], got shape {tuple(q.shape)}")
+    if out_dtype not in nx.OUT_DTYPES:
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    block_size = check_block_size(block_size)
+    expected = nx.scale_inv_shape(tuple(q.shape), block_size)
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for q {tuple(q.shape)} "
+            f"and block_size {block_size}"
+        )
+    return block_size, scale_inv.float().contiguous()
+
+
+def raise_if_nonfinite_tiles(scale: torch.Tensor) -> None:
+    """The kernels mark a tile holding NaN/Inf with a non-finite scale; name the first such tile."""
+    bad = ~torch.isfinite(scale.float())
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"input has non-finite values (NaN or Inf) in {int(bad.sum())} tile(s), first at tile index "
+            f"{first}; refusing to quantize"
+        )
+
+
+def new_scale_inv(shape, scale_dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=scale_dtype, device=device)

@@ -1,0 +1,63 @@
+"""Pick the Triton kernel or its torch twin for each call.
+
+CUDA tensors go to Triton, CPU tensors to the twin. FP8NORM_BACKEND=triton|torch forces one; Triton on
+CPU tensors then runs under the interpreter (TRITON_INTERPRET=1, slow: meant for tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import numerics as nx
+from . import reference
+
+BACKENDS = ("triton", "torch")
+ENV_BACKEND = "FP8NORM_BACKEND"
+
+
+def backend_for(t: torch.Tensor) -> str:
+    forced = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND}={forced!r}: expected one of {BACKENDS}")
+        return forced
+    return "triton" if t.is_cuda else "torch"
+
+
+def _impl(t: torch.Tensor):
+    if backend_for(t) == "torch":
+        return reference
+    import fp8norm.kernels  # lazy: importing triton costs a second the torch path does not need
+
+    return fp8norm.kernels
+
+
+def quant_fp8_block(
+    x: torch.Tensor,
+    *,
+    block_size=nx.DEFAULT_BLOCK_SIZE,
+    scale_fmt: str = "float",
+    scale_dtype: torch.dtype = torch.float32,
+    amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
+    scale_inv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-FP8 quantize `x` ([M, N] or [E, M, N]) on the backend chosen for its device.
+
+    Returns `(q, scale_inv)`: q float8_e4m3fn shaped like x, scale_inv `[..., ceil(M/bm), ceil(N/bn)]`.
+    """
+    return _impl(x).quant_fp8_block(
+        x, block_size=block_size, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
+        amax_floor=amax_floor, scale_inv=scale_inv)
+
+
+def dequant_fp8_block(
+    q: torch.Tensor,
+    scale_inv: torch.Tensor,
+    *,
+    block_size=nx.DEFAULT_BLOCK_SIZE,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`q * scale_inv` per tile, on the backend chosen for q's device."""
+    return _impl(q).dequant_fp8_block(q, scale_inv, block_size=block_size, out_dtype=out_dtype)

@@ -1,0 +1,18 @@
+"""fp8norm's Triton kernels, imported as `fp8norm.kernels` (never as a top-level `kernels`).
+
+Each kernel has a pure-torch twin with the same signature in `fp8norm.reference`. Without CUDA the
+kernels run under the Triton interpreter: TRITON_INTERPRET=1 is set here unless already set, and must
+be set before triton decorates them (i.e. before this package is first imported).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel  # noqa: E402
+from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel  # noqa: E402
+
+__all__ = ["quant_fp8_block", "dequant_fp8_block", "quant_fp8_block_kernel", "dequant_fp8_block_kernel"]

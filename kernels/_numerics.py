@@ -1,0 +1,40 @@
+"""Triton twins of fp8norm.numerics: the same formulas, for use inside kernels."""
+
+import triton
+import triton.language as tl
+
+E4M3_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def ceil_mantissa(sf, DROP_BITS: tl.constexpr):
+    """Round positive fp32 `sf` up so its low DROP_BITS mantissa bits are zero (23: ue8m0, 16: bf16)."""
+    LOW: tl.constexpr = (1 << DROP_BITS) - 1
+    bits = sf.to(tl.int32, bitcast=True)
+    bits = tl.where((bits & LOW) != 0, (bits | LOW) + 1, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to_e4m3_grid(v):
+    """Round fp32 `v` (|v| <= 448) to the nearest e4m3 value, ties to even, staying in fp32.
+
+    The interpreter's fp32->fp8 cast drops the carry when rounding crosses a power of two; values
+    already on the grid cast exactly everywhere, so the kernel rounds here and then casts.
+    Adding 1.5 * 2^(e+20) puts the grid step 2^(e-3) (2^-9 for subnormals) at the fp32 ulp, so
+    the hardware's round-to-nearest-even does the rounding; subtracting it back is exact.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    magic = (((exp + 20 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = (v + magic) - magic
+    # Values that round to zero keep their sign (-0.0 and tiny negatives cast to 0x80, like torch).
+    sign = (bits >> 31) << 31
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def saturate_e4m3(v):
+    """Saturating round-to-nearest-even cast to e4m3 (clamp, round on the grid, exact cast)."""
+    v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
+    return round_to_e4m3_grid(v).to(tl.float8e4nv)

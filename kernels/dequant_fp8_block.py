@@ -1,0 +1,66 @@
+"""Block FP8 dequantization: `out = q * scale_inv` per tile, cast to bf16/fp16/fp32.
+
+Twin: fp8norm.reference.dequant_fp8_block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8norm import numerics as nx
+from fp8norm._args import check_dequant_args
+
+from ._launch import LAUNCH_OPTIONS, NUM_WARPS
+from .quant_fp8_block import _as_3d, check_pow2_block
+
+
+@triton.jit
+def dequant_fp8_block_kernel(
+    q_ptr, s_ptr, out_ptr,
+    M, N,
+    stride_qe, stride_qm, stride_qn,
+    stride_oe, stride_om,
+    stride_se, stride_sm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    q_offs = pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :] * stride_qn
+    q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
+    sf = tl.load(s_ptr + pid_e * stride_se + pid_m * stride_sm + pid_n)
+    out = (q * sf).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
+
+
+def dequant_fp8_block(
+    q: torch.Tensor,
+    scale_inv: torch.Tensor,
+    *,
+    block_size=nx.DEFAULT_BLOCK_SIZE,
+    out_dtype: torch.dtype = torch.bfloat16,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
+    """`q * scale_inv` per tile for [M, N] or [E, M, N]; scale_inv may be fp32, bf16 or e8m0."""
+    (bm, bn), sf = check_dequant_args(q, scale_inv, block_size, out_dtype)
+    check_pow2_block((bm, bn))
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    if q.numel():
+        q3, o3, s3 = _as_3d(q), _as_3d(out), _as_3d(sf)
+        grid = (s3.shape[2], s3.shape[1], q3.shape[0])
+        dequant_fp8_block_kernel[grid](
+            q3, s3, o3,
+            q3.shape[1], q3.shape[2],
+            q3.stride(0), q3.stride(1), q3.stride(2),
+            o3.stride(0), o3.stride(1),
+            s3.stride(0), s3.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
+    return out

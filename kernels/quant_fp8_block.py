@@ -1,0 +1,122 @@
+"""Fused block FP8 quantization: per-tile amax -> scale -> (ue8m0/bf16 round up) -> saturating e4m3.
+
+One program per (expert, row tile, column tile); 2D and stacked 3D `[E, M, N]` inputs share a
+single launch. Twin: fp8norm.reference.quant_fp8_block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8norm import numerics as nx
+from fp8norm._args import check_quant_args, raise_if_nonfinite_tiles
+
+from ._launch import LAUNCH_OPTIONS, NUM_WARPS
+from ._numerics import E4M3_MAX, ceil_mantissa, saturate_e4m3
+
+# Scale output encodings (the stored dtype of scale_inv).
+SCALE_OUT_F32, SCALE_OUT_BF16, SCALE_OUT_E8M0 = 0, 1, 2
+_SCALE_OUT = {torch.float32: SCALE_OUT_F32, torch.bfloat16: SCALE_OUT_BF16,
+              torch.float8_e8m0fnu: SCALE_OUT_E8M0}
+
+
+@triton.jit
+def quant_fp8_block_kernel(
+    x_ptr, q_ptr, s_in_ptr, s_out_ptr,
+    M, N,
+    stride_xe, stride_xm, stride_xn,
+    stride_qe, stride_qm,
+    stride_se, stride_sm,
+    amax_floor,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_DROP_BITS: tl.constexpr,
+    SCALE_OUT: tl.constexpr,
+    GIVEN_SCALE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Ragged edges are masked; masked lanes read 0, which never raises the amax.
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+
+    ax = tl.abs(x)
+    # NaN and Inf fail `< inf`; the wrapper turns a NaN scale into a ValueError naming the tile.
+    nonfinite = tl.max(tl.where(ax < float("inf"), 0, 1)) > 0
+    s_off = pid_e * stride_se + pid_m * stride_sm + pid_n
+    if GIVEN_SCALE:
+        sf = tl.load(s_in_ptr + s_off)
+    else:
+        # div_rn: IEEE division, as torch does (plain `/` may lower to approximate div.full).
+        sf = tl.math.div_rn(tl.maximum(tl.max(ax), amax_floor), E4M3_MAX)
+        if SCALE_DROP_BITS > 0:
+            sf = ceil_mantissa(sf, SCALE_DROP_BITS)
+    inv = tl.math.div_rn(1.0, sf)
+    q = saturate_e4m3(x * inv)
+    tl.store(q_ptr + pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+
+    sf = tl.where(nonfinite, float("nan"), sf)
+    if SCALE_OUT == 2:
+        # e8m0 shares fp32's exponent field and bias; a NaN scale becomes 0xFF, e8m0's NaN.
+        tl.store(s_out_ptr + s_off, ((sf.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8))
+    else:
+        tl.store(s_out_ptr + s_off, sf.to(s_out_ptr.dtype.element_ty))
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+def check_pow2_block(block_size: tuple[int, int]) -> None:
+    if any(b & (b - 1) for b in block_size):
+        raise ValueError(f"the Triton kernels need power-of-two block sizes, got {block_size}")
+
+
+def quant_fp8_block(
+    x: torch.Tensor,
+    *,
+    block_size=nx.DEFAULT_BLOCK_SIZE,
+    scale_fmt: str = "float",
+    scale_dtype: torch.dtype = torch.float32,
+    amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
+    scale_inv: torch.Tensor | None = None,
+    num_warps: int = NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one scale per block; see fp8norm.numerics.
+
+    Returns `(q, scale_inv)` with `x ~= q * scale_inv` per tile. With `scale_inv` given, the amax is
+    skipped and those scales are applied with a saturating cast; the given tensor is returned.
+    """
+    (bm, bn), given = check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv)
+    check_pow2_block((bm, bn))
+    x3 = _as_3d(x)
+    n_exp, m, n = x3.shape
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s_shape = nx.scale_inv_shape(tuple(x.shape), (bm, bn))
+    # With given scales the kernel still writes the scale it used (NaN for a non-finite tile).
+    s_out = torch.empty(s_shape, dtype=torch.float32 if given is not None else scale_dtype, device=x.device)
+    if x.numel():
+        q3, s3 = _as_3d(q), _as_3d(s_out)
+        s_kernel = s3.view(torch.uint8) if s3.dtype == torch.float8_e8m0fnu else s3
+        grid = (s3.shape[2], s3.shape[1], n_exp)
+        quant_fp8_block_kernel[grid](
+            x3, q3, given if given is not None else s_kernel, s_kernel,
+            m, n,
+            x3.stride(0), x3.stride(1), x3.stride(2),
+            q3.stride(0), q3.stride(1),
+            s3.stride(0), s3.stride(1),
+            float(amax_floor),
+            BLOCK_M=bm, BLOCK_N=bn,
+            SCALE_DROP_BITS=nx.scale_round_bits(scale_fmt, scale_dtype) if given is None else 0,
+            SCALE_OUT=_SCALE_OUT[s_out.dtype],
+            GIVEN_SCALE=given is not None,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
+    raise_if_nonfinite_tiles(s_out)
+    return q, (scale_inv if given is not None else s_out)
