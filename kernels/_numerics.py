@@ -38,3 +38,23 @@ def saturate_e4m3(v):
     """Saturating round-to-nearest-even cast to e4m3 (clamp, round on the grid, exact cast)."""
     v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
     return round_to_e4m3_grid(v).to(tl.float8e4nv)
+
+
+@triton.jit
+def round_to_bf16_grid(v):
+    """Round fp32 `v` to the nearest bfloat16, ties to even, staying in fp32 (finite inputs).
+
+    The interpreter's fp32->bf16 cast truncates; GPUs round to nearest even. On-grid values cast
+    exactly on both.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_rne(v, dtype: tl.constexpr):
+    """fp32 -> `dtype` with round-to-nearest-even on the GPU and in the interpreter alike."""
+    if dtype == tl.bfloat16:
+        v = round_to_bf16_grid(v)
+    return v.to(dtype)

@@ -13,6 +13,7 @@ from fp8norm import numerics as nx
 from fp8norm._args import check_dequant_args
 
 from ._launch import LAUNCH_OPTIONS, NUM_WARPS
+from ._numerics import cast_rne
 from .quant_fp8_block import _as_3d, check_pow2_block
 
 
@@ -34,7 +35,7 @@ def dequant_fp8_block_kernel(
     q_offs = pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :] * stride_qn
     q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
     sf = tl.load(s_ptr + pid_e * stride_se + pid_m * stride_sm + pid_n)
-    out = (q * sf).to(out_ptr.dtype.element_ty)
+    out = cast_rne(q * sf, out_ptr.dtype.element_ty)
     tl.store(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
 
 

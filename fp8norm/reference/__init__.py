@@ -98,8 +98,9 @@ def quant_fp8_block(
         for b0, k, rows in _row_chunks(m, n, bm):
             r0 = b0 * bm
             chunk = buf.load(x2[r0:r0 + k * rows], k, rows)
-            lo, hi = torch.aminmax(chunk, dim=1)
-            tile_amax = _block_amax_cols(torch.maximum(hi, lo.neg_()), bn)  # NaN propagates
+            # amax and amin as two reductions: aminmax and abs() are ~10x slower here. NaN propagates.
+            col_absmax = torch.maximum(chunk.amax(1), chunk.amin(1).neg_())
+            tile_amax = _block_amax_cols(col_absmax, bn)
             if given is None:
                 sf = nx.round_scale(nx.sf_from_amax(tile_amax, amax_floor), scale_fmt, scale_dtype)
             else:

@@ -1,0 +1,41 @@
+"""Shared fixtures. Kernel tests run every case on both backends: the Triton kernel (under the
+interpreter on CPU, on the GPU where CUDA is present) and its torch twin."""
+
+import os
+
+import pytest
+import torch
+
+# Must be set before triton decorates the kernels; fp8norm.kernels also sets it without CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fp8norm.kernels  # noqa: E402
+import fp8norm.reference  # noqa: E402
+
+BACKENDS = {
+    "triton": (fp8norm.kernels, "cuda" if torch.cuda.is_available() else "cpu"),
+    "torch": (fp8norm.reference, "cpu"),
+}
+
+
+class Backend:
+    """A kernel implementation and the device its inputs go to; results come back on the CPU."""
+
+    def __init__(self, name):
+        self.name = name
+        self.impl, self.device = BACKENDS[name]
+
+    def quant(self, x, **kw):
+        if kw.get("scale_inv") is not None:
+            kw["scale_inv"] = kw["scale_inv"].to(self.device)
+        q, s = self.impl.quant_fp8_block(x.to(self.device), **kw)
+        return q.cpu(), s.cpu()
+
+    def dequant(self, q, s, **kw):
+        return self.impl.dequant_fp8_block(q.to(self.device), s.to(self.device), **kw).cpu()
+
+
+@pytest.fixture(params=list(BACKENDS), ids=list(BACKENDS))
+def backend(request):
+    return Backend(request.param)

@@ -1,0 +1,42 @@
+"""dequant_fp8_block: Triton kernel and torch twin against the oracle, 2D and 3D, every scale dtype."""
+
+import pytest
+import torch
+
+from tests.oracle import oracle_dequant
+
+SCALE_DTYPES = [torch.float32, torch.bfloat16, torch.float8_e8m0fnu]
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def random_fp8(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    codes[(codes & 0x7F) == 0x7F] = 0x01  # drop NaN codes
+    return codes.view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (127, 129), (256, 384), (3, 200, 130)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_bit_exact_vs_oracle(backend, shape, scale_dtype, out_dtype):
+    q = random_fp8(shape)
+    s_shape = (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
+    if scale_dtype == torch.float8_e8m0fnu:
+        scale = torch.exp2(torch.randint(-20, 5, s_shape).float()).to(scale_dtype)
+    else:
+        scale = (torch.rand(s_shape) * 1e-2 + 1e-5).to(scale_dtype)
+    y = backend.dequant(q, scale, out_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.shape == q.shape
+    assert torch.equal(y.view(torch.uint8) if y.element_size() == 1 else y, oracle_dequant(q, scale, out_dtype=out_dtype))
+
+
+def test_errors(backend):
+    q = random_fp8((130, 130))
+    with pytest.raises(ValueError, match="expected"):
+        backend.dequant(q, torch.ones(1, 1))
+    with pytest.raises(TypeError):
+        backend.dequant(q.view(torch.uint8), torch.ones(2, 2))
+    with pytest.raises(TypeError):
+        backend.dequant(q, torch.ones(2, 2), out_dtype=torch.int8)
