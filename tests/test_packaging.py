@@ -1,0 +1,87 @@
+"""Install layout: the distribution ships only `fp8norm` (kernels/ as fp8norm.kernels, never a bare
+`kernels`, which would shadow Hugging Face's package that transformers probes)."""
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import fp8norm.kernels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _top_level(dist) -> set[str]:
+    text = dist.read_text("top_level.txt")
+    if text is not None:
+        return set(text.split())
+    return {Path(str(f)).parts[0] for f in dist.files if not str(f).startswith(("..", dist.name))}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """Build the wheel from a clean copy of the tracked sources (no network, no build isolation)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    src = tmp / "src"
+    for rel in files:
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                    "-w", str(tmp / "dist")], check=True)
+    (whl,) = (tmp / "dist").glob("fp8norm-*.whl")
+    return whl
+
+
+def test_wheel_ships_only_fp8norm(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    roots = {n.split("/")[0] for n in names}
+    assert roots == {"fp8norm", next(r for r in roots if r.endswith(".dist-info"))}
+    assert "fp8norm/kernels/quant_fp8_block.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
+
+
+def test_installed_wheel_imports_fp8norm_kernels(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                    str(wheel)], check=True)
+    dists = list(importlib.metadata.distributions(path=[str(target)]))
+    assert [d.metadata["Name"] for d in dists] == ["fp8norm"]
+    assert _top_level(dists[0]) == {"fp8norm"}
+    code = ("import fp8norm.kernels, importlib.util; "
+            "print(fp8norm.kernels.__file__); "
+            "print(importlib.util.find_spec('kernels'))")
+    env = dict(os.environ, PYTHONPATH=str(target), TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    assert Path(out[0]).is_relative_to(target / "fp8norm" / "kernels")
+    assert out[1] == "None"  # no top-level `kernels` came with the wheel
+
+
+def test_source_checkout_imports_fp8norm_kernels(tmp_path):
+    """The editable/source install the tests run on maps kernels/ to fp8norm.kernels, and exposes no
+    top-level `kernels` (checked from a neutral folder: run from the repo root, `import kernels` would
+    find the folder itself, which is why no code may ever write it)."""
+    assert Path(fp8norm.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
+    assert _top_level(importlib.metadata.distribution("fp8norm")) == {"fp8norm"}
+    code = ("import fp8norm.kernels, importlib.util; print(fp8norm.kernels.__file__); "
+            "s = importlib.util.find_spec('kernels'); print(s and s.origin)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    assert Path(out[0]).resolve() == REPO / "kernels" / "__init__.py"
+    assert out[1] == "None" or Path(out[1]).resolve().parent != REPO / "kernels"
+
+
+def test_no_code_imports_bare_kernels():
+    pattern = r"^\s*(from|import) kernels(\.|\s|$)"
+    out = subprocess.run(["git", "grep", "-nE", pattern, "--", "*.py"], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout == ""
