@@ -1,0 +1,5 @@
+"""`python -m fp8norm ...` (also how torchrun starts it)."""
+
+from .cli import main
+
+main()
