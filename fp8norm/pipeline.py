@@ -1,0 +1,298 @@
+"""Execute a plan: stream tensors from the source, transform them, write the output shards.
+
+Three stages overlap: a reader thread reads source tensors (in plan order) into a bounded queue, the
+calling thread computes (quantizes on the chosen device), and a writer thread streams results into
+the current shard. Each queue holds at most half a shard of bytes, so resident memory stays within
+about one to two output shards whatever the model size.
+
+Crash safety: shards are written under a temporary name and renamed once complete and fsynced; a
+manifest in DST records the plan fingerprint and the finished shards, so `resume=True` skips them
+and produces byte-identical output. The index and config.json are written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import dispatch
+from .checkpoint import INDEX_NAME
+from .classify import FP8
+from .plan import Plan, TensorPlan
+from .st_io import ShardWriter, atomic_write_text, build_header, read_tensor
+
+MANIFEST_NAME = "fp8norm-manifest.json"
+
+
+class OutputError(ValueError):
+    """DST cannot be written as asked (inside SRC, not empty, made by another plan...)."""
+
+
+@dataclass
+class RunSummary:
+    tensors: dict
+    bytes_in: int = 0
+    bytes_out: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    wall_s: float = 0.0
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        t = self.tensors
+        gbps = self.bytes_in / max(self.wall_s, 1e-9) / 1e9
+        lines = [
+            f"tensors   {t['fp8']} quantized, {t['keep']} kept, {t['passthrough']} passed through",
+            f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out "
+            f"({self.shards_written} shard(s) written, {self.shards_skipped} already done)",
+            f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
+            f"({self.device}), write {self.write_s:.2f} s; {gbps:.2f} GB/s",
+        ]
+        return "\n".join(lines + self.notes)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OutputError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def quantize_tensor(t: TensorPlan, x: torch.Tensor, plan: Plan, device: torch.device) -> list[torch.Tensor]:
+    """The output tensors of one planned tensor, in the order of t.outputs."""
+    if t.decision != FP8:
+        return [x]
+    s = plan.settings
+    try:
+        q, scale_inv = dispatch.quant_fp8_block(x.to(device), block_size=s.block_size, scale_fmt=s.scale_fmt,
+                                                scale_dtype=s.torch_scale_dtype, amax_floor=s.amax_floor)
+    except ValueError as e:
+        raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
+    return [q.cpu(), scale_inv.cpu()]
+
+
+def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwrite: bool) -> set[str]:
+    """Check DST and return the shards a previous run of the same plan already finished."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if dst == src or src in dst.parents:
+        raise OutputError(f"{dst}: the output may not be the source directory or inside it ({src})")
+    if dst in src.parents:
+        raise OutputError(f"{dst}: the output may not contain the source directory ({src})")
+    manifest_path = dst / MANIFEST_NAME
+    if dst.exists() and any(dst.iterdir()):
+        if overwrite:
+            shutil.rmtree(dst)
+        elif resume:
+            if not manifest_path.exists():
+                raise OutputError(f"{dst}: not empty and holds no {MANIFEST_NAME}: nothing to resume "
+                                  "(use --overwrite to replace it)")
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("fingerprint") != fingerprint:
+                raise OutputError(f"{dst}: was started with other settings or another source (plan "
+                                  "fingerprints differ); use --overwrite to start again")
+            for p in dst.glob(".*.partial"):
+                p.unlink()
+            return {s for s, size in manifest.get("done", {}).items()
+                    if (dst / s).is_file() and (dst / s).stat().st_size == size}
+        else:
+            raise OutputError(f"{dst}: exists and is not empty; pass --resume to continue an interrupted "
+                              "run or --overwrite to replace it")
+    dst.mkdir(parents=True, exist_ok=True)
+    if not os.access(dst, os.W_OK):
+        raise OutputError(f"{dst}: not writable")
+    return set()
+
+
+class _ByteBudget:
+    """Blocks producers while more than `limit` bytes are queued (one oversized item may pass alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> None:
+        with self.cond:
+            while self.used and self.used + n > self.limit and not stop.is_set():
+                self.cond.wait(0.1)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+_DONE = object()
+
+
+def _shard_file_size(tensors: list[TensorPlan]) -> int:
+    entries = [o for t in tensors for o in t.outputs]
+    return len(build_header(entries)) + sum(e.nbytes for e in entries)
+
+
+def execute_plan(
+    plan: Plan,
+    dst: str | Path,
+    *,
+    transform: Callable[[TensorPlan, torch.Tensor, Plan, torch.device], list[torch.Tensor]] = quantize_tensor,
+    finalize_config: Callable[[dict, Plan], dict] | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> RunSummary:
+    """Write `plan`'s output into `dst`; `transform` maps each source tensor to its output tensors and
+    `finalize_config` edits config.json (None: copy it unchanged)."""
+    dst = Path(dst)
+    dev = resolve_device(device)
+    fingerprint = plan.fingerprint()
+    done = prepare_dst(plan.source, dst, fingerprint, resume=resume, overwrite=overwrite)
+    manifest = {"fingerprint": fingerprint, "done": {s: (dst / s).stat().st_size for s in sorted(done)},
+                "complete": False}
+    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    ckpt = plan.checkpoint
+    summary = RunSummary(plan.totals(), device=str(dev), shards_skipped=len(done))
+    pending = [s for s in plan.shards if s not in done]
+    by_shard = {s: plan.shard_tensors(s) for s in plan.shards}
+    work = [t for s in pending for t in by_shard[s]]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(t.nbytes_in for t in work), unit="B", unit_scale=True, unit_divisor=1024,
+               desc="fp8norm", disable=not progress, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    budget = max(1, plan.max_shard_size // 2)
+    in_budget, out_budget = _ByteBudget(budget), _ByteBudget(budget)
+    q_in: queue.Queue = queue.Queue()
+    q_out: queue.Queue = queue.Queue()
+
+    def fail(e: BaseException) -> None:
+        errors.append(e)
+        stop.set()
+
+    def reader():
+        handles = {}
+        try:
+            for t in work:
+                if stop.is_set():
+                    return
+                info = ckpt.tensors[t.name]
+                f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
+                in_budget.acquire(info.nbytes, stop)
+                t0 = time.perf_counter()
+                x = read_tensor(info, f)
+                summary.read_s += time.perf_counter() - t0
+                q_in.put((t, x))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            fail(e)
+        finally:
+            for f in handles.values():
+                f.close()
+            q_in.put(_DONE)
+
+    def writer():
+        remaining = {s: len(by_shard[s]) for s in pending}
+        current: ShardWriter | None = None
+        try:
+            while True:
+                item = q_out.get()
+                if item is _DONE or stop.is_set():
+                    return
+                t, outs, nbytes = item
+                t0 = time.perf_counter()
+                if current is None:
+                    current = ShardWriter(dst / t.shard, [o for u in by_shard[t.shard] for o in u.outputs])
+                for o, tensor in zip(t.outputs, outs):
+                    summary.bytes_out += current.write(o.name, tensor)
+                remaining[t.shard] -= 1
+                if remaining[t.shard] == 0:
+                    current.commit()
+                    current = None
+                    manifest["done"][t.shard] = (dst / t.shard).stat().st_size
+                    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+                    summary.shards_written += 1
+                summary.write_s += time.perf_counter() - t0
+                out_budget.release(nbytes)
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+        finally:
+            if current is not None:
+                current.abort()
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for th in threads:
+        th.start()
+    try:
+        while True:
+            item = q_in.get()
+            if item is _DONE or stop.is_set():
+                break
+            t, x = item
+            t0 = time.perf_counter()
+            outs = transform(t, x, plan, dev)
+            summary.compute_s += time.perf_counter() - t0
+            in_budget.release(t.nbytes_in)
+            del x
+            nbytes = sum(o.nbytes for o in t.outputs)
+            out_budget.acquire(nbytes, stop)
+            q_out.put((t, outs, nbytes))
+            summary.bytes_in += t.nbytes_in
+            bar.update(t.nbytes_in)
+    except BaseException as e:  # noqa: BLE001
+        fail(e)
+    finally:
+        q_out.put(_DONE)
+        for th in threads:
+            th.join()
+        bar.close()
+    if errors:
+        raise errors[0]
+
+    _copy_other_files(plan, dst)
+    weight_map = {o.name: t.shard for t in plan.tensors for o in t.outputs}
+    index = {"metadata": {"total_size": sum(t.nbytes_out for t in plan.tensors)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_text(dst / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    cfg_path = plan.source / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        if finalize_config is not None:
+            cfg = finalize_config(cfg, plan)
+        atomic_write_text(dst / "config.json", json.dumps(cfg, indent=2) + "\n")
+    else:
+        summary.notes.append("note      the source has no config.json: none written")
+    manifest["complete"] = True
+    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    summary.wall_s = time.perf_counter() - t_start
+    return summary
+
+
+def _copy_other_files(plan: Plan, dst: Path) -> None:
+    """Tokenizer, chat template, generation config, code, subfolders: copied (config.json is rewritten)."""
+    for rel in plan.checkpoint.other_files:
+        if rel == Path("config.json") or rel.name == MANIFEST_NAME:
+            continue
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        shutil.copyfile(plan.source / rel, tmp)
+        os.replace(tmp, out)

@@ -1,0 +1,227 @@
+"""The plan: every tensor's decision, rule and output tensors, and the output shard layout.
+
+`fp8norm plan` prints it; `fp8norm quantize` executes exactly it. Its fingerprint covers everything
+that determines the output bytes, so `--resume` can refuse a DST made with other settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import numerics as nx
+from .checkpoint import SourceCheckpoint, load_reference_names, open_checkpoint, shard_name
+from .classify import FP8, KEEP, PASSTHROUGH, classify, scale_name
+from .st_io import DTYPE_NAMES, OutEntry, read_header
+
+SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    block_size: tuple[int, int] = nx.DEFAULT_BLOCK_SIZE
+    scale_fmt: str = "float"
+    scale_dtype: str = "float32"
+    amax_floor: float = nx.DEFAULT_AMAX_FLOOR
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    decision: str
+    rule: str
+    source_file: str
+    outputs: list[OutEntry]
+    shard: str = ""
+
+    @property
+    def nbytes_in(self) -> int:
+        return OutEntry(self.name, self.dtype, self.shape).nbytes
+
+    @property
+    def nbytes_out(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+
+@dataclass
+class Plan:
+    source: Path
+    settings: QuantSettings
+    tensors: list[TensorPlan]
+    shards: list[str]
+    repacked: bool
+    max_shard_size: int
+    reference: str | None = None
+    checkpoint: SourceCheckpoint | None = field(default=None, repr=False)
+
+    def shard_tensors(self, shard: str) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.shard == shard]
+
+    def totals(self) -> dict:
+        count = {d: sum(t.decision == d for t in self.tensors) for d in (FP8, KEEP, PASSTHROUGH)}
+        return {"tensors": len(self.tensors), **count,
+                "bytes_in": sum(t.nbytes_in for t in self.tensors),
+                "bytes_out": sum(t.nbytes_out for t in self.tensors), "shards": len(self.shards)}
+
+    def to_dict(self) -> dict:
+        return {
+            "source": str(self.source),
+            "reference": self.reference,
+            "settings": {**asdict(self.settings), "block_size": list(self.settings.block_size)},
+            "repacked": self.repacked,
+            "max_shard_size": self.max_shard_size,
+            "shards": self.shards,
+            "totals": self.totals(),
+            "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "decision": t.decision,
+                         "rule": t.rule, "source_file": t.source_file, "shard": t.shard,
+                         "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape)}
+                                     for o in t.outputs]} for t in self.tensors],
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the output bytes (not the source path: a moved source still resumes)."""
+        d = self.to_dict()
+        d.pop("source")
+        d.pop("reference")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> dict:
+    """Block size, scale format and scale dtype as the reference checkpoint has them."""
+    out = {}
+    if qcfg.get("weight_block_size"):
+        out["block_size"] = tuple(int(b) for b in qcfg["weight_block_size"])
+    if qcfg.get("scale_fmt") == "ue8m0":
+        out["scale_fmt"] = "ue8m0"
+    scale = next((n for n in sorted(ref_names) if n.endswith("_scale_inv")), None)
+    if scale is not None:
+        for f in sorted(ref_folder.glob("*.safetensors")):
+            infos, _ = read_header(f)
+            if scale in infos:
+                name = {"F32": "float32", "BF16": "bfloat16"}.get(infos[scale].dtype)
+                if name:
+                    out["scale_dtype"] = name
+                break
+    return out
+
+
+def build_plan(
+    src: str | Path,
+    *,
+    reference: str | Path | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    allow_mismatch: bool = False,
+    scale_fmt: str | None = None,
+    scale_dtype: str | None = None,
+    amax_floor: float | None = None,
+    max_shard_size: int = 4 * 1000**3,
+    repack: bool = True,
+) -> Plan:
+    ckpt = open_checkpoint(src)
+    settings = {}
+    ref_names = None
+    if reference is not None:
+        ref_names, qcfg, folder = load_reference_names(reference)
+        settings.update(_reference_settings(qcfg, folder, ref_names))
+    for key, value in (("scale_fmt", scale_fmt), ("scale_dtype", scale_dtype), ("amax_floor", amax_floor)):
+        if value is not None:
+            settings[key] = value
+    qs = QuantSettings(**settings)
+    decisions = classify(ckpt.tensors, block_size=qs.block_size, reference_names=ref_names, include=include,
+                         exclude=exclude, allow_mismatch=allow_mismatch)
+    tensors = []
+    for name, info in ckpt.tensors.items():
+        d = decisions[name]
+        if d.decision == FP8:
+            outputs = [OutEntry(name, "F8_E4M3", info.shape),
+                       OutEntry(scale_name(name), DTYPE_NAMES[qs.torch_scale_dtype],
+                                nx.scale_inv_shape(info.shape, qs.block_size))]
+        else:
+            outputs = [OutEntry(name, info.dtype, info.shape)]
+        tensors.append(TensorPlan(name, info.dtype, info.shape, d.decision, d.rule, info.file.name, outputs))
+    tensors = _scales_after_weights(tensors)
+    repacked = repack or not ckpt.standard_names
+    shards = _assign_shards(tensors, max_shard_size) if repacked else _keep_layout(tensors)
+    return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
+                None if reference is None else str(reference), ckpt)
+
+
+def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:
+    """Move each passed-through scale right after its FP8 weight, so both land in one shard."""
+    by_name = {t.name: t for t in tensors}
+    follows = {}
+    for t in tensors:
+        if t.rule == "scale-of-fp8":
+            base = t.name.rsplit("_scale", 1)[0]
+            follows.setdefault(base, []).append(t)
+    out = []
+    for t in tensors:
+        if t.rule == "scale-of-fp8" and t.name.rsplit("_scale", 1)[0] in by_name:
+            continue
+        out.append(t)
+        out.extend(follows.get(t.name, []))
+    return out
+
+
+def _units(tensors: list[TensorPlan]) -> list[list[TensorPlan]]:
+    units: list[list[TensorPlan]] = []
+    for t in tensors:
+        if t.rule == "scale-of-fp8" and units:
+            units[-1].append(t)
+        else:
+            units.append([t])
+    return units
+
+
+def _assign_shards(tensors: list[TensorPlan], max_bytes: int) -> list[str]:
+    """Greedy, in source order: a new shard when the next unit (weight + scales) would overflow."""
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for unit in _units(tensors):
+        nbytes = sum(t.nbytes_out for t in unit)
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].extend(unit)
+        size += nbytes
+    names = [shard_name(i, len(groups)) for i in range(len(groups))]
+    for name, group in zip(names, groups):
+        for t in group:
+            t.shard = name
+    return names
+
+
+def _keep_layout(tensors: list[TensorPlan]) -> list[str]:
+    for unit in _units(tensors):
+        for t in unit:
+            t.shard = unit[0].source_file
+    return list(dict.fromkeys(t.shard for t in tensors))
+
+
+def format_plan_table(plan: Plan) -> str:
+    """A readable table of every tensor and the totals (what `fp8norm plan` prints)."""
+    rows = [(t.name, "x".join(map(str, t.shape)), t.dtype, t.decision, t.rule) for t in plan.tensors]
+    head = ("tensor", "shape", "dtype", "decision", "rule")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    line = "  ".join(f"{{:{w}}}" for w in widths)
+    out = [line.format(*head), line.format(*("-" * w for w in widths))]
+    out += [line.format(*r) for r in rows]
+    tot = plan.totals()
+    s = plan.settings
+    out += ["", f"{tot['tensors']} tensors: {tot[FP8]} fp8, {tot[KEEP]} keep, {tot[PASSTHROUGH]} passthrough",
+            f"bytes: {tot['bytes_in']:,} -> {tot['bytes_out']:,} ({tot['bytes_out'] / max(1, tot['bytes_in']):.1%})"
+            f" in {tot['shards']} shard(s){' (repacked)' if plan.repacked else ' (source layout)'}",
+            f"scales: {s.scale_fmt}, {s.scale_dtype}, blocks {s.block_size[0]}x{s.block_size[1]}, "
+            f"amax floor {s.amax_floor:g}"]
+    return "\n".join(out)
