@@ -138,7 +138,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, **kw):
       fp8norm quantize /models/Qwen3-8B /models/Qwen3-8B-FP8
       fp8norm quantize SRC DST --scale-fmt ue8m0                 # B200 / DeepGEMM
       fp8norm quantize SRC DST --reference /models/Qwen3-8B-FP8  # same tensors as an official release
-      fp8norm quantize SRC DST --exclude 'mlp\.gate\.' --resume
+      fp8norm quantize SRC DST --exclude 'mlp\\.gate\\.' --resume
     """
     from .quantize import quantize
 

@@ -150,7 +150,7 @@ def execute_plan(
     plan: Plan,
     dst: str | Path,
     *,
-    transform: Callable[[TensorPlan, torch.Tensor, Plan, torch.device], list[torch.Tensor]] = quantize_tensor,
+    transform: Callable[[TensorPlan, torch.Tensor, Plan, torch.device], list[torch.Tensor]] | None = None,
     finalize_config: Callable[[dict, Plan], dict] | None = None,
     device: str = "auto",
     resume: bool = False,
@@ -159,6 +159,7 @@ def execute_plan(
 ) -> RunSummary:
     """Write `plan`'s output into `dst`; `transform` maps each source tensor to its output tensors and
     `finalize_config` edits config.json (None: copy it unchanged)."""
+    transform = transform or quantize_tensor
     dst = Path(dst)
     dev = resolve_device(device)
     fingerprint = plan.fingerprint()

@@ -1,0 +1,32 @@
+"""Helpers for checkpoint tests: read outputs back with the safetensors library (an independent reader)."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def read_dir(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, located through its index when there is one."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        sorted(p.name for p in path.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(str(path / f), "pt") as h:
+            for k in h.keys():
+                assert k not in out, f"{k} stored twice"
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def tree_bytes(path) -> dict[str, bytes]:
+    path = Path(path)
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
