@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import dispatch
+from ._memory import pin_mmap_threshold
 from .checkpoint import INDEX_NAME
 from .classify import FP8
 from .plan import Plan, TensorPlan
@@ -160,6 +161,7 @@ def execute_plan(
     """Write `plan`'s output into `dst`; `transform` maps each source tensor to its output tensors and
     `finalize_config` edits config.json (None: copy it unchanged)."""
     transform = transform or quantize_tensor
+    pin_mmap_threshold()
     dst = Path(dst)
     dev = resolve_device(device)
     fingerprint = plan.fingerprint()
