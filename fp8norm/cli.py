@@ -90,13 +90,26 @@ def selection_options(f):
                      help="Largest output shard: 4GB, 500MB, 4GiB.")(f)
     f = click.option("--no-repack", "no_repack", is_flag=True,
                      help="Keep the source's shard files (non-standard names are always repacked).")(f)
+    f = click.option("--activation-stats", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="JSON from `fp8norm collect-stats`: weights rms and mse by input-channel activity.")(f)
+    f = click.option("--mse-grid", type=int, default=50, show_default=True,
+                     help="mse: clipping factors tried per tile (1 down to 1/2).")(f)
+    f = click.option("--percentile", type=float, default=99.9, show_default=True,
+                     help="percentile: clip each tile at this percentile of |x|.")(f)
+    f = click.option("--rms-factor", type=float, default=3.0, show_default=True,
+                     help="rms: threshold = k * rms(tile).")(f)
+    f = click.option("--calib", type=click.Choice(["max", "rms", "percentile", "mse"]), default="max",
+                     show_default=True, help="How each tile's scale is chosen (max is bit-compatible with "
+                                             "official releases and DeepGEMM).")(f)
     return f
 
 
 def _plan_kwargs(kw) -> dict:
     return dict(reference=kw["reference"], include=kw["include"], exclude=kw["exclude"],
                 allow_mismatch=kw["allow_mismatch"], scale_fmt=kw["scale_fmt"], scale_dtype=kw["scale_dtype"],
-                amax_floor=kw["amax_floor"], max_shard_size=kw["max_shard_size"], repack=not kw["no_repack"])
+                amax_floor=kw["amax_floor"], max_shard_size=kw["max_shard_size"], repack=not kw["no_repack"],
+                calib=kw["calib"], rms_factor=kw["rms_factor"], percentile=kw["percentile"],
+                mse_grid=kw["mse_grid"], activation_stats=kw["activation_stats"])
 
 
 @main.command("plan")
@@ -129,8 +142,11 @@ def plan_cmd(src, as_json, **kw):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into DST (skips finished shards).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+@click.option("--verify-samples", type=int, default=5, show_default=True,
+              help="FP8 tensors per shard re-read from disk and compared with the source.")
+@click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def quantize_cmd(src, dst, device, resume, overwrite, quiet, **kw):
+def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, skip_verify, **kw):
     """Quantize the bf16/fp16 checkpoint SRC into an FP8 block-scaled checkpoint DST.
 
     \b
@@ -139,15 +155,19 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, **kw):
       fp8norm quantize SRC DST --scale-fmt ue8m0                 # B200 / DeepGEMM
       fp8norm quantize SRC DST --reference /models/Qwen3-8B-FP8  # same tensors as an official release
       fp8norm quantize SRC DST --exclude 'mlp\\.gate\\.' --resume
+      fp8norm quantize SRC DST --calib mse --activation-stats stats.json
     """
     from .quantize import quantize
 
     try:
         summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
-                           progress=None if not quiet else False, **_plan_kwargs(kw))
+                           progress=None if not quiet else False,
+                           verify_samples=0 if skip_verify else verify_samples, **_plan_kwargs(kw))
     except (ValueError, OSError) as e:
         _fail(e)
     click.echo(summary.format())
+    if summary.verify is not None:
+        click.echo(summary.verify.format())
     click.echo(f"wrote     {dst}")
 
 
@@ -175,6 +195,80 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
         _fail(e)
     click.echo(summary.format())
     click.echo(f"wrote     {dst}")
+
+
+@main.command("verify")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("quant", type=click.Path(exists=True, file_okay=False))
+@click.option("--samples", type=int, default=5, show_default=True, help="FP8 tensors checked per shard.")
+@click.option("--all", "check_all", is_flag=True, help="Check every FP8 tensor.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@click.option("--cos-bands", default="0.9997,0.9995", show_default=True, help="GOOD,WARN lower bounds.")
+@click.option("--mae-bands", default="0.0008,0.001", show_default=True, help="GOOD,WARN upper bounds.")
+@click.option("--maxae-bands", default="0.01,0.02", show_default=True, help="GOOD,WARN upper bounds.")
+def verify_cmd(src, quant, samples, check_all, json_path, cos_bands, mae_bands, maxae_bands):
+    """Compare the FP8 checkpoint QUANT with its source SRC; exit code 1 on any FAIL.
+
+    Dequantizes FP8 tensors and measures cosine similarity, mean and max absolute error against
+    SRC, in GOOD / WARN / FAIL bands; checks scales, kept tensors, index and config.
+
+    \b
+    Example:
+      fp8norm verify /models/Qwen3-8B /models/Qwen3-8B-FP8 --all --json report.json
+    """
+    import json
+
+    from .verify import FAIL, Bands, verify
+
+    try:
+        bands = Bands(*_two(cos_bands, "--cos-bands"), *_two(mae_bands, "--mae-bands"),
+                      *_two(maxae_bands, "--maxae-bands"))
+        report = verify(src, quant, samples=None if check_all else samples, bands=bands)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(report.format(bands))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    if report.status == FAIL:
+        raise SystemExit(1)
+
+
+def _two(text: str, opt: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected two numbers, e.g. 0.9997,0.9995", param_hint=opt) from None
+    return a, b
+
+
+@main.command("collect-stats")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Text file, one prompt per line.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the stats JSON.")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens per prompt at most.")
+@click.option("--device", default="cpu", show_default=True)
+def collect_stats_cmd(model_dir, prompts, out, max_tokens, device):
+    """Collect per-input-channel activation statistics of MODEL_DIR (a bf16 transformers model).
+
+    \b
+    Example:
+      fp8norm collect-stats /models/Qwen3-8B --prompts prompts.txt --out stats.json
+      fp8norm quantize /models/Qwen3-8B /models/Qwen3-8B-FP8 --calib mse --activation-stats stats.json
+    """
+    import json
+
+    from .activation_stats import collect_activation_stats
+
+    lines = [line.strip() for line in open(prompts) if line.strip()]
+    try:
+        doc = collect_activation_stats(model_dir, lines, max_tokens=max_tokens, device=device)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    with open(out, "w") as f:
+        json.dump(doc, f)
+    click.echo(f"wrote stats of {len(doc['modules'])} linear modules over {doc['tokens']} tokens to {out}")
 
 
 @main.command("make-example")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import shutil
 import sys
 import threading
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import torch
 
-from . import dispatch
+from .activation_stats import weights_for
+from .calibrate import calibrated_quant
 from ._memory import pin_mmap_threshold
 from .checkpoint import INDEX_NAME
 from .classify import FP8
 from .plan import Plan, TensorPlan
-from .st_io import ShardWriter, atomic_write_text, build_header, read_tensor
+from .st_io import ShardWriter, atomic_write_text, build_header, read_header, read_tensor
+from .verify import Bands, VerifyReport, compare
 
 MANIFEST_NAME = "fp8norm-manifest.json"
 
@@ -52,6 +55,7 @@ class RunSummary:
     write_s: float = 0.0
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    verify: VerifyReport | None = None
 
     def format(self) -> str:
         t = self.tensors
@@ -81,8 +85,9 @@ def quantize_tensor(t: TensorPlan, x: torch.Tensor, plan: Plan, device: torch.de
         return [x]
     s = plan.settings
     try:
-        q, scale_inv = dispatch.quant_fp8_block(x.to(device), block_size=s.block_size, scale_fmt=s.scale_fmt,
-                                                scale_dtype=s.torch_scale_dtype, amax_floor=s.amax_floor)
+        q, scale_inv = calibrated_quant(x.to(device), s.calib, block_size=s.block_size, scale_fmt=s.scale_fmt,
+                                        scale_dtype=s.torch_scale_dtype, amax_floor=s.amax_floor,
+                                        act_weights=weights_for(plan.activation_stats, t.name))
     except ValueError as e:
         raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
     return [q.cpu(), scale_inv.cpu()]
@@ -157,9 +162,13 @@ def execute_plan(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    extra_files: dict[str, str] | None = None,
+    verify_samples: int = 0,
 ) -> RunSummary:
     """Write `plan`'s output into `dst`; `transform` maps each source tensor to its output tensors and
-    `finalize_config` edits config.json (None: copy it unchanged)."""
+    `finalize_config` edits config.json (None: copy it unchanged); `extra_files` {name: text} are
+    written beside it; `verify_samples` FP8 tensors of each shard written are re-read from disk once
+    all shards are complete and compared with the source (summary.verify holds the report)."""
     transform = transform or quantize_tensor
     pin_mmap_threshold()
     dst = Path(dst)
@@ -170,7 +179,8 @@ def execute_plan(
                 "complete": False}
     atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
     ckpt = plan.checkpoint
-    summary = RunSummary(plan.totals(), device=str(dev), shards_skipped=len(done))
+    summary = RunSummary(plan.totals(), device=str(dev), shards_skipped=len(done),
+                         verify=VerifyReport(calibration=plan.settings.calib.describe()) if verify_samples else None)
     pending = [s for s in plan.shards if s not in done]
     by_shard = {s: plan.shard_tensors(s) for s in plan.shards}
     work = [t for s in pending for t in by_shard[s]]
@@ -269,6 +279,10 @@ def execute_plan(
         bar.close()
     if errors:
         raise errors[0]
+    if verify_samples:
+        # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
+        for shard in pending:
+            _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, summary.verify)
 
     _copy_other_files(plan, dst)
     weight_map = {o.name: t.shard for t in plan.tensors for o in t.outputs}
@@ -283,10 +297,27 @@ def execute_plan(
         atomic_write_text(dst / "config.json", json.dumps(cfg, indent=2) + "\n")
     else:
         summary.notes.append("note      the source has no config.json: none written")
+    for name, text in (extra_files or {}).items():
+        atomic_write_text(dst / name, text)
     manifest["complete"] = True
     atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
     summary.wall_s = time.perf_counter() - t_start
     return summary
+
+
+def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,
+                  report: VerifyReport) -> None:
+    """Re-read `samples` FP8 tensors of a finished shard from disk and compare them with the source."""
+    infos, _ = read_header(shard_path)
+    fp8 = [t for t in tensors if t.decision == FP8]
+    rng = random.Random(shard_path.name)
+    for t in sorted(rng.sample(fp8, min(samples, len(fp8))), key=lambda t: t.name):
+        q = read_tensor(infos[t.outputs[0].name])
+        scale_inv = read_tensor(infos[t.outputs[1].name])
+        src = read_tensor(plan.checkpoint.tensors[t.name])
+        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, plan.settings.block_size, Bands()))
+    report.fp8_tensors += len(fp8)
+    report.kept_tensors += len(tensors) - len(fp8)
 
 
 def _copy_other_files(plan: Plan, dst: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import numerics as nx
+from .calibrate import CalibSettings
 from .checkpoint import SourceCheckpoint, load_reference_names, open_checkpoint, shard_name
 from .classify import FP8, KEEP, PASSTHROUGH, classify, scale_name
 from .st_io import DTYPE_NAMES, OutEntry, read_header
@@ -27,6 +28,8 @@ class QuantSettings:
     scale_fmt: str = "float"
     scale_dtype: str = "float32"
     amax_floor: float = nx.DEFAULT_AMAX_FLOOR
+    calib: CalibSettings = CalibSettings()
+    activation_stats_sha256: str | None = None  # content hash of --activation-stats, if given
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -63,6 +66,7 @@ class Plan:
     max_shard_size: int
     reference: str | None = None
     checkpoint: SourceCheckpoint | None = field(default=None, repr=False)
+    activation_stats: dict | None = field(default=None, repr=False)  # module name -> per-channel weights
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.shard == shard]
@@ -77,7 +81,8 @@ class Plan:
         return {
             "source": str(self.source),
             "reference": self.reference,
-            "settings": {**asdict(self.settings), "block_size": list(self.settings.block_size)},
+            "settings": {**asdict(self.settings), "block_size": list(self.settings.block_size),
+                         "calib": self.settings.calib.to_dict()},
             "repacked": self.repacked,
             "max_shard_size": self.max_shard_size,
             "shards": self.shards,
@@ -127,9 +132,18 @@ def build_plan(
     amax_floor: float | None = None,
     max_shard_size: int = 4 * 1000**3,
     repack: bool = True,
+    calib: CalibSettings | None = None,
+    activation_stats: str | Path | None = None,
 ) -> Plan:
     ckpt = open_checkpoint(src)
     settings = {}
+    if calib is not None:
+        settings["calib"] = calib
+    stats = None
+    if activation_stats is not None:
+        from .activation_stats import load_activation_stats
+
+        stats, settings["activation_stats_sha256"] = load_activation_stats(activation_stats)
     ref_names = None
     if reference is not None:
         ref_names, qcfg, folder = load_reference_names(reference)
@@ -154,7 +168,7 @@ def build_plan(
     repacked = repack or not ckpt.standard_names
     shards = _assign_shards(tensors, max_shard_size) if repacked else _keep_layout(tensors)
     return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
-                None if reference is None else str(reference), ckpt)
+                None if reference is None else str(reference), ckpt, stats)
 
 
 def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:
@@ -223,5 +237,6 @@ def format_plan_table(plan: Plan) -> str:
             f"bytes: {tot['bytes_in']:,} -> {tot['bytes_out']:,} ({tot['bytes_out'] / max(1, tot['bytes_in']):.1%})"
             f" in {tot['shards']} shard(s){' (repacked)' if plan.repacked else ' (source layout)'}",
             f"scales: {s.scale_fmt}, {s.scale_dtype}, blocks {s.block_size[0]}x{s.block_size[1]}, "
-            f"amax floor {s.amax_floor:g}"]
+            f"amax floor {s.amax_floor:g}, calibration {s.calib.describe()}"
+            f"{' weighted by activation stats' if s.activation_stats_sha256 else ''}"]
     return "\n".join(out)

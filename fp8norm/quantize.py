@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from .calibrate import CalibSettings
 
 from .classify import FP8, KEEP
 from .pipeline import RunSummary, execute_plan
@@ -30,24 +33,46 @@ def _with_quantization_config(cfg: dict, plan: Plan) -> dict:
 
 
 def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, scale_fmt=None,
-         scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True) -> Plan:
+         scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True, calib="max", rms_factor=3.0,
+         percentile=99.9, mse_grid=50, activation_stats=None) -> Plan:
     """The dry run: every tensor's decision and rule, and the output layout; nothing is written."""
     return build_plan(src, reference=reference, include=tuple(include), exclude=tuple(exclude),
                       allow_mismatch=allow_mismatch, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
-                      amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack)
+                      amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack,
+                      calib=CalibSettings(calib, rms_factor, percentile, mse_grid),
+                      activation_stats=activation_stats)
 
 
-def quantize(src, dst, *, reference=None, include=(), exclude=(), allow_mismatch=False, scale_fmt=None,
-             scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True, device="auto",
-             resume=False, overwrite=False, progress=None) -> RunSummary:
-    """Turn the bf16/fp16 checkpoint in `src` into an FP8 block-scaled checkpoint in `dst`."""
-    p = plan(src, reference=reference, include=include, exclude=exclude, allow_mismatch=allow_mismatch,
-             scale_fmt=scale_fmt, scale_dtype=scale_dtype, amax_floor=amax_floor,
-             max_shard_size=max_shard_size, repack=repack)
+def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5,
+             **plan_kwargs) -> RunSummary:
+    """Turn the bf16/fp16 checkpoint in `src` into an FP8 block-scaled checkpoint in `dst`.
+
+    `plan_kwargs` are those of `plan()` (reference, include, exclude, scale_fmt, calib, ...).
+    `verify_samples` FP8 tensors of each shard are re-read from disk and compared with the source
+    (0: skip); the report is in the returned summary.
+    """
+    p = plan(src, **plan_kwargs)
     if not any(t.decision == FP8 for t in p.tensors):
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
     return execute_plan(p, Path(dst), finalize_config=_with_quantization_config, device=device,
-                        resume=resume, overwrite=overwrite, progress=progress)
+                        resume=resume, overwrite=overwrite, progress=progress,
+                        extra_files={PROVENANCE_NAME: provenance(p)}, verify_samples=verify_samples)
+
+
+PROVENANCE_NAME = "fp8norm.json"
+
+
+def provenance(p: Plan) -> str:
+    """fp8norm.json: how this checkpoint was made (tool version, scales, calibration)."""
+    from . import __version__
+
+    s = p.settings
+    doc = {"producer": {"name": "fp8norm", "version": __version__},
+           "weight_block_size": list(s.block_size), "scale_fmt": s.scale_fmt, "scale_dtype": s.scale_dtype,
+           "amax_floor": s.amax_floor, "calibration": s.calib.to_dict(),
+           "activation_stats_sha256": s.activation_stats_sha256, "reference": p.reference,
+           "plan_fingerprint": p.fingerprint()}
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:
