@@ -265,10 +265,10 @@ def _check_config(qcfg: dict, fp8: list[str], qt: dict[str, TensorInfo], report:
     if qcfg.get("quant_method") not in ("fp8", "compressed-tensors", "modelopt"):
         report.problems.append(f"config.json quantization_config.quant_method is {qcfg.get('quant_method')!r}")
     if qcfg.get("scale_fmt") == "ue8m0":
-        for n in fp8:
-            s = _scale_of(n, qt)
-            if s and not nx.is_power_of_two(read_tensor(qt[s])):
-                report.problems.append(f"config.json claims scale_fmt ue8m0 but {s!r} is not all powers of two")
+        not_pow2 = [s for n in fp8 if (s := _scale_of(n, qt)) and not nx.is_power_of_two(read_tensor(qt[s]))]
+        if not_pow2:
+            report.problems.append(f"config.json claims scale_fmt ue8m0 but {len(not_pow2)} scale tensor(s) are "
+                                   f"not all powers of two, e.g. {not_pow2[0]!r}")
     skipped = set(qcfg.get("modules_to_not_convert") or ())
     for n in fp8:
         module = n.removesuffix(".weight")
