@@ -6,7 +6,8 @@ Not part of the test run (pyproject's testpaths is tests/). Run:
 
 Cases, backends, timing and the summary table printed at the end live in benchmarks/conftest.py.
 Tests run in file order: the copy baselines first (they need the memory to themselves on a GPU),
-then every backend of every case, then the twin-vs-naive speedup check.
+the twin-vs-naive speedup check, every eager backend of every case, and the torch.compile backends
+last (compiling takes the CPU for seconds and should not overlap an eager measurement).
 """
 
 from __future__ import annotations
@@ -22,7 +23,27 @@ def test_copy_baseline(harness, case, benchmark):
     harness.bench_copy(case, benchmark)
 
 
+def test_twin_speedup_vs_naive(harness, op, benchmark):
+    """On CPU the chunked twin must beat the naive whole-tensor formula by --fp8-min-speedup (2.5x).
+
+    Both timed with interleaved rounds on the 18432x7168 case (shrunk on CPU), before anything is
+    compiled. Judged on the better of median/median and min/min, to be robust to a noisy neighbour;
+    not judged at all (skipped, with the numbers) when other processes took >= 10% of the CPUs meanwhile.
+    """
+    r = harness.speedup(op, benchmark)
+    if harness.cuda or benchmark.disabled:
+        return  # the requirement is the CPU's; one round (--benchmark-disable) is too noisy to judge
+    if r["busy"]:
+        pytest.skip(f"{op}: other processes took {100 * r['others']:.0f}% of the CPUs while this ran "
+                    f"(twin/naive {r['ratio']:.2f}x); not judged on a busy machine, rerun when it is idle")
+    need = harness.config.getoption("--fp8-min-speedup")
+    assert max(r["ratio"], r["ratio_min"]) >= need, (
+        f"{op}: the chunked twin is only {r['ratio']:.2f}x (median) / {r['ratio_min']:.2f}x (min) faster "
+        f"than the naive whole-tensor torch formula; the requirement is >= {need}x on CPU")
+
+
 def test_quant(harness, case, backend, benchmark):
+    """triton (CUDA), twin, naive."""
     harness.bench("quant", case, backend, benchmark)
 
 
@@ -30,17 +51,10 @@ def test_dequant(harness, case, backend, benchmark):
     harness.bench("dequant", case, backend, benchmark)
 
 
-def test_twin_speedup_vs_naive(harness, op, benchmark):
-    """On CPU the chunked twin must beat the naive whole-tensor formula by --fp8-min-speedup (2.5x).
+def test_quant_compiled(harness, case, backend, benchmark):
+    """compile-twin, compile-naive: last, so compiling never runs beside an eager measurement."""
+    harness.bench("quant", case, backend, benchmark)
 
-    Both timed back to back on the 18432x7168 case (shrunk on CPU). The bar is the issue's: the
-    measured margin is far larger for quant (~5-10x), so noise on a shared 2-core box does not trip it.
-    Judged on the better of median/median and min/min, to be robust to a noisy neighbour.
-    """
-    ratio, ratio_min = harness.speedup(op, benchmark)
-    if harness.cuda or benchmark.disabled:
-        return  # the requirement is the CPU's; one round (--benchmark-disable) is too noisy to judge
-    need = harness.config.getoption("--fp8-min-speedup")
-    assert max(ratio, ratio_min) >= need, (
-        f"{op}: the chunked twin is only {ratio:.2f}x (median) / {ratio_min:.2f}x (min) faster than "
-        f"the naive whole-tensor torch formula; the requirement is >= {need}x on CPU")
+
+def test_dequant_compiled(harness, case, backend, benchmark):
+    harness.bench("dequant", case, backend, benchmark)
