@@ -40,3 +40,15 @@ def test_errors(backend):
         backend.dequant(q.view(torch.uint8), torch.ones(2, 2))
     with pytest.raises(TypeError):
         backend.dequant(q, torch.ones(2, 2), out_dtype=torch.int8)
+
+
+def test_fast_e4m3_to_float32_matches_torch_on_every_code():
+    from fp8norm.reference import e4m3_to_float32
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    out = e4m3_to_float32(codes, torch.empty(256))
+    ref = codes.float()
+    finite = ~torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), ~finite)
+    assert torch.equal(out[finite], ref[finite])
+    assert torch.equal(torch.signbit(out[finite]), torch.signbit(ref[finite]))  # -0.0 stays -0.0
