@@ -14,12 +14,19 @@ def check_block_size(block_size) -> tuple[int, int]:
     return bm, bn
 
 
-def check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv):
-    """Validate quant_fp8_block's arguments; returns (block_size, scale_inv as fp32 or None)."""
+def check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv, x_scale_inv=None):
+    """Validate quant_fp8_block's arguments.
+
+    Returns (block_size, scale_inv as fp32 or None, x_scale_inv as fp32 or None)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in nx.INPUT_DTYPES:
-        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.dtype == torch.float8_e4m3fn:
+        if x_scale_inv is None:
+            raise TypeError("an FP8 x needs its x_scale_inv (block scales) to be requantized")
+    elif x.dtype not in nx.INPUT_DTYPES:
+        raise TypeError(f"x must be bfloat16, float16 or float32 (or float8_e4m3fn with x_scale_inv), got {x.dtype}")
+    elif x_scale_inv is not None:
+        raise TypeError("x_scale_inv is only for an FP8 x")
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be 2D [M, N] or 3D [E, M, N], got shape {tuple(x.shape)}")
     if scale_fmt not in nx.SCALE_FMTS:
@@ -31,20 +38,27 @@ def check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_in
     if not amax_floor > 0:
         raise ValueError(f"amax_floor must be > 0 (zero tiles would divide by zero), got {amax_floor}")
     block_size = check_block_size(block_size)
+    x_sf = None if x_scale_inv is None else _check_scale(x_scale_inv, x, block_size, "x_scale_inv", min_value=0)
     if scale_inv is None:
-        return block_size, None
+        return block_size, None, x_sf
+    return block_size, _check_scale(scale_inv, x, block_size, "scale_inv", min_value=None), x_sf
+
+
+def _check_scale(scale, x, block_size, what, min_value):
+    """A block scale tensor for x: right shape and device, finite, > 0 (>= min_value if given); as fp32."""
     expected = nx.scale_inv_shape(tuple(x.shape), block_size)
-    if tuple(scale_inv.shape) != expected:
+    if tuple(scale.shape) != expected:
         raise ValueError(
-            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for x {tuple(x.shape)} "
+            f"{what} has shape {tuple(scale.shape)}, expected {expected} for x {tuple(x.shape)} "
             f"and block_size {block_size}"
         )
-    if scale_inv.device != x.device:
-        raise ValueError(f"scale_inv is on {scale_inv.device}, x on {x.device}")
-    sf = scale_inv.float()
-    if not bool((torch.isfinite(sf) & (sf > 0)).all()):
-        raise ValueError("scale_inv must be finite and > 0 everywhere")
-    return block_size, sf.contiguous()
+    if scale.device != x.device:
+        raise ValueError(f"{what} is on {scale.device}, x on {x.device}")
+    sf = scale.float()
+    ok = sf >= min_value if min_value is not None else sf > 0
+    if not bool((torch.isfinite(sf) & ok).all()):
+        raise ValueError(f"{what} must be finite and {'>= 0' if min_value is not None else '> 0'} everywhere")
+    return sf.contiguous()
 
 
 def check_dequant_args(q, scale_inv, block_size, out_dtype):

@@ -42,14 +42,16 @@ def quant_fp8_block(
     scale_dtype: torch.dtype = torch.float32,
     amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
     scale_inv: torch.Tensor | None = None,
+    x_scale_inv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-FP8 quantize `x` ([M, N] or [E, M, N]) on the backend chosen for its device.
 
     Returns `(q, scale_inv)`: q float8_e4m3fn shaped like x, scale_inv `[..., ceil(M/bm), ceil(N/bn)]`.
+    An FP8 `x` with its `x_scale_inv` is requantized (e.g. to ue8m0 scales) in one pass.
     """
     return _impl(x).quant_fp8_block(
         x, block_size=block_size, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
-        amax_floor=amax_floor, scale_inv=scale_inv)
+        amax_floor=amax_floor, scale_inv=scale_inv, x_scale_inv=x_scale_inv)
 
 
 def dequant_fp8_block(

@@ -24,7 +24,7 @@ _SCALE_OUT = {torch.float32: SCALE_OUT_F32, torch.bfloat16: SCALE_OUT_BF16,
 
 @triton.jit
 def quant_fp8_block_kernel(
-    x_ptr, q_ptr, s_in_ptr, s_out_ptr,
+    x_ptr, q_ptr, s_in_ptr, s_out_ptr, xs_ptr,
     M, N,
     stride_xe, stride_xm, stride_xn,
     stride_qe, stride_qm,
@@ -34,6 +34,7 @@ def quant_fp8_block_kernel(
     SCALE_DROP_BITS: tl.constexpr,
     SCALE_OUT: tl.constexpr,
     GIVEN_SCALE: tl.constexpr,
+    X_SCALED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -44,11 +45,14 @@ def quant_fp8_block_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    s_off = pid_e * stride_se + pid_m * stride_sm + pid_n
+    if X_SCALED:
+        # FP8 input with its own block scales: dequantize in registers (requantization, one pass)
+        x = x * tl.load(xs_ptr + s_off)
 
     ax = tl.abs(x)
     # NaN and Inf fail `< inf`; the wrapper turns a NaN scale into a ValueError naming the tile.
     nonfinite = tl.max(tl.where(ax < float("inf"), 0, 1)) > 0
-    s_off = pid_e * stride_se + pid_m * stride_sm + pid_n
     if GIVEN_SCALE:
         sf = tl.load(s_in_ptr + s_off)
     else:
@@ -85,14 +89,18 @@ def quant_fp8_block(
     scale_dtype: torch.dtype = torch.float32,
     amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
     scale_inv: torch.Tensor | None = None,
+    x_scale_inv: torch.Tensor | None = None,
     num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one scale per block; see fp8norm.numerics.
 
     Returns `(q, scale_inv)` with `x ~= q * scale_inv` per tile. With `scale_inv` given, the amax is
     skipped and those scales are applied with a saturating cast; the given tensor is returned.
+    An FP8 `x` comes with `x_scale_inv` (its block scales, same block_size) and is requantized in
+    one pass, without a high-precision copy.
     """
-    (bm, bn), given = check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv)
+    (bm, bn), given, x_sf = check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv,
+                                              x_scale_inv)
     check_pow2_block((bm, bn))
     x3 = _as_3d(x)
     n_exp, m, n = x3.shape
@@ -105,7 +113,7 @@ def quant_fp8_block(
         s_kernel = s3.view(torch.uint8) if s3.dtype == torch.float8_e8m0fnu else s3
         grid = (s3.shape[2], s3.shape[1], n_exp)
         quant_fp8_block_kernel[grid](
-            x3, q3, given if given is not None else s_kernel, s_kernel,
+            x3, q3, given if given is not None else s_kernel, s_kernel, x_sf if x_sf is not None else s_kernel,
             m, n,
             x3.stride(0), x3.stride(1), x3.stride(2),
             q3.stride(0), q3.stride(1),
@@ -115,6 +123,7 @@ def quant_fp8_block(
             SCALE_DROP_BITS=nx.scale_round_bits(scale_fmt, scale_dtype) if given is None else 0,
             SCALE_OUT=_SCALE_OUT[s_out.dtype],
             GIVEN_SCALE=given is not None,
+            X_SCALED=x_sf is not None,
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )

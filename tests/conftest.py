@@ -27,8 +27,9 @@ class Backend:
         self.impl, self.device = BACKENDS[name]
 
     def quant(self, x, **kw):
-        if kw.get("scale_inv") is not None:
-            kw["scale_inv"] = kw["scale_inv"].to(self.device)
+        for key in ("scale_inv", "x_scale_inv"):
+            if kw.get(key) is not None:
+                kw[key] = kw[key].to(self.device)
         q, s = self.impl.quant_fp8_block(x.to(self.device), **kw)
         return q.cpu(), s.cpu()
 

@@ -108,19 +108,24 @@ def quant_fp8_block(
     scale_dtype: torch.dtype = torch.float32,
     amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
     scale_inv: torch.Tensor | None = None,
+    x_scale_inv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of fp8norm.kernels.quant_fp8_block (bit-exact)."""
-    (bm, bn), given = check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv)
+    (bm, bn), given, x_sf = check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv,
+                                              x_scale_inv)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     # Scales are built in fp32 (already rounded to what the stored dtype holds exactly).
     sf_all = given.clone() if given is not None else torch.empty(
         nx.scale_inv_shape(tuple(x.shape), (bm, bn)), dtype=torch.float32, device=x.device)
     buf = _ChunkBuffer(x.device)
-    for x2, q2, s2 in _matrices(x, q, sf_all):
+    xs_all = x_sf if x_sf is not None else sf_all  # placeholder when x is not FP8
+    for x2, q2, s2, xs2 in _matrices(x, q, sf_all, xs_all):
         m, n = x2.shape
         for b0, k, rows in _row_chunks(m, n, bm):
             r0 = b0 * bm
             chunk = buf.load(x2[r0:r0 + k * rows], k, rows)
+            if x_sf is not None:  # FP8 input: dequantize the chunk first, as the kernel does per tile
+                chunk.mul_(_expand_cols(xs2[b0:b0 + k], bn, n).unsqueeze(1))
             # amax and amin as two reductions: aminmax and abs() are ~10x slower here. NaN propagates.
             col_absmax = torch.maximum(chunk.amax(1), chunk.amin(1).neg_())
             tile_amax = _block_amax_cols(col_absmax, bn)

@@ -221,3 +221,26 @@ def test_round_trip_error_bound(backend, scale_fmt, scale_dtype):
     assert (err[normal] <= 2.0 ** -4 * x.abs()[normal]).all()
     assert (err[~normal] <= 2.0 ** -10 * sf[~normal]).all()
     assert (x.abs() / sf <= 448).all()  # computed scales never saturate
+
+
+@pytest.mark.parametrize("src_scale_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("scale_fmt,scale_dtype", [("ue8m0", torch.float32), ("ue8m0", torch.float8_e8m0fnu),
+                                                   ("float", torch.float32)], ids=["ue8m0-f32", "ue8m0-e8m0", "float"])
+def test_requantize_fp8_input_in_one_pass(backend, src_scale_dtype, scale_fmt, scale_dtype):
+    """FP8 x with its block scales: the same bits as dequantizing to fp32 and quantizing (the oracle)."""
+    x = mixed_input((3, 200, 130), torch.float32, seed=21)
+    q_src, s_src = oracle_quant(x)
+    q_src = q_src.view(torch.float8_e4m3fn)
+    s_src = s_src.to(src_scale_dtype)
+    q, s = backend.quant(q_src, x_scale_inv=s_src.to(backend.device), scale_fmt=scale_fmt, scale_dtype=scale_dtype)
+    deq = q_src.float() * s_src.float().repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :200, :130]
+    q_ref, s_ref = oracle_quant(deq, scale_fmt=scale_fmt, scale_dtype=scale_dtype)
+    assert torch.equal(as_bytes(q), q_ref) and torch.equal(s.float(), s_ref)
+
+
+def test_fp8_input_needs_its_scales(backend):
+    q = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="x_scale_inv"):
+        backend.quant(q)
+    with pytest.raises(TypeError, match="only for an FP8 x"):
+        backend.quant(torch.zeros(4, 4), x_scale_inv=torch.ones(1, 1))
