@@ -35,18 +35,19 @@ _SCALE_PTR = {"fp32": "*fp32", "bf16": "*bf16", "e8m0": "*u8"}
 
 def quant_variants():
     """(name, kernel, signature, constexprs) for each compiled variant of the quant kernel."""
-    for in_dt in ("bf16", "fp16", "fp32"):
-        for scale_out, drop_bits, given in (("fp32", 0, False), ("bf16", 16, False),
-                                            ("e8m0", 23, False), ("fp32", 0, True)):
-            name = f"quant_fp8_block[{in_dt},scale={scale_out},drop={drop_bits},given={given}]"
-            sig = {"x_ptr": _PTR[in_dt], "q_ptr": _PTR["fp8"], "s_in_ptr": "*fp32",
-                   "s_out_ptr": _SCALE_PTR[scale_out], "M": "i32", "N": "i32",
-                   "stride_xe": "i64", "stride_xm": "i32", "stride_xn": "i32",
-                   "stride_qe": "i64", "stride_qm": "i32", "stride_se": "i32", "stride_sm": "i32",
-                   "amax_floor": "fp32"}
-            const = {"BLOCK_M": 128, "BLOCK_N": 128, "SCALE_DROP_BITS": drop_bits,
-                     "SCALE_OUT": _SCALE_OUT[scale_out], "GIVEN_SCALE": given}
-            yield name, quant_fp8_block_kernel, sig, const
+    modes = (("fp32", 0, False), ("bf16", 16, False), ("e8m0", 23, False), ("fp32", 0, True))
+    cases = [(in_dt, *m) for in_dt in ("bf16", "fp16", "fp32") for m in modes]
+    cases += [("fp8", "fp32", 23, False), ("fp8", "e8m0", 23, False)]  # requantization (FP8 in)
+    for in_dt, scale_out, drop_bits, given in cases:
+        name = f"quant_fp8_block[{in_dt},scale={scale_out},drop={drop_bits},given={given}]"
+        sig = {"x_ptr": _PTR[in_dt], "q_ptr": _PTR["fp8"], "s_in_ptr": "*fp32",
+               "s_out_ptr": _SCALE_PTR[scale_out], "xs_ptr": "*fp32", "M": "i32", "N": "i32",
+               "stride_xe": "i64", "stride_xm": "i32", "stride_xn": "i32",
+               "stride_qe": "i64", "stride_qm": "i32", "stride_se": "i32", "stride_sm": "i32",
+               "amax_floor": "fp32"}
+        const = {"BLOCK_M": 128, "BLOCK_N": 128, "SCALE_DROP_BITS": drop_bits,
+                 "SCALE_OUT": _SCALE_OUT[scale_out], "GIVEN_SCALE": given, "X_SCALED": in_dt == "fp8"}
+        yield name, quant_fp8_block_kernel, sig, const
 
 
 def dequant_variants():
