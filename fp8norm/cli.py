@@ -197,6 +197,49 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
     click.echo(f"wrote     {dst}")
 
 
+@main.command("convert")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--to", "to", required=True,
+              type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct"]),
+              help="Target format (see below).")
+@click.option("--keep-unaligned", is_flag=True,
+              help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
+@click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
+              help="Largest output shard: 4GB, 500MB, 4GiB.")
+@click.option("--no-repack", "no_repack", is_flag=True, help="Keep the source's shard files.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into DST.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device, resume, overwrite, quiet):
+    """Convert checkpoint SRC to another format in DST, streaming shard by shard.
+
+    \b
+    Targets:
+      bf16, fp16   dequantize FP8 block weights (quantization_config removed)
+      fp8          block FP8, DeepSeek/transformers layout (from compressed-tensors FP8)
+      fp8-ue8m0    power-of-two scales for B200/DeepGEMM (relabel or one-pass requant)
+      fp8-ct       block FP8 in the compressed-tensors layout
+      nvfp4        NVFP4, ModelOpt layout (hf_quant_config.json)
+      nvfp4-ct     NVFP4, compressed-tensors nvfp4-pack-quantized
+    \b
+    Examples:
+      fp8norm convert /models/DeepSeek-V3 /models/DeepSeek-V3-bf16 --to bf16
+      fp8norm convert /models/Qwen3-8B-FP8 /models/Qwen3-8B-NVFP4 --to nvfp4-ct
+    """
+    from .convert import convert
+
+    try:
+        summary = convert(src, dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
+                          repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
+                          progress=None if not quiet else False)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(summary.format())
+    click.echo(f"wrote     {dst}")
+
+
 @main.command("verify")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("quant", type=click.Path(exists=True, file_okay=False))

@@ -42,6 +42,10 @@ class OutputError(ValueError):
     """DST cannot be written as asked (inside SRC, not empty, made by another plan...)."""
 
 
+_VERBS = {"fp8": "quantized", "keep": "kept", "passthrough": "passed through", "dequant": "dequantized",
+          "relabel": "relabelled", "ue8m0": "to ue8m0 scales", "nvfp4": "to NVFP4"}
+
+
 @dataclass
 class RunSummary:
     tensors: dict
@@ -58,10 +62,11 @@ class RunSummary:
     verify: VerifyReport | None = None
 
     def format(self) -> str:
-        t = self.tensors
         gbps = self.bytes_in / max(self.wall_s, 1e-9) / 1e9
+        counts = ", ".join(f"{n} {_VERBS.get(d, d)}" for d, n in self.tensors.items()
+                           if d in _VERBS and (n or d == "keep"))
         lines = [
-            f"tensors   {t['fp8']} quantized, {t['keep']} kept, {t['passthrough']} passed through",
+            f"tensors   {counts}",
             f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out "
             f"({self.shards_written} shard(s) written, {self.shards_skipped} already done)",
             f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
@@ -79,8 +84,9 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def quantize_tensor(t: TensorPlan, x: torch.Tensor, plan: Plan, device: torch.device) -> list[torch.Tensor]:
-    """The output tensors of one planned tensor, in the order of t.outputs."""
+def quantize_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
+    """The output tensors of one planned tensor (inputs `xs`), in the order of t.outputs."""
+    x = xs[0]
     if t.decision != FP8:
         return [x]
     s = plan.settings
@@ -156,7 +162,7 @@ def execute_plan(
     plan: Plan,
     dst: str | Path,
     *,
-    transform: Callable[[TensorPlan, torch.Tensor, Plan, torch.device], list[torch.Tensor]] | None = None,
+    transform: Callable[[TensorPlan, list[torch.Tensor], Plan, torch.device], list[torch.Tensor]] | None = None,
     finalize_config: Callable[[dict, Plan], dict] | None = None,
     device: str = "auto",
     resume: bool = False,
@@ -164,10 +170,11 @@ def execute_plan(
     progress: bool | None = None,
     extra_files: dict[str, str] | None = None,
     verify_samples: int = 0,
+    skip_files: tuple[str, ...] = (),
 ) -> RunSummary:
     """Write `plan`'s output into `dst`; `transform` maps each source tensor to its output tensors and
     `finalize_config` edits config.json (None: copy it unchanged); `extra_files` {name: text} are
-    written beside it; `verify_samples` FP8 tensors of each shard written are re-read from disk once
+    written beside it (`skip_files`: source files not to copy); `verify_samples` FP8 tensors of each shard written are re-read from disk once
     all shards are complete and compared with the source (summary.verify holds the report)."""
     transform = transform or quantize_tensor
     pin_mmap_threshold()
@@ -208,13 +215,15 @@ def execute_plan(
             for t in work:
                 if stop.is_set():
                     return
-                info = ckpt.tensors[t.name]
-                f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
-                in_budget.acquire(info.nbytes, stop)
+                in_budget.acquire(t.nbytes_in, stop)
                 t0 = time.perf_counter()
-                x = read_tensor(info, f)
+                xs = []
+                for name in t.input_names:
+                    info = ckpt.tensors[name]
+                    f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
+                    xs.append(read_tensor(info, f))
                 summary.read_s += time.perf_counter() - t0
-                q_in.put((t, x))
+                q_in.put((t, xs))
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             fail(e)
         finally:
@@ -259,12 +268,12 @@ def execute_plan(
             item = q_in.get()
             if item is _DONE or stop.is_set():
                 break
-            t, x = item
+            t, xs = item
             t0 = time.perf_counter()
-            outs = transform(t, x, plan, dev)
+            outs = transform(t, xs, plan, dev)
             summary.compute_s += time.perf_counter() - t0
             in_budget.release(t.nbytes_in)
-            del x
+            del xs, item
             nbytes = sum(o.nbytes for o in t.outputs)
             out_budget.acquire(nbytes, stop)
             q_out.put((t, outs, nbytes))
@@ -284,7 +293,7 @@ def execute_plan(
         for shard in pending:
             _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, summary.verify)
 
-    _copy_other_files(plan, dst)
+    _copy_other_files(plan, dst, skip=skip_files)
     weight_map = {o.name: t.shard for t in plan.tensors for o in t.outputs}
     index = {"metadata": {"total_size": sum(t.nbytes_out for t in plan.tensors)},
              "weight_map": dict(sorted(weight_map.items()))}
@@ -320,10 +329,11 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
     report.kept_tensors += len(tensors) - len(fp8)
 
 
-def _copy_other_files(plan: Plan, dst: Path) -> None:
-    """Tokenizer, chat template, generation config, code, subfolders: copied (config.json is rewritten)."""
+def _copy_other_files(plan: Plan, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Tokenizer, chat template, generation config, code, subfolders: copied (config.json is rewritten;
+    top-level files named in `skip` are replaced by the caller)."""
     for rel in plan.checkpoint.other_files:
-        if rel == Path("config.json") or rel.name == MANIFEST_NAME:
+        if rel == Path("config.json") or rel.name == MANIFEST_NAME or str(rel) in skip:
             continue
         out = dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,18 @@ class TensorPlan:
     source_file: str
     outputs: list[OutEntry]
     shard: str = ""
+    # Source tensors read together for this entry, the first being `name` itself (e.g. an FP8 weight
+    # and its scale, which then has no entry of its own); () = (name,).
+    inputs: tuple[str, ...] = ()
+    extra_in_bytes: int = 0  # bytes of the inputs beyond `name`
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.inputs or (self.name,)
 
     @property
     def nbytes_in(self) -> int:
-        return OutEntry(self.name, self.dtype, self.shape).nbytes
+        return OutEntry(self.name, self.dtype, self.shape).nbytes + self.extra_in_bytes
 
     @property
     def nbytes_out(self) -> int:
@@ -67,12 +75,19 @@ class Plan:
     reference: str | None = None
     checkpoint: SourceCheckpoint | None = field(default=None, repr=False)
     activation_stats: dict | None = field(default=None, repr=False)  # module name -> per-channel weights
+    # `fp8norm convert` only: the target, the detected source format, NVFP4 joint amaxes, notes
+    convert_to: str | None = None
+    source_format: object = None
+    global_amax: dict | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.shard == shard]
 
     def totals(self) -> dict:
-        count = {d: sum(t.decision == d for t in self.tensors) for d in (FP8, KEEP, PASSTHROUGH)}
+        count = {d: 0 for d in (FP8, KEEP, PASSTHROUGH)}
+        for t in self.tensors:
+            count[t.decision] = count.get(t.decision, 0) + 1
         return {"tensors": len(self.tensors), **count,
                 "bytes_in": sum(t.nbytes_in for t in self.tensors),
                 "bytes_out": sum(t.nbytes_out for t in self.tensors), "shards": len(self.shards)}

@@ -32,8 +32,9 @@ def test_every_kernel_compiles_for_sm90_and_sm100(compiled, record_property):
     assert set(by_arch) == {90, 100}
     assert by_arch[90] == by_arch[100]
     kinds = {k.split("[")[0] for k in by_arch[90]}
-    assert kinds == {"quant_fp8_block", "dequant_fp8_block"}
-    assert len(by_arch[90]) == 17  # 3 input dtypes x 4 scale modes + 2 FP8-input requant + 3 dequant
+    assert kinds == {"quant_fp8_block", "dequant_fp8_block", "quant_nvfp4", "dequant_nvfp4"}
+    assert len(by_arch[90]) == 20  # 3 input dtypes x 4 scale modes + 2 FP8-input requant + 3 dequant
+    # + NVFP4: quant from bf16 and from FP8, dequant to bf16
 
 
 def test_no_register_spills(compiled):

@@ -259,11 +259,11 @@ def test_resume_after_failure_is_byte_identical(sources, tmp_path, monkeypatch):
     cli("quantize", src, tmp_path / "clean", "--max-shard-size", MAX_SHARD)
     real, calls = fp8norm.pipeline.quantize_tensor, []
 
-    def dies_midway(t, x, plan, dev):
+    def dies_midway(t, xs, plan, dev):
         calls.append(t.name)
         if len(calls) == 40:
             raise RuntimeError("injected crash")
-        return real(t, x, plan, dev)
+        return real(t, xs, plan, dev)
 
     monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", dies_midway)
     res = cli("quantize", src, tmp_path / "o", "--max-shard-size", MAX_SHARD, ok=False)

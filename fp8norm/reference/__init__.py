@@ -162,3 +162,8 @@ def dequant_fp8_block(
             chunk.mul_(_expand_cols(s2[b0:b0 + k], bn, n).unsqueeze(1))
             o2[r0:r0 + k * rows].copy_(chunk.view(k * rows, n))
     return out
+
+
+from .nvfp4 import dequant_nvfp4, nvfp4_amax, quant_nvfp4  # noqa: E402  (needs the helpers above)
+
+__all__ += ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax"]

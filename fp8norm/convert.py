@@ -1,0 +1,295 @@
+"""`fp8norm convert SRC DST --to FORMAT`: move a checkpoint between the formats people ship, on the
+same streaming pipeline as `quantize` (reader, writer, resume, progress, plan).
+
+  bf16, fp16   dequantize FP8 block weights (fused kernel); quantization_config removed
+  fp8          block FP8 in the DeepSeek/transformers layout (from compressed-tensors FP8 block)
+  fp8-ue8m0    power-of-two scales for Blackwell/DeepGEMM: relabelled where every scale already is
+               one, else requantized from FP8 in one fused kernel pass (error reported per tensor)
+  fp8-ct       block FP8 in the compressed-tensors layout (`weight_scale`, config_groups)
+  nvfp4        NVFP4 in the ModelOpt layout (`hf_quant_config.json`; weight, weight_scale,
+               weight_scale_2)
+  nvfp4-ct     NVFP4 in the compressed-tensors `nvfp4-pack-quantized` layout (weight_packed,
+               weight_scale, weight_global_scale)
+
+NVFP4 sources may be bf16 (the quantize rule table picks the linears) or FP8 (fused dequant ->
+NVFP4). q/k/v, gate/up and w1/w3 of one module share one global scale (engines fuse them); a fused
+3D expert tensor gets one global scale per expert. Weights whose input dimension is not a multiple
+of 16 are an error naming them, or stay as they are with `keep_unaligned`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__, dispatch
+from . import numerics as nx
+from .checkpoint import open_checkpoint
+from .classify import FP8, FUSED_GROUPS, KEEP, heuristic_rule, quantizable
+from .pipeline import RunSummary, execute_plan
+from .plan import Plan, QuantSettings, TensorPlan, _assign_shards, _keep_layout
+from .sizes import parse_size
+from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_tensor
+
+TARGETS = ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct")
+NVFP4_GROUP = 16
+HF_QUANT_CONFIG = "hf_quant_config.json"
+
+# decisions of a convert plan
+DEQUANT, RELABEL, UE8M0, NVFP4 = "dequant", "relabel", "ue8m0", "nvfp4"
+
+
+class ConvertError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    kind: str  # "fp8-block" (weight_scale_inv), "fp8-ct" (weight_scale) or "unquantized"
+    block_size: tuple[int, int]
+    scale_suffix: str
+
+
+def detect_source(tensors: dict, config: dict) -> SourceFormat:
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        w = (groups[0].get("weights") or {}) if groups else {}
+        if w.get("strategy") != "block" or w.get("num_bits") != 8:
+            raise ConvertError(f"compressed-tensors source with weights {w}: only FP8 block is read here")
+        return SourceFormat("fp8-ct", tuple(w.get("block_structure") or nx.DEFAULT_BLOCK_SIZE), "_scale")
+    fp8 = [n for n, i in tensors.items() if i.dtype in FP8_DTYPES]
+    if not fp8:
+        return SourceFormat("unquantized", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
+    block = tuple(qc.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
+    return SourceFormat("fp8-block", block, "_scale_inv")
+
+
+def _module(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _nvfp4_outputs(name: str, shape: tuple[int, ...], ct: bool) -> list[OutEntry]:
+    packed_shape = (*shape[:-1], shape[-1] // 2)
+    scale_shape = (*shape[:-1], shape[-1] // NVFP4_GROUP)
+    global_shape = tuple(shape[:-2]) if len(shape) == 3 else (() if not ct else (1,))
+    if ct:
+        m = _module(name)
+        return [OutEntry(f"{m}.weight_packed", "U8", packed_shape), OutEntry(f"{m}.weight_scale", "F8_E4M3", scale_shape),
+                OutEntry(f"{m}.weight_global_scale", "F32", global_shape)]
+    return [OutEntry(name, "U8", packed_shape), OutEntry(name + "_scale", "F8_E4M3", scale_shape),
+            OutEntry(name + "_scale_2", "F32", global_shape)]
+
+
+def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_size="4GB",
+                       repack: bool = True) -> Plan:
+    if to not in TARGETS:
+        raise ConvertError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
+    ckpt = open_checkpoint(src)
+    cfg_path = Path(src) / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    fmt = detect_source(ckpt.tensors, config)
+    tensors = ckpt.tensors
+    scale_of = {n: n + fmt.scale_suffix for n, i in tensors.items()
+                if i.dtype in FP8_DTYPES and n + fmt.scale_suffix in tensors}
+    missing = [n for n, i in tensors.items() if i.dtype in FP8_DTYPES and n not in scale_of]
+    if missing:
+        raise ConvertError(f"{tensors[missing[0]].file.name}: FP8 tensor {missing[0]!r} has no "
+                           f"{missing[0]}{fmt.scale_suffix} ({len(missing)} such tensor(s))")
+    consumed = set(scale_of.values())
+    if to in ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct") and not scale_of:
+        raise ConvertError(f"{src}: holds no FP8 weights to convert to {to} (use `fp8norm quantize` for bf16)")
+    if to == "fp8" and fmt.kind != "fp8-ct":
+        raise ConvertError(f"{src}: is already block FP8 in the DeepSeek/transformers layout")
+    plans = []
+    unaligned = []
+    for name, info in tensors.items():
+        if name in consumed:
+            continue
+        scale = scale_of.get(name)
+        inputs, extra = (name,), 0
+        if scale:
+            inputs, extra = (name, scale), tensors[scale].nbytes
+        decision, rule, outputs = KEEP, "not-quantized", [OutEntry(name, info.dtype, info.shape)]
+        if scale and to in ("bf16", "fp16"):
+            decision, rule = DEQUANT, f"fp8->{to}"
+            outputs = [OutEntry(name, "BF16" if to == "bf16" else "F16", info.shape)]
+        elif scale and to in ("fp8", "fp8-ct"):
+            suffix = "_scale_inv" if to == "fp8" else "_scale"
+            decision, rule = RELABEL, f"fp8-layout->{to}"
+            outputs = [OutEntry(name, info.dtype, info.shape), OutEntry(name + suffix, tensors[scale].dtype,
+                                                                         tensors[scale].shape)]
+        elif scale and to == "fp8-ue8m0":
+            decision, rule = UE8M0, "fp8->fp8-ue8m0"
+            outputs = [OutEntry(name, info.dtype, info.shape),
+                       OutEntry(name + "_scale_inv", tensors[scale].dtype, tensors[scale].shape)]
+        elif to.startswith("nvfp4") and (scale or (fmt.kind == "unquantized" and _nvfp4_candidate(name, info))):
+            if info.shape[-1] % NVFP4_GROUP:
+                unaligned.append(name)
+                decision, rule = KEEP, "nvfp4:unaligned-kept"
+                outputs = [OutEntry(name, info.dtype, info.shape)]
+                if scale:
+                    outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
+            else:
+                decision, rule = NVFP4, f"{'fp8' if scale else 'bf16'}->{to}"
+                outputs = _nvfp4_outputs(name, info.shape, to == "nvfp4-ct")
+        elif scale:  # FP8 weight the target does not touch: carried with its scale
+            decision, rule = KEEP, "fp8-carried"
+            outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
+        plans.append(TensorPlan(name, info.dtype, info.shape, decision, rule, info.file.name, outputs,
+                                inputs=inputs if scale else (), extra_in_bytes=extra))
+    if unaligned and not keep_unaligned:
+        i = tensors[unaligned[0]]
+        raise ConvertError(f"{i.file.name}: tensor {unaligned[0]!r} {list(i.shape)}: input dimension not a multiple "
+                           f"of {NVFP4_GROUP} ({len(unaligned)} such tensor(s)); --keep-unaligned keeps them as they are")
+    max_bytes = parse_size(max_shard_size)
+    repacked = repack or not ckpt.standard_names
+    shards = _assign_shards(plans, max_bytes) if repacked else _keep_layout(plans)
+    settings = QuantSettings(block_size=fmt.block_size, scale_fmt="ue8m0" if to == "fp8-ue8m0" else "float")
+    return Plan(Path(src), settings, plans, shards, repacked, max_bytes, None, ckpt, convert_to=to,
+                source_format=fmt)
+
+
+def _nvfp4_candidate(name: str, info) -> bool:
+    """bf16 sources: the linears `quantize` would make FP8 become NVFP4."""
+    rule = heuristic_rule(name)
+    return rule.decision == FP8 and quantizable(info, (NVFP4_GROUP, NVFP4_GROUP)) is None
+
+
+def nvfp4_global_amax(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pre-pass: amax of every NVFP4 tensor, then the max over each fused group (one read of each)."""
+    amax = {}
+    for t in plan.tensors:
+        if t.decision != NVFP4:
+            continue
+        xs = [read_tensor(plan.checkpoint.tensors[n]).to(device) for n in t.input_names]
+        amax[t.name] = dispatch.nvfp4_amax(xs[0], src_scale_inv=xs[1] if len(xs) > 1 else None,
+                                           src_block_size=plan.source_format.block_size).cpu()
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name in amax:
+        for kind, pattern in FUSED_GROUPS:
+            m = re.match(pattern, name)
+            if m:
+                groups[(kind, m["key"])].append(name)
+                break
+    for names in groups.values():
+        joint = torch.stack([amax[n] for n in names]).amax(0)
+        for n in names:
+            amax[n] = joint
+    return amax
+
+
+def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
+    block = plan.source_format.block_size
+    if t.decision == KEEP:
+        return xs
+    if t.decision == RELABEL:
+        return xs
+    q, scale = xs[0].to(device), xs[1].to(device)
+    if t.decision == DEQUANT:
+        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
+        return [dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=out_dtype).cpu()]
+    if t.decision == UE8M0:
+        if nx.is_power_of_two(scale):
+            return xs  # already powers of two: the bytes are relabelled, nothing is requantized
+        scale_dtype = scale.dtype if scale.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        q2, s2 = dispatch.quant_fp8_block(q, block_size=block, scale_fmt="ue8m0", scale_dtype=scale_dtype,
+                                          x_scale_inv=scale)
+        before = dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=torch.float32)
+        after = dispatch.dequant_fp8_block(q2, s2, block_size=block, out_dtype=torch.float32)
+        rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
+        plan.notes.append(f"requant   {t.name}: relative L2 error {rel:.2e}, max abs {float((after - before).abs().max()):.2e}")
+        return [q2.cpu(), s2.cpu()]
+    # NVFP4
+    x, src_scale = (q, scale) if len(xs) > 1 else (xs[0].to(device), None)
+    packed, wscale, wscale2 = dispatch.quant_nvfp4(x, global_amax=plan.global_amax[t.name].to(device),
+                                                   src_scale_inv=src_scale, src_block_size=block)
+    if plan.convert_to == "nvfp4-ct":
+        wscale2 = torch.reciprocal(wscale2).reshape(t.outputs[2].shape)
+    return [packed.cpu(), wscale.cpu(), wscale2.cpu()]
+
+
+def _kept_linear_modules(plan: Plan) -> list[str]:
+    return sorted(_module(t.name) for t in plan.tensors
+                  if t.decision == KEEP and t.name.endswith(".weight") and len(t.shape) == 2
+                  and t.dtype not in FP8_DTYPES)
+
+
+def _converted_modules(plan: Plan) -> list[str]:
+    return sorted(_module(t.name) for t in plan.tensors if t.decision != KEEP or t.rule == "fp8-carried")
+
+
+def _ct_targets(plan: Plan) -> list[str]:
+    return [f"re:^{re.escape(m)}$" for m in _converted_modules(plan)]
+
+
+def target_config(cfg: dict, plan: Plan) -> dict:
+    """config.json for the target format."""
+    cfg = dict(cfg)
+    to = plan.convert_to
+    old = cfg.pop("quantization_config", None) or {}
+    bm, bn = plan.source_format.block_size
+    if to in ("bf16", "fp16"):
+        if plan.tensors and any(t.rule == "fp8-carried" for t in plan.tensors):
+            cfg["quantization_config"] = old
+        return cfg
+    if to in ("fp8", "fp8-ue8m0"):
+        qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [bm, bn],
+              "modules_to_not_convert": _kept_linear_modules(plan)}
+        if to == "fp8-ue8m0":
+            qc["scale_fmt"] = "ue8m0"
+        cfg["quantization_config"] = qc
+        return cfg
+    if to == "fp8-ct":
+        weights = {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [bm, bn],
+                   "symmetric": True, "dynamic": False}
+        acts = {"num_bits": 8, "type": "float", "strategy": "group", "group_size": bn, "symmetric": True,
+                "dynamic": True}
+        cfg["quantization_config"] = _ct_config("float-quantized", weights, acts, plan)
+        return cfg
+    if to == "nvfp4-ct":
+        weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": NVFP4_GROUP,
+                   "symmetric": True, "dynamic": False}
+        cfg["quantization_config"] = _ct_config("nvfp4-pack-quantized", weights, None, plan)
+        return cfg
+    cfg["quantization_config"] = {"quant_method": "modelopt", **modelopt_quantization(plan)}
+    return cfg
+
+
+def _ct_config(fmt: str, weights: dict, acts: dict | None, plan: Plan) -> dict:
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": _ct_targets(plan), "weights": weights,
+                                          "input_activations": acts, "output_activations": None, "format": fmt}},
+            "ignore": _kept_linear_modules(plan), "kv_cache_scheme": None}
+
+
+def modelopt_quantization(plan: Plan) -> dict:
+    return {"quant_algo": "NVFP4", "group_size": NVFP4_GROUP, "kv_cache_quant_algo": None,
+            "exclude_modules": _kept_linear_modules(plan)}
+
+
+def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", repack=True, device="auto",
+            resume=False, overwrite=False, progress=None) -> RunSummary:
+    """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring)."""
+    plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
+                              repack=repack)
+    extra = {"fp8norm.json": json.dumps({"producer": {"name": "fp8norm", "version": __version__},
+                                         "converted_to": to, "source_format": plan.source_format.kind,
+                                         "plan_fingerprint": plan.fingerprint()}, indent=2) + "\n"}
+    if to.startswith("nvfp4"):
+        from .pipeline import resolve_device
+
+        plan.global_amax = nvfp4_global_amax(plan, resolve_device(device))
+        if to == "nvfp4":
+            extra[HF_QUANT_CONFIG] = json.dumps({"producer": {"name": "modelopt", "version": f"fp8norm-{__version__}"},
+                                                 "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
+    summary = execute_plan(plan, Path(dst), transform=convert_tensor, finalize_config=target_config, device=device,
+                           resume=resume, overwrite=overwrite, progress=progress, extra_files=extra,
+                           skip_files=("fp8norm.json", HF_QUANT_CONFIG))
+    summary.notes.extend(plan.notes)
+    return summary

@@ -1,0 +1,226 @@
+"""The numeric rules of NVFP4 (ModelOpt convention), shared by the Triton kernels and the torch twins.
+
+NVFP4 stores a tensor `[..., M, N]` as
+- `packed` uint8 `[..., M, N/2]`: two E2M1 codes a byte, element 2k in the low nibble, 2k+1 high;
+  a code is sign (bit 3) and magnitude index 0..7 = {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+- `weight_scale` float8_e4m3fn `[..., M, N/16]`: one scale per 16 elements along the last dim;
+- `weight_scale_2` fp32 (0-dim, or `[E]` for stacked experts) = global_amax / (6 * 448);
+and value = e2m1 * (float(weight_scale) * weight_scale_2).
+
+Quantization follows ModelOpt's `NVFP4QTensor` (modelopt/torch/quantization/qtensor/nvfp4_tensor.py):
+    scale_2  = amax.float() / (6.0 * 448.0)                     # get_weights_scaling_factor_2
+    s        = group_amax / (6.0 * scale_2)                      # fp32: the product first, then divide
+    s[s == 0] = 1.0; s_q = s.to(float8_e4m3fn)                   # get_weights_scaling_factor
+    q        = x / (s_q.to(float32) * scale_2)                   # quantize: fp32 divisor, then divide
+    code     = searchsorted([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5], |q|) + (|q| in {0.75, 1.75, 3.5})
+    code    |= (q < 0) << 3;  packed = code[..., 1::2] << 4 | code[..., 0::2]
+The bounds and the `+1` on 0.75, 1.75 and 3.5 are round-to-nearest with ties to even codes, and
+|q| > 5 saturates to 6. The sign is `q < 0`: -0.0 packs as +0 (0x0), a small negative that rounds
+to zero packs as 0x8. ModelOpt dequantizes as `(e2m1 * (float(s_q) * scale_2)).to(dtype)`.
+
+Where fp8norm differs (all outside ModelOpt's well-defined range):
+- amax == 0 (all-zero tensor, or a given joint amax of 0) gives scale_2 = 1.0, not 0 (NaN later);
+- s above 448 (only with a given global amax below the data's amax) saturates to 448, not NaN;
+- a group whose s is nonzero but rounds to e4m3 zero (group amax < ~2^-10 / 448 of the global
+  amax) stores s_q = 0 and q = 0 (ModelOpt divides by zero: NaN/Inf -> code 7; both dequantize to 0);
+- N % 16 != 0 raises ValueError (ModelOpt pads the last dim);
+- code 0x8 dequantizes to -0.0 (ModelOpt's table gives +0.0);
+- a 3D `[E, M, N]` tensor gets one scale_2 per expert (each expert is its own Linear in ModelOpt).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import numerics as nx
+
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+GROUP_SIZE = 16
+# weight_scale_2 = amax / SCALE_2_DIVISOR (ModelOpt writes `/ (6.0 * 448.0)`: the same fp32 constant).
+SCALE_2_DIVISOR = E2M1_MAX * E4M3_MAX
+# Round-to-nearest decision points between the magnitudes; at the ones marked "up" a tie goes to the
+# upper code (which is even), at the others to the lower one.
+E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+E2M1_TIE_UP = (False, True, False, True, False, True, False)
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+INPUT_DTYPES = nx.INPUT_DTYPES  # plus float8_e4m3fn with src_scale_inv
+SRC_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e8m0fnu)
+OUT_DTYPES = nx.OUT_DTYPES
+
+
+def e2m1_table(device=None) -> torch.Tensor:
+    """fp32 value of each of the 16 codes (code 8 is -0.0)."""
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
+    return torch.cat([mags, -mags])
+
+
+def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+    """fp32 -> uint8 E2M1 codes (0..15): nearest magnitude, ties to even, saturating at 6."""
+    a = q.abs()
+    code = torch.zeros(q.shape, dtype=torch.uint8, device=q.device)
+    for bound, up in zip(E2M1_BOUNDS, E2M1_TIE_UP):
+        code += (a >= bound) if up else (a > bound)
+    code |= (q < 0).to(torch.uint8) << 3
+    return code
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes `[..., N]` -> bytes `[..., N/2]`, element 2k in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """bytes `[..., N/2]` -> uint8 codes `[..., N]`."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+def weight_scale_2_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """scale_2 = amax / (6 * 448) in fp32; 1.0 where that is 0 (so all-zero tensors stay finite)."""
+    s2 = amax.float() / SCALE_2_DIVISOR
+    return torch.where(s2 == 0, torch.ones_like(s2), s2)
+
+
+def group_scale(group_amax: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
+    """fp32 per-group scale before the e4m3 cast: amax / (6 * scale_2), 1.0 where it is exactly 0."""
+    s = group_amax / (E2M1_MAX * scale_2)
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def saturate_e4m3(s: torch.Tensor) -> torch.Tensor:
+    return nx.saturate_e4m3(s)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _src_scale_shape(shape, src_block_size):
+    return nx.scale_inv_shape(tuple(shape), src_block_size)
+
+
+def check_quant_args(x, global_amax, src_scale_inv, src_block_size, group_size):
+    """Validate quant_nvfp4's arguments (kernel and twin alike).
+
+    Returns (group_size, src_block_size, src scales as contiguous fp32 or None,
+    global_amax as fp32 `[E]` (E = 1 for 2D) on x's device, or None).
+    """
+    src_sf, src_block_size = check_amax_args(x, src_scale_inv, src_block_size)
+    group_size = int(group_size)
+    if group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
+    if x.shape[-1] % group_size:
+        raise ValueError(
+            f"NVFP4 needs the last dim to be a multiple of group_size={group_size}: x has shape "
+            f"{tuple(x.shape)}"
+        )
+    n_exp = x.shape[0] if x.dim() == 3 else 1
+    if global_amax is None:
+        return group_size, src_block_size, src_sf, None
+    ga = torch.as_tensor(global_amax).to(device=x.device, dtype=torch.float32)
+    if ga.numel() == 1:
+        ga = ga.reshape(1).expand(n_exp)
+    elif x.dim() == 2 or tuple(ga.shape) != (n_exp,):
+        raise ValueError(
+            f"global_amax has shape {tuple(ga.shape)}; expected a scalar"
+            + (f" or [{n_exp}] (one per expert)" if x.dim() == 3 else "") + f" for x {tuple(x.shape)}"
+        )
+    if not bool((torch.isfinite(ga) & (ga >= 0)).all()):
+        raise ValueError(f"global_amax must be finite and >= 0, got {ga.tolist()}")
+    return group_size, src_block_size, src_sf, ga.contiguous()
+
+
+def check_amax_args(x, src_scale_inv, src_block_size):
+    """Validate x (and its FP8 block scales); returns (src scales as fp32 or None, src_block_size)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.float8_e4m3fn:
+        if src_scale_inv is None:
+            raise TypeError("an FP8 x needs its src_scale_inv (block scales) to be quantized to NVFP4")
+    elif x.dtype not in INPUT_DTYPES:
+        raise TypeError(
+            f"x must be bfloat16, float16 or float32 (or float8_e4m3fn with src_scale_inv), got {x.dtype}")
+    elif src_scale_inv is not None:
+        raise TypeError("src_scale_inv is only for an FP8 x")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be 2D [M, N] or 3D [E, M, N], got shape {tuple(x.shape)}")
+    bm, bn = (int(b) for b in src_block_size)
+    if bm <= 0 or bn <= 0:
+        raise ValueError(f"src_block_size must be two positive ints, got {tuple(src_block_size)}")
+    if src_scale_inv is None:
+        return None, (bm, bn)
+    if src_scale_inv.dtype not in SRC_SCALE_DTYPES:
+        raise TypeError(f"src_scale_inv must be float32, bfloat16 or float8_e8m0fnu, got {src_scale_inv.dtype}")
+    expected = _src_scale_shape(x.shape, (bm, bn))
+    if tuple(src_scale_inv.shape) != expected:
+        raise ValueError(
+            f"src_scale_inv has shape {tuple(src_scale_inv.shape)}, expected {expected} for x "
+            f"{tuple(x.shape)} and src_block_size {(bm, bn)}"
+        )
+    if src_scale_inv.device != x.device:
+        raise ValueError(f"src_scale_inv is on {src_scale_inv.device}, x on {x.device}")
+    sf = src_scale_inv.float()
+    if not bool((torch.isfinite(sf) & (sf >= 0)).all()):
+        raise ValueError("src_scale_inv must be finite and >= 0 everywhere")
+    return sf.contiguous(), (bm, bn)
+
+
+def check_dequant_args(packed, weight_scale, weight_scale_2, out_dtype):
+    """Validate dequant_nvfp4's arguments; returns (group_size, weight_scale_2 as contiguous fp32 [E])."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if weight_scale.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"weight_scale must be float8_e4m3fn, got {weight_scale.dtype}")
+    if packed.dim() not in (2, 3):
+        raise ValueError(f"packed must be 2D [M, N/2] or 3D [E, M, N/2], got shape {tuple(packed.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    *lead, m, half = packed.shape
+    n = 2 * half
+    ws_shape = tuple(weight_scale.shape)
+    ng = ws_shape[-1] if weight_scale.dim() == packed.dim() else -1
+    if ws_shape[:-1] != (*lead, m) or ng < 0 or (ng == 0) != (n == 0) or (ng and n % ng):
+        raise ValueError(
+            f"weight_scale has shape {ws_shape}, expected [..., {m}, N/group_size] for packed "
+            f"{tuple(packed.shape)}"
+        )
+    group_size = n // ng if ng else GROUP_SIZE
+    if group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"packed {tuple(packed.shape)} and weight_scale {ws_shape} give group size "
+                         f"{n}/{ng}: not a power of two >= 2")
+    n_exp = lead[0] if lead else 1
+    s2 = torch.as_tensor(weight_scale_2).to(device=packed.device, dtype=torch.float32)
+    if s2.numel() == 1:
+        s2 = s2.reshape(1).expand(n_exp)
+    elif packed.dim() == 2 or tuple(s2.shape) != (n_exp,):
+        raise ValueError(
+            f"weight_scale_2 has shape {tuple(s2.shape)}; expected a scalar"
+            + (f" or [{n_exp}]" if packed.dim() == 3 else "") + f" for packed {tuple(packed.shape)}"
+        )
+    if weight_scale.device != packed.device:
+        raise ValueError(f"weight_scale is on {weight_scale.device}, packed on {packed.device}")
+    return group_size, s2.contiguous()
+
+
+def scale_2_for(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """weight_scale_2 from a per-expert amax `[E]`, shaped as returned: 0-dim for 2D x, `[E]` for 3D."""
+    s2 = weight_scale_2_from_amax(amax)
+    return s2.reshape(()) if x.dim() == 2 else s2.reshape(x.shape[0])
+
+
+def raise_if_nonfinite_groups(weight_scale: torch.Tensor) -> None:
+    """Groups holding NaN/Inf input get the e4m3 NaN code as their scale; name the first such group."""
+    bad = (weight_scale.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"input has non-finite values (NaN or Inf) in {int(bad.sum())} group(s), first at weight_scale "
+            f"index {first}; refusing to quantize"
+        )
+
+
+def raise_if_nonfinite_amax(amax: torch.Tensor) -> None:
+    bad = ~torch.isfinite(amax)
+    if bool(bad.any()):
+        where = "" if amax.dim() == 0 else f" (expert {int(bad.nonzero()[0, 0])})"
+        raise ValueError(f"input has non-finite values (NaN or Inf){where}; refusing to quantize")
