@@ -240,6 +240,39 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
     click.echo(f"wrote     {dst}")
 
 
+@main.command("shard")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--layout", type=click.Choice(["deepseek", "mcore"]), required=True,
+              help="deepseek: model{i}-mp{N}.safetensors; mcore: Megatron-Core TP/PP/EP rank folders.")
+@click.option("--mp", type=int, help="deepseek: model-parallel size N.")
+@click.option("--n-experts", type=int, default=0, show_default=True, help="deepseek: routed experts in the model.")
+@click.option("--requant", is_flag=True, help="Dequantize and requantize FP8 tensors whose split is not block-aligned.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def shard_cmd(src, dst, layout, mp, n_experts, requant, overwrite, quiet):
+    """Split checkpoint SRC into one file per model-parallel rank in DST.
+
+    \b
+    Examples:
+      fp8norm shard /models/DeepSeek-V3-W4A16 /ckpt/mp8 --layout deepseek --mp 8 --n-experts 256
+    """
+    from .shard_deepseek import shard_deepseek
+
+    try:
+        if layout == "deepseek":
+            if not mp:
+                raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
+            summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
+                                     progress=None if not quiet else False)
+        else:
+            raise click.BadParameter("--layout mcore is not available yet", param_hint="--layout")
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(summary.format())
+    click.echo(f"wrote     {dst}")
+
+
 @main.command("verify")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("quant", type=click.Path(exists=True, file_okay=False))

@@ -1,0 +1,283 @@
+"""DeepSeek model-parallel layout: `model{i}-mp{N}.safetensors` for the reference `model.py` /
+`generate.py` (DeepSeek-V3/V3.2/V4), from bf16, block-FP8 or GPTQ/auto-round W4A16 checkpoints.
+
+Names: `model.` dropped, self_attn -> attn, mlp -> ffn, weight_scale_inv -> scale,
+e_score_correction_bias -> bias, and the projection mapping below (q_a_proj -> wq_a, ...). Each
+mapped module is column-parallel (output dim 0 split), row-parallel (input dim 1 split) or
+replicated; routed experts live only on their owner rank (E/N per rank), shared experts and the
+router are replicated, and the MTP block's copies of the embedding and head are dropped.
+
+Split rules per storage format:
+  bf16/fp16   the weight along its parallel dim
+  FP8 block   weight and `scale` together; each split point must fall on a 128 block boundary
+              (or requant=True dequantizes, splits and requantizes the pieces)
+  W4A16       qweight [in/8, out], qzeros [in/g, out/8], scales [in/g, out] (stored bf16), g_idx [in]:
+              column: out/N and (out/N)/8 whole; row: (in/8)/N and (in/g)/N whole, g_idx rebased
+Every rule is checked while planning, before any file is written; errors name the tensor, its
+shape, the rule and N.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import dispatch
+from . import numerics as nx
+from .checkpoint import open_checkpoint
+from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
+from .st_io import DTYPE_NAMES, OutEntry, TensorInfo, read_tensor
+
+COLUMN, ROW = 0, 1
+# HF projection name -> (DeepSeek name, parallel dim: 0 column, 1 row, None replicated)
+MAPPING: dict[str, tuple[str, int | None]] = {
+    "embed_tokens": ("embed", 0), "input_layernorm": ("attn_norm", None),
+    "post_attention_layernorm": ("ffn_norm", None), "q_proj": ("wq", 0), "q_a_proj": ("wq_a", None),
+    "q_a_layernorm": ("q_norm", None), "q_b_proj": ("wq_b", 0), "kv_a_proj_with_mqa": ("wkv_a", None),
+    "kv_a_layernorm": ("kv_norm", None), "kv_b_proj": ("wkv_b", 0), "o_proj": ("wo", 1), "gate_proj": ("w1", 0),
+    "down_proj": ("w2", 1), "up_proj": ("w3", 0), "lm_head": ("head", 0),
+    # already-translated names (inference checkpoints)
+    "embed": ("embed", 0), "wq_a": ("wq_a", None), "wq_b": ("wq_b", 0), "wkv": ("wkv", None), "wo_a": ("wo_a", 0),
+    "wo_b": ("wo_b", 1), "w1": ("w1", 0), "w2": ("w2", 1), "w3": ("w3", 0), "head": ("head", 0),
+    "weights_proj": ("weights_proj", 0), "attn_sink": ("attn_sink", 0), "ape": ("ape", None),
+}
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+FP8_BLOCK = 128
+LAYOUT_NAME = "fp8norm_parallel_layout.json"
+
+
+class ShardError(ValueError):
+    pass
+
+
+@dataclass
+class Module:
+    """One logical tensor to place: its DeepSeek name, parallel dim and storage parts."""
+    name: str  # DeepSeek name of the weight (for GPTQ: the linear's base name)
+    dim: int | None
+    kind: str  # "plain", "fp8" or "gptq"
+    parts: dict[str, TensorInfo]  # role -> source tensor
+    expert: int | None = None
+
+
+def rename(hf_name: str) -> tuple[str, int | None] | None:
+    """DeepSeek name and parallel dim of an HF tensor name; None for tensors that are dropped."""
+    name = hf_name.removeprefix("model.")
+    if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
+        return None  # the MTP block shares the main embedding and head
+    name = (name.replace("self_attn", "attn").replace("mlp", "ffn").replace("weight_scale_inv", "scale")
+            .replace("e_score_correction_bias", "bias"))
+    parts = name.split(".")
+    if parts[-1] in GPTQ_PARTS:
+        key_at = len(parts) - 2
+    elif parts[-1] in ("attn_sink", "ape"):
+        key_at = len(parts) - 1
+    else:
+        key_at = len(parts) - 2
+    key = parts[key_at] if key_at >= 0 else parts[-1]
+    dim = None
+    if key in MAPPING:
+        parts[key_at], dim = MAPPING[key]
+    if "shared_experts" in parts:
+        dim = None  # plain Linears in the model: never split
+    return ".".join(parts), dim
+
+
+def _expert_index(name: str) -> int | None:
+    m = re.search(r"\.experts\.(\d+)\.", name)
+    return int(m[1]) if m and "shared_experts" not in name else None
+
+
+def collect_modules(tensors: dict[str, TensorInfo]) -> list[Module]:
+    """Group source tensors into modules (FP8 weight + scale, GPTQ parts), in source order."""
+    modules: dict[str, Module] = {}
+    order = []
+    for hf_name, info in tensors.items():
+        r = rename(hf_name)
+        if r is None:
+            continue
+        name, dim = r
+        base, _, last = name.rpartition(".")
+        if last in GPTQ_PARTS:
+            key, role, kind, mname = base, last, "gptq", base
+        elif last == "scale" and hf_name.endswith("weight_scale_inv"):
+            key, role, kind, mname = base + ".weight", "scale", "fp8", base + ".weight"
+        elif info.dtype == "F8_E4M3":
+            key, role, kind, mname = name, "weight", "fp8", name
+        else:
+            key, role, kind, mname = name, "weight", "plain", name
+        m = modules.get(key)
+        if m is None:
+            m = modules[key] = Module(mname, dim, kind, {}, _expert_index(name))
+            order.append(key)
+        if kind != "plain":
+            m.kind = kind
+        m.parts[role] = info
+    return [modules[k] for k in order]
+
+
+def _err(m: Module, info: TensorInfo, rule: str, mp: int) -> ShardError:
+    return ShardError(f"{info.file.name}: tensor {info.name!r} {list(info.shape)}: {rule} (mp={mp})")
+
+
+def plan_deepseek(src, mp: int, n_experts: int, *, requant: bool = False) -> tuple[list[ShardJob], dict]:
+    """All jobs and the layout description; raises ShardError before anything is written."""
+    if mp < 1:
+        raise ShardError(f"--mp must be >= 1, got {mp}")
+    if n_experts % mp:
+        raise ShardError(f"--n-experts {n_experts} is not divisible by --mp {mp}")
+    ckpt = open_checkpoint(src)
+    local = n_experts // mp
+    files = [f"model{i}-mp{mp}.safetensors" for i in range(mp)]
+    jobs = []
+    for m in collect_modules(ckpt.tensors):
+        if m.kind == "gptq":
+            missing = [p for p in ("qweight", "qzeros", "scales") if p not in m.parts]
+            if missing:
+                any_info = next(iter(m.parts.values()))
+                raise ShardError(f"{any_info.file.name}: W4A16 linear {m.name!r} has no {', '.join(missing)} "
+                                 f"(a qweight/qzeros/scales triple is needed to split it; mp={mp})")
+        if m.kind == "fp8" and set(m.parts) != {"weight", "scale"}:
+            info = next(iter(m.parts.values()))
+            raise ShardError(f"{info.file.name}: FP8 tensor {info.name!r} has no matching "
+                             f"{'weight_scale_inv' if 'weight' in m.parts else 'weight'}")
+        if m.expert is not None:
+            if m.expert >= n_experts:
+                info = next(iter(m.parts.values()))
+                raise ShardError(f"{info.file.name}: tensor {info.name!r}: expert {m.expert} >= --n-experts {n_experts}")
+            ranks, dim = [m.expert // local], None
+        else:
+            ranks, dim = list(range(mp)), m.dim
+        job = ShardJob(tuple(i.name for i in m.parts.values()))
+        make_outputs = {"plain": _plain_outputs, "fp8": _fp8_outputs, "gptq": _gptq_outputs}[m.kind]
+        for rank in ranks:
+            for entry, fn in make_outputs(m, dim, rank, mp, requant):
+                job.outputs.append(SliceOut(files[rank], entry, fn))
+        jobs.append(job)
+    layout = {"layout": "deepseek", "mp": mp, "n_experts": n_experts, "files": files,
+              "expert_owner": {str(e): e // local for e in range(n_experts)}}
+    return jobs, layout
+
+
+def _piece(n: int, mp: int, rank: int) -> slice:
+    step = n // mp
+    return slice(rank * step, (rank + 1) * step)
+
+
+def _narrow(t: torch.Tensor, dim: int, sl: slice) -> torch.Tensor:
+    return t.narrow(dim, sl.start, sl.stop - sl.start)
+
+
+def _plain_outputs(m: Module, dim, rank, mp, requant):
+    info = m.parts["weight"]
+    if dim is None or (dim >= len(info.shape)):
+        yield OutEntry(m.name, info.dtype, info.shape), lambda s, n=info.name: s[n]
+        return
+    if info.shape[dim] % mp:
+        raise _err(m, info, f"dim {dim} ({info.shape[dim]}) is not divisible by the model-parallel size", mp)
+    sl = _piece(info.shape[dim], mp, rank)
+    shape = tuple(sl.stop - sl.start if d == dim else s for d, s in enumerate(info.shape))
+    yield OutEntry(m.name, info.dtype, shape), lambda s, n=info.name, d=dim, sl=sl: _narrow(s[n], d, sl)
+
+
+def _fp8_outputs(m: Module, dim, rank, mp, requant):
+    w, sc = m.parts["weight"], m.parts["scale"]
+    scale_name = m.name.removesuffix(".weight") + ".scale"
+    if dim is None:
+        yield OutEntry(m.name, w.dtype, w.shape), lambda s, n=w.name: s[n]
+        yield OutEntry(scale_name, sc.dtype, sc.shape), lambda s, n=sc.name: s[n]
+        return
+    size = w.shape[dim]
+    if size % mp:
+        raise _err(m, w, f"{'output' if dim == 0 else 'input'} dim {size} is not divisible by the "
+                         "model-parallel size", mp)
+    piece = size // mp
+    sl = _piece(size, mp, rank)
+    shape = tuple(piece if d == dim else s for d, s in enumerate(w.shape))
+    if piece % FP8_BLOCK == 0:  # split on block boundaries: bytes and scale tiles carried as they are
+        ssl = slice(sl.start // FP8_BLOCK, sl.stop // FP8_BLOCK)
+        sshape = tuple(ssl.stop - ssl.start if d == dim else s for d, s in enumerate(sc.shape))
+        yield OutEntry(m.name, w.dtype, shape), lambda s, n=w.name, d=dim, sl=sl: _narrow(s[n], d, sl)
+        yield OutEntry(scale_name, sc.dtype, sshape), lambda s, n=sc.name, d=dim, sl=ssl: _narrow(s[n], d, sl)
+        return
+    if not requant:
+        raise _err(m, w, f"splitting {'rows' if dim == 0 else 'columns'} into pieces of {piece} does not fall on "
+                         f"{FP8_BLOCK}-wide FP8 blocks (use --requant to dequantize and requantize)", mp)
+    sdtype = {"F32": torch.float32, "BF16": torch.bfloat16}.get(sc.dtype, torch.float32)
+
+    def requantized(s, which, n=w.name, ns=sc.name, d=dim, sl=sl):
+        full = dispatch.dequant_fp8_block(s[n], s[ns], out_dtype=torch.float32)
+        q, scale = dispatch.quant_fp8_block(_narrow(full, d, sl).contiguous(), scale_dtype=sdtype)
+        return q if which == "q" else scale
+
+    yield OutEntry(m.name, "F8_E4M3", shape), lambda s: requantized(s, "q")
+    yield (OutEntry(scale_name, DTYPE_NAMES[sdtype], nx.scale_inv_shape(shape, nx.DEFAULT_BLOCK_SIZE)),
+           lambda s: requantized(s, "s"))
+
+
+def _gptq_outputs(m: Module, dim, rank, mp, requant):
+    qw, qz, sc = m.parts["qweight"], m.parts["qzeros"], m.parts["scales"]
+    gi = m.parts.get("g_idx")
+    in_packed, out = qw.shape
+    n_groups = sc.shape[0]
+    as_bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731 - scales are stored bf16
+    name = m.name
+    if dim is None:
+        yield OutEntry(f"{name}.qweight", qw.dtype, qw.shape), lambda s, n=qw.name: s[n]
+        yield OutEntry(f"{name}.qzeros", qz.dtype, qz.shape), lambda s, n=qz.name: s[n]
+        yield OutEntry(f"{name}.scales", "BF16", sc.shape), lambda s, n=sc.name: as_bf16(s[n])
+        if gi is not None:
+            yield OutEntry(f"{name}.g_idx", gi.dtype, gi.shape), lambda s, n=gi.name: s[n]
+        return
+    if dim == COLUMN:
+        if out % mp:
+            raise _err(m, qw, f"column-parallel: out_features {out} is not divisible by the model-parallel size", mp)
+        if (out // mp) % 8:
+            raise _err(m, qz, f"column-parallel: each rank's {out // mp} output columns are not a multiple of 8, "
+                              "so qzeros (8 outputs per int32) cannot be split", mp)
+        sl, zsl = _piece(out, mp, rank), _piece(qz.shape[1], mp, rank)
+        yield (OutEntry(f"{name}.qweight", qw.dtype, (in_packed, out // mp)),
+               lambda s, n=qw.name, sl=sl: _narrow(s[n], 1, sl))
+        yield (OutEntry(f"{name}.qzeros", qz.dtype, (qz.shape[0], qz.shape[1] // mp)),
+               lambda s, n=qz.name, sl=zsl: _narrow(s[n], 1, sl))
+        yield (OutEntry(f"{name}.scales", "BF16", (n_groups, out // mp)),
+               lambda s, n=sc.name, sl=sl: as_bf16(_narrow(s[n], 1, sl)))
+        if gi is not None:
+            yield OutEntry(f"{name}.g_idx", gi.dtype, gi.shape), lambda s, n=gi.name: s[n]
+        return
+    if in_packed % mp:
+        raise _err(m, qw, f"row-parallel: qweight's {in_packed} packed input rows (in_features/8) are not "
+                          "divisible by the model-parallel size", mp)
+    if n_groups % mp:
+        raise _err(m, sc, f"row-parallel: {n_groups} quantization groups (in_features/group_size) are not "
+                          "divisible by the model-parallel size", mp)
+    sl, gsl = _piece(in_packed, mp, rank), _piece(n_groups, mp, rank)
+    yield (OutEntry(f"{name}.qweight", qw.dtype, (in_packed // mp, out)),
+           lambda s, n=qw.name, sl=sl: _narrow(s[n], 0, sl))
+    yield (OutEntry(f"{name}.qzeros", qz.dtype, (n_groups // mp, qz.shape[1])),
+           lambda s, n=qz.name, sl=gsl: _narrow(s[n], 0, sl))
+    yield (OutEntry(f"{name}.scales", "BF16", (n_groups // mp, out)),
+           lambda s, n=sc.name, sl=gsl: as_bf16(_narrow(s[n], 0, sl)))
+    if gi is not None:
+        isl = _piece(gi.shape[0], mp, rank)
+        local = _narrow(read_tensor(gi), 0, isl).long() - gsl.start  # checked now, before any write
+        if bool(((local < 0) | (local >= gsl.stop - gsl.start)).any()):
+            raise _err(m, gi, f"row-parallel: g_idx maps rank {rank}'s inputs to other ranks' groups (act-order), "
+                              "so it cannot be split", mp)
+        yield (OutEntry(f"{name}.g_idx", gi.dtype, (gi.shape[0] // mp,)),
+               lambda s, n=gi.name, isl=isl, off=gsl.start: (_narrow(s[n], 0, isl) - off).to(s[n].dtype))
+
+
+def shard_deepseek(src, dst, *, mp: int, n_experts: int, requant: bool = False, overwrite: bool = False,
+                   progress=None) -> ShardSummary:
+    """Write DST/model{i}-mp{mp}.safetensors for i in 0..mp-1 (see the module docstring)."""
+    jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant)
+    fingerprint = json.dumps({"mp": mp, "n_experts": n_experts, "requant": requant}, sort_keys=True)
+    ckpt = open_checkpoint(src)
+    return write_rank_files(ckpt, jobs, Path(dst), layout=layout, layout_name=LAYOUT_NAME, fingerprint=fingerprint,
+                            overwrite=overwrite, copy_files=("tokenizer.json", "tokenizer_config.json"),
+                            progress=progress)
