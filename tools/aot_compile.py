@@ -26,6 +26,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fp8norm.kernels import dequant_fp8_block_kernel, quant_fp8_block_kernel  # noqa: E402
+from fp8norm.kernels import dequant_nvfp4_kernel, quant_nvfp4_kernel  # noqa: E402
+from fp8norm.kernels.quant_nvfp4 import BLOCK_M as NVFP4_BLOCK_M, BLOCK_N as NVFP4_BLOCK_N  # noqa: E402
 from fp8norm.kernels._launch import LAUNCH_OPTIONS, NUM_WARPS  # noqa: E402
 
 _PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp8": "*fp8e4nv", "u8": "*u8"}
@@ -56,6 +58,22 @@ def dequant_variants():
                "stride_qe": "i64", "stride_qm": "i32", "stride_qn": "i32",
                "stride_oe": "i64", "stride_om": "i32", "stride_se": "i32", "stride_sm": "i32"}
         yield f"dequant_fp8_block[{out_dt}]", dequant_fp8_block_kernel, sig, {"BLOCK_M": 128, "BLOCK_N": 128}
+
+
+def nvfp4_variants():
+    """NVFP4 quant from bf16 and from block FP8 (fp32 source scales), and dequant to bf16."""
+    tile = {"BLOCK_M": NVFP4_BLOCK_M, "BLOCK_N": NVFP4_BLOCK_N, "GROUP": 16}
+    for in_dt in ("bf16", "fp8"):
+        sig = {"x_ptr": _PTR[in_dt], "xs_ptr": "*fp32", "s2_ptr": "*fp32", "p_ptr": "*u8", "w_ptr": "*u8",
+               "M": "i32", "N": "i32", "stride_xe": "i64", "stride_xm": "i32", "stride_xn": "i32",
+               "stride_xse": "i32", "stride_xsm": "i32", "stride_pe": "i64", "stride_pm": "i32",
+               "stride_we": "i64", "stride_wm": "i32"}
+        const = {**tile, "SRC_BM": 128, "SRC_BN": 128, "X_SCALED": in_dt == "fp8"}
+        yield f"quant_nvfp4[{in_dt}" + (",src=fp32]" if in_dt == "fp8" else "]"), quant_nvfp4_kernel, sig, const
+    sig = {"p_ptr": "*u8", "w_ptr": _PTR["fp8"], "s2_ptr": "*fp32", "out_ptr": _PTR["bf16"], "M": "i32", "N": "i32",
+           "stride_pe": "i64", "stride_pm": "i32", "stride_pn": "i32", "stride_we": "i64", "stride_wm": "i32",
+           "stride_wn": "i32", "stride_oe": "i64", "stride_om": "i32"}
+    yield "dequant_nvfp4[bf16]", dequant_nvfp4_kernel, sig, tile
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -97,7 +115,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     results = []
     for arch in (int(a) for a in args.targets.split(",")):
-        for name, kernel, sig, const in [*quant_variants(), *dequant_variants()]:
+        for name, kernel, sig, const in [*quant_variants(), *dequant_variants(), *nvfp4_variants()]:
             r = {"kernel": name, **compile_one(kernel, sig, const, arch)}
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
