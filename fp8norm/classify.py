@@ -135,6 +135,7 @@ def classify(
     out: dict[str, Decision] = {}
     for name, info in tensors.items():
         if info.dtype in FP8_DTYPES:
+            check_fp8_scale(name, info, tensors, block_size)
             out[name] = Decision(PASSTHROUGH, "already-fp8")
             continue
         base = _scale_base(name)
@@ -171,15 +172,35 @@ def classify(
     return out
 
 
+def check_fp8_scale(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], block_size) -> None:
+    """An FP8 weight passed through must come with a scale of its block grid's shape."""
+    scale = next((tensors[name + s] for s in SCALE_SUFFIXES if name + s in tensors), None)
+    if scale is None:
+        raise ClassificationError(f"{info.file.name}: tensor {name!r} is FP8 but has no {name}_scale_inv "
+                                  "(nor _scale): it cannot be read back")
+    expected = tuple(-(-d // b) for d, b in zip(info.shape[-2:], block_size))
+    if len(info.shape) < 2 or tuple(scale.shape[-2:]) != expected or tuple(scale.shape[:-2]) != tuple(info.shape[:-2]):
+        raise ClassificationError(f"{scale.file.name}: scale {scale.name!r} has shape {list(scale.shape)}, but FP8 "
+                                  f"tensor {name!r} {list(info.shape)} with {block_size[0]}x{block_size[1]} blocks "
+                                  f"needs {list(info.shape[:-2]) + list(expected)}")
+
+
+def fused_group_key(name: str) -> tuple[str, str] | None:
+    """(kind, module) of the load-time fused module `name` belongs to, e.g. ("qkv", "...self_attn")."""
+    for kind, pattern in FUSED_GROUPS:
+        m = re.match(pattern, name)
+        if m:
+            return kind, m["key"]
+    return None
+
+
 def check_fused_groups(decisions: dict[str, Decision]) -> None:
     """q/k/v, MLA q_a/kv_a, gate/up and w1/w3 of one module: all FP8 or none (engines fuse them)."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for name in decisions:
-        for kind, pattern in FUSED_GROUPS:
-            m = re.match(pattern, name)
-            if m:
-                groups[(kind, m["key"])].append(name)
-                break
+        key = fused_group_key(name)
+        if key is not None:
+            groups[key].append(name)
     problems = []
     for (kind, key), names in groups.items():
         kinds = {decisions[n].decision for n in names}

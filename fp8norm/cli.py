@@ -7,9 +7,30 @@ import click
 from . import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
+class _Group(click.Group):
+    """Every failure is one line on stderr and exit code 1; --debug shows the traceback instead."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence of a command-line tool
+            if ctx.params.get("debug"):
+                raise
+            what = str(e) if isinstance(e, (ValueError, OSError)) else f"internal error: {type(e).__name__}: {e}"
+            raise click.ClickException(f"{what} (run with --debug for the traceback)") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fp8norm")
-def main():
+@click.option("--debug", is_flag=True, envvar="FP8NORM_DEBUG", help="Show tracebacks instead of one-line errors.")
+def main(debug):
     """fp8norm: FP8 block-scaled checkpoints of large language models.
 
     \b
@@ -56,7 +77,9 @@ def demo(shape, scale_fmt, torch_only):
 
 
 def _fail(e: Exception) -> None:
-    """One clear line, no traceback, non-zero exit."""
+    """One clear line, no traceback, non-zero exit (the original exception with --debug)."""
+    if _debug():
+        raise e
     raise click.ClickException(str(e)) from None
 
 
@@ -145,8 +168,10 @@ def plan_cmd(src, as_json, **kw):
 @click.option("--verify-samples", type=int, default=5, show_default=True,
               help="FP8 tensors per shard re-read from disk and compared with the source.")
 @click.option("--skip-verify", is_flag=True, help="No verification after writing.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Keep tensors holding NaN/Inf unquantized (reported) instead of stopping.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, skip_verify, **kw):
+def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, skip_verify, allow_nonfinite, **kw):
     """Quantize the bf16/fp16 checkpoint SRC into an FP8 block-scaled checkpoint DST.
 
     \b
@@ -162,7 +187,8 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     try:
         summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
                            progress=None if not quiet else False,
-                           verify_samples=0 if skip_verify else verify_samples, **_plan_kwargs(kw))
+                           verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
+                           **_plan_kwargs(kw))
     except (ValueError, OSError) as e:
         _fail(e)
     click.echo(summary.format())

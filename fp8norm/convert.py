@@ -30,7 +30,7 @@ import torch
 from . import __version__, dispatch
 from . import numerics as nx
 from .checkpoint import open_checkpoint
-from .classify import FP8, FUSED_GROUPS, KEEP, heuristic_rule, quantizable
+from .classify import FP8, KEEP, fused_group_key, heuristic_rule, quantizable
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, QuantSettings, TensorPlan, _assign_shards, _keep_layout
 from .sizes import parse_size
@@ -129,10 +129,12 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
             outputs = [OutEntry(name, info.dtype, info.shape),
                        OutEntry(name + "_scale_inv", tensors[scale].dtype, tensors[scale].shape)]
         elif to.startswith("nvfp4") and (scale or (fmt.kind == "unquantized" and _nvfp4_candidate(name, info))):
-            if info.shape[-1] % NVFP4_GROUP:
-                unaligned.append(name)
-                decision, rule = KEEP, "nvfp4:unaligned-kept"
-                outputs = [OutEntry(name, info.dtype, info.shape)]
+            if info.shape[-1] % NVFP4_GROUP or (to == "nvfp4-ct" and len(info.shape) == 3):
+                # compressed-tensors has no layout for fused 3D expert tensors: they stay as they are
+                if info.shape[-1] % NVFP4_GROUP:
+                    unaligned.append(name)
+                decision = KEEP
+                rule = "nvfp4:unaligned-kept" if info.shape[-1] % NVFP4_GROUP else "nvfp4-ct:fused-3d-kept"
                 if scale:
                     outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
             else:
@@ -172,11 +174,9 @@ def nvfp4_global_amax(plan: Plan, device: torch.device) -> dict[str, torch.Tenso
                                            src_block_size=plan.source_format.block_size).cpu()
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for name in amax:
-        for kind, pattern in FUSED_GROUPS:
-            m = re.match(pattern, name)
-            if m:
-                groups[(kind, m["key"])].append(name)
-                break
+        key = fused_group_key(name)
+        if key is not None:
+            groups[key].append(name)
     for names in groups.values():
         joint = torch.stack([amax[n] for n in names]).amax(0)
         for n in names:
@@ -190,6 +190,8 @@ def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: to
         return xs
     if t.decision == RELABEL:
         return xs
+    if t.decision == NVFP4:
+        return _to_nvfp4(t, xs, plan, device)
     q, scale = xs[0].to(device), xs[1].to(device)
     if t.decision == DEQUANT:
         out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
@@ -205,10 +207,16 @@ def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: to
         rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
         plan.notes.append(f"requant   {t.name}: relative L2 error {rel:.2e}, max abs {float((after - before).abs().max()):.2e}")
         return [q2.cpu(), s2.cpu()]
-    # NVFP4
-    x, src_scale = (q, scale) if len(xs) > 1 else (xs[0].to(device), None)
+    raise AssertionError(t.decision)
+
+
+def _to_nvfp4(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
+    """bf16 or FP8 (+ its block scales, dequantized in the same pass) -> NVFP4 with the joint amax."""
+    x = xs[0].to(device)
+    src_scale = xs[1].to(device) if len(xs) > 1 else None
     packed, wscale, wscale2 = dispatch.quant_nvfp4(x, global_amax=plan.global_amax[t.name].to(device),
-                                                   src_scale_inv=src_scale, src_block_size=block)
+                                                   src_scale_inv=src_scale,
+                                                   src_block_size=plan.source_format.block_size)
     if plan.convert_to == "nvfp4-ct":
         wscale2 = torch.reciprocal(wscale2).reshape(t.outputs[2].shape)
     return [packed.cpu(), wscale.cpu(), wscale2.cpu()]

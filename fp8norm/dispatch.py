@@ -63,3 +63,23 @@ def dequant_fp8_block(
 ) -> torch.Tensor:
     """`q * scale_inv` per tile, on the backend chosen for q's device."""
     return _impl(q).dequant_fp8_block(q, scale_inv, block_size=block_size, out_dtype=out_dtype)
+
+
+def quant_nvfp4(x: torch.Tensor, *, global_amax=None, src_scale_inv=None, src_block_size=nx.DEFAULT_BLOCK_SIZE,
+                group_size: int = 16):
+    """NVFP4 (E2M1 + per-16 E4M3 scales + fp32 global scale) on the backend chosen for x's device.
+
+    Returns `(packed uint8 [..., M, N/2], weight_scale e4m3 [..., M, N/16], weight_scale_2)`; an FP8 x
+    with `src_scale_inv` is dequantized and requantized in one pass.
+    """
+    return _impl(x).quant_nvfp4(x, global_amax=global_amax, src_scale_inv=src_scale_inv,
+                                src_block_size=src_block_size, group_size=group_size)
+
+
+def dequant_nvfp4(packed, weight_scale, weight_scale_2, *, out_dtype: torch.dtype = torch.bfloat16):
+    return _impl(packed).dequant_nvfp4(packed, weight_scale, weight_scale_2, out_dtype=out_dtype)
+
+
+def nvfp4_amax(x: torch.Tensor, *, src_scale_inv=None, src_block_size=nx.DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """The amax quant_nvfp4 would use: fp32, 0-dim for 2D, [E] for 3D (for joint global scales)."""
+    return reference.nvfp4_amax(x, src_scale_inv=src_scale_inv, src_block_size=src_block_size)

@@ -12,6 +12,7 @@ and produces byte-identical output. The index and config.json are written last.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -107,7 +108,12 @@ def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwri
     if dst in src.parents:
         raise OutputError(f"{dst}: the output may not contain the source directory ({src})")
     manifest_path = dst / MANIFEST_NAME
-    if dst.exists() and any(dst.iterdir()):
+    if dst.exists():
+        # leftovers of an interrupted write are never part of an output: drop them first
+        for p in dst.rglob(".*.partial"):
+            if resume or not _has_real_files(dst):
+                p.unlink()
+    if dst.exists() and _has_real_files(dst):
         if overwrite:
             shutil.rmtree(dst)
         elif resume:
@@ -118,8 +124,6 @@ def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwri
             if manifest.get("fingerprint") != fingerprint:
                 raise OutputError(f"{dst}: was started with other settings or another source (plan "
                                   "fingerprints differ); use --overwrite to start again")
-            for p in dst.glob(".*.partial"):
-                p.unlink()
             return {s for s, size in manifest.get("done", {}).items()
                     if (dst / s).is_file() and (dst / s).stat().st_size == size}
         else:
@@ -129,6 +133,14 @@ def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwri
     if not os.access(dst, os.W_OK):
         raise OutputError(f"{dst}: not writable")
     return set()
+
+
+def _needed_bytes(plan: Plan, shards: list[str]) -> int:
+    return sum(t.nbytes_out for t in plan.tensors if t.shard in shards)
+
+
+def _has_real_files(dst: Path) -> bool:
+    return any(not p.name.endswith(".partial") for p in dst.iterdir())
 
 
 class _ByteBudget:
@@ -190,6 +202,10 @@ def execute_plan(
                          verify=VerifyReport(calibration=plan.settings.calib.describe()) if verify_samples else None)
     pending = [s for s in plan.shards if s not in done]
     by_shard = {s: plan.shard_tensors(s) for s in plan.shards}
+    needed, free = _needed_bytes(plan, pending), shutil.disk_usage(dst).free
+    if needed > free:
+        raise OutputError(f"{dst}: the output needs {needed:,} bytes for {len(pending)} shard(s), only {free:,} "
+                          "are free on that file system")
     work = [t for s in pending for t in by_shard[s]]
     if progress is None:
         progress = sys.stderr.isatty()
@@ -287,7 +303,13 @@ def execute_plan(
             th.join()
         bar.close()
     if errors:
-        raise errors[0]
+        e = errors[0]
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(dst).free
+            raise OutputError(f"{dst}: no space left on device after {summary.bytes_out:,} bytes written: the "
+                              f"output needs {_needed_bytes(plan, pending):,} bytes for the shards still to write, "
+                              f"{free:,} are free; free space and run again with --resume") from None
+        raise e
     if verify_samples:
         # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
         for shard in pending:

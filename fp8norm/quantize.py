@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .calibrate import CalibSettings
+import torch
 
-from .classify import FP8, KEEP
+from .calibrate import CalibSettings
+from .plan import _assign_shards
+from .st_io import OutEntry, read_tensor
+
+from .classify import FP8, KEEP, fused_group_key
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, build_plan
 from .sizes import parse_size
@@ -44,19 +48,44 @@ def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, s
 
 
 def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5,
-             **plan_kwargs) -> RunSummary:
+             allow_nonfinite=False, **plan_kwargs) -> RunSummary:
     """Turn the bf16/fp16 checkpoint in `src` into an FP8 block-scaled checkpoint in `dst`.
 
     `plan_kwargs` are those of `plan()` (reference, include, exclude, scale_fmt, calib, ...).
     `verify_samples` FP8 tensors of each shard are re-read from disk and compared with the source
-    (0: skip); the report is in the returned summary.
+    (0: skip); the report is in the returned summary. `allow_nonfinite` first scans the tensors to
+    quantize and keeps those holding NaN/Inf unquantized (listed in the summary) instead of failing.
     """
     p = plan(src, **plan_kwargs)
+    if allow_nonfinite:
+        _keep_nonfinite(p)
     if not any(t.decision == FP8 for t in p.tensors):
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
-    return execute_plan(p, Path(dst), finalize_config=_with_quantization_config, device=device,
-                        resume=resume, overwrite=overwrite, progress=progress,
-                        extra_files={PROVENANCE_NAME: provenance(p)}, verify_samples=verify_samples)
+    summary = execute_plan(p, Path(dst), finalize_config=_with_quantization_config, device=device,
+                           resume=resume, overwrite=overwrite, progress=progress,
+                           extra_files={PROVENANCE_NAME: provenance(p)}, verify_samples=verify_samples)
+    summary.notes.extend(f"non-finite {t.source_file}: tensor {t.name!r} holds NaN/Inf: kept unquantized"
+                         for t in p.tensors if t.rule == NONFINITE_RULE)
+    summary.notes.extend(f"non-finite kept {t.name!r} too (fused with a non-finite tensor)"
+                         for t in p.tensors if t.rule == NONFINITE_RULE + ":fused-with-it")
+    return summary
+
+
+NONFINITE_RULE = "nonfinite-kept"
+
+
+def _keep_nonfinite(p: Plan) -> None:
+    """Re-plan FP8 tensors holding NaN or Inf as kept (one read of each), with the other members of
+    their fused module (q/k/v, gate/up stay all-or-none), then lay out shards again."""
+    bad = {t.name for t in p.tensors
+           if t.decision == FP8 and not bool(torch.isfinite(read_tensor(p.checkpoint.tensors[t.name])).all())}
+    bad_groups = {fused_group_key(n) for n in bad} - {None}
+    for t in p.tensors:
+        if t.name in bad or (t.decision == FP8 and fused_group_key(t.name) in bad_groups):
+            t.decision, t.outputs = KEEP, [OutEntry(t.name, t.dtype, t.shape)]
+            t.rule = NONFINITE_RULE if t.name in bad else NONFINITE_RULE + ":fused-with-it"
+    if p.repacked:
+        p.shards = _assign_shards(p.tensors, p.max_shard_size)
 
 
 PROVENANCE_NAME = "fp8norm.json"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from . import _faults
+
 # safetensors dtype string <-> torch dtype.
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -79,6 +81,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise SafetensorsError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -187,8 +191,10 @@ class ShardWriter:
         if name != e.name or DTYPE_NAMES.get(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
             raise RuntimeError(f"{self.final_path}: expected {e.name} {e.dtype} {list(e.shape)}, got {name} "
                                f"{DTYPE_NAMES.get(t.dtype)} {list(t.shape)}")
+        _faults.point("tensor-write")
         self._f.write(tensor_bytes(t))
         self._next += 1
+        _faults.point("tensor-written")
         return e.nbytes
 
     def commit(self) -> None:
@@ -197,7 +203,9 @@ class ShardWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        _faults.point("shard-before-rename")
         os.replace(self.tmp_path, self.final_path)
+        _faults.point("shard-renamed")
 
     def abort(self) -> None:
         self._f.close()
@@ -210,4 +218,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    _faults.point("text-before-rename")
     os.replace(tmp, path)
+    _faults.point("text-renamed")

@@ -157,3 +157,97 @@ def test_errors(fp8_ckpt, tmp_path):
     res = cli("convert", broken, tmp_path / "o3", "--to", "bf16", ok=False)
     assert res.exit_code == 1
     assert "FP8 tensor 'model.language_model.layers.1.self_attn.q_proj.weight' has no" in res.output
+
+
+# ------------------------------------------------------------------------------------------- NVFP4
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _joint_amax(tensors, names, from_fp8):
+    from fp8norm.reference import nvfp4_amax
+
+    return torch.stack([nvfp4_amax(tensors[n], src_scale_inv=tensors[n + "_scale_inv"] if from_fp8 else None)
+                        for n in names]).amax(0)
+
+
+@pytest.mark.parametrize("source", ["fp8", "bf16"])
+def test_nvfp4_modelopt_layout_and_joint_scales(fp8_ckpt, tmp_path, source):
+    from fp8norm.reference import quant_nvfp4
+
+    src = fp8_ckpt[1] if source == "fp8" else fp8_ckpt[0]
+    res = cli("convert", src, tmp_path / "o", "--to", "nvfp4")
+    assert "23 to NVFP4" in res.output
+    s, out = read_dir(src), read_dir(tmp_path / "o")
+    p = "model.language_model.layers.1"
+    names = [f"{p}.self_attn.{x}.weight" for x in QKV]
+    joint = _joint_amax(s, names, source == "fp8")
+    for n in names:
+        packed, ws, ws2 = quant_nvfp4(s[n], global_amax=joint, src_scale_inv=s.get(n + "_scale_inv"))
+        assert same_bytes(out[n], packed) and same_bytes(out[n + "_scale"], ws) and same_bytes(out[n + "_scale_2"], ws2)
+        assert out[n].dtype == torch.uint8 and out[n].shape == (s[n].shape[0], s[n].shape[1] // 2)
+    for layer in ("model.language_model.layers.0", "model.language_model.layers.1", "mtp.layers.0"):
+        if f"{layer}.self_attn.q_proj.weight_scale_2" in out:
+            v = {out[f"{layer}.self_attn.{x}.weight_scale_2"].item() for x in QKV}
+            assert len(v) == 1  # q, k, v share one global scale
+        if f"{layer}.mlp.shared_expert.gate_proj.weight_scale_2" in out:
+            assert torch.equal(out[f"{layer}.mlp.shared_expert.gate_proj.weight_scale_2"],
+                               out[f"{layer}.mlp.shared_expert.up_proj.weight_scale_2"])
+    assert out[f"{p}.self_attn.o_proj.weight_scale_2"].item() != out[f"{p}.self_attn.q_proj.weight_scale_2"].item()
+    # a fused 3D expert tensor: one global scale per expert, gate and up halves sharing it
+    assert out[f"{p}.mlp.experts.gate_up_proj_scale_2"].shape == (4,)
+    assert out[f"{p}.mlp.experts.gate_up_proj"].shape == (4, 384, 160)
+    hq = json.loads((tmp_path / "o" / "hf_quant_config.json").read_text())
+    assert hq["producer"]["name"] == "modelopt" and hq["quantization"]["quant_algo"] == "NVFP4"
+    assert hq["quantization"]["group_size"] == 16 and "lm_head" in hq["quantization"]["exclude_modules"]
+    qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4"
+    assert same_bytes(out["lm_head.weight"], s["lm_head.weight"])
+
+
+def test_nvfp4_ct_read_by_compressed_tensors(fp8_ckpt, tmp_path):
+    """compressed-tensors' dequantizer (which decompresses NVFP4 in bf16) gives exactly our bf16
+    dequantization; its config model accepts ours. It has no layout for fused 3D experts: kept."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
+
+    from fp8norm.reference import dequant_nvfp4
+
+    _, fp8 = fp8_ckpt
+    res = cli("convert", fp8, tmp_path / "o", "--to", "nvfp4-ct")
+    assert "17 to NVFP4" in res.output
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    ct.quantization.QuantizationConfig.model_validate(cfg["quantization_config"])
+    ours = read_dir(tmp_path / "o")
+    theirs = CompressedTensorsDequantizer(tmp_path / "o", dtype=torch.bfloat16).validate(dict(ours))
+    modules = [k.removesuffix(".weight_packed") for k in ours if k.endswith(".weight_packed")]
+    assert len(modules) == 17
+    for m in modules:
+        assert ours[m + ".weight_global_scale"].shape == (1,)
+        mine = dequant_nvfp4(ours[m + ".weight_packed"], ours[m + ".weight_scale"],
+                             torch.reciprocal(ours[m + ".weight_global_scale"]).reshape(()), out_dtype=torch.bfloat16)
+        assert torch.equal(theirs[m + ".weight"], mine), m
+    for layer in ("model.language_model.layers.1", "mtp.layers.0"):
+        g = {ours[f"{layer}.self_attn.{x}.weight_global_scale"].item() for x in QKV}
+        assert len(g) == 1
+    assert ours["model.language_model.layers.1.mlp.experts.gate_up_proj"].dtype == torch.float8_e4m3fn
+
+
+def test_nvfp4_unaligned_is_an_error_or_kept(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    t = {"model.layers.0.self_attn.o_proj.weight": torch.randn(256, 200, generator=g).bfloat16(),
+         "model.layers.0.mlp.down_proj.weight": torch.randn(256, 512, generator=g).bfloat16()}
+    save_file(t, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    res = cli("convert", src, tmp_path / "o", "--to", "nvfp4", ok=False)
+    assert res.exit_code == 1
+    assert "'model.layers.0.self_attn.o_proj.weight' [256, 200]: input dimension not a multiple of 16" in res.output
+    assert "--keep-unaligned" in res.output and not (tmp_path / "o").exists()
+    cli("convert", src, tmp_path / "o", "--to", "nvfp4", "--keep-unaligned")
+    out = read_dir(tmp_path / "o")
+    assert same_bytes(out["model.layers.0.self_attn.o_proj.weight"], t["model.layers.0.self_attn.o_proj.weight"])
+    assert out["model.layers.0.mlp.down_proj.weight"].dtype == torch.uint8
