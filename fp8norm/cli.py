@@ -273,26 +273,67 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
               help="deepseek: model{i}-mp{N}.safetensors; mcore: Megatron-Core TP/PP/EP rank folders.")
 @click.option("--mp", type=int, help="deepseek: model-parallel size N.")
 @click.option("--n-experts", type=int, default=0, show_default=True, help="deepseek: routed experts in the model.")
+@click.option("--tp", type=int, default=1, show_default=True, help="mcore: tensor-parallel size.")
+@click.option("--pp", type=int, default=1, show_default=True, help="mcore: pipeline-parallel size.")
+@click.option("--ep", type=int, default=1, show_default=True, help="mcore: expert-parallel size.")
+@click.option("--pipeline-layers", default=None, metavar="8,7,...", help="mcore: layers per pipeline stage.")
+@click.option("--grouped-gemm", is_flag=True, help="mcore: experts.linear_fc1.weightK naming.")
 @click.option("--requant", is_flag=True, help="Dequantize and requantize FP8 tensors whose split is not block-aligned.")
+@click.option("--amax-epsilon", type=float, default=1e-4, show_default=True, help="Requant: smallest tile amax.")
+@click.option("--pow2-scales", is_flag=True, help="Requant: power-of-two scales (TE force_pow_2_scales).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def shard_cmd(src, dst, layout, mp, n_experts, requant, overwrite, quiet):
-    """Split checkpoint SRC into one file per model-parallel rank in DST.
+def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grouped_gemm, requant, amax_epsilon,
+              pow2_scales, overwrite, quiet):
+    """Split checkpoint SRC into one file per model-parallel rank in DST (streaming, one module at a time).
 
     \b
     Examples:
       fp8norm shard /models/DeepSeek-V3-W4A16 /ckpt/mp8 --layout deepseek --mp 8 --n-experts 256
+      fp8norm shard /models/Qwen3-30B-A3B /ckpt/mcore --layout mcore --tp 2 --pp 2 --ep 4 --grouped-gemm
     """
-    from .shard_deepseek import shard_deepseek
-
+    progress = None if not quiet else False
     try:
         if layout == "deepseek":
+            from .shard_deepseek import shard_deepseek
+
             if not mp:
                 raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
             summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
-                                     progress=None if not quiet else False)
+                                     progress=progress)
         else:
-            raise click.BadParameter("--layout mcore is not available yet", param_hint="--layout")
+            from .shard_mcore import hf_to_mcore
+
+            summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
+                                  grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
+                                  pow2_scales=pow2_scales, overwrite=overwrite, progress=progress)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(summary.format())
+    click.echo(f"wrote     {dst}")
+
+
+@main.command("unshard")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--requant", is_flag=True, help="Needed when SRC was written with requantized splits.")
+@click.option("--amax-epsilon", type=float, default=1e-4, show_default=True, help="Requant: smallest tile amax.")
+@click.option("--pow2-scales", is_flag=True, help="Requant: power-of-two scales.")
+@click.option("--max-shard-size", default="4GB", show_default=True, callback=_size, help="Largest output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, overwrite, quiet):
+    """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
+
+    \b
+    Example:
+      fp8norm unshard /ckpt/mcore /models/Qwen3-30B-A3B-again
+    """
+    from .shard_mcore import mcore_to_hf
+
+    try:
+        summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
+                              max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False)
     except (ValueError, OSError) as e:
         _fail(e)
     click.echo(summary.format())

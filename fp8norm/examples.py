@@ -195,8 +195,9 @@ def make_example(dst: str | Path, family: str = "qwen3.5-moe", layout: str = "sh
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {k: f for f, g in zip(files, groups) for k in g}}
         (dst / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    cfg = {"architectures": ["Example"], "model_type": _SPECS[family][1], "hidden_size": H,
-           "torch_dtype": "bfloat16", "fp8norm_example": family}
+    cfg = {"architectures": ["Example"], "model_type": _SPECS[family][1], "hidden_size": H, "vocab_size": V,
+           "num_hidden_layers": 2, "num_attention_heads": H // 32, "num_key_value_heads": 160 // 32, "head_dim": 32,
+           "intermediate_size": I, "torch_dtype": "bfloat16", "fp8norm_example": family}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     (dst / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
     (dst / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))

@@ -104,9 +104,11 @@ def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *,
         bar.close()
     for rel in copy_files:
         if (ckpt.root / rel).is_file():
-            tmp = dst / f".{rel}.partial"
+            out = dst / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.partial")
             shutil.copyfile(ckpt.root / rel, tmp)
-            os.replace(tmp, dst / rel)
+            os.replace(tmp, out)
     atomic_write_text(dst / layout_name, json.dumps(layout, indent=2) + "\n")
     return ShardSummary(len(files), sum(len(j.sources) for j in jobs), n_out, bytes_in, bytes_out,
                         time.perf_counter() - t0)

@@ -30,3 +30,21 @@ def test_demo_rejects_bad_shape():
 def test_help_has_examples_and_python_m_works():
     out = subprocess.run([sys.executable, "-m", "fp8norm", "demo", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "Example:" in out.stdout and "fp8norm demo --shape" in out.stdout
+
+
+def test_shard_mcore_and_unshard_round_trip_through_the_cli(tmp_path):
+    from fp8norm.examples import make_example
+    from tests.ckpt_utils import read_dir, same_bytes
+
+    src = make_example(tmp_path / "src", "qwen3-moe", "sharded")
+    run = CliRunner().invoke
+    res = run(main, ["shard", str(src), str(tmp_path / "mc"), "--layout", "mcore", "--pp", "2", "--ep", "2"])
+    assert res.exit_code == 0, res.output
+    ranks = sorted(p.name for p in (tmp_path / "mc" / "iter_0000000").iterdir())
+    assert ranks == ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]
+    res = run(main, ["unshard", str(tmp_path / "mc"), str(tmp_path / "back")])
+    assert res.exit_code == 0, res.output
+    a, b = read_dir(src), read_dir(tmp_path / "back")
+    assert set(a) == set(b) and all(same_bytes(a[k], b[k]) for k in a)
+    res = run(main, ["shard", str(src), str(tmp_path / "bad"), "--layout", "mcore", "--tp", "2"])
+    assert res.exit_code == 1 and "Traceback" not in res.output and not (tmp_path / "bad").exists()
