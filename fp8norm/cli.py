@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from . import __version__
+from . import distributed
+from .distributed import RankAborted
 
 
 def _debug() -> bool:
@@ -20,11 +24,15 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
+        except RankAborted:
+            raise SystemExit(1) from None  # another torchrun rank failed; rank 0 reports its error once
         except Exception as e:  # noqa: BLE001 - the last line of defence of a command-line tool
             if ctx.params.get("debug"):
                 raise
             what = str(e) if isinstance(e, (ValueError, OSError)) else f"internal error: {type(e).__name__}: {e}"
             raise click.ClickException(f"{what} (run with --debug for the traceback)") from None
+        finally:
+            distributed.shutdown()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,6 +82,16 @@ def demo(shape, scale_fmt, torch_only):
     click.echo(f"round trip max relative error {r.max_rel_error:.4f} (bound 2^-4 = 0.0625)")
     if not r.bit_exact or r.max_rel_error > 2.0 ** -4:
         raise SystemExit(1)
+
+
+def _report(summary, dst) -> None:
+    """Print a run's summary (under torchrun only rank 0 speaks)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    click.echo(summary.format())
+    if getattr(summary, "verify", None) is not None:
+        click.echo(summary.verify.format())
+    click.echo(f"wrote     {dst}")
 
 
 def _fail(e: Exception) -> None:
@@ -191,10 +209,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
                            **_plan_kwargs(kw))
     except (ValueError, OSError) as e:
         _fail(e)
-    click.echo(summary.format())
-    if summary.verify is not None:
-        click.echo(summary.verify.format())
-    click.echo(f"wrote     {dst}")
+    _report(summary, dst)
 
 
 @main.command("repack")
@@ -219,8 +234,7 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
                          progress=None if not quiet else False)
     except (ValueError, OSError) as e:
         _fail(e)
-    click.echo(summary.format())
-    click.echo(f"wrote     {dst}")
+    _report(summary, dst)
 
 
 @main.command("convert")
@@ -262,8 +276,7 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
                           progress=None if not quiet else False)
     except (ValueError, OSError) as e:
         _fail(e)
-    click.echo(summary.format())
-    click.echo(f"wrote     {dst}")
+    _report(summary, dst)
 
 
 @main.command("shard")
@@ -309,8 +322,7 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
                                   pow2_scales=pow2_scales, overwrite=overwrite, progress=progress)
     except (ValueError, OSError) as e:
         _fail(e)
-    click.echo(summary.format())
-    click.echo(f"wrote     {dst}")
+    _report(summary, dst)
 
 
 @main.command("unshard")
@@ -336,8 +348,7 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, ov
                               max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False)
     except (ValueError, OSError) as e:
         _fail(e)
-    click.echo(summary.format())
-    click.echo(f"wrote     {dst}")
+    _report(summary, dst)
 
 
 @main.command("verify")

@@ -29,11 +29,12 @@ import torch
 
 from .activation_stats import weights_for
 from .calibrate import calibrated_quant
+from . import _faults, distributed
 from ._memory import pin_mmap_threshold
 from .checkpoint import INDEX_NAME
 from .classify import FP8
 from .plan import Plan, TensorPlan
-from .st_io import ShardWriter, atomic_write_text, build_header, read_header, read_tensor
+from .st_io import ShardWriter, atomic_write_text, read_header, read_tensor
 from .verify import Bands, VerifyReport, compare
 
 MANIFEST_NAME = "fp8norm-manifest.json"
@@ -76,9 +77,12 @@ class RunSummary:
         return "\n".join(lines + self.notes)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, ctx=None) -> torch.device:
+    """auto: CUDA when present (under torchrun the rank's LOCAL_RANK GPU), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count()) if ctx else torch.device("cuda")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OutputError(f"--device {device}: CUDA is not available on this machine")
@@ -120,12 +124,15 @@ def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwri
             if not manifest_path.exists():
                 raise OutputError(f"{dst}: not empty and holds no {MANIFEST_NAME}: nothing to resume "
                                   "(use --overwrite to replace it)")
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("fingerprint") != fingerprint:
-                raise OutputError(f"{dst}: was started with other settings or another source (plan "
-                                  "fingerprints differ); use --overwrite to start again")
-            return {s for s, size in manifest.get("done", {}).items()
-                    if (dst / s).is_file() and (dst / s).stat().st_size == size}
+            done = {}
+            # the main manifest, and those of the ranks of an interrupted torchrun job (any count)
+            for path in [manifest_path, *sorted(dst.glob(".fp8norm-manifest.rank*.json"))]:
+                manifest = json.loads(path.read_text())
+                if manifest.get("fingerprint") != fingerprint:
+                    raise OutputError(f"{dst}: was started with other settings or another source (plan "
+                                      "fingerprints differ); use --overwrite to start again")
+                done.update(manifest.get("done", {}))
+            return {s for s, size in done.items() if (dst / s).is_file() and (dst / s).stat().st_size == size}
         else:
             raise OutputError(f"{dst}: exists and is not empty; pass --resume to continue an interrupted "
                               "run or --overwrite to replace it")
@@ -165,11 +172,6 @@ class _ByteBudget:
 _DONE = object()
 
 
-def _shard_file_size(tensors: list[TensorPlan]) -> int:
-    entries = [o for t in tensors for o in t.outputs]
-    return len(build_header(entries)) + sum(e.nbytes for e in entries)
-
-
 def execute_plan(
     plan: Plan,
     dst: str | Path,
@@ -184,36 +186,122 @@ def execute_plan(
     verify_samples: int = 0,
     skip_files: tuple[str, ...] = (),
 ) -> RunSummary:
-    """Write `plan`'s output into `dst`; `transform` maps each source tensor to its output tensors and
-    `finalize_config` edits config.json (None: copy it unchanged); `extra_files` {name: text} are
-    written beside it (`skip_files`: source files not to copy); `verify_samples` FP8 tensors of each shard written are re-read from disk once
-    all shards are complete and compared with the source (summary.verify holds the report)."""
+    """Write `plan`'s output into `dst`.
+
+    `transform` maps each source tensor to its output tensors; `finalize_config` edits config.json
+    (None: copy it unchanged); `extra_files` {name: text} are written beside it (`skip_files`: source
+    files not to copy); `verify_samples` FP8 tensors of each shard written are re-read from disk once
+    all shards are complete and compared with the source (summary.verify holds the report). Under
+    torchrun the shards are shared out between the ranks (see fp8norm.distributed).
+    """
     transform = transform or quantize_tensor
     pin_mmap_threshold()
     dst = Path(dst)
-    dev = resolve_device(device)
+    ctx = distributed.context()
+    rank0 = ctx is None or ctx.rank == 0
+    dev = resolve_device(device, ctx)
     fingerprint = plan.fingerprint()
-    done = prepare_dst(plan.source, dst, fingerprint, resume=resume, overwrite=overwrite)
-    manifest = {"fingerprint": fingerprint, "done": {s: (dst / s).stat().st_size for s in sorted(done)},
-                "complete": False}
-    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
-    ckpt = plan.checkpoint
+
+    def prepare() -> set[str]:
+        found = prepare_dst(plan.source, dst, fingerprint, resume=resume, overwrite=overwrite)
+        (dst / distributed.FAIL_FILE).unlink(missing_ok=True)  # left by an earlier failed torchrun job
+        manifest = {"fingerprint": fingerprint, "done": {s: (dst / s).stat().st_size for s in sorted(found)},
+                    "complete": False}
+        atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        return found
+
+    done = _on_rank0(ctx, prepare)
+    pending = [s for s in plan.shards if s not in done]
+    mine = pending
+    if ctx is not None:
+        assigned = set(distributed.assign_shards({s: _needed_bytes(plan, [s]) for s in pending}, ctx.world)[ctx.rank])
+        mine = [s for s in pending if s in assigned]
     summary = RunSummary(plan.totals(), device=str(dev), shards_skipped=len(done),
                          verify=VerifyReport(calibration=plan.settings.calib.describe()) if verify_samples else None)
-    pending = [s for s in plan.shards if s not in done]
-    by_shard = {s: plan.shard_tensors(s) for s in plan.shards}
-    needed, free = _needed_bytes(plan, pending), shutil.disk_usage(dst).free
+    t_start = time.perf_counter()
+    error = None
+    try:
+        _stream_shards(plan, dst, mine, pending, transform, dev, ctx, fingerprint, progress, summary)
+    except BaseException as e:  # noqa: BLE001 - decided below, after the other ranks are told
+        error = _translated(e, plan, dst, pending, summary)
+        if ctx is None:
+            raise error from None
+        if not isinstance(error, distributed.RankAborted):
+            distributed.record_failure(dst, ctx.rank, str(error))
+    if ctx is not None:
+        # every rank has stopped streaming; rank 0's summary counts the whole job
+        stats = ctx.gather((summary.bytes_in, summary.bytes_out, summary.shards_written))
+        if rank0:
+            summary.bytes_in, summary.bytes_out, summary.shards_written = (sum(x) for x in zip(*stats))
+            summary.notes.append(f"ranks     {ctx.world} (torchrun), shards written per rank: "
+                                 f"{', '.join(str(x[2]) for x in stats)}")
+        failed = distributed.failure(dst)
+        if failed is not None:
+            if rank0:
+                raise OutputError(f"rank {failed['rank']} of {ctx.world} failed: {failed['error']}")
+            raise distributed.RankAborted(failed["error"])
+    if rank0:
+        if verify_samples:
+            # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
+            for shard in pending:
+                _verify_shard(plan, dst / shard, plan.shard_tensors(shard), verify_samples, summary.verify)
+        _finish(plan, dst, fingerprint, finalize_config, extra_files, skip_files, summary)
+    if ctx is not None:
+        ctx.gather(True)  # nobody leaves before rank 0 has written the index and config
+    summary.wall_s = time.perf_counter() - t_start
+    return summary
+
+
+def _on_rank0(ctx, fn):
+    """Run `fn` (which returns a set of shard names) on rank 0 only and share its result or error."""
+    if ctx is None:
+        return fn()
+    result, err = None, None
+    if ctx.rank == 0:
+        try:
+            result = sorted(fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below on rank 0, reported as abort elsewhere
+            err = e
+    shared, message = ctx.gather((result, None if err is None else str(err)))[0]
+    if message is not None:
+        if err is not None:
+            raise err
+        raise distributed.RankAborted(message)
+    return set(shared)
+
+
+def _translated(e: BaseException, plan: Plan, dst: Path, pending: list[str], summary: RunSummary) -> BaseException:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(dst).free
+        return OutputError(f"{dst}: no space left on device after {summary.bytes_out:,} bytes written: the "
+                           f"output needs {_needed_bytes(plan, pending):,} bytes for the shards still to write, "
+                           f"{free:,} are free; free space and run again with --resume")
+    return e
+
+
+def _stream_shards(plan, dst, shards, pending, transform, dev, ctx, fingerprint, progress, summary) -> None:
+    """Read, transform and write `shards` with overlapping reader / compute / writer stages."""
+    ckpt = plan.checkpoint
+    by_shard = {s: plan.shard_tensors(s) for s in shards}
+    needed, free = _needed_bytes(plan, shards), shutil.disk_usage(dst).free
     if needed > free:
-        raise OutputError(f"{dst}: the output needs {needed:,} bytes for {len(pending)} shard(s), only {free:,} "
+        raise OutputError(f"{dst}: the output needs {needed:,} bytes for {len(shards)} shard(s), only {free:,} "
                           "are free on that file system")
-    work = [t for s in pending for t in by_shard[s]]
+    manifest_path = dst / (MANIFEST_NAME if ctx is None else distributed.RANK_MANIFEST.format(rank=ctx.rank))
+    manifest = json.loads(manifest_path.read_text()) if ctx is None else {
+        "fingerprint": fingerprint, "done": {}, "complete": False}
+    if ctx is not None and manifest_path.exists():  # an earlier run with this rank number
+        manifest["done"] = json.loads(manifest_path.read_text()).get("done", {})
+    work = [t for s in shards for t in by_shard[s]]
     if progress is None:
         progress = sys.stderr.isatty()
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(t.nbytes_in for t in work), unit="B", unit_scale=True, unit_divisor=1024,
-               desc="fp8norm", disable=not progress, dynamic_ncols=True)
-    t_start = time.perf_counter()
+    total = sum(t.nbytes_in for s in (pending if ctx is not None else shards) for t in plan.shard_tensors(s))
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="fp8norm", dynamic_ncols=True,
+               disable=not progress or (ctx is not None and ctx.rank != 0))
+    share = distributed.ProgressShare(dst, ctx, bar) if ctx is not None else None
+    log_lines = ctx is not None and not sys.stderr.isatty()
     stop = threading.Event()
     errors: list[BaseException] = []
     budget = max(1, plan.max_shard_size // 2)
@@ -248,7 +336,7 @@ def execute_plan(
             q_in.put(_DONE)
 
     def writer():
-        remaining = {s: len(by_shard[s]) for s in pending}
+        remaining = {s: len(by_shard[s]) for s in shards}
         current: ShardWriter | None = None
         try:
             while True:
@@ -266,8 +354,11 @@ def execute_plan(
                     current.commit()
                     current = None
                     manifest["done"][t.shard] = (dst / t.shard).stat().st_size
-                    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+                    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
                     summary.shards_written += 1
+                    if log_lines:
+                        print(f"fp8norm rank {ctx.rank}/{ctx.world}: wrote {t.shard} "
+                              f"({summary.shards_written}/{len(shards)})", file=sys.stderr, flush=True)
                 summary.write_s += time.perf_counter() - t0
                 out_budget.release(nbytes)
         except BaseException as e:  # noqa: BLE001
@@ -284,6 +375,9 @@ def execute_plan(
             item = q_in.get()
             if item is _DONE or stop.is_set():
                 break
+            if ctx is not None and distributed.failure(dst) is not None:
+                raise distributed.RankAborted("another rank failed")
+            _faults.maybe_fail_rank(ctx)
             t, xs = item
             t0 = time.perf_counter()
             outs = transform(t, xs, plan, dev)
@@ -294,27 +388,25 @@ def execute_plan(
             out_budget.acquire(nbytes, stop)
             q_out.put((t, outs, nbytes))
             summary.bytes_in += t.nbytes_in
-            bar.update(t.nbytes_in)
+            if share is not None:
+                share.update(t.nbytes_in)
+            else:
+                bar.update(t.nbytes_in)
     except BaseException as e:  # noqa: BLE001
         fail(e)
     finally:
         q_out.put(_DONE)
         for th in threads:
             th.join()
+        if share is not None:
+            share.close()
         bar.close()
     if errors:
-        e = errors[0]
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            free = shutil.disk_usage(dst).free
-            raise OutputError(f"{dst}: no space left on device after {summary.bytes_out:,} bytes written: the "
-                              f"output needs {_needed_bytes(plan, pending):,} bytes for the shards still to write, "
-                              f"{free:,} are free; free space and run again with --resume") from None
-        raise e
-    if verify_samples:
-        # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
-        for shard in pending:
-            _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, summary.verify)
+        raise errors[0]
 
+
+def _finish(plan, dst, fingerprint, finalize_config, extra_files, skip_files, summary) -> None:
+    """Rank 0, once every shard is on disk: other files, index, config, extra files, final manifest."""
     _copy_other_files(plan, dst, skip=skip_files)
     weight_map = {o.name: t.shard for t in plan.tensors for o in t.outputs}
     index = {"metadata": {"total_size": sum(t.nbytes_out for t in plan.tensors)},
@@ -330,10 +422,13 @@ def execute_plan(
         summary.notes.append("note      the source has no config.json: none written")
     for name, text in (extra_files or {}).items():
         atomic_write_text(dst / name, text)
-    manifest["complete"] = True
+    manifest = {"fingerprint": fingerprint, "done": {s: (dst / s).stat().st_size for s in sorted(plan.shards)},
+                "complete": True}
     atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
-    summary.wall_s = time.perf_counter() - t_start
-    return summary
+    # per-rank bookkeeping of a distributed run is folded into the manifest above
+    for p in dst.glob(".fp8norm-manifest.rank*.json"):
+        p.unlink()
+    shutil.rmtree(dst / distributed.PROGRESS_DIR, ignore_errors=True)
 
 
 def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,

@@ -1,0 +1,95 @@
+"""torchrun: every rank count gives the same bytes; a failing rank stops all; resume across rank counts.
+
+Runs real `torchrun --standalone` jobs on CPU (gloo); each rank is a process of its own.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fp8norm.distributed import assign_shards
+from fp8norm.examples import make_example
+from tests.ckpt_utils import tree_bytes
+
+SHARD = "1MB"
+
+
+def torchrun(n, *args, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "fp8norm",
+           *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=300)
+
+
+def single(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fp8norm", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def src_and_clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    src = make_example(root / "src", "qwen3.5-moe", "sharded")
+    res = single("quantize", src, root / "clean", "--max-shard-size", SHARD, "-q")
+    assert res.returncode == 0, res.stderr
+    return src, root / "clean"
+
+
+def test_assign_shards_is_deterministic_and_byte_balanced():
+    sizes = {f"s{i}": size for i, size in enumerate([90, 10, 40, 40, 30, 30, 20, 5])}
+    a = assign_shards(sizes, 3)
+    assert a == assign_shards(dict(reversed(sizes.items())), 3)
+    assert sorted(s for r in a for s in r) == sorted(sizes)
+    loads = [sum(sizes[s] for s in r) for r in a]
+    assert max(loads) - min(loads) <= 30 and loads[0] == 90  # the big shard alone on rank 0
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_any_number_of_ranks_gives_identical_bytes(src_and_clean, tmp_path, ranks):
+    src, clean = src_and_clean
+    res = torchrun(ranks, "quantize", src, tmp_path / "o", "--max-shard-size", SHARD, "-q")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tree_bytes(tmp_path / "o") == tree_bytes(clean)
+    if ranks > 1:
+        assert res.stdout.count("tensors   23 quantized") == 1  # rank 0 alone reports, for the whole job
+        assert f"ranks     {ranks} (torchrun)" in res.stdout
+
+
+def test_convert_under_torchrun(src_and_clean, tmp_path):
+    _, clean = src_and_clean
+    assert single("convert", clean, tmp_path / "one", "--to", "nvfp4", "--max-shard-size", SHARD, "-q").returncode == 0
+    res = torchrun(2, "convert", clean, tmp_path / "two", "--to", "nvfp4", "--max-shard-size", SHARD, "-q")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+
+
+def test_a_failing_rank_stops_all_and_is_reported_once(src_and_clean, tmp_path):
+    src, _ = src_and_clean
+    res = torchrun(2, "quantize", src, tmp_path / "o", "--max-shard-size", SHARD, "-q",
+                   env={"FP8NORM_FAIL_RANK": "1"})
+    assert res.returncode != 0
+    both = res.stdout + res.stderr
+    assert both.count("rank 1 of 2 failed: injected failure on rank 1") == 1, both[-3000:]
+    assert 'fp8norm/' not in both.split("Traceback")[-1] if "Traceback" in both else True  # only torchrun's own
+    assert "terminate called" not in both  # every rank shut its process group down cleanly
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
+    # the failure does not stick: a resumed run completes
+    res = torchrun(2, "quantize", src, tmp_path / "o", "--max-shard-size", SHARD, "-q", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "o" / ".fp8norm-failed").exists()
+
+
+@pytest.mark.parametrize("resume_ranks", [1, 3])
+def test_resume_after_killing_one_rank(src_and_clean, tmp_path, resume_ranks):
+    src, clean = src_and_clean
+    res = torchrun(2, "quantize", src, tmp_path / "o", "--max-shard-size", SHARD, "-q",
+                   env={"FP8NORM_KILL_RANK": "1", "FP8NORM_KILL_AT": "40"})
+    assert res.returncode != 0
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
+    args = ("quantize", src, tmp_path / "o", "--max-shard-size", SHARD, "-q", "--resume")
+    res = single(*args) if resume_ranks == 1 else torchrun(resume_ranks, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already done" in res.stdout and "0 already done" not in res.stdout
+    assert tree_bytes(tmp_path / "o") == tree_bytes(clean)
