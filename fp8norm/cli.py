@@ -33,6 +33,8 @@ class _Group(click.Group):
             raise click.ClickException(f"{what} (run with --debug for the traceback)") from None
         finally:
             distributed.shutdown()
+            if os.environ.get("FP8NORM_REPORT_PEAK_RSS"):
+                _report_peak_rss()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,6 +84,17 @@ def demo(shape, scale_fmt, torch_only):
     click.echo(f"round trip max relative error {r.max_rel_error:.4f} (bound 2^-4 = 0.0625)")
     if not r.bit_exact or r.max_rel_error > 2.0 ** -4:
         raise SystemExit(1)
+
+
+def _report_peak_rss() -> None:
+    """FP8NORM_REPORT_PEAK_RSS=1: each process (each torchrun rank) prints its peak RSS at exit,
+    for sizing machines."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+        click.echo(f"peak RSS rank {os.environ.get('RANK', '0')}: {int(hwm) / 1024:.0f} MiB", err=True)
+    except (OSError, StopIteration):
+        pass
 
 
 def _report(summary, dst) -> None:
