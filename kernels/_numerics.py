@@ -58,3 +58,16 @@ def cast_rne(v, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         v = round_to_bf16_grid(v)
     return v.to(dtype)
+
+
+@triton.jit
+def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile on the grid (column tiles, row tiles, experts): its expert, row-tile and
+    column-tile ids, row (int64) and column indices, and the mask of the ragged edges."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    return pid_e, pid_m, pid_n, rows, cols, mask

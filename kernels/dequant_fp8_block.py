@@ -13,7 +13,7 @@ from fp8norm import numerics as nx
 from fp8norm._args import check_dequant_args
 
 from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import cast_rne
+from ._numerics import cast_rne, tile_coords
 from .quant_fp8_block import _as_3d, check_pow2_block
 
 
@@ -26,12 +26,7 @@ def dequant_fp8_block_kernel(
     stride_se, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_e = tl.program_id(2).to(tl.int64)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     q_offs = pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :] * stride_qn
     q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
     sf = tl.load(s_ptr + pid_e * stride_se + pid_m * stride_sm + pid_n)

@@ -14,7 +14,7 @@ from fp8norm import numerics as nx
 from fp8norm._args import check_quant_args, raise_if_nonfinite_tiles
 
 from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import E4M3_MAX, ceil_mantissa, saturate_e4m3
+from ._numerics import E4M3_MAX, ceil_mantissa, saturate_e4m3, tile_coords
 
 # Scale output encodings (the stored dtype of scale_inv).
 SCALE_OUT_F32, SCALE_OUT_BF16, SCALE_OUT_E8M0 = 0, 1, 2
@@ -36,13 +36,8 @@ def quant_fp8_block_kernel(
     GIVEN_SCALE: tl.constexpr,
     X_SCALED: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_e = tl.program_id(2).to(tl.int64)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Ragged edges are masked; masked lanes read 0, which never raises the amax.
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     s_off = pid_e * stride_se + pid_m * stride_sm + pid_n

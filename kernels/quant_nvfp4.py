@@ -17,7 +17,7 @@ from fp8norm import numerics_nvfp4 as n4
 from fp8norm.reference.nvfp4 import amax_per_expert, nvfp4_amax
 
 from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import E4M3_MAX, cast_rne, round_to_e4m3_grid
+from ._numerics import E4M3_MAX, cast_rne, round_to_e4m3_grid, tile_coords
 from .quant_fp8_block import _as_3d
 
 __all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel"]
@@ -60,13 +60,8 @@ def quant_nvfp4_kernel(
     X_SCALED: tl.constexpr,
 ):
     NG: tl.constexpr = BLOCK_N // GROUP
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_e = tl.program_id(2).to(tl.int64)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Ragged edges are masked; whole groups only (N % GROUP == 0), masked lanes read 0.
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
     if X_SCALED:
