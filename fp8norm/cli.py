@@ -123,6 +123,23 @@ def _size(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+# Options several commands share.
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+RESUME = click.option("--resume", is_flag=True, help="Continue an interrupted run into DST (finished shards are skipped).")
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
+                              help="Largest output shard: 4GB, 500MB, 4GiB.")
+
+
+def requant_options(f):
+    f = click.option("--pow2-scales", is_flag=True, help="Requant: power-of-two scales (TE force_pow_2_scales).")(f)
+    f = click.option("--amax-epsilon", type=float, default=1e-4, show_default=True,
+                     help="Requant: smallest tile amax.")(f)
+    return click.option("--requant", is_flag=True,
+                        help="Dequantize and requantize FP8 tensors whose split is not on the block grid.")(f)
+
+
 def selection_options(f):
     """Options shared by `plan` and `quantize` (they must build the same plan)."""
     f = click.option("--allow-mismatch", is_flag=True,
@@ -140,8 +157,7 @@ def selection_options(f):
                      help="ue8m0: power-of-two scales for Blackwell/DeepGEMM [default: float, or the "
                           "reference's].")(f)
     f = click.option("--amax-floor", type=float, default=None, help="Smallest tile amax [default: 1e-4].")(f)
-    f = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
-                     help="Largest output shard: 4GB, 500MB, 4GiB.")(f)
+    f = MAX_SHARD_SIZE(f)
     f = click.option("--no-repack", "no_repack", is_flag=True,
                      help="Keep the source's shard files (non-standard names are always repacked).")(f)
     f = click.option("--activation-stats", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -193,15 +209,15 @@ def plan_cmd(src, as_json, **kw):
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @selection_options
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run into DST (skips finished shards).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+@DEVICE
+@RESUME
+@OVERWRITE
 @click.option("--verify-samples", type=int, default=5, show_default=True,
               help="FP8 tensors per shard re-read from disk and compared with the source.")
 @click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Keep tensors holding NaN/Inf unquantized (reported) instead of stopping.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@QUIET
 def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, skip_verify, allow_nonfinite, **kw):
     """Quantize the bf16/fp16 checkpoint SRC into an FP8 block-scaled checkpoint DST.
 
@@ -228,11 +244,10 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
 @main.command("repack")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
-              help="Largest output shard: 4GB, 500MB, 4GiB.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run into DST.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@MAX_SHARD_SIZE
+@RESUME
+@OVERWRITE
+@QUIET
 def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
     """Re-shard any safetensors directory SRC into standard shards and an index in DST; no quantization.
 
@@ -258,13 +273,12 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
               help="Target format (see below).")
 @click.option("--keep-unaligned", is_flag=True,
               help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
-@click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
-              help="Largest output shard: 4GB, 500MB, 4GiB.")
+@MAX_SHARD_SIZE
 @click.option("--no-repack", "no_repack", is_flag=True, help="Keep the source's shard files.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run into DST.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@DEVICE
+@RESUME
+@OVERWRITE
+@QUIET
 def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device, resume, overwrite, quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
 
@@ -304,11 +318,9 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
 @click.option("--ep", type=int, default=1, show_default=True, help="mcore: expert-parallel size.")
 @click.option("--pipeline-layers", default=None, metavar="8,7,...", help="mcore: layers per pipeline stage.")
 @click.option("--grouped-gemm", is_flag=True, help="mcore: experts.linear_fc1.weightK naming.")
-@click.option("--requant", is_flag=True, help="Dequantize and requantize FP8 tensors whose split is not block-aligned.")
-@click.option("--amax-epsilon", type=float, default=1e-4, show_default=True, help="Requant: smallest tile amax.")
-@click.option("--pow2-scales", is_flag=True, help="Requant: power-of-two scales (TE force_pow_2_scales).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@requant_options
+@OVERWRITE
+@QUIET
 def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grouped_gemm, requant, amax_epsilon,
               pow2_scales, overwrite, quiet):
     """Split checkpoint SRC into one file per model-parallel rank in DST (streaming, one module at a time).
@@ -341,12 +353,10 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
 @main.command("unshard")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--requant", is_flag=True, help="Needed when SRC was written with requantized splits.")
-@click.option("--amax-epsilon", type=float, default=1e-4, show_default=True, help="Requant: smallest tile amax.")
-@click.option("--pow2-scales", is_flag=True, help="Requant: power-of-two scales.")
-@click.option("--max-shard-size", default="4GB", show_default=True, callback=_size, help="Largest output shard.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@requant_options
+@MAX_SHARD_SIZE
+@OVERWRITE
+@QUIET
 def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, overwrite, quiet):
     """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
 
@@ -444,7 +454,7 @@ def collect_stats_cmd(model_dir, prompts, out, max_tokens, device):
               default="qwen3.5-moe", show_default=True)
 @click.option("--layout", type=click.Choice(["sharded", "single", "engine"]), default="sharded",
               show_default=True, help="engine: odd shard names and no index, as training engines write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+@OVERWRITE
 def make_example_cmd(dst, family, layout, overwrite):
     """Write a tiny synthetic bf16 checkpoint with the real tensor names of FAMILY into DST.
 

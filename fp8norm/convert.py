@@ -34,7 +34,7 @@ from .classify import FP8, KEEP, fused_group_key, heuristic_rule, quantizable
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, QuantSettings, TensorPlan, _assign_shards, _keep_layout
 from .sizes import parse_size
-from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_tensor
+from .st_io import FP8_DTYPES, OutEntry, read_tensor
 
 TARGETS = ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct")
 NVFP4_GROUP = 16

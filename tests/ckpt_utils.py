@@ -4,7 +4,10 @@ import json
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
+
+from fp8norm.cli import main
 
 
 def read_dir(path) -> dict[str, torch.Tensor]:
@@ -30,3 +33,11 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 def tree_bytes(path) -> dict[str, bytes]:
     path = Path(path)
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def cli(*args, ok=True):
+    """Run an fp8norm command in-process; with ok=True it must succeed."""
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    return res

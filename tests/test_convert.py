@@ -4,20 +4,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from fp8norm import numerics as nx
 from fp8norm import reference
-from fp8norm.cli import main
 from fp8norm.examples import make_example
-from tests.ckpt_utils import read_dir, same_bytes, tree_bytes
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + repr(res.exception)
-    return res
+from tests.ckpt_utils import cli, read_dir, same_bytes, tree_bytes
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ Runs real `torchrun --standalone` jobs on CPU (gloo); each rank is a process of 
 """
 
 import os
-import signal
 import subprocess
 import sys
 

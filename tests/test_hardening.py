@@ -25,16 +25,9 @@ import fp8norm.st_io
 from fp8norm.cli import main
 from fp8norm.examples import family_tensors, make_example
 from fp8norm.st_io import SafetensorsError, read_header
-from tests.ckpt_utils import tree_bytes
+from tests.ckpt_utils import cli, tree_bytes
 
 SHARD = "2MB"
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + repr(res.exception)
-    return res
 
 
 def one_line_error(res, *needles):

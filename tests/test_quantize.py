@@ -6,25 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fp8norm.pipeline
 from fp8norm import numerics as nx
 from fp8norm import reference
-from fp8norm.cli import main
 from fp8norm.examples import FAMILIES, make_example
-from tests.ckpt_utils import read_dir, same_bytes, tree_bytes
+from tests.ckpt_utils import cli, read_dir, same_bytes, tree_bytes
 
 MAX_SHARD = 2_000_000  # small, so every example is written as several shards
-
-
-def cli(*args, ok=True):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output + repr(res.exception)
-    return res
 
 
 @pytest.fixture(scope="module")
