@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import SourceCheckpoint
-from .pipeline import prepare_dst
+from .pipeline import OutputError, _on_rank0, prepare_dst
 from .st_io import DTYPE_NAMES, OutEntry, ShardWriter, atomic_write_text, read_tensor
 
 
@@ -58,25 +59,73 @@ class ShardSummary:
 def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *, layout: dict,
                      layout_name: str, fingerprint: str, overwrite: bool = False,
                      copy_files: tuple[str, ...] = (), progress: bool | None = None) -> ShardSummary:
-    """Execute `jobs`, writing every rank file of `dst` in one streaming pass."""
+    """Execute `jobs`, writing every rank file of `dst` in one streaming pass.
+
+    Under torchrun the rank files are shared out between the processes (byte-balanced, as in
+    fp8norm.distributed); each reads the sources of its own files only, and rank 0 writes the
+    copied files and the layout JSON once all files are complete.
+    """
     t0 = time.perf_counter()
     dst = Path(dst)
-    prepare_dst(ckpt.root, dst, fingerprint, resume=False, overwrite=overwrite)
+    ctx = distributed.context()
+    _on_rank0(ctx, lambda: prepare_dst(ckpt.root, dst, fingerprint, resume=False, overwrite=overwrite) or set())
     files: dict[str, list[OutEntry]] = {}
     for job in jobs:
         for out in job.outputs:
             files.setdefault(out.file, []).append(out.entry)
+    mine = set(files)
+    if ctx is not None:
+        sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items()}
+        mine = set(distributed.assign_shards(sizes, ctx.world)[ctx.rank])
+    error = None
+    counts = (0, 0, 0)
+    try:
+        counts = _stream_rank_files(ckpt, jobs, dst, {f: e for f, e in files.items() if f in mine}, ctx, progress)
+    except BaseException as e:  # noqa: BLE001 - decided below, once every rank knows
+        if ctx is None:
+            raise
+        error = e
+        if not isinstance(e, distributed.RankAborted):
+            distributed.record_failure(dst, ctx.rank, str(e))
+    bytes_in, bytes_out, n_out = counts
+    if ctx is not None:
+        stats = ctx.gather(counts)
+        bytes_in, bytes_out, n_out = (sum(x) for x in zip(*stats))
+        failed = distributed.failure(dst)
+        if failed is not None:
+            if ctx.rank == 0:
+                raise OutputError(f"rank {failed['rank']} of {ctx.world} failed: {failed['error']}")
+            raise distributed.RankAborted(failed["error"]) from error
+    if ctx is None or ctx.rank == 0:
+        for rel in copy_files:
+            if (ckpt.root / rel).is_file():
+                out = dst / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{out.name}.partial")
+                shutil.copyfile(ckpt.root / rel, tmp)
+                os.replace(tmp, out)
+        atomic_write_text(dst / layout_name, json.dumps(layout, indent=2) + "\n")
+    return ShardSummary(len(files), sum(len(j.sources) for j in jobs), n_out, bytes_in, bytes_out,
+                        time.perf_counter() - t0)
+
+
+def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, progress) -> tuple[int, int, int]:
+    """Write `files` (all of them, or this rank's share): returns (bytes read, bytes written, tensors written)."""
     for f in files:
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
+    my_jobs = [j for j in jobs if any(o.file in files for o in j.outputs)]
     writers = {f: ShardWriter(dst / f, entries) for f, entries in files.items()}
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(ckpt.tensors[n].nbytes for j in jobs for n in j.sources), unit="B", unit_scale=True,
-               desc="fp8norm shard", disable=not (sys.stderr.isatty() if progress is None else progress))
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=sum(ckpt.tensors[n].nbytes for j in my_jobs for n in j.sources), unit="B", unit_scale=True,
+               desc="fp8norm shard" if ctx is None else f"fp8norm shard rank {ctx.rank}", disable=not show)
     bytes_in = bytes_out = n_out = 0
     handles = {}
     try:
-        for job in jobs:
+        for job in my_jobs:
+            if ctx is not None and distributed.failure(dst) is not None:
+                raise distributed.RankAborted("another rank failed")
             srcs = {}
             for n in job.sources:
                 info = ckpt.tensors[n]
@@ -84,6 +133,8 @@ def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *,
                 srcs[n] = read_tensor(info, f)
                 bytes_in += info.nbytes
             for out in job.outputs:
+                if out.file not in writers:
+                    continue
                 t = out.make(srcs)
                 if DTYPE_NAMES.get(t.dtype) != out.entry.dtype or tuple(t.shape) != out.entry.shape:
                     raise RuntimeError(f"{out.file}: {out.entry.name}: made {DTYPE_NAMES.get(t.dtype)} "
@@ -102,13 +153,4 @@ def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *,
         for f in handles.values():
             f.close()
         bar.close()
-    for rel in copy_files:
-        if (ckpt.root / rel).is_file():
-            out = dst / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.partial")
-            shutil.copyfile(ckpt.root / rel, tmp)
-            os.replace(tmp, out)
-    atomic_write_text(dst / layout_name, json.dumps(layout, indent=2) + "\n")
-    return ShardSummary(len(files), sum(len(j.sources) for j in jobs), n_out, bytes_in, bytes_out,
-                        time.perf_counter() - t0)
+    return bytes_in, bytes_out, n_out

@@ -88,6 +88,7 @@ import torch
 from . import numerics as nx
 from .checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, shard_name
 from .pipeline import MANIFEST_NAME
+from . import distributed
 from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
 from .sizes import parse_size
 from .st_io import DTYPES, FP8_DTYPES, OutEntry, read_header
@@ -698,11 +699,12 @@ def _execute(plan: McorePlan, dst, overwrite: bool, progress) -> ShardSummary:
     dst = Path(dst)
     summary = write_rank_files(plan.ckpt, plan.jobs, dst, layout=plan.layout, layout_name=plan.layout_name,
                                fingerprint=plan.fingerprint, overwrite=overwrite, progress=progress)
-    _copy_extra(plan.ckpt.root, plan.copy_files, dst)
-    from .st_io import atomic_write_text
+    if distributed.context() is None or distributed.context().rank == 0:
+        _copy_extra(plan.ckpt.root, plan.copy_files, dst)
+        from .st_io import atomic_write_text
 
-    for name, text in plan.after.items():
-        atomic_write_text(dst / name, text)
+        for name, text in plan.after.items():
+            atomic_write_text(dst / name, text)
     return summary
 
 

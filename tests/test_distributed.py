@@ -92,3 +92,14 @@ def test_resume_after_killing_one_rank(src_and_clean, tmp_path, resume_ranks):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "already done" in res.stdout and "0 already done" not in res.stdout
     assert tree_bytes(tmp_path / "o") == tree_bytes(clean)
+
+
+@pytest.mark.parametrize("layout_args", [["--layout", "deepseek", "--mp", "2", "--n-experts", "4"],
+                                         ["--layout", "mcore", "--pp", "2", "--ep", "2"]], ids=["deepseek", "mcore"])
+def test_shard_under_torchrun_writes_the_same_files(tmp_path, layout_args):
+    src = make_example(tmp_path / "src", "qwen3-moe", "sharded")
+    assert single("shard", src, tmp_path / "one", *layout_args, "-q").returncode == 0
+    res = torchrun(2, "shard", src, tmp_path / "two", *layout_args, "-q")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+    assert res.stdout.count("rank file(s)") == 1

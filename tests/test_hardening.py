@@ -265,6 +265,7 @@ def test_sources_are_read_only_for_every_command(tmp_path):
     cli("plan", src)
     cli("quantize", src, tmp_path / "q", "--skip-verify")
     cli("repack", src, tmp_path / "r")
+    cli("shard", src, tmp_path / "s", "--layout", "deepseek", "--mp", "2", "--n-experts", "4")
     q_before = _hashes(tmp_path / "q")
     cli("convert", tmp_path / "q", tmp_path / "c", "--to", "bf16")
     cli("verify", src, tmp_path / "q")
