@@ -38,13 +38,13 @@ def check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_in
     if not amax_floor > 0:
         raise ValueError(f"amax_floor must be > 0 (zero tiles would divide by zero), got {amax_floor}")
     block_size = check_block_size(block_size)
-    x_sf = None if x_scale_inv is None else _check_scale(x_scale_inv, x, block_size, "x_scale_inv", min_value=0)
+    x_sf = None if x_scale_inv is None else check_block_scale(x_scale_inv, x, block_size, "x_scale_inv", min_value=0)
     if scale_inv is None:
         return block_size, None, x_sf
-    return block_size, _check_scale(scale_inv, x, block_size, "scale_inv", min_value=None), x_sf
+    return block_size, check_block_scale(scale_inv, x, block_size, "scale_inv", min_value=None), x_sf
 
 
-def _check_scale(scale, x, block_size, what, min_value):
+def check_block_scale(scale, x, block_size, what, min_value):
     """A block scale tensor for x: right shape and device, finite, > 0 (>= min_value if given); as fp32."""
     expected = nx.scale_inv_shape(tuple(x.shape), block_size)
     if tuple(scale.shape) != expected:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import numerics as nx
+from ._args import check_block_scale
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -49,6 +50,17 @@ INPUT_DTYPES = nx.INPUT_DTYPES  # plus float8_e4m3fn with src_scale_inv
 SRC_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e8m0fnu)
 OUT_DTYPES = nx.OUT_DTYPES
 
+
+
+def per_expert(value, t: torch.Tensor, n_exp: int, what: str) -> torch.Tensor:
+    """A scalar, or one value per expert of a 3D `t`, as fp32 [n_exp] on t's device."""
+    v = torch.as_tensor(value).to(device=t.device, dtype=torch.float32)
+    if v.numel() == 1:
+        return v.reshape(1).expand(n_exp)
+    if t.dim() == 2 or tuple(v.shape) != (n_exp,):
+        raise ValueError(f"{what} has shape {tuple(v.shape)}; expected a scalar"
+                         + (f" or [{n_exp}] (one per expert)" if t.dim() == 3 else "") + f" for {tuple(t.shape)}")
+    return v
 
 def e2m1_table(device=None) -> torch.Tensor:
     """fp32 value of each of the 16 codes (code 8 is -0.0)."""
@@ -95,10 +107,6 @@ def saturate_e4m3(s: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- argument checks
 
 
-def _src_scale_shape(shape, src_block_size):
-    return nx.scale_inv_shape(tuple(shape), src_block_size)
-
-
 def check_quant_args(x, global_amax, src_scale_inv, src_block_size, group_size):
     """Validate quant_nvfp4's arguments (kernel and twin alike).
 
@@ -117,14 +125,7 @@ def check_quant_args(x, global_amax, src_scale_inv, src_block_size, group_size):
     n_exp = x.shape[0] if x.dim() == 3 else 1
     if global_amax is None:
         return group_size, src_block_size, src_sf, None
-    ga = torch.as_tensor(global_amax).to(device=x.device, dtype=torch.float32)
-    if ga.numel() == 1:
-        ga = ga.reshape(1).expand(n_exp)
-    elif x.dim() == 2 or tuple(ga.shape) != (n_exp,):
-        raise ValueError(
-            f"global_amax has shape {tuple(ga.shape)}; expected a scalar"
-            + (f" or [{n_exp}] (one per expert)" if x.dim() == 3 else "") + f" for x {tuple(x.shape)}"
-        )
+    ga = per_expert(global_amax, x, n_exp, "global_amax")
     if not bool((torch.isfinite(ga) & (ga >= 0)).all()):
         raise ValueError(f"global_amax must be finite and >= 0, got {ga.tolist()}")
     return group_size, src_block_size, src_sf, ga.contiguous()
@@ -151,18 +152,7 @@ def check_amax_args(x, src_scale_inv, src_block_size):
         return None, (bm, bn)
     if src_scale_inv.dtype not in SRC_SCALE_DTYPES:
         raise TypeError(f"src_scale_inv must be float32, bfloat16 or float8_e8m0fnu, got {src_scale_inv.dtype}")
-    expected = _src_scale_shape(x.shape, (bm, bn))
-    if tuple(src_scale_inv.shape) != expected:
-        raise ValueError(
-            f"src_scale_inv has shape {tuple(src_scale_inv.shape)}, expected {expected} for x "
-            f"{tuple(x.shape)} and src_block_size {(bm, bn)}"
-        )
-    if src_scale_inv.device != x.device:
-        raise ValueError(f"src_scale_inv is on {src_scale_inv.device}, x on {x.device}")
-    sf = src_scale_inv.float()
-    if not bool((torch.isfinite(sf) & (sf >= 0)).all()):
-        raise ValueError("src_scale_inv must be finite and >= 0 everywhere")
-    return sf.contiguous(), (bm, bn)
+    return check_block_scale(src_scale_inv, x, (bm, bn), "src_scale_inv", min_value=0), (bm, bn)
 
 
 def check_dequant_args(packed, weight_scale, weight_scale_2, out_dtype):
@@ -189,14 +179,7 @@ def check_dequant_args(packed, weight_scale, weight_scale_2, out_dtype):
         raise ValueError(f"packed {tuple(packed.shape)} and weight_scale {ws_shape} give group size "
                          f"{n}/{ng}: not a power of two >= 2")
     n_exp = lead[0] if lead else 1
-    s2 = torch.as_tensor(weight_scale_2).to(device=packed.device, dtype=torch.float32)
-    if s2.numel() == 1:
-        s2 = s2.reshape(1).expand(n_exp)
-    elif packed.dim() == 2 or tuple(s2.shape) != (n_exp,):
-        raise ValueError(
-            f"weight_scale_2 has shape {tuple(s2.shape)}; expected a scalar"
-            + (f" or [{n_exp}]" if packed.dim() == 3 else "") + f" for packed {tuple(packed.shape)}"
-        )
+    s2 = per_expert(weight_scale_2, packed, n_exp, "weight_scale_2")
     if weight_scale.device != packed.device:
         raise ValueError(f"weight_scale is on {weight_scale.device}, packed on {packed.device}")
     return group_size, s2.contiguous()
