@@ -304,7 +304,7 @@ def test_errors_before_writing(sources, tmp_path):
 
 
 def test_unknown_tensor_is_an_error(tmp_path):
-    src = make_ckpt(tmp_path / "src", layers=2)
+    make_ckpt(tmp_path / "src", layers=2)
     extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(16)}
     save_file(extra, str(tmp_path / "src" / "extra.safetensors"))
     (tmp_path / "src" / "model.safetensors.index.json").unlink()
