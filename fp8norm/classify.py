@@ -33,8 +33,9 @@ class Rule:
 _LAYER = r"(?:^|\.)layers\.\d+\."
 
 # The heuristic table. First match wins; keep-rules come first so a norm or router inside a matching
-# block is never quantized. Sources: the official FP8 releases' indexes (DeepSeek-V3/V3.2, Qwen3,
-# Qwen3-MoE, Qwen3-Next, Qwen3.5, GLM-4.5, MiniMax-M2) and vLLM's loaders.
+# block is never quantized. Sources: the official FP8 releases (DeepSeek-V3/V3.2, Qwen3, Qwen3-MoE,
+# Qwen3-Next, Qwen3.5, GLM-4.5, MiniMax-M2) as vLLM's and others' loaders read them; the evidence,
+# with confidence levels and open questions, is in docs/official_fp8_decisions.md.
 RULES: tuple[Rule, ...] = (
     Rule("vision-tower", KEEP, r"(?:^|\.)(?:visual|vision_tower|vision_model|vision_encoder|"
          r"multi_modal_projector|mm_projector)\.", "vision encoders stay in their dtype"),
