@@ -319,10 +319,11 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
 @click.option("--pipeline-layers", default=None, metavar="8,7,...", help="mcore: layers per pipeline stage.")
 @click.option("--grouped-gemm", is_flag=True, help="mcore: experts.linear_fc1.weightK naming.")
 @requant_options
+@RESUME
 @OVERWRITE
 @QUIET
 def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grouped_gemm, requant, amax_epsilon,
-              pow2_scales, overwrite, quiet):
+              pow2_scales, resume, overwrite, quiet):
     """Split checkpoint SRC into one file per model-parallel rank in DST (streaming, one module at a time).
 
     \b
@@ -338,13 +339,13 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
             if not mp:
                 raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
             summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
-                                     progress=progress)
+                                     progress=progress, resume=resume)
         else:
             from .shard_mcore import hf_to_mcore
 
             summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
                                   grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
-                                  pow2_scales=pow2_scales, overwrite=overwrite, progress=progress)
+                                  pow2_scales=pow2_scales, overwrite=overwrite, progress=progress, resume=resume)
     except (ValueError, OSError) as e:
         _fail(e)
     _report(summary, dst)
@@ -355,9 +356,10 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
 @click.argument("dst", type=click.Path(file_okay=False))
 @requant_options
 @MAX_SHARD_SIZE
+@RESUME
 @OVERWRITE
 @QUIET
-def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, overwrite, quiet):
+def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, resume, overwrite, quiet):
     """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
 
     \b
@@ -368,7 +370,8 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, ov
 
     try:
         summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
-                              max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False)
+                              max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,
+                              resume=resume)
     except (ValueError, OSError) as e:
         _fail(e)
     _report(summary, dst)

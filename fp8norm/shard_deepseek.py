@@ -19,6 +19,7 @@ shape, the rule and N.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -273,11 +274,13 @@ def _gptq_outputs(m: Module, dim, rank, mp, requant):
 
 
 def shard_deepseek(src, dst, *, mp: int, n_experts: int, requant: bool = False, overwrite: bool = False,
-                   progress=None) -> ShardSummary:
+                   progress=None, resume: bool = False) -> ShardSummary:
     """Write DST/model{i}-mp{mp}.safetensors for i in 0..mp-1 (see the module docstring)."""
     jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant)
-    fingerprint = json.dumps({"mp": mp, "n_experts": n_experts, "requant": requant}, sort_keys=True)
     ckpt = open_checkpoint(src)
+    what = {"mp": mp, "n_experts": n_experts, "requant": requant,
+            "tensors": [[n, i.dtype, list(i.shape)] for n, i in ckpt.tensors.items()]}
+    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     return write_rank_files(ckpt, jobs, Path(dst), layout=layout, layout_name=LAYOUT_NAME, fingerprint=fingerprint,
                             overwrite=overwrite, copy_files=("tokenizer.json", "tokenizer_config.json"),
-                            progress=progress)
+                            progress=progress, resume=resume)

@@ -23,7 +23,7 @@ import torch
 
 from . import distributed
 from .checkpoint import SourceCheckpoint
-from .pipeline import OutputError, _on_rank0, prepare_dst
+from .pipeline import MANIFEST_NAME, OutputError, _on_rank0, prepare_dst
 from .st_io import DTYPE_NAMES, OutEntry, ShardWriter, atomic_write_text, read_tensor
 
 
@@ -58,29 +58,38 @@ class ShardSummary:
 
 def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *, layout: dict,
                      layout_name: str, fingerprint: str, overwrite: bool = False,
-                     copy_files: tuple[str, ...] = (), progress: bool | None = None) -> ShardSummary:
+                     copy_files: tuple[str, ...] = (), progress: bool | None = None,
+                     resume: bool = False) -> ShardSummary:
     """Execute `jobs`, writing every rank file of `dst` in one streaming pass.
 
     Under torchrun the rank files are shared out between the processes (byte-balanced, as in
     fp8norm.distributed); each reads the sources of its own files only, and rank 0 writes the
-    copied files and the layout JSON once all files are complete.
+    copied files and the layout JSON once all files are complete. Finished files are recorded in
+    the manifest as they are committed, so `resume` writes only the missing ones.
     """
     t0 = time.perf_counter()
     dst = Path(dst)
     ctx = distributed.context()
-    _on_rank0(ctx, lambda: prepare_dst(ckpt.root, dst, fingerprint, resume=False, overwrite=overwrite) or set())
+
+    def prepare() -> set[str]:
+        found = prepare_dst(ckpt.root, dst, fingerprint, resume=resume, overwrite=overwrite)
+        _write_manifest(dst, fingerprint, found, complete=False)
+        return found
+
+    done = _on_rank0(ctx, prepare)
     files: dict[str, list[OutEntry]] = {}
     for job in jobs:
         for out in job.outputs:
             files.setdefault(out.file, []).append(out.entry)
-    mine = set(files)
+    mine = set(files) - done
     if ctx is not None:
-        sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items()}
+        sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items() if f not in done}
         mine = set(distributed.assign_shards(sizes, ctx.world)[ctx.rank])
     error = None
     counts = (0, 0, 0)
     try:
-        counts = _stream_rank_files(ckpt, jobs, dst, {f: e for f, e in files.items() if f in mine}, ctx, progress)
+        counts = _stream_rank_files(ckpt, jobs, dst, {f: e for f, e in files.items() if f in mine}, ctx,
+                                    fingerprint, progress)
     except BaseException as e:  # noqa: BLE001 - decided below, once every rank knows
         if ctx is None:
             raise
@@ -105,14 +114,27 @@ def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *,
                 shutil.copyfile(ckpt.root / rel, tmp)
                 os.replace(tmp, out)
         atomic_write_text(dst / layout_name, json.dumps(layout, indent=2) + "\n")
+        for p in dst.glob(".fp8norm-manifest.rank*.json"):
+            p.unlink()
+        _write_manifest(dst, fingerprint, set(files), complete=True)
     return ShardSummary(len(files), sum(len(j.sources) for j in jobs), n_out, bytes_in, bytes_out,
                         time.perf_counter() - t0)
 
 
-def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, progress) -> tuple[int, int, int]:
+def _write_manifest(dst: Path, fingerprint: str, files: set[str], *, complete: bool) -> None:
+    manifest = {"fingerprint": fingerprint, "done": {f: (dst / f).stat().st_size for f in sorted(files)},
+                "complete": complete}
+    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+
+
+def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, fingerprint,
+                       progress) -> tuple[int, int, int]:
     """Write `files` (all of them, or this rank's share): returns (bytes read, bytes written, tensors written)."""
     for f in files:
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
+    manifest_path = dst / (MANIFEST_NAME if ctx is None else distributed.RANK_MANIFEST.format(rank=ctx.rank))
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
+        "fingerprint": fingerprint, "done": {}, "complete": False}
     my_jobs = [j for j in jobs if any(o.file in files for o in j.outputs)]
     writers = {f: ShardWriter(dst / f, entries) for f, entries in files.items()}
     from tqdm import tqdm
@@ -142,8 +164,10 @@ def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, p
                 bytes_out += writers[out.file].write(out.entry.name, t.contiguous())
                 n_out += 1
             bar.update(sum(ckpt.tensors[n].nbytes for n in job.sources))
-        for w in writers.values():
+        for f, w in writers.items():
             w.commit()
+            manifest["done"][f] = (dst / f).stat().st_size
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     except BaseException:
         for w in writers.values():
             if w.tmp_path.exists():

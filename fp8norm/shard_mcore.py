@@ -695,10 +695,10 @@ def _copy_extra(root: Path, rels: Sequence[Path], dst: Path) -> None:
         os.replace(tmp, out)
 
 
-def _execute(plan: McorePlan, dst, overwrite: bool, progress) -> ShardSummary:
+def _execute(plan: McorePlan, dst, overwrite: bool, progress, resume: bool = False) -> ShardSummary:
     dst = Path(dst)
     summary = write_rank_files(plan.ckpt, plan.jobs, dst, layout=plan.layout, layout_name=plan.layout_name,
-                               fingerprint=plan.fingerprint, overwrite=overwrite, progress=progress)
+                               fingerprint=plan.fingerprint, overwrite=overwrite, progress=progress, resume=resume)
     if distributed.context() is None or distributed.context().rank == 0:
         _copy_extra(plan.ckpt.root, plan.copy_files, dst)
         from .st_io import atomic_write_text
@@ -710,11 +710,11 @@ def _execute(plan: McorePlan, dst, overwrite: bool, progress) -> ShardSummary:
 
 def hf_to_mcore(src, dst, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, grouped_gemm: bool = False,
                 requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR, pow2_scales: bool = False,
-                overwrite: bool = False, progress: bool | None = None) -> ShardSummary:
+                overwrite: bool = False, progress: bool | None = None, resume: bool = False) -> ShardSummary:
     """Write the HF checkpoint `src` as Megatron-Core rank files under `dst` (see the module docstring)."""
     plan = plan_mcore(src, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers, grouped_gemm=grouped_gemm,
                       requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales)
-    return _execute(plan, dst, overwrite, progress)
+    return _execute(plan, dst, overwrite, progress, resume)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -851,8 +851,8 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
 
 def mcore_to_hf(src, dst, *, requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR,
                 pow2_scales: bool = False, max_shard_size="4GB", overwrite: bool = False,
-                progress: bool | None = None) -> ShardSummary:
+                progress: bool | None = None, resume: bool = False) -> ShardSummary:
     """Reassemble the Megatron-Core rank files under `src` (written by hf_to_mcore) as an HF checkpoint."""
     plan = plan_mcore_to_hf(src, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
                             max_shard_size=max_shard_size)
-    return _execute(plan, dst, overwrite, progress)
+    return _execute(plan, dst, overwrite, progress, resume)

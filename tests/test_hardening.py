@@ -311,3 +311,22 @@ def test_fuzz_header_reader_only_raises_its_own_error(tmp_path_factory, header, 
 
 def test_fuzz_case_count():
     assert FUZZ["cases"] == 0 or FUZZ["cases"] >= 400
+
+
+@pytest.mark.parametrize("layout_args", [["--layout", "deepseek", "--mp", "2", "--n-experts", "4"],
+                                         ["--layout", "mcore", "--pp", "2", "--ep", "2"]], ids=["deepseek", "mcore"])
+def test_shard_killed_then_resumed(tmp_path, layout_args):
+    src = make_example(tmp_path / "src", "qwen3-moe", "sharded")
+    cli("shard", src, tmp_path / "clean", *layout_args)
+    base = [sys.executable, "-m", "fp8norm", "shard", str(src), str(tmp_path / "o"), *layout_args, "-q"]
+    for kill_at in (3, 40):
+        res = subprocess.run(base + (["--resume"] if kill_at != 3 else []), capture_output=True, text=True,
+                             env=dict(os.environ, FP8NORM_KILL_AT=str(kill_at)))
+        assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+        assert not [p for p in (tmp_path / "o").rglob("model*.safetensors")
+                    if p.read_bytes() != (tmp_path / "clean" / p.relative_to(tmp_path / "o")).read_bytes()]
+    res = subprocess.run(base + ["--resume"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert tree_bytes(tmp_path / "o") == tree_bytes(tmp_path / "clean")
+    res = subprocess.run(base, capture_output=True, text=True)  # without --resume: refused, not clobbered
+    assert res.returncode == 1 and "--resume" in res.stderr
