@@ -1,5 +1,7 @@
 """Triton twins of fp8norm.numerics: the same formulas, for use inside kernels."""
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -71,3 +73,18 @@ def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     return pid_e, pid_m, pid_n, rows, cols, mask
+
+
+# Decided when the kernels are decorated, like triton.jit itself (see fp8norm.kernels).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def load_e4m3_as_f32(ptr, mask):
+    """Load e4m3 values as fp32. Under the interpreter the NaN codes (0x7F, 0xFF) are decoded from
+    the bits, since its cast reads them as +-480; compiled for a GPU the hardware cast gives NaN."""
+    q = tl.load(ptr, mask=mask, other=0.0)
+    if INTERPRETED:
+        is_nan = (q.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
+        return tl.where(is_nan, float("nan"), q.to(tl.float32))
+    return q.to(tl.float32)

@@ -13,7 +13,7 @@ from fp8norm import numerics as nx
 from fp8norm._args import check_dequant_args
 
 from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import cast_rne, tile_coords
+from ._numerics import cast_rne, load_e4m3_as_f32, tile_coords
 from .quant_fp8_block import _as_3d, check_pow2_block
 
 
@@ -28,7 +28,7 @@ def dequant_fp8_block_kernel(
 ):
     pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     q_offs = pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :] * stride_qn
-    q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
+    q = load_e4m3_as_f32(q_ptr + q_offs, mask)
     sf = tl.load(s_ptr + pid_e * stride_se + pid_m * stride_sm + pid_n)
     out = cast_rne(q * sf, out_ptr.dtype.element_ty)
     tl.store(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out, mask=mask)

@@ -14,7 +14,7 @@ from fp8norm import numerics as nx
 from fp8norm._args import check_quant_args, raise_if_nonfinite_tiles
 
 from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import E4M3_MAX, ceil_mantissa, saturate_e4m3, tile_coords
+from ._numerics import E4M3_MAX, ceil_mantissa, load_e4m3_as_f32, saturate_e4m3, tile_coords
 
 # Scale output encodings (the stored dtype of scale_inv).
 SCALE_OUT_F32, SCALE_OUT_BF16, SCALE_OUT_E8M0 = 0, 1, 2
@@ -39,11 +39,12 @@ def quant_fp8_block_kernel(
     # Ragged edges are masked; masked lanes read 0, which never raises the amax.
     pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
-    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     s_off = pid_e * stride_se + pid_m * stride_sm + pid_n
     if X_SCALED:
         # FP8 input with its own block scales: dequantize in registers (requantization, one pass)
-        x = x * tl.load(xs_ptr + s_off)
+        x = load_e4m3_as_f32(x_ptr + x_offs, mask) * tl.load(xs_ptr + s_off)
+    else:
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
 
     ax = tl.abs(x)
     # NaN and Inf fail `< inf`; the wrapper turns a NaN scale into a ValueError naming the tile.

@@ -17,7 +17,7 @@ from fp8norm import numerics_nvfp4 as n4
 from fp8norm.reference.nvfp4 import amax_per_expert, nvfp4_amax
 
 from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import E4M3_MAX, cast_rne, round_to_e4m3_grid, tile_coords
+from ._numerics import E4M3_MAX, cast_rne, load_e4m3_as_f32, round_to_e4m3_grid, tile_coords
 from .quant_fp8_block import _as_3d
 
 __all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel"]
@@ -63,15 +63,12 @@ def quant_nvfp4_kernel(
     # Ragged edges are masked; whole groups only (N % GROUP == 0), masked lanes read 0.
     pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
-    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
     if X_SCALED:
         # FP8 input: x.float() * its block scale (fp32 multiply, exactly dequant_fp8_block's value).
-        # The NaN codes (0x7F, 0xFF) are decoded from the bits: the interpreter's cast reads them as 480.
-        is_nan = (x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
         xs_offs = pid_e * stride_xse + (rows // SRC_BM)[:, None] * stride_xsm + (cols // SRC_BN)[None, :]
-        x = tl.where(is_nan, float("nan"), x.to(tl.float32)) * tl.load(xs_ptr + xs_offs, mask=mask, other=0.0)
+        x = load_e4m3_as_f32(x_ptr + x_offs, mask) * tl.load(xs_ptr + xs_offs, mask=mask, other=0.0)
     else:
-        x = x.to(tl.float32)
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(s2_ptr + pid_e)
 
     x3 = tl.reshape(x, (BLOCK_M, NG, GROUP))

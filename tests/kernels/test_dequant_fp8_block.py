@@ -52,3 +52,10 @@ def test_fast_e4m3_to_float32_matches_torch_on_every_code():
     assert torch.equal(torch.isnan(out), ~finite)
     assert torch.equal(out[finite], ref[finite])
     assert torch.equal(torch.signbit(out[finite]), torch.signbit(ref[finite]))  # -0.0 stays -0.0
+
+
+def test_nan_codes_dequantize_to_nan(backend):
+    """0x7F/0xFF are e4m3's NaN: NaN out on every backend (the interpreter's own cast says 480)."""
+    codes = torch.tensor([[0x7F, 0xFF, 0x38, 0xB8]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    y = backend.dequant(codes, torch.ones(1, 1), out_dtype=torch.float32)
+    assert torch.isnan(y[0, :2]).all() and y[0, 2:].tolist() == [1.0, -1.0]

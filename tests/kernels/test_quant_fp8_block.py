@@ -244,3 +244,10 @@ def test_fp8_input_needs_its_scales(backend):
         backend.quant(q)
     with pytest.raises(TypeError, match="only for an FP8 x"):
         backend.quant(torch.zeros(4, 4), x_scale_inv=torch.ones(1, 1))
+
+
+def test_requantizing_nan_codes_raises(backend):
+    q = torch.zeros(4, 4, dtype=torch.uint8)
+    q[1, 2] = 0x7F
+    with pytest.raises(ValueError, match="non-finite"):
+        backend.quant(q.view(torch.float8_e4m3fn), x_scale_inv=torch.ones(1, 1))
