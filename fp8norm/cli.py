@@ -48,7 +48,10 @@ def main(debug):
       fp8norm make-example /tmp/tiny-bf16
       fp8norm plan /tmp/tiny-bf16
       fp8norm quantize /tmp/tiny-bf16 /tmp/tiny-fp8
-      fp8norm demo --shape 256x384 --scale-fmt ue8m0
+      fp8norm verify /tmp/tiny-bf16 /tmp/tiny-fp8
+      fp8norm convert /tmp/tiny-fp8 /tmp/tiny-nvfp4 --to nvfp4
+      fp8norm shard /tmp/tiny-bf16 /tmp/tiny-mcore --layout mcore --pp 2
+      torchrun --nproc-per-node 8 -m fp8norm quantize SRC DST
     """
 
 
@@ -270,7 +273,7 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--to", "to", required=True,
               type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct"]),
-              help="Target format (see below).")
+              help="Target format (listed above).")
 @click.option("--keep-unaligned", is_flag=True,
               help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
 @MAX_SHARD_SIZE
