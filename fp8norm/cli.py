@@ -11,11 +11,6 @@ from . import distributed
 from .distributed import RankAborted
 
 
-def _debug() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.find_root().params.get("debug"))
-
-
 class _Group(click.Group):
     """Every failure is one line on stderr and exit code 1; --debug shows the traceback instead."""
 
@@ -29,8 +24,10 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - the last line of defence of a command-line tool
             if ctx.params.get("debug"):
                 raise
-            what = str(e) if isinstance(e, (ValueError, OSError)) else f"internal error: {type(e).__name__}: {e}"
-            raise click.ClickException(f"{what} (run with --debug for the traceback)") from None
+            if isinstance(e, (ValueError, OSError)):  # the expected failures: their message says it all
+                raise click.ClickException(str(e)) from None
+            raise click.ClickException(f"internal error: {type(e).__name__}: {e} "
+                                       "(run with --debug for the traceback)") from None
         finally:
             distributed.shutdown()
             if os.environ.get("FP8NORM_REPORT_PEAK_RSS"):
@@ -108,13 +105,6 @@ def _report(summary, dst) -> None:
     if getattr(summary, "verify", None) is not None:
         click.echo(summary.verify.format())
     click.echo(f"wrote     {dst}")
-
-
-def _fail(e: Exception) -> None:
-    """One clear line, no traceback, non-zero exit (the original exception with --debug)."""
-    if _debug():
-        raise e
-    raise click.ClickException(str(e)) from None
 
 
 def _size(_ctx, _param, value):
@@ -201,10 +191,7 @@ def plan_cmd(src, as_json, **kw):
     from .plan import format_plan_table
     from .quantize import plan
 
-    try:
-        p = plan(src, **_plan_kwargs(kw))
-    except ValueError as e:
-        _fail(e)
+    p = plan(src, **_plan_kwargs(kw))
     click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_plan_table(p))
 
 
@@ -234,13 +221,10 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     """
     from .quantize import quantize
 
-    try:
-        summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
-                           progress=None if not quiet else False,
-                           verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
-                           **_plan_kwargs(kw))
-    except (ValueError, OSError) as e:
-        _fail(e)
+    summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
+                       progress=None if not quiet else False,
+                       verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
+                       **_plan_kwargs(kw))
     _report(summary, dst)
 
 
@@ -260,11 +244,8 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
     """
     from .quantize import repack
 
-    try:
-        summary = repack(src, dst, max_shard_size=max_shard_size, resume=resume, overwrite=overwrite,
-                         progress=None if not quiet else False)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    summary = repack(src, dst, max_shard_size=max_shard_size, resume=resume, overwrite=overwrite,
+                     progress=None if not quiet else False)
     _report(summary, dst)
 
 
@@ -300,12 +281,9 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
     """
     from .convert import convert
 
-    try:
-        summary = convert(src, dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
-                          repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
-                          progress=None if not quiet else False)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    summary = convert(src, dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
+                      repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
+                      progress=None if not quiet else False)
     _report(summary, dst)
 
 
@@ -335,22 +313,19 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
       fp8norm shard /models/Qwen3-30B-A3B /ckpt/mcore --layout mcore --tp 2 --pp 2 --ep 4 --grouped-gemm
     """
     progress = None if not quiet else False
-    try:
-        if layout == "deepseek":
-            from .shard_deepseek import shard_deepseek
+    if layout == "deepseek":
+        from .shard_deepseek import shard_deepseek
 
-            if not mp:
-                raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
-            summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
-                                     progress=progress, resume=resume)
-        else:
-            from .shard_mcore import hf_to_mcore
+        if not mp:
+            raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
+        summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
+                                 progress=progress, resume=resume)
+    else:
+        from .shard_mcore import hf_to_mcore
 
-            summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
-                                  grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
-                                  pow2_scales=pow2_scales, overwrite=overwrite, progress=progress, resume=resume)
-    except (ValueError, OSError) as e:
-        _fail(e)
+        summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
+                              grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
+                              pow2_scales=pow2_scales, overwrite=overwrite, progress=progress, resume=resume)
     _report(summary, dst)
 
 
@@ -371,12 +346,9 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, re
     """
     from .shard_mcore import mcore_to_hf
 
-    try:
-        summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
-                              max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,
-                              resume=resume)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
+                          max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,
+                          resume=resume)
     _report(summary, dst)
 
 
@@ -403,12 +375,9 @@ def verify_cmd(src, quant, samples, check_all, json_path, cos_bands, mae_bands, 
 
     from .verify import FAIL, Bands, verify
 
-    try:
-        bands = Bands(*_two(cos_bands, "--cos-bands"), *_two(mae_bands, "--mae-bands"),
-                      *_two(maxae_bands, "--maxae-bands"))
-        report = verify(src, quant, samples=None if check_all else samples, bands=bands)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    bands = Bands(*_two(cos_bands, "--cos-bands"), *_two(mae_bands, "--mae-bands"),
+                  *_two(maxae_bands, "--maxae-bands"))
+    report = verify(src, quant, samples=None if check_all else samples, bands=bands)
     click.echo(report.format(bands))
     if json_path:
         with open(json_path, "w") as f:
@@ -445,10 +414,7 @@ def collect_stats_cmd(model_dir, prompts, out, max_tokens, device):
     from .activation_stats import collect_activation_stats
 
     lines = [line.strip() for line in open(prompts) if line.strip()]
-    try:
-        doc = collect_activation_stats(model_dir, lines, max_tokens=max_tokens, device=device)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    doc = collect_activation_stats(model_dir, lines, max_tokens=max_tokens, device=device)
     with open(out, "w") as f:
         json.dump(doc, f)
     click.echo(f"wrote stats of {len(doc['modules'])} linear modules over {doc['tokens']} tokens to {out}")
@@ -470,10 +436,7 @@ def make_example_cmd(dst, family, layout, overwrite):
     """
     from .examples import make_example
 
-    try:
-        make_example(dst, family, layout, overwrite=overwrite)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    make_example(dst, family, layout, overwrite=overwrite)
     click.echo(f"wrote a tiny {family} checkpoint ({layout}) to {dst}")
 
 
