@@ -222,12 +222,6 @@ def _to_nvfp4(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.d
     return [packed.cpu(), wscale.cpu(), wscale2.cpu()]
 
 
-def _kept_linear_modules(plan: Plan) -> list[str]:
-    return sorted(_module(t.name) for t in plan.tensors
-                  if t.decision == KEEP and t.name.endswith(".weight") and len(t.shape) == 2
-                  and t.dtype not in FP8_DTYPES)
-
-
 def _converted_modules(plan: Plan) -> list[str]:
     return sorted(_module(t.name) for t in plan.tensors if t.decision != KEEP or t.rule == "fp8-carried")
 
@@ -248,7 +242,7 @@ def target_config(cfg: dict, plan: Plan) -> dict:
         return cfg
     if to in ("fp8", "fp8-ue8m0"):
         qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [bm, bn],
-              "modules_to_not_convert": _kept_linear_modules(plan)}
+              "modules_to_not_convert": plan.kept_linear_modules()}
         if to == "fp8-ue8m0":
             qc["scale_fmt"] = "ue8m0"
         cfg["quantization_config"] = qc
@@ -273,12 +267,12 @@ def _ct_config(fmt: str, weights: dict, acts: dict | None, plan: Plan) -> dict:
     return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": _ct_targets(plan), "weights": weights,
                                           "input_activations": acts, "output_activations": None, "format": fmt}},
-            "ignore": _kept_linear_modules(plan), "kv_cache_scheme": None}
+            "ignore": plan.kept_linear_modules(), "kv_cache_scheme": None}
 
 
 def modelopt_quantization(plan: Plan) -> dict:
     return {"quant_algo": "NVFP4", "group_size": NVFP4_GROUP, "kv_cache_quant_algo": None,
-            "exclude_modules": _kept_linear_modules(plan)}
+            "exclude_modules": plan.kept_linear_modules()}
 
 
 def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", repack=True, device="auto",

@@ -27,6 +27,7 @@ from pathlib import Path
 FAIL_FILE = ".fp8norm-failed"
 PROGRESS_DIR = ".fp8norm-progress"
 RANK_MANIFEST = ".fp8norm-manifest.rank{rank}.json"
+RANK_MANIFEST_GLOB = ".fp8norm-manifest.rank*.json"
 
 
 class RankAborted(RuntimeError):

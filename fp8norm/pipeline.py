@@ -112,11 +112,10 @@ def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwri
     if dst in src.parents:
         raise OutputError(f"{dst}: the output may not contain the source directory ({src})")
     manifest_path = dst / MANIFEST_NAME
-    if dst.exists():
+    if dst.exists() and (resume or not _has_real_files(dst)):
         # leftovers of an interrupted write are never part of an output: drop them first
         for p in dst.rglob(".*.partial"):
-            if resume or not _has_real_files(dst):
-                p.unlink()
+            p.unlink()
     if dst.exists() and _has_real_files(dst):
         if overwrite:
             shutil.rmtree(dst)
@@ -126,7 +125,7 @@ def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwri
                                   "(use --overwrite to replace it)")
             done = {}
             # the main manifest, and those of the ranks of an interrupted torchrun job (any count)
-            for path in [manifest_path, *sorted(dst.glob(".fp8norm-manifest.rank*.json"))]:
+            for path in [manifest_path, *sorted(dst.glob(distributed.RANK_MANIFEST_GLOB))]:
                 manifest = json.loads(path.read_text())
                 if manifest.get("fingerprint") != fingerprint:
                     raise OutputError(f"{dst}: was started with other settings or another source (plan "
@@ -142,7 +141,36 @@ def prepare_dst(src: Path, dst: Path, fingerprint: str, *, resume: bool, overwri
     return set()
 
 
-def _needed_bytes(plan: Plan, shards: list[str]) -> int:
+def write_manifest(dst: Path, fingerprint: str, finished, *, complete: bool, path: Path | None = None) -> None:
+    """The resume record: plan fingerprint and the finished output files with their sizes."""
+    manifest = {"fingerprint": fingerprint, "done": {f: (dst / f).stat().st_size for f in sorted(finished)},
+                "complete": complete}
+    atomic_write_text(path or dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+
+
+class ManifestRecord:
+    """This process's running record of finished files: the main manifest, or under torchrun its
+    rank's own (picked up again by a later run with the same rank number)."""
+
+    def __init__(self, dst: Path, fingerprint: str, ctx):
+        name = MANIFEST_NAME if ctx is None else distributed.RANK_MANIFEST.format(rank=ctx.rank)
+        self.dst, self.path = dst, dst / name
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {
+            "fingerprint": fingerprint, "done": {}, "complete": False}
+
+    def finished(self, name: str) -> None:
+        self.data["done"][name] = (self.dst / name).stat().st_size
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+
+def drop_rank_manifests(dst: Path) -> None:
+    """Per-rank records of a torchrun job, once folded into the main manifest."""
+    for p in dst.glob(distributed.RANK_MANIFEST_GLOB):
+        p.unlink()
+
+
+def _needed_bytes(plan: Plan, shards) -> int:
+    shards = set(shards)
     return sum(t.nbytes_out for t in plan.tensors if t.shard in shards)
 
 
@@ -205,9 +233,7 @@ def execute_plan(
     def prepare() -> set[str]:
         found = prepare_dst(plan.source, dst, fingerprint, resume=resume, overwrite=overwrite)
         (dst / distributed.FAIL_FILE).unlink(missing_ok=True)  # left by an earlier failed torchrun job
-        manifest = {"fingerprint": fingerprint, "done": {s: (dst / s).stat().st_size for s in sorted(found)},
-                    "complete": False}
-        atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        write_manifest(dst, fingerprint, found, complete=False)
         return found
 
     done = _on_rank0(ctx, prepare)
@@ -287,11 +313,7 @@ def _stream_shards(plan, dst, shards, pending, transform, dev, ctx, fingerprint,
     if needed > free:
         raise OutputError(f"{dst}: the output needs {needed:,} bytes for {len(shards)} shard(s), only {free:,} "
                           "are free on that file system")
-    manifest_path = dst / (MANIFEST_NAME if ctx is None else distributed.RANK_MANIFEST.format(rank=ctx.rank))
-    manifest = json.loads(manifest_path.read_text()) if ctx is None else {
-        "fingerprint": fingerprint, "done": {}, "complete": False}
-    if ctx is not None and manifest_path.exists():  # an earlier run with this rank number
-        manifest["done"] = json.loads(manifest_path.read_text()).get("done", {})
+    record = ManifestRecord(dst, fingerprint, ctx)
     work = [t for s in shards for t in by_shard[s]]
     if progress is None:
         progress = sys.stderr.isatty()
@@ -353,8 +375,7 @@ def _stream_shards(plan, dst, shards, pending, transform, dev, ctx, fingerprint,
                 if remaining[t.shard] == 0:
                     current.commit()
                     current = None
-                    manifest["done"][t.shard] = (dst / t.shard).stat().st_size
-                    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+                    record.finished(t.shard)
                     summary.shards_written += 1
                     if log_lines:
                         print(f"fp8norm rank {ctx.rank}/{ctx.world}: wrote {t.shard} "
@@ -422,12 +443,8 @@ def _finish(plan, dst, fingerprint, finalize_config, extra_files, skip_files, su
         summary.notes.append("note      the source has no config.json: none written")
     for name, text in (extra_files or {}).items():
         atomic_write_text(dst / name, text)
-    manifest = {"fingerprint": fingerprint, "done": {s: (dst / s).stat().st_size for s in sorted(plan.shards)},
-                "complete": True}
-    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
-    # per-rank bookkeeping of a distributed run is folded into the manifest above
-    for p in dst.glob(".fp8norm-manifest.rank*.json"):
-        p.unlink()
+    write_manifest(dst, fingerprint, plan.shards, complete=True)
+    drop_rank_manifests(dst)  # folded into the manifest above
     shutil.rmtree(dst / distributed.PROGRESS_DIR, ignore_errors=True)
 
 

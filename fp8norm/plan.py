@@ -17,7 +17,7 @@ from . import numerics as nx
 from .calibrate import CalibSettings
 from .checkpoint import SourceCheckpoint, load_reference_names, open_checkpoint, shard_name
 from .classify import FP8, KEEP, PASSTHROUGH, classify, scale_name
-from .st_io import DTYPE_NAMES, OutEntry, read_header
+from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header
 
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -83,6 +83,12 @@ class Plan:
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.shard == shard]
+
+    def kept_linear_modules(self) -> list[str]:
+        """Modules of 2D weights left unquantized (modules_to_not_convert / ignore / exclude lists)."""
+        return sorted(t.name.removesuffix(".weight") for t in self.tensors
+                      if t.decision == KEEP and t.name.endswith(".weight") and len(t.shape) == 2
+                      and t.dtype not in FP8_DTYPES)
 
     def totals(self) -> dict:
         count = {d: 0 for d in (FP8, KEEP, PASSTHROUGH)}

@@ -25,8 +25,7 @@ def quantization_config(plan: Plan) -> dict:
     if s.scale_fmt == "ue8m0":
         qc["scale_fmt"] = "ue8m0"  # every scale written is an exact power of two
     # Unquantized linear modules, so loaders do not build FP8 layers for them.
-    qc["modules_to_not_convert"] = sorted(t.name[: -len(".weight")] for t in plan.tensors
-                                          if t.decision == KEEP and len(t.shape) == 2 and t.name.endswith(".weight"))
+    qc["modules_to_not_convert"] = plan.kept_linear_modules()
     return qc
 
 

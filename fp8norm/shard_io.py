@@ -23,7 +23,7 @@ import torch
 
 from . import distributed
 from .checkpoint import SourceCheckpoint
-from .pipeline import MANIFEST_NAME, OutputError, _on_rank0, prepare_dst
+from .pipeline import ManifestRecord, OutputError, _on_rank0, drop_rank_manifests, prepare_dst, write_manifest
 from .st_io import DTYPE_NAMES, OutEntry, ShardWriter, atomic_write_text, read_tensor
 
 
@@ -73,7 +73,7 @@ def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *,
 
     def prepare() -> set[str]:
         found = prepare_dst(ckpt.root, dst, fingerprint, resume=resume, overwrite=overwrite)
-        _write_manifest(dst, fingerprint, found, complete=False)
+        write_manifest(dst, fingerprint, found, complete=False)
         return found
 
     done = _on_rank0(ctx, prepare)
@@ -114,17 +114,10 @@ def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *,
                 shutil.copyfile(ckpt.root / rel, tmp)
                 os.replace(tmp, out)
         atomic_write_text(dst / layout_name, json.dumps(layout, indent=2) + "\n")
-        for p in dst.glob(".fp8norm-manifest.rank*.json"):
-            p.unlink()
-        _write_manifest(dst, fingerprint, set(files), complete=True)
+        drop_rank_manifests(dst)
+        write_manifest(dst, fingerprint, files, complete=True)
     return ShardSummary(len(files), sum(len(j.sources) for j in jobs), n_out, bytes_in, bytes_out,
                         time.perf_counter() - t0)
-
-
-def _write_manifest(dst: Path, fingerprint: str, files: set[str], *, complete: bool) -> None:
-    manifest = {"fingerprint": fingerprint, "done": {f: (dst / f).stat().st_size for f in sorted(files)},
-                "complete": complete}
-    atomic_write_text(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
 
 
 def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, fingerprint,
@@ -132,9 +125,7 @@ def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, f
     """Write `files` (all of them, or this rank's share): returns (bytes read, bytes written, tensors written)."""
     for f in files:
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
-    manifest_path = dst / (MANIFEST_NAME if ctx is None else distributed.RANK_MANIFEST.format(rank=ctx.rank))
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
-        "fingerprint": fingerprint, "done": {}, "complete": False}
+    record = ManifestRecord(dst, fingerprint, ctx)
     my_jobs = [j for j in jobs if any(o.file in files for o in j.outputs)]
     writers = {f: ShardWriter(dst / f, entries) for f, entries in files.items()}
     from tqdm import tqdm
@@ -166,8 +157,7 @@ def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, f
             bar.update(sum(ckpt.tensors[n].nbytes for n in job.sources))
         for f, w in writers.items():
             w.commit()
-            manifest["done"][f] = (dst / f).stat().st_size
-            atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+            record.finished(f)
     except BaseException:
         for w in writers.values():
             if w.tmp_path.exists():
