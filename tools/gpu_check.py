@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -232,7 +233,8 @@ OPS = [
        lambda s: _nbytes(s, torch.bfloat16) + _nbytes(s, torch.uint8) // 2 + _nbytes(s, E4M3) // 16,
        eager=lambda x, **kw: eager_quant_nvfp4(_as_2d(x)),
        variants=tuple((str(dt).split(".")[-1], {"dtype": dt}) for dt in (torch.bfloat16, torch.float16,
-                                                                          torch.float32))),
+                                                                          torch.float32))
+       + (("float32,amax~1e-30 (IEEE-division relaunch)", {"dtype": torch.float32, "scale": 1e-30}),)),
     Op("dequant_nvfp4[->bf16]", "dequant_nvfp4", _make_dequant_nvfp4,
        lambda s: _nbytes(s, torch.uint8) // 2 + _nbytes(s, E4M3) // 16 + _nbytes(s, torch.bfloat16),
        eager=lambda p, w, s2, **kw: eager_dequant_nvfp4(_as_2d(p), _as_2d(w), s2.reshape(-1)[:1]),
@@ -260,9 +262,11 @@ def uncovered(ops) -> list[str]:
 def _apply_variant(op: Op, args, kwargs, variant: dict):
     """Correctness variants: an input dtype (cast the first argument) or extra keyword arguments."""
     variant = dict(variant)
-    dtype = variant.pop("dtype", None)
+    dtype, scale = variant.pop("dtype", None), variant.pop("scale", None)
     if dtype is not None:
         args = (args[0].to(dtype),) + tuple(args[1:])
+    if scale is not None:
+        args = (args[0] * scale,) + tuple(args[1:])
     return args, {**kwargs, **variant}
 
 
@@ -514,6 +518,8 @@ def write_synthetic_llama(dst: Path, target_bytes: float, device: str) -> int:
 def checkpoint(res: Results, device: str, dry: bool) -> None:
     from fp8norm.quantize import quantize
 
+    # `timeout` sends SIGTERM: exit through the `finally` below, which deletes the scratch checkpoints.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     scratch = Path(tempfile.mkdtemp(prefix="fp8norm-gpu-check-", dir=os.environ.get("FP8NORM_SCRATCH")))
     try:
         free = shutil.disk_usage(scratch).free
@@ -527,6 +533,7 @@ def checkpoint(res: Results, device: str, dry: bool) -> None:
         subprocess.run(["sync"], check=False)
         cp_s = time.perf_counter() - t0
         shutil.rmtree(cp_dst)
+        res.set("checkpoint", {"bytes": total, "generate_s": round(gen_s, 2), "cp_s": round(cp_s, 2)})
         s = quantize(str(src), str(out), device=device)
         t0 = time.perf_counter()
         subprocess.run(["sync"], check=False)
