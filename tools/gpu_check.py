@@ -58,7 +58,7 @@ class Results:
     "torch_compile", "checkpoint", "uncovered"}; every change is written at once."""
 
     KEYS = ("meta", "steps", "correctness", "bandwidth", "wrapper_overhead", "torch_compile", "checkpoint",
-            "uncovered")
+            "uncovered", "compiled_kernels")
 
     def __init__(self, out: Path):
         self.path = out / "gpu_check.json"
@@ -210,7 +210,9 @@ def _make_dequant_nvfp4(shape, device, gen):
         w = torch.ones((*lead, m, n // 16), device=device).to(E4M3)
     else:
         p = torch.randint(0, 256, (*lead, m, n // 2), dtype=torch.uint8, generator=gen).to(device)
-        w = torch.exp2(torch.randint(-9, 8, (*lead, m, n // 16), generator=gen).float()).to(E4M3).to(device)
+        w = torch.exp2(torch.randint(-9, 8, (*lead, m, n // 16), generator=gen).float()).to(E4M3)
+        w.view(torch.uint8).view(-1)[0] = 0x7F  # a NaN scale code: its 16 outputs are NaN
+        w = w.to(device)
     s2 = torch.full((lead[0],) if lead else (), 0.01, device=device)
     return (p, w, s2), {}
 
@@ -437,6 +439,28 @@ def bandwidth(res: Results, device: str, dry: bool) -> None:
             del args, kwargs
             if device == "cuda":
                 torch.cuda.empty_cache()
+    res.set("compiled_kernels", compiled_kernels())
+
+
+def compiled_kernels() -> list[dict]:
+    """Registers and spills of every kernel this process compiled, as the machine's own Triton built
+    them (to set against tools/aot_compile.py's figures); empty if its caches are laid out otherwise."""
+    from triton.runtime.jit import JITFunction
+
+    out = []
+    for module in fk.kernel_modules():
+        for name in dir(module):
+            fn = getattr(module, name)
+            if not (name.endswith("_kernel") and isinstance(fn, JITFunction)):
+                continue
+            try:
+                for cache in fn.device_caches.values():
+                    for k in cache[0].values():
+                        out.append({"kernel": name, "num_warps": k.metadata.num_warps, "registers": k.n_regs,
+                                    "spills": k.n_spills, "shared_bytes": k.metadata.shared})
+            except Exception:  # noqa: BLE001 - a Triton with other internals: nothing to report
+                pass
+    return out
 
 
 def wrapper_overhead(op, fn, args, kwargs, kernel_us, shape, device) -> dict:
@@ -606,6 +630,9 @@ def summary(res: Results) -> str:
         k = d["checkpoint"]
         lines.append(f"checkpoint {k['bytes'] / 1e9:.2f} GB: quantize {k['quantize_wall_s']} s (read {k['read_s']}, "
                      f"compute {k['compute_s']}, write {k['write_s']}) vs cp {k['cp_s']} s: x{k['x_cp']}")
+    for r in d.get("compiled_kernels", []):
+        lines.append(f"compiled here: {r['kernel']} {r['num_warps']} warps, {r['registers']} registers, "
+                     f"{r['spills']} spills, {r['shared_bytes']} B shared")
     if d["uncovered"]:
         lines.append(f"not covered by the check: {', '.join(d['uncovered'])}")
     return "\n".join(lines)
