@@ -335,14 +335,16 @@ def run_case(case, device: str) -> dict:
 
 
 def correctness(res: Results, device: str, dry: bool) -> None:
-    """On the GPU the cases run in a pool of processes: each new specialization is a Triton compile
-    of a few seconds, and they compile in parallel (into Triton's shared on-disk cache)."""
+    """On the GPU the cases run in a pool of processes (FP8NORM_GPU_CHECK_WORKERS, default up to 8):
+    each new specialization is a Triton compile of a few seconds, and they compile in parallel (into
+    Triton's shared on-disk cache)."""
     cases = correctness_cases(dry)
-    if device == "cuda":
+    default = max(1, min(8, (os.cpu_count() or 2) - 1)) if device == "cuda" else 1
+    workers = int(os.environ.get("FP8NORM_GPU_CHECK_WORKERS", default))
+    if workers > 1:
         import concurrent.futures
         import multiprocessing
 
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             for rec in pool.map(run_case, cases, [device] * len(cases)):
