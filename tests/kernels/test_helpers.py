@@ -172,3 +172,22 @@ def test_import_and_launch_leave_other_triton_kernels_alone(tmp_path):
     script.write_text(THIRD_PARTY)
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@kernel
+def _stdlib_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N))
+    tl.store(out_ptr, tl.max(x, 0) + tl.sum(x, 0) + tl.cdiv(N, 3))
+
+
+def test_kernels_may_use_tritons_own_library_under_the_interpreter():
+    """tl.max / tl.sum / tl.cdiv are compiled-only JITFunctions in a process without TRITON_INTERPRET;
+    an interpreted launch swaps them for the duration of the launch only (a kernel without an
+    INTERPRET argument gets none)."""
+    from triton.runtime.jit import JITFunction
+
+    x = torch.arange(8, dtype=torch.float32)
+    out = torch.empty(1)
+    _stdlib_kernel[(1,)](x, out, N=8)
+    assert out.item() == 7 + 28 + 3
+    assert type(tl.max) is JITFunction and type(tl.standard.sum) is JITFunction  # put back
