@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import CalibSettings
-from .plan import _assign_shards
+from .plan import lay_out_shards
 from .st_io import OutEntry, read_tensor
 
 from .classify import FP8, KEEP, fused_group_key
@@ -83,8 +83,7 @@ def _keep_nonfinite(p: Plan) -> None:
         if t.name in bad or (t.decision == FP8 and fused_group_key(t.name) in bad_groups):
             t.decision, t.outputs = KEEP, [OutEntry(t.name, t.dtype, t.shape)]
             t.rule = NONFINITE_RULE if t.name in bad else NONFINITE_RULE + ":fused-with-it"
-    if p.repacked:
-        p.shards = _assign_shards(p.tensors, p.max_shard_size)
+    p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
 
 
 PROVENANCE_NAME = "fp8norm.json"
