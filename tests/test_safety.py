@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
+import fp8norm.output
 import fp8norm.pipeline
 from fp8norm.examples import make_example
 from fp8norm.output import LOCK_NAME, MANIFEST_NAME
@@ -330,3 +332,203 @@ def test_malformed_manifest_is_named(clean, tmp_path, monkeypatch):
         one_line_error(cli("quantize", s, dst, "--max-shard-size", SHARD, "--resume", ok=False),
                        str(dst / MANIFEST_NAME), "--overwrite")
         assert snapshot(dst) == before
+
+
+# ---------------------------------------------------------------- every check before the first write
+
+def _fp8_source(tmp_path, edit) -> Path:
+    """A quantized llama checkpoint (one file) with `edit(tensors)` applied to its tensors."""
+    from safetensors import safe_open
+
+    s = make_example(tmp_path / "bf16", "llama", "single")
+    q = tmp_path / "fp8"
+    cli("quantize", s, q, "--skip-verify")
+    f = next(q.glob("model-*.safetensors"))
+    with safe_open(str(f), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    edit(tensors)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    index = q / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: f.name for k in tensors}}))
+    return q
+
+
+SCALE = "model.layers.0.mlp.down_proj.weight_scale_inv"
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (float("nan"), "not finite and > 0"), (float("inf"), "not finite and > 0"), (0.0, "not finite and > 0"),
+    (-1.0, "not finite and > 0"), ("int", "I32; block scales are read as F32, BF16"),
+    ("shape", "has shape"), ("e5m2", "F8_E5M2: fp8norm reads F8_E4M3")])
+@pytest.mark.parametrize("command", [["convert", "--to", "bf16"], ["convert", "--to", "fp8-ue8m0"],
+                                     ["convert", "--to", "nvfp4"], ["quantize"]])
+def test_fp8_sources_are_checked_before_writing(tmp_path, bad, needle, command):
+    def edit(t):
+        w = SCALE.removesuffix("_scale_inv")
+        if bad == "int":
+            t[SCALE] = t[SCALE].to(torch.int32)
+        elif bad == "shape":
+            t[SCALE] = t[SCALE][:1]
+        elif bad == "e5m2":
+            t[w] = t[w].float().to(torch.float8_e5m2)
+        else:
+            t[SCALE][0, 0] = bad
+
+    q = _fp8_source(tmp_path, edit)
+    before = snapshot(q)
+    tensor = SCALE.removesuffix("_scale_inv") if bad == "e5m2" else SCALE
+    if bad == "shape" and command == ["quantize"]:
+        needle = "needs"  # the plan's own grid check words it so
+    one_line_error(cli(command[0], q, tmp_path / "o", *command[1:], ok=False), repr(tensor), needle)
+    assert snapshot(q) == before and not (tmp_path / "o").exists()
+
+
+def test_unsupported_dtypes_are_named_with_what_is_supported(tmp_path):
+    from fp8norm.examples import family_tensors
+
+    s = make_example(tmp_path / "src", "llama", "single")
+    t = family_tensors("llama")
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"].double()
+    save_file(t, str(s / "model.safetensors"), metadata={"format": "pt"})
+    one_line_error(cli("quantize", s, tmp_path / "o", ok=False), "'model.layers.0.mlp.up_proj.weight' is F64",
+                   "BF16, F16, F32", "--exclude")
+    assert not (tmp_path / "o").exists()
+    cli("quantize", s, tmp_path / "o", "--exclude", "up_proj|gate_proj")  # kept as they are: fine
+
+
+@pytest.mark.parametrize("command", [["quantize"], ["repack"], ["shard", "--layout", "mcore", "--pp", "2"]])
+@pytest.mark.parametrize("text, needle", [(b"{not json", "not a valid config.json"), (b"[1, 2]", "JSON object"),
+                                          (b"\xff\xfe", "not UTF-8"),
+                                          (b'{"quantization_config": [1]}', "quantization_config is a list")])
+def test_malformed_config_json_is_named_before_writing(tmp_path, command, text, needle):
+    s = make_example(tmp_path / "src", "llama", "single")
+    (s / "config.json").write_bytes(text)
+    if command[0] != "shard" and b"quantization_config" in text:
+        pytest.skip("quantize replaces quantization_config and repack copies it: only shard reads it")
+    one_line_error(cli(command[0], s, tmp_path / "o", *command[1:], ok=False), str(s / "config.json"), needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda i: i["weight_map"].update({"model.norm.weight": 5}), "maps 'model.norm.weight' to 5"),
+    (lambda i: i.update({"weight_map": ["a"]}), "weight_map is list"),
+    (lambda i: i["weight_map"].update({"model.norm.weight": "../x.safetensors"}), "not a file name"),
+])
+def test_malformed_index_values_are_named(tmp_path, edit, needle):
+    s = make_example(tmp_path / "src", "llama", "sharded", shards=2)
+    p = s / "model.safetensors.index.json"
+    index = json.loads(p.read_text())
+    edit(index)
+    p.write_text(json.dumps(index))
+    one_line_error(cli("quantize", s, tmp_path / "o", ok=False), str(p), needle)
+    p.write_bytes(b"\xff" + p.read_bytes())
+    one_line_error(cli("quantize", s, tmp_path / "o", ok=False), str(p), "not UTF-8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_shard_missing_from_the_index_is_an_error(tmp_path):
+    s = make_example(tmp_path / "src", "llama", "sharded", shards=2)
+    save_file({"extra.weight": torch.ones(4)}, str(s / "model-00003-of-00003.safetensors"))
+    one_line_error(cli("quantize", s, tmp_path / "o", ok=False), str(s / "model-00003-of-00003.safetensors"),
+                   "does not list")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--verify-samples", "-1"], "--verify-samples"), (["--resume", "--overwrite"], "exclude each other"),
+    (["--overwrite", "--resume"], "exclude each other"), (["--include", "("], "not a regular expression"),
+    (["--exclude", "a[", "--include", "x"], "not a regular expression"), (["--device", "foo"], "'foo'")])
+def test_bad_options_are_refused_before_anything_runs(src, tmp_path, args, needle):
+    one_line_error(cli("quantize", src, tmp_path / "o", *args, ok=False), needle, exit_code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_calls_check_their_options_too(src, tmp_path):
+    from fp8norm.quantize import quantize
+
+    for kwargs, needle in (({"include": ("(",)}, "--include '('"), ({"device": "foo"}, "--device foo"),
+                           ({"resume": True, "overwrite": True}, "exclude each other"),
+                           ({"verify_samples": -1}, "verify_samples")):
+        with pytest.raises(ValueError) as e:
+            quantize(src, tmp_path / "o", progress=False, **kwargs)
+        assert needle in str(e.value)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+# ---------------------------------------------------------------- OSErrors in every phase
+
+@pytest.fixture
+def no_thread_tracebacks(monkeypatch):
+    import threading
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args))
+    yield
+    assert not seen, seen
+
+
+def _fail_fsync(monkeypatch, name: str, occurrence: int):
+    """os.fsync raises ENOSPC the `occurrence`-th time a file whose name holds `name` is synced."""
+    import errno
+
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if name in os.path.basename(path):
+            calls.append(path)
+            if len(calls) == occurrence:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+@pytest.mark.parametrize("name, occurrence", [
+    ("model-00002-of", 1), ("model.safetensors.index.json", 1), ("config.json", 1), ("fp8norm.json", 1),
+    (MANIFEST_NAME, 1), (MANIFEST_NAME, 3), (MANIFEST_NAME, "last"), ("tokenizer", 1)])
+def test_no_space_in_any_phase_is_one_line_and_resumable(clean, tmp_path, monkeypatch, no_thread_tracebacks,
+                                                        name, occurrence):
+    import errno
+
+    s, out = clean
+    dst = tmp_path / "dst"
+    args = ("quantize", s, dst, "--max-shard-size", SHARD, "--skip-verify")
+    if name == "tokenizer":  # copied files are not fsynced: the copy itself fails
+        def copyfile(a, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(fp8norm.output.shutil, "copyfile", copyfile)
+        name = ""
+    elif occurrence == "last":
+        calls = _fail_fsync(monkeypatch, name, 10**6)
+        cli(*args[:2], tmp_path / "count", *args[3:])
+        occurrence = len(calls)
+        _fail_fsync(monkeypatch, name, occurrence)
+    else:
+        _fail_fsync(monkeypatch, name, occurrence)
+    src_before = snapshot(s)
+    line = one_line_error(cli(*args, ok=False), "no space left on device", "still needs", "--resume")
+    assert name in line and any(f"{dst / p.name}:" in line for p in [*s.iterdir(), *out.iterdir()])
+    assert not list(dst.rglob("*.partial")) and snapshot(s) == src_before
+    monkeypatch.undo()  # the disk has space again
+    cli(*args, "--resume")
+    assert tree_bytes(dst) == tree_bytes(out)
+
+
+@pytest.mark.parametrize("layout, name", [(["--layout", "deepseek", "--mp", "2", "--n-experts", "0"], "model1-mp2"),
+                                          (["--layout", "deepseek", "--mp", "2", "--n-experts", "0"],
+                                           "fp8norm_parallel_layout.json"),
+                                          (["--layout", "mcore", "--pp", "2"], "model.safetensors")])
+def test_no_space_while_sharding_is_one_line_and_resumable(clean, tmp_path, monkeypatch, no_thread_tracebacks,
+                                                          layout, name):
+    s, _ = clean
+    cli("shard", s, tmp_path / "ref", *layout)
+    _fail_fsync(monkeypatch, name, 1)
+    line = one_line_error(cli("shard", s, tmp_path / "o", *layout, ok=False), "no space left on device",
+                          "still needs", "--resume")
+    assert name in line
+    assert not list((tmp_path / "o").rglob("*.partial"))
+    monkeypatch.undo()
+    cli("shard", s, tmp_path / "o", *layout, "--resume")
+    assert tree_bytes(tmp_path / "o") == tree_bytes(tmp_path / "ref")
