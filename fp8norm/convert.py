@@ -31,6 +31,7 @@ from . import __version__, dispatch
 from . import numerics as nx
 from .checkpoint import open_checkpoint, read_json
 from .classify import FP8, KEEP, fused_group_key, heuristic_rule, quantizable
+from .output import PROVENANCE_NAME, json_text, provenance
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, QuantSettings, TensorPlan, check_fp8_sources, config_block_size, lay_out_shards
 from .sizes import parse_size
@@ -282,9 +283,8 @@ def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", re
     """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring)."""
     plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                               repack=repack)
-    extra = {"fp8norm.json": json.dumps({"producer": {"name": "fp8norm", "version": __version__},
-                                         "converted_to": to, "source_format": plan.source_format.kind,
-                                         "plan_fingerprint": plan.fingerprint()}, indent=2) + "\n"}
+    extra = {PROVENANCE_NAME: json_text(provenance(converted_to=to, source_format=plan.source_format.kind,
+                                                   plan_fingerprint=plan.fingerprint()))}
     if to.startswith("nvfp4"):
         from .pipeline import resolve_device
 
@@ -294,6 +294,6 @@ def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", re
                                                  "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
     summary = execute_plan(plan, Path(dst), transform=convert_tensor, finalize_config=target_config, device=device,
                            resume=resume, overwrite=overwrite, progress=progress, extra_files=extra,
-                           skip_files=("fp8norm.json", HF_QUANT_CONFIG))
+                           skip_files=(PROVENANCE_NAME, HF_QUANT_CONFIG))
     summary.notes.extend(plan.notes)
     return summary

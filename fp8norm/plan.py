@@ -6,8 +6,6 @@ that determines the output bytes, so `--resume` can refuse a DST made with other
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from .calibrate import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
 from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, classify, scale_name
+from .output import fingerprint
 from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
 
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -181,7 +180,7 @@ class Plan:
         d = self.to_dict()
         d.pop("source")
         d.pop("reference")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return fingerprint(d)
 
 
 def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> dict:

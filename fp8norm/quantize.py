@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,6 +11,8 @@ from .plan import lay_out_shards
 from .st_io import OutEntry, read_tensor
 
 from .classify import FP8, KEEP, fused_group_key
+from . import output
+from .output import PROVENANCE_NAME, json_text
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, build_plan
 from .sizes import parse_size
@@ -86,20 +87,13 @@ def _keep_nonfinite(p: Plan) -> None:
     p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
 
 
-PROVENANCE_NAME = "fp8norm.json"
-
-
 def provenance(p: Plan) -> str:
     """fp8norm.json: how this checkpoint was made (tool version, scales, calibration)."""
-    from . import __version__
-
     s = p.settings
-    doc = {"producer": {"name": "fp8norm", "version": __version__},
-           "weight_block_size": list(s.block_size), "scale_fmt": s.scale_fmt, "scale_dtype": s.scale_dtype,
-           "amax_floor": s.amax_floor, "calibration": s.calib.to_dict(),
-           "activation_stats_sha256": s.activation_stats_sha256, "reference": p.reference,
-           "plan_fingerprint": p.fingerprint()}
-    return json.dumps(doc, indent=2) + "\n"
+    return json_text(output.provenance(
+        weight_block_size=list(s.block_size), scale_fmt=s.scale_fmt, scale_dtype=s.scale_dtype,
+        amax_floor=s.amax_floor, calibration=s.calib.to_dict(), activation_stats_sha256=s.activation_stats_sha256,
+        reference=p.reference, plan_fingerprint=p.fingerprint()))
 
 
 def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:

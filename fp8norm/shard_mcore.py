@@ -73,10 +73,9 @@ pieces from the first replica (TP rank 0 / EP rank 0 where replicated).
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
