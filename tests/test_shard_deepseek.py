@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8norm.checkpoint import open_checkpoint
-from fp8norm.shard_deepseek import plan_deepseek
+from fp8norm.shard.deepseek import plan_deepseek
 from fp8norm import reference
 from fp8norm.cli import main
 from tests.memory_utils import JOBS_IN_FLIGHT, track_reads
@@ -165,7 +165,7 @@ def test_fp8_and_bf16_splits_follow_their_tiles(tmp_path):
     save_file(t2, str(src2 / "model.safetensors"))
     res = shard(src2, tmp_path / "o2", 4, 4, ok=False)
     assert res.exit_code == 1
-    assert "'model.layers.0.self_attn.o_proj.weight' [512, 384]" in res.output and "128-wide FP8 blocks" in res.output
+    assert "'model.layers.0.self_attn.o_proj.weight' [512, 384]" in res.output and "128-column FP8 block grid" in res.output
     assert "mp=4" in res.output and not (tmp_path / "o2").exists()
     shard(src2, tmp_path / "o3", 4, 4, "--requant")
     full = reference.dequant_fp8_block(q, s, out_dtype=torch.float32)
@@ -193,7 +193,7 @@ def test_fp8_split_uses_the_checkpoints_block_size(tmp_path):
         assert torch.equal(r["layers.0.attn.wo.scale"], s[:, i:i + 1])
     (src / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [128, 128]}}))
     res = shard(src, tmp_path / "o2", 4, 4, ok=False)  # the same pieces are mid-block on a 128 grid
-    assert res.exit_code == 1 and "128-wide FP8 blocks" in res.output
+    assert res.exit_code == 1 and "128-column FP8 block grid" in res.output
 
 
 def test_requant_dequantizes_each_source_once(tmp_path, monkeypatch):

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from . import dispatch
-from . import numerics as nx
-from .checkpoint import open_checkpoint, read_json
-from .output import fingerprint, json_text
-from .plan import config_block_size
-from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
-from .st_io import DTYPE_NAMES, OutEntry, TensorInfo, read_tensor
+from .. import numerics as nx
+from ..checkpoint import open_checkpoint, read_json
+from ..output import fingerprint, json_text
+from ..plan import config_block_size
+from ..st_io import OutEntry, TensorInfo, read_tensor
+from .fp8 import Cut, QuantOpts, Spec, plan_out
+from .jobs import ShardJob, ShardSummary, SliceOut, write_rank_files
 
 COLUMN, ROW = 0, 1
 # HF projection name -> (DeepSeek name, parallel dim: 0 column, 1 row, None replicated)
@@ -160,7 +160,8 @@ def plan_deepseek(src, mp: int, n_experts: int, *, requant: bool = False) -> tup
         make_outputs = {"plain": _plain_outputs, "fp8": partial(_fp8_outputs, block=block),
                         "gptq": _gptq_outputs}[m.kind]
         for rank in ranks:
-            for entry, fn in make_outputs(m, dim, rank, mp, requant):
+            extra = {"file": files[rank]} if m.kind == "fp8" else {}
+            for entry, fn in make_outputs(m, dim, rank, mp, requant, **extra):
                 job.outputs.append(SliceOut(files[rank], entry, fn))
         jobs.append(job)
     layout = {"layout": "deepseek", "mp": mp, "n_experts": n_experts, "files": files,
@@ -189,7 +190,7 @@ def _plain_outputs(m: Module, dim, rank, mp, requant):
     yield OutEntry(m.name, info.dtype, shape), lambda s, n=info.name, d=dim, sl=sl: _narrow(s[n], d, sl)
 
 
-def _fp8_outputs(m: Module, dim, rank, mp, requant, block=nx.DEFAULT_BLOCK_SIZE):
+def _fp8_outputs(m: Module, dim, rank, mp, requant, block=nx.DEFAULT_BLOCK_SIZE, file=None):
     w, sc = m.parts["weight"], m.parts["scale"]
     scale_name = m.name.removesuffix(".weight") + ".scale"
     if dim is None:
@@ -200,36 +201,16 @@ def _fp8_outputs(m: Module, dim, rank, mp, requant, block=nx.DEFAULT_BLOCK_SIZE)
     if size % mp:
         raise _err(m, w, f"{'output' if dim == 0 else 'input'} dim {size} is not divisible by the "
                          "model-parallel size", mp)
-    piece, b = size // mp, block[dim]
     sl = _piece(size, mp, rank)
-    shape = tuple(piece if d == dim else s for d, s in enumerate(w.shape))
-    if piece % b == 0:  # split on block boundaries: bytes and scale tiles carried as they are
-        ssl = slice(sl.start // b, sl.stop // b)
-        sshape = tuple(ssl.stop - ssl.start if d == dim else s for d, s in enumerate(sc.shape))
-        yield OutEntry(m.name, w.dtype, shape), lambda s, n=w.name, d=dim, sl=sl: _narrow(s[n], d, sl)
-        yield OutEntry(scale_name, sc.dtype, sshape), lambda s, n=sc.name, d=dim, sl=ssl: _narrow(s[n], d, sl)
-        return
-    if not requant:
-        raise _err(m, w, f"splitting {'rows' if dim == 0 else 'columns'} into pieces of {piece} does not fall on "
-                         f"{b}-wide FP8 blocks (use --requant to dequantize and requantize)", mp)
-    sdtype = {"F32": torch.float32, "BF16": torch.bfloat16}.get(sc.dtype, torch.float32)
-
-    def requantized(s, which, n=w.name, ns=sc.name, d=dim, sl=sl):
-        # s is the job's own dict of sources: the weight is dequantized once for all ranks, each
-        # rank's piece quantized once for its weight and scale
-        full = s.get(("dequant", n))
-        if full is None:
-            full = s[("dequant", n)] = dispatch.dequant_fp8_block(s[n], s[ns], block_size=block,
-                                                                  out_dtype=torch.float32)
-        pair = s.get(("requant", n, sl.start))
-        if pair is None:
-            pair = s[("requant", n, sl.start)] = dispatch.quant_fp8_block(
-                _narrow(full, d, sl).contiguous(), block_size=block, scale_dtype=sdtype)
-        return pair[0] if which == "q" else pair[1]
-
-    yield OutEntry(m.name, "F8_E4M3", shape), lambda s: requantized(s, "q")
-    yield (OutEntry(scale_name, DTYPE_NAMES[sdtype], nx.scale_inv_shape(shape, block)),
-           lambda s: requantized(s, "s"))
+    # the FP8 engine carries block-aligned pieces byte for byte, requantizes the others (requant=True)
+    opts = QuantOpts(requant, nx.DEFAULT_AMAX_FLOOR, False, block, "use --requant to dequantize and requantize")
+    spec = {w.name: Spec(w.name, w.dtype, w.shape, sc.name, sc.dtype, sc.shape)}
+    try:
+        out = plan_out(file, m.name, [Cut(w.name, sl.start, sl.stop, 0, dim)], spec, f"split over mp={mp}", opts)
+    except ValueError as e:
+        raise ShardError(f"{w.file.name}: tensor {w.name!r} {list(w.shape)}: {e}") from None
+    yield OutEntry(m.name, out.dtype, out.shape), out.make
+    yield OutEntry(scale_name, out.scale[0], out.scale[1]), out.scale[2]
 
 
 def _gptq_outputs(m: Module, dim, rank, mp, requant):
