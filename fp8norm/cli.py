@@ -116,11 +116,47 @@ def _size(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _not_with(other: str):
+    """A flag that may not be given together with the flag `other` (checked whichever comes first)."""
+    def check(ctx, param, value):
+        if value and ctx.params.get(other):
+            raise click.UsageError(f"--{param.name} and --{other} exclude each other: --resume continues DST, "
+                                   "--overwrite replaces it")
+        return value
+    return check
+
+
+def _device(_ctx, _param, value: str) -> str:
+    import torch
+
+    try:
+        dev = None if value == "auto" else torch.device(value)
+    except (RuntimeError, ValueError):
+        dev = False
+    if dev is False or (dev is not None and dev.type not in ("cpu", "cuda")):
+        raise click.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _patterns(_ctx, param, value):
+    import re
+
+    for p in value:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise click.BadParameter(f"{p!r} is not a regular expression ({e})") from None
+    return value
+
+
 # Options several commands share.
-OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+OVERWRITE = click.option("--overwrite", is_flag=True, callback=_not_with("resume"),
+                         help="Replace an existing non-empty DST (removed only once the new run is ready to write).")
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-RESUME = click.option("--resume", is_flag=True, help="Continue an interrupted run into DST (finished shards are skipped).")
-DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+RESUME = click.option("--resume", is_flag=True, callback=_not_with("overwrite"),
+                      help="Continue an interrupted run into DST (finished shards are skipped).")
+DEVICE = click.option("--device", default="auto", show_default=True, callback=_device,
+                      help="auto, cpu, cuda or cuda:N.")
 MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
                               help="Largest output shard: 4GB, 500MB, 4GiB.")
 
@@ -137,9 +173,9 @@ def selection_options(f):
     """Options shared by `plan` and `quantize` (they must build the same plan)."""
     f = click.option("--allow-mismatch", is_flag=True,
                      help="With --reference: go on when tensor names differ between source and reference.")(f)
-    f = click.option("--exclude", multiple=True, metavar="REGEX",
+    f = click.option("--exclude", multiple=True, metavar="REGEX", callback=_patterns,
                      help="Keep tensors whose name matches (wins over everything). Repeatable.")(f)
-    f = click.option("--include", multiple=True, metavar="REGEX",
+    f = click.option("--include", multiple=True, metavar="REGEX", callback=_patterns,
                      help="Quantize tensors whose name matches (wins over rules and reference). Repeatable.")(f)
     f = click.option("--reference", type=click.Path(exists=True), metavar="REF",
                      help="An FP8 checkpoint (dir or index json): quantize exactly the tensors it has scales "
@@ -167,12 +203,13 @@ def selection_options(f):
     return f
 
 
-def _plan_kwargs(kw) -> dict:
-    return dict(reference=kw["reference"], include=kw["include"], exclude=kw["exclude"],
-                allow_mismatch=kw["allow_mismatch"], scale_fmt=kw["scale_fmt"], scale_dtype=kw["scale_dtype"],
-                amax_floor=kw["amax_floor"], max_shard_size=kw["max_shard_size"], repack=not kw["no_repack"],
-                calib=kw["calib"], rms_factor=kw["rms_factor"], percentile=kw["percentile"],
-                mse_grid=kw["mse_grid"], activation_stats=kw["activation_stats"])
+def _plan_options(kw):
+    """The selection options of `plan` / `quantize` as the library's PlanOptions."""
+    from dataclasses import fields
+
+    from .plan import PlanOptions
+
+    return PlanOptions(**{f.name: kw[f.name] for f in fields(PlanOptions) if f.name in kw}, repack=not kw["no_repack"])
 
 
 @main.command("plan")
@@ -191,7 +228,7 @@ def plan_cmd(src, as_json, **kw):
     from .plan import format_plan_table
     from .quantize import plan
 
-    p = plan(src, **_plan_kwargs(kw))
+    p = plan(src, _plan_options(kw))
     click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_plan_table(p))
 
 
@@ -202,7 +239,7 @@ def plan_cmd(src, as_json, **kw):
 @DEVICE
 @RESUME
 @OVERWRITE
-@click.option("--verify-samples", type=int, default=5, show_default=True,
+@click.option("--verify-samples", type=click.IntRange(min=0), default=5, show_default=True,
               help="FP8 tensors per shard re-read from disk and compared with the source.")
 @click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 @click.option("--allow-nonfinite", is_flag=True,
@@ -224,7 +261,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
                        progress=None if not quiet else False,
                        verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
-                       **_plan_kwargs(kw))
+                       options=_plan_options(kw))
     _report(summary, dst)
 
 
@@ -314,14 +351,14 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
     """
     progress = None if not quiet else False
     if layout == "deepseek":
-        from .shard_deepseek import shard_deepseek
+        from .shard import shard_deepseek
 
         if not mp:
             raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
         summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
                                  progress=progress, resume=resume)
     else:
-        from .shard_mcore import hf_to_mcore
+        from .shard import hf_to_mcore
 
         summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
                               grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
@@ -344,7 +381,7 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, re
     Example:
       fp8norm unshard /ckpt/mcore /models/Qwen3-30B-A3B-again
     """
-    from .shard_mcore import mcore_to_hf
+    from .shard import mcore_to_hf
 
     summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
                           max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,

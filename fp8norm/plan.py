@@ -6,20 +6,82 @@ that determines the output bytes, so `--resume` can refuse a DST made with other
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import numerics as nx
 from .calibrate import CalibSettings
-from .checkpoint import SourceCheckpoint, load_reference_names, open_checkpoint, shard_name
-from .classify import FP8, KEEP, PASSTHROUGH, classify, scale_name
-from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header
+from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
+                         shard_name)
+from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Decision, classify, fused_group_key, scale_name
+from .output import fingerprint
+from .sizes import parse_size
+from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
 
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANTIZE_DTYPES = ("BF16", "F16", "F32")  # what the kernels make FP8 from
+SOURCE_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # block scales of FP8 sources that are read
+
+
+class PlanError(ValueError):
+    """A source or option that cannot be planned; the message names the file, tensor or option."""
+
+
+def quantization_config_of(cfg: dict, path) -> dict:
+    """config.json's quantization_config ({} when absent), checked to be an object."""
+    qc = cfg.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise PlanError(f"{path}: quantization_config is a {type(qc).__name__}, not an object")
+    return qc
+
+
+def config_block_size(cfg: dict, path) -> tuple[int, int]:
+    """The FP8 block size of a checkpoint: quantization_config.weight_block_size, default 128x128."""
+    bs = quantization_config_of(cfg, path).get("weight_block_size")
+    if bs is None:
+        return nx.DEFAULT_BLOCK_SIZE
+    if (not isinstance(bs, list) or len(bs) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)):
+        raise PlanError(f"{path}: quantization_config.weight_block_size is {bs!r}, not two positive ints")
+    return bs[0], bs[1]
+
+
+def check_patterns(patterns, option: str) -> tuple[str, ...]:
+    """Every pattern compiles as a regular expression (else one line naming it and the option)."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise PlanError(f"{option} {p!r}: not a regular expression ({e})") from None
+    return tuple(patterns)
+
+
+def check_fp8_sources(ckpt: SourceCheckpoint, scale_of: dict[str, str], block_size) -> None:
+    """FP8 weights read or carried, and their block scales, before anything is written: E4M3 only;
+    scales of a float dtype, of the block grid's shape, finite and > 0 (each scale is read: they are
+    1/16384 of their weight)."""
+    for name, sname in scale_of.items():
+        w, sc = ckpt.tensors[name], ckpt.tensors[sname]
+        where = f"{w.file.name}: tensor {name!r}"
+        if w.dtype != "F8_E4M3":
+            raise PlanError(f"{where} is {w.dtype}: fp8norm reads F8_E4M3 FP8 weights (with block scales) only")
+        if sc.dtype not in SOURCE_SCALE_DTYPES:
+            raise PlanError(f"{sc.file.name}: scale {sname!r} is {sc.dtype}; block scales are read as "
+                            f"{', '.join(SOURCE_SCALE_DTYPES)}")
+        expected = nx.scale_inv_shape(w.shape, block_size) if len(w.shape) >= 2 else None
+        if expected is None or tuple(sc.shape) != expected:
+            raise PlanError(f"{sc.file.name}: scale {sname!r} has shape {list(sc.shape)}, but {name!r} "
+                            f"{list(w.shape)} with {block_size[0]}x{block_size[1]} blocks needs "
+                            f"{list(expected) if expected else 'a 2D or 3D weight'}")
+        values = read_tensor(sc).float()
+        bad = ~(torch.isfinite(values) & (values > 0))
+        if bool(bad.any()):
+            first = [int(i) for i in bad.nonzero()[0].tolist()]
+            raise PlanError(f"{sc.file.name}: scale {sname!r} holds {int(bad.sum())} value(s) that are not finite "
+                            f"and > 0 (first {float(values[tuple(first)])} at {first}); its weight cannot be read")
 
 
 @dataclass(frozen=True)
@@ -119,7 +181,7 @@ class Plan:
         d = self.to_dict()
         d.pop("source")
         d.pop("reference")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return fingerprint(d)
 
 
 def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> dict:
@@ -141,40 +203,63 @@ def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> di
     return out
 
 
-def build_plan(
-    src: str | Path,
-    *,
-    reference: str | Path | None = None,
-    include: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    allow_mismatch: bool = False,
-    scale_fmt: str | None = None,
-    scale_dtype: str | None = None,
-    amax_floor: float | None = None,
-    max_shard_size: int = 4 * 1000**3,
-    repack: bool = True,
-    calib: CalibSettings | None = None,
-    activation_stats: str | Path | None = None,
-) -> Plan:
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user chooses about a quantize plan: the CLI's selection and calibration options, one to
+    one, and the library's keyword arguments of `plan()` / `quantize()`."""
+    reference: str | Path | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    allow_mismatch: bool = False
+    scale_fmt: str | None = None
+    scale_dtype: str | None = None
+    amax_floor: float | None = None
+    max_shard_size: int | str = "4GB"
+    repack: bool = True
+    calib: str = "max"
+    rms_factor: float = 3.0
+    percentile: float = 99.9
+    mse_grid: int = 50
+    activation_stats: str | Path | None = None
+    allow_nonfinite: bool = False
+
+
+def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) -> Plan:
+    """Decide every tensor and lay out the output (`options`, or PlanOptions(**kwargs), or both: the
+    keyword arguments then override). `allow_nonfinite`: tensors that would be quantized but hold
+    NaN/Inf (one read of each) are kept instead, with the other members of their fused module (q/k/v,
+    gate/up stay all-or-none); their rule says so (NONFINITE_RULE)."""
+    o = replace(options, **kwargs) if options is not None else PlanOptions(**kwargs)
+    reference, include, exclude, repack = o.reference, tuple(o.include), tuple(o.exclude), o.repack
+    max_shard_size = parse_size(o.max_shard_size)
+    calib = CalibSettings(o.calib, o.rms_factor, o.percentile, o.mse_grid)
     ckpt = open_checkpoint(src)
-    settings = {}
-    if calib is not None:
-        settings["calib"] = calib
+    settings = {"calib": calib}
     stats = None
-    if activation_stats is not None:
+    if o.activation_stats is not None:
         from .activation_stats import load_activation_stats
 
-        stats, settings["activation_stats_sha256"] = load_activation_stats(activation_stats)
+        stats, settings["activation_stats_sha256"] = load_activation_stats(o.activation_stats)
     ref_names = None
     if reference is not None:
         ref_names, qcfg, folder = load_reference_names(reference)
         settings.update(_reference_settings(qcfg, folder, ref_names))
-    for key, value in (("scale_fmt", scale_fmt), ("scale_dtype", scale_dtype), ("amax_floor", amax_floor)):
+    for key, value in (("scale_fmt", o.scale_fmt), ("scale_dtype", o.scale_dtype), ("amax_floor", o.amax_floor)):
         if value is not None:
             settings[key] = value
     qs = QuantSettings(**settings)
-    decisions = classify(ckpt.tensors, block_size=qs.block_size, reference_names=ref_names, include=include,
-                         exclude=exclude, allow_mismatch=allow_mismatch)
+    decisions = classify(ckpt.tensors, block_size=qs.block_size, reference_names=ref_names,
+                         include=check_patterns(include, "--include"), exclude=check_patterns(exclude, "--exclude"),
+                         allow_mismatch=o.allow_mismatch)
+    for name, d in decisions.items():
+        info = ckpt.tensors[name]
+        if d.decision == FP8 and info.dtype not in QUANTIZE_DTYPES:
+            raise PlanError(f"{info.file.name}: tensor {name!r} is {info.dtype}: FP8 is made from "
+                            f"{', '.join(QUANTIZE_DTYPES)} weights (--exclude it to keep it as it is)")
+    check_fp8_sources(ckpt, {n: next(n + s for s in SCALE_SUFFIXES if n + s in ckpt.tensors)
+                             for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}, qs.block_size)
+    if o.allow_nonfinite:
+        decisions = _keep_nonfinite(ckpt, decisions)
     tensors = []
     for name, info in ckpt.tensors.items():
         d = decisions[name]
@@ -187,9 +272,26 @@ def build_plan(
         tensors.append(TensorPlan(name, info.dtype, info.shape, d.decision, d.rule, info.file.name, outputs))
     tensors = _scales_after_weights(tensors)
     repacked = repack or not ckpt.standard_names
-    shards = _assign_shards(tensors, max_shard_size) if repacked else _keep_layout(tensors)
+    shards = lay_out_shards(tensors, repacked, max_shard_size)
     return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
                 None if reference is None else str(reference), ckpt, stats)
+
+
+NONFINITE_RULE = "nonfinite-kept"
+NONFINITE_FUSED_RULE = NONFINITE_RULE + ":fused-with-it"
+
+
+def _keep_nonfinite(ckpt: SourceCheckpoint, decisions: dict) -> dict:
+    bad = {n for n, d in decisions.items()
+           if d.decision == FP8 and not bool(torch.isfinite(read_tensor(ckpt.tensors[n])).all())}
+    groups = {fused_group_key(n) for n in bad} - {None}
+    out = dict(decisions)
+    for n, d in decisions.items():
+        if n in bad:
+            out[n] = Decision(KEEP, NONFINITE_RULE)
+        elif d.decision == FP8 and fused_group_key(n) in groups:
+            out[n] = Decision(KEEP, NONFINITE_FUSED_RULE)
+    return out
 
 
 def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:
@@ -219,22 +321,21 @@ def _units(tensors: list[TensorPlan]) -> list[list[TensorPlan]]:
     return units
 
 
+def lay_out_shards(tensors: list[TensorPlan], repacked: bool, max_bytes: int) -> list[str]:
+    """Set every tensor's output shard and return the shard names: packed greedily up to `max_bytes`
+    (`repacked`), or the source's own files."""
+    return _assign_shards(tensors, max_bytes) if repacked else _keep_layout(tensors)
+
+
 def _assign_shards(tensors: list[TensorPlan], max_bytes: int) -> list[str]:
     """Greedy, in source order: a new shard when the next unit (weight + scales) would overflow."""
-    groups: list[list[TensorPlan]] = [[]]
-    size = 0
-    for unit in _units(tensors):
-        nbytes = sum(t.nbytes_out for t in unit)
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].extend(unit)
-        size += nbytes
-    names = [shard_name(i, len(groups)) for i in range(len(groups))]
-    for name, group in zip(names, groups):
-        for t in group:
-            t.shard = name
-    return names
+    units = _units(tensors)
+    numbers = pack_greedy([sum(t.nbytes_out for t in unit) for unit in units], max_bytes)
+    n = numbers[-1] + 1 if numbers else 1
+    for unit, i in zip(units, numbers):
+        for t in unit:
+            t.shard = shard_name(i, n)
+    return [shard_name(i, n) for i in range(n)]
 
 
 def _keep_layout(tensors: list[TensorPlan]) -> list[str]:
