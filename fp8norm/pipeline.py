@@ -64,7 +64,8 @@ class RunSummary:
     verify: VerifyReport | None = None
 
     def format(self) -> str:
-        gbps = self.bytes_in / max(self.wall_s, 1e-9) / 1e9
+        rate = self.bytes_in / max(self.wall_s, 1e-9)
+        speed = f"{rate / 1e9:.2f} GB/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MB/s"  # no "0.00 GB/s"
         counts = ", ".join(f"{n} {_VERBS.get(d, d)}" for d, n in self.tensors.items()
                            if d in _VERBS and (n or d == "keep"))
         lines = [
@@ -72,7 +73,7 @@ class RunSummary:
             f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out "
             f"({self.shards_written} shard(s) written, {self.shards_skipped} already done)",
             f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
-            f"({self.device}), write {self.write_s:.2f} s; {gbps:.2f} GB/s",
+            f"({self.device}), write {self.write_s:.2f} s; {speed}",
         ]
         return "\n".join(lines + self.notes)
 
@@ -243,7 +244,7 @@ def execute_plan(
         assigned = set(distributed.assign_shards({s: _needed_bytes(plan, [s]) for s in pending}, ctx.world)[ctx.rank])
         mine = [s for s in pending if s in assigned]
     summary = RunSummary(plan.totals(), device=str(dev), shards_skipped=len(done),
-                         verify=VerifyReport(calibration=plan.settings.calib.describe()) if verify_samples else None)
+                         verify=_new_report(plan) if verify_samples else None)
     t_start = time.perf_counter()
     error = None
     try:
@@ -448,6 +449,12 @@ def _finish(plan, dst, fingerprint, finalize_config, extra_files, skip_files, su
     shutil.rmtree(dst / distributed.PROGRESS_DIR, ignore_errors=True)
 
 
+def _new_report(plan: Plan) -> VerifyReport:
+    mode = plan.settings.calib.mode
+    return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
+                        bands=Bands.for_calibration(mode))
+
+
 def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,
                   report: VerifyReport) -> None:
     """Re-read `samples` FP8 tensors of a finished shard from disk and compare them with the source."""
@@ -458,7 +465,8 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
         q = read_tensor(infos[t.outputs[0].name])
         scale_inv = read_tensor(infos[t.outputs[1].name])
         src = read_tensor(plan.checkpoint.tensors[t.name])
-        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, plan.settings.block_size, Bands()))
+        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, plan.settings.block_size,
+                                     report.bands))
     report.fp8_tensors += len(fp8)
     report.kept_tensors += len(tensors) - len(fp8)
 

@@ -15,6 +15,7 @@ from .classify import FP8, KEEP, fused_group_key
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, build_plan
 from .sizes import parse_size
+from .verify import FAIL, record_failure
 
 
 def quantization_config(plan: Plan) -> dict:
@@ -39,6 +40,9 @@ def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, s
          scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True, calib="max", rms_factor=3.0,
          percentile=99.9, mse_grid=50, activation_stats=None) -> Plan:
     """The dry run: every tensor's decision and rule, and the output layout; nothing is written."""
+    if activation_stats and calib == "max":
+        raise ValueError("--activation-stats weights the rms and mse calibrations; --calib max (the tile amax) "
+                         "does not use it: add --calib mse or --calib rms, or drop --activation-stats")
     return build_plan(src, reference=reference, include=tuple(include), exclude=tuple(exclude),
                       allow_mismatch=allow_mismatch, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
                       amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack,
@@ -52,7 +56,7 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
 
     `plan_kwargs` are those of `plan()` (reference, include, exclude, scale_fmt, calib, ...).
     `verify_samples` FP8 tensors of each shard are re-read from disk and compared with the source
-    (0: skip); the report is in the returned summary. `allow_nonfinite` first scans the tensors to
+    (0: skip); the report is in the returned summary, and a FAIL is recorded in DST's fp8norm.json. `allow_nonfinite` first scans the tensors to
     quantize and keeps those holding NaN/Inf unquantized (listed in the summary) instead of failing.
     """
     p = plan(src, **plan_kwargs)
@@ -63,6 +67,8 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     summary = execute_plan(p, Path(dst), finalize_config=_with_quantization_config, device=device,
                            resume=resume, overwrite=overwrite, progress=progress,
                            extra_files={PROVENANCE_NAME: provenance(p)}, verify_samples=verify_samples)
+    if summary.verify is not None and summary.verify.status == FAIL:
+        record_failure(dst, summary.verify)  # the output stays, marked; the CLI exits EXIT_VERIFY_FAILED
     summary.notes.extend(f"non-finite {t.source_file}: tensor {t.name!r} holds NaN/Inf: kept unquantized"
                          for t in p.tensors if t.rule == NONFINITE_RULE)
     summary.notes.extend(f"non-finite kept {t.name!r} too (fused with a non-finite tensor)"
