@@ -228,31 +228,39 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
-def tensor_kind(name: str) -> tuple[str, int | None]:
-    """('mlp.experts.up_proj', 3) for 'model.layers.3.mlp.experts.7.up_proj.weight'; a stack other
-    than the main model's keeps its prefix ('mtp.self_attn.q_proj', 0 for 'mtp.layers.0....')."""
+def tensor_kind(name: str) -> tuple[str, str | None]:
+    """('mlp.experts.up_proj', '3') for 'model.layers.3.mlp.experts.7.up_proj.weight'; a layer of a
+    stack other than the main model's is named with its prefix ('self_attn.q_proj', 'mtp.0' for
+    'mtp.layers.0.self_attn.q_proj.weight'); None outside layers."""
     m = _LAYER.search(name)
-    layer = int(m.group(1)) if m else None
-    rest = name[m.end():] if m else name
-    rest = _EXPERT.sub(".experts.", "." + rest)[1:].removesuffix(".weight")
-    prefix = name[:m.start()] if m else ""
-    if prefix and prefix.split(".")[-1] not in ("model", "language_model", "decoder"):
-        rest = f"{prefix}.{rest}"
-    return rest, layer
+    if not m:
+        return name.removesuffix(".weight"), None
+    kind = _EXPERT.sub(".experts.", "." + name[m.end():])[1:].removesuffix(".weight")
+    prefix = name[:m.start()]
+    main = prefix.split(".")[-1] in ("model", "language_model", "decoder")
+    return kind, m.group(1) if main else f"{prefix}.{m.group(1)}"
+
+
+def _layer_order(layer: str) -> tuple:
+    """Main layers by number, then other stacks' (mtp.0, ...), then tensors outside layers ("-")."""
+    if layer.isdigit():
+        return (0, int(layer), "")
+    return (2, 0, "") if layer == "-" else (1, 0, layer)
 
 
 def per_layer_sqnr(checks: list[TensorCheck]) -> dict[str, dict[str, float]]:
-    """{kind: {layer: SQNR dB}} over the checked tensors; tensors of one kind and layer (experts)
-    pooled as the mean of their squared relative RMS errors. Tensors outside layers: layer "-"."""
+    """{kind: {layer: SQNR dB}} over the checked tensors (layers as tensor_kind names them, "-"
+    outside layers); tensors of one kind and layer (experts) pooled as the mean of their squared
+    relative RMS errors."""
     pooled: dict[str, dict[str, list[float]]] = {}
     for c in checks:
         kind, layer = tensor_kind(c.name)
-        pooled.setdefault(kind, {}).setdefault("-" if layer is None else str(layer), []).append(c.rel_rms ** 2)
+        pooled.setdefault(kind, {}).setdefault(layer or "-", []).append(c.rel_rms ** 2)
     out = {}
     for kind, layers in sorted(pooled.items()):
         out[kind] = {}
-        for layer, sq in sorted(layers.items(), key=lambda kv: (kv[0] == "-", int(kv[0]) if kv[0] != "-" else 0)):
-            ms = sum(sq) / len(sq)
+        for layer in sorted(layers, key=_layer_order):
+            ms = sum(layers[layer]) / len(layers[layer])
             out[kind][layer] = round(-10 * math.log10(ms), 3) if ms > 0 else math.inf
     return out
 
@@ -500,11 +508,11 @@ def plot_report(report: VerifyReport, path: str | Path) -> Path:
         raise ValueError("--plot needs matplotlib: pip install 'fp8norm[plot]' (or pip install matplotlib)") from None
     data = per_layer_sqnr(report.checks)
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
-    layers = sorted({int(k) for d in data.values() for k in d if k != "-"})
-    other_x = (max(layers) + 1) if layers else 0
+    layers = sorted({k for d in data.values() for k in d}, key=_layer_order)
+    x_of = {k: i for i, k in enumerate(layers)}
     markers = "os^vD<>pPX*h"
     for i, (kind, by_layer) in enumerate(data.items()):
-        xs = [int(k) if k != "-" else other_x for k in by_layer]
+        xs = [x_of[k] for k in by_layer]
         ys = [min(v, 60.0) for v in by_layer.values()]
         ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="-" if len(xs) > 1 else "none",
                 label=kind, alpha=0.85)
@@ -516,8 +524,7 @@ def plot_report(report: VerifyReport, path: str | Path) -> Path:
     lo = min([b.sqnr_warn - 3, *values]) if values else b.sqnr_warn - 3
     hi = max([FLOOR_SQNR_DB + 3, *values]) if values else FLOOR_SQNR_DB + 3
     ax.set_ylim(lo, min(hi + 1, 61))
-    ticks = layers + ([other_x] if any("-" in d for d in data.values()) else [])
-    ax.set_xticks(ticks, [str(x) for x in layers] + (["other"] if len(ticks) > len(layers) else []))
+    ax.set_xticks(range(len(layers)), ["other" if k == "-" else k for k in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("SQNR (dB), higher is better")
     ax.set_title(f"FP8 error by layer and tensor kind ({len(report.checks)} tensors, status {report.status})")

@@ -118,10 +118,10 @@ def test_double_rounding_allowed_only_when_requantized():
 
 
 def test_tensor_kind_and_per_layer():
-    assert tensor_kind("model.layers.3.mlp.experts.7.up_proj.weight") == ("mlp.experts.up_proj", 3)
-    assert tensor_kind("model.language_model.layers.0.self_attn.q_proj.weight") == ("self_attn.q_proj", 0)
+    assert tensor_kind("model.layers.3.mlp.experts.7.up_proj.weight") == ("mlp.experts.up_proj", "3")
+    assert tensor_kind("model.language_model.layers.0.self_attn.q_proj.weight") == ("self_attn.q_proj", "0")
     assert tensor_kind("lm_head.weight") == ("lm_head", None)
-    assert tensor_kind("mtp.layers.0.self_attn.q_proj.weight") == ("mtp.self_attn.q_proj", 0)
+    assert tensor_kind("mtp.layers.0.self_attn.q_proj.weight") == ("self_attn.q_proj", "mtp.0")
 
 
 # -- the command, on checkpoints -------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_plot_and_json_hold_the_same_numbers(clean, tmp_path):
     by_kind = doc["sqnr_db_by_kind_and_layer"]
     assert set(by_kind) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                             "mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"}
-    ups = [t for t in doc["tensors"] if tensor_kind(t["name"]) == ("mlp.experts.up_proj", 1)]
+    ups = [t for t in doc["tensors"] if tensor_kind(t["name"]) == ("mlp.experts.up_proj", "1")]
     pooled = -10 * math.log10(sum(t["rel_rms"] ** 2 for t in ups) / len(ups))
     assert by_kind["mlp.experts.up_proj"]["1"] == pytest.approx(pooled, abs=1e-3)
 
