@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .calibrate import CalibSettings
-from .plan import _assign_shards
+from .plan import lay_out_shards
 from .st_io import OutEntry, read_tensor
 
 from .classify import FP8, KEEP, fused_group_key
+from . import output
+from .output import PROVENANCE_NAME, json_text
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, build_plan
 from .sizes import parse_size
-from .verify import FAIL, record_failure
 
 
 def quantization_config(plan: Plan) -> dict:
@@ -56,8 +56,9 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
 
     `plan_kwargs` are those of `plan()` (reference, include, exclude, scale_fmt, calib, ...).
     `verify_samples` FP8 tensors of each shard are re-read from disk and compared with the source
-    (0: skip); the report is in the returned summary, and a FAIL is recorded in DST's fp8norm.json. `allow_nonfinite` first scans the tensors to
-    quantize and keeps those holding NaN/Inf unquantized (listed in the summary) instead of failing.
+    (0: skip); the report is in the returned summary, and a FAIL is recorded in DST's fp8norm.json.
+    `allow_nonfinite` first scans the tensors to quantize and keeps those holding NaN/Inf unquantized
+    (listed in the summary) instead of failing.
     """
     p = plan(src, **plan_kwargs)
     if allow_nonfinite:
@@ -67,8 +68,6 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     summary = execute_plan(p, Path(dst), finalize_config=_with_quantization_config, device=device,
                            resume=resume, overwrite=overwrite, progress=progress,
                            extra_files={PROVENANCE_NAME: provenance(p)}, verify_samples=verify_samples)
-    if summary.verify is not None and summary.verify.status == FAIL:
-        record_failure(dst, summary.verify)  # the output stays, marked; the CLI exits EXIT_VERIFY_FAILED
     summary.notes.extend(f"non-finite {t.source_file}: tensor {t.name!r} holds NaN/Inf: kept unquantized"
                          for t in p.tensors if t.rule == NONFINITE_RULE)
     summary.notes.extend(f"non-finite kept {t.name!r} too (fused with a non-finite tensor)"
@@ -89,24 +88,16 @@ def _keep_nonfinite(p: Plan) -> None:
         if t.name in bad or (t.decision == FP8 and fused_group_key(t.name) in bad_groups):
             t.decision, t.outputs = KEEP, [OutEntry(t.name, t.dtype, t.shape)]
             t.rule = NONFINITE_RULE if t.name in bad else NONFINITE_RULE + ":fused-with-it"
-    if p.repacked:
-        p.shards = _assign_shards(p.tensors, p.max_shard_size)
-
-
-PROVENANCE_NAME = "fp8norm.json"
+    p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
 
 
 def provenance(p: Plan) -> str:
     """fp8norm.json: how this checkpoint was made (tool version, scales, calibration)."""
-    from . import __version__
-
     s = p.settings
-    doc = {"producer": {"name": "fp8norm", "version": __version__},
-           "weight_block_size": list(s.block_size), "scale_fmt": s.scale_fmt, "scale_dtype": s.scale_dtype,
-           "amax_floor": s.amax_floor, "calibration": s.calib.to_dict(),
-           "activation_stats_sha256": s.activation_stats_sha256, "reference": p.reference,
-           "plan_fingerprint": p.fingerprint()}
-    return json.dumps(doc, indent=2) + "\n"
+    return json_text(output.provenance(
+        weight_block_size=list(s.block_size), scale_fmt=s.scale_fmt, scale_dtype=s.scale_dtype,
+        amax_floor=s.amax_floor, calibration=s.calib.to_dict(), activation_stats_sha256=s.activation_stats_sha256,
+        reference=p.reference, plan_fingerprint=p.fingerprint()))
 
 
 def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:

@@ -19,7 +19,6 @@ shape, the rule and N.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from . import dispatch
 from . import numerics as nx
 from .checkpoint import open_checkpoint
+from .output import fingerprint, json_text
 from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
 from .st_io import DTYPE_NAMES, OutEntry, TensorInfo, read_tensor
 
@@ -304,9 +304,8 @@ def shard_deepseek(src, dst, *, mp: int, n_experts: int | None = None, requant: 
     `n_experts` None: config.json's routed-expert count."""
     jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant)
     ckpt = open_checkpoint(src)
-    what = {"mp": mp, "n_experts": layout["n_experts"], "requant": requant,
-            "tensors": [[n, i.dtype, list(i.shape)] for n, i in ckpt.tensors.items()]}
-    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-    return write_rank_files(ckpt, jobs, Path(dst), layout=layout, layout_name=LAYOUT_NAME, fingerprint=fingerprint,
+    fp = fingerprint({"mp": mp, "n_experts": layout["n_experts"], "requant": requant,
+                      "tensors": [[n, i.dtype, list(i.shape)] for n, i in ckpt.tensors.items()]})
+    return write_rank_files(ckpt, jobs, Path(dst), texts={LAYOUT_NAME: json_text(layout)}, fingerprint=fp,
                             overwrite=overwrite, copy_files=("tokenizer.json", "tokenizer_config.json"),
                             progress=progress, resume=resume)

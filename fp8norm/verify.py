@@ -413,18 +413,14 @@ def read_provenance(quant: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-def record_failure(dst: str | Path, report: VerifyReport) -> None:
-    """Mark a written output whose own verification FAILed: fp8norm.json gets a `verification` entry
-    (status FAIL, the failing tensors and problems). Outputs that pass are left byte-for-byte as
-    written, so a resumed run still produces the same files."""
-    from .st_io import atomic_write_text
-
-    path = Path(dst) / "fp8norm.json"
-    doc = read_provenance(Path(dst))
+def mark_failed(provenance_text: str, report: VerifyReport) -> str:
+    """fp8norm.json's text for an output whose own verification FAILed: a `verification` entry (status
+    FAIL, the exit code, the failing tensors and problems). Outputs that pass keep their text as it is."""
+    doc = json.loads(provenance_text)
     doc["verification"] = {"status": FAIL, "exit_code": EXIT_VERIFY_FAILED,
                            "failed_tensors": [c.name for c in report.checks if c.status == FAIL],
                            "problems": report.problems[:20]}
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed: int = 0,
