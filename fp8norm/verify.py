@@ -56,6 +56,7 @@ import torch
 
 from . import numerics as nx
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
+from .reference import e4m3_to_float32
 from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_tensor
 
 GOOD, WARN, FAIL = "GOOD", "WARN", "FAIL"
@@ -132,68 +133,76 @@ def _expand_tiles(t: torch.Tensor, shape, block_size) -> torch.Tensor:
     return t.repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
 
 
-def _tile_amax(x: torch.Tensor, block_size) -> torch.Tensor:
-    bm, bn = block_size
-    rows, cols = x.shape
-    tm, tn = nx.ceil_div(rows, bm), nx.ceil_div(cols, bn)
-    padded = torch.nn.functional.pad(x.abs(), (0, tn * bn - cols, 0, tm * bm - rows))
-    return padded.view(tm, bm, tn, bn).amax((1, 3))
-
-
 def e4m3_half_step(v: torch.Tensor) -> torch.Tensor:
-    """Half the distance between e4m3 neighbours around |v| (v >= 0, fp64; 2^-10 in the subnormals)."""
-    exp = torch.frexp(v).exponent.to(torch.int32) - 1  # floor(log2 v) for v > 0
-    exp = torch.where(v > 0, exp, _E4M3_MIN_EXP).clamp_min(_E4M3_MIN_EXP)
-    return torch.ldexp(torch.full_like(v, 0.5), exp - _E4M3_MANT)
+    """Half the distance between e4m3 neighbours around v >= 0 (fp32): 2^(floor(log2 v) - 4) read
+    off v's exponent bits, at least 2^-10 (half the subnormal step)."""
+    pow2 = (v.contiguous().view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 v), 0 for 0
+    return (pow2 * 2.0 ** -(_E4M3_MANT + 1)).clamp_min_(2.0 ** (_E4M3_MIN_EXP - _E4M3_MANT - 1))
 
 
 def rne_mismatch(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, steps: float = 0.5) -> torch.Tensor:
-    """Elements where fp32 q is not the saturating RNE e4m3 value of x / scale (all per element).
+    """Elements where fp32 q is not the saturating RNE e4m3 value of x / scale (all per element, fp32;
+    x * (1/scale) as the kernel computes it, with 2^-21 relative slack for the order of operations).
 
     `steps`: allowed error in e4m3 steps (0.5: one rounding; 1.5: rounded twice, see the module doc)."""
-    y = x.double() / scale.double()
-    qd = q.double()
-    ay = y.abs()
-    saturated = ay >= nx.E4M3_MAX
-    bound = 2 * steps * e4m3_half_step(torch.minimum(ay, qd.abs())) * (1 + 2.0 ** -20) + ay * 2.0 ** -22
-    ok = torch.where(saturated, qd == torch.sign(y) * nx.E4M3_MAX, (qd - y).abs() <= bound)
-    return ~(ok & torch.isfinite(qd))
+    y = x.float() * torch.reciprocal(scale.float())
+    return _mismatch(q.float(), y, y.abs(), steps)
+
+
+def _mismatch(q, y, ay, steps: float) -> torch.Tensor:
+    bound = e4m3_half_step(torch.minimum(ay, q.abs())).mul_(2 * steps).add_(ay * 2.0 ** -21)
+    ok = torch.where(ay >= nx.E4M3_MAX, q == torch.sign(y) * nx.E4M3_MAX, (q - y).abs_() <= bound)
+    return ~(ok & torch.isfinite(q))
+
+
+def _tile_max(a: torch.Tensor, block_size) -> torch.Tensor:
+    """[rows, cols] of values >= 0 -> [tm, tn] tile maxima."""
+    bm, bn = block_size
+    rows, cols = a.shape
+    tm, tn = nx.ceil_div(rows, bm), nx.ceil_div(cols, bn)
+    if rows % bm or cols % bn:
+        a = torch.nn.functional.pad(a, (0, tn * bn - cols, 0, tm * bm - rows))
+    return a.view(tm, bm, tn, bn).amax((1, 3))
 
 
 class _Sums:
-    """Running sums over the chunks of one tensor (fp64 sums of fp32 elementwise terms)."""
+    """Running sums over the chunks of one tensor (fp32 cascade sums per chunk, fp64 across chunks)."""
 
     def __init__(self):
-        self.dot = self.nq = self.nr = self.err_sq = self.abs_sum = 0.0
+        self.nq = self.nr = self.err_sq = self.abs_sum = 0.0
         self.maxae = self.max_rel = 0.0
         self.n = self.clipped = self.flushed = self.wrong = 0
         self.first_wrong: str | None = None
 
     def add(self, q, s_tiles, x, block_size, where: str, row0: int, steps: float) -> None:
-        qf, xf = q.float(), x.float()
+        qf = e4m3_to_float32(q, torch.empty(q.shape, dtype=torch.float32)) if q.dtype == torch.float8_e4m3fn \
+            else q.float()
+        xf = x.float()
         s = _expand_tiles(s_tiles.float(), q.shape, block_size)
-        deq = qf * s
-        bad = rne_mismatch(qf, xf, s, steps)
+        y = xf * torch.reciprocal(s)
+        ay = y.abs()
+        bad = _mismatch(qf, y, ay, steps)
         n_bad = int(bad.sum())
         if n_bad and self.first_wrong is None:
             r, c = (int(v) for v in bad.nonzero()[0])
-            want = float(nx.saturate_e4m3((xf[r, c].double() / s[r, c].double()).float()).float())
+            want = float(nx.saturate_e4m3(xf[r, c] / s[r, c]).float())
             self.first_wrong = (f"element {where}[{row0 + r}, {c}]: x {float(xf[r, c]):.6g}, scale {float(s[r, c]):.6g}, "
                                 f"stored {float(qf[r, c]):g}, RNE(x/scale) {want:g}")
         self.wrong += n_bad
         self.n += q.numel()
-        self.clipped += int(((xf.double() / s.double()).abs() > nx.E4M3_MAX * (1 + 2.0 ** -20)).sum())
-        self.flushed += int(((xf != 0) & (qf == 0)).sum())
-        self.dot += float((deq * xf).sum(dtype=torch.float64))
-        self.nq += float(deq.square().sum(dtype=torch.float64))
-        self.nr += float(xf.square().sum(dtype=torch.float64))
+        self.clipped += int((ay > nx.E4M3_MAX * (1 + 2.0 ** -20)).sum())
+        self.flushed += int(((qf == 0) & (xf != 0)).sum())
+        deq = qf.mul_(s)
+        self.nq += float(deq.square().sum())
+        self.nr += float(xf.square().sum())
         err = deq.sub_(xf).abs_()
-        self.err_sq += float(err.square().sum(dtype=torch.float64))
-        self.abs_sum += float(err.sum(dtype=torch.float64))
+        self.err_sq += float(err.square().sum())
+        self.abs_sum += float(err.sum())
         if err.numel():
             self.maxae = max(self.maxae, float(err.max()))
-            amax = _expand_tiles(_tile_amax(xf, block_size), q.shape, block_size).clamp_min(1e-30)
-            self.max_rel = max(self.max_rel, float((err / amax).max()))
+            # max over elements of err / its tile's amax = max over tiles of (tile max err) / tile amax
+            rel = _tile_max(err, block_size) / _tile_max(xf.abs_(), block_size).clamp_min(1e-30)
+            self.max_rel = max(self.max_rel, float(rel.max()))
 
 
 def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src: torch.Tensor,
@@ -211,7 +220,8 @@ def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src
             sums.add(q2[r0:r0 + rows], s2[r0 // bm:nx.ceil_div(r0 + rows, bm)], x2[r0:r0 + rows], block_size,
                      f"[{e}]" if q.dim() == 3 else "", r0, rounding_steps)
     denom = (sums.nq * sums.nr) ** 0.5
-    cos = sums.dot / denom if denom > 0 else float(sums.nq == sums.nr)
+    # <deq, x> from ||deq - x||^2 = |deq|^2 + |x|^2 - 2<deq, x>: exact where 1 - cos is tiny
+    cos = (sums.nq + sums.nr - sums.err_sq) / (2 * denom) if denom > 0 else float(sums.nq == sums.nr)
     rel_rms = (sums.err_sq / sums.nr) ** 0.5 if sums.nr > 0 else (0.0 if sums.err_sq == 0 else math.inf)
     sqnr = -20 * math.log10(rel_rms) if rel_rms > 0 else math.inf
     n = max(1, sums.n)
