@@ -277,6 +277,9 @@ def plan_cmd(src, as_json, **kw):
 def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, skip_verify, allow_nonfinite, **kw):
     """Quantize the bf16/fp16 checkpoint SRC into an FP8 block-scaled checkpoint DST.
 
+    Re-reads --verify-samples FP8 tensors per shard and checks them as `fp8norm verify` does; exit
+    code 3 when that verification FAILs (DST stays, marked in its fp8norm.json), 1 on an error.
+
     \b
     Examples:
       fp8norm quantize /models/Qwen3-8B /models/Qwen3-8B-FP8

@@ -6,7 +6,7 @@ Two questions per FP8 tensor, answered separately:
 1. **Is it correct?** Each element must be the round-to-nearest-even e4m3 value of x / scale, with
    saturation at +-448 (x the source element, scale its tile's stored scale, whatever its dtype:
    fp32, bf16, or a power of two for ue8m0). Tested as: |q - x/scale| <= half an e4m3 step at that
-   value (+ 2^-22 relative for the kernel's x * (1/scale) rounding), and q = +-448 where |x/scale|
+   value (+ 2^-21 relative for the order of the kernel's x * (1/scale)), and q = +-448 where |x/scale|
    >= 448. This holds for every calibration (it only fixes the scale) and for all-zero tiles (the
    amax floor gives them a finite scale and zeros). Any element outside it is a corrupted byte, a
    wrong or swapped scale, or another source: FAIL, the tensor and first element named. An output
