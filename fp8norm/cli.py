@@ -395,14 +395,14 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
         raise click.BadParameter(f"{', '.join(wrong)} does not apply to --layout {layout} (it takes {other})",
                                  param_hint=wrong[0])
     if layout == "deepseek":
-        from .shard_deepseek import shard_deepseek
+        from .shard import shard_deepseek
 
         if not mp:
             raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
         summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
                                  progress=progress, resume=resume)
     else:
-        from .shard_mcore import hf_to_mcore
+        from .shard import hf_to_mcore
 
         summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
                               grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
@@ -426,7 +426,7 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, re
     Example:
       fp8norm unshard /ckpt/mcore /models/Qwen3-30B-A3B-again
     """
-    from .shard_mcore import mcore_to_hf
+    from .shard import mcore_to_hf
 
     summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
                           max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,

@@ -16,7 +16,7 @@ from . import numerics as nx
 from .calibrate import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
-from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, classify, scale_name
+from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Decision, classify, fused_group_key, scale_name
 from .output import fingerprint
 from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
 
@@ -216,7 +216,11 @@ def build_plan(
     repack: bool = True,
     calib: CalibSettings | None = None,
     activation_stats: str | Path | None = None,
+    allow_nonfinite: bool = False,
 ) -> Plan:
+    """Decide every tensor and lay out the output. `allow_nonfinite`: tensors that would be quantized
+    but hold NaN/Inf (one read of each) are kept instead, with the other members of their fused module
+    (q/k/v, gate/up stay all-or-none); their rule says so (NONFINITE_RULE)."""
     ckpt = open_checkpoint(src)
     settings = {}
     if calib is not None:
@@ -244,6 +248,8 @@ def build_plan(
                             f"{', '.join(QUANTIZE_DTYPES)} weights (--exclude it to keep it as it is)")
     check_fp8_sources(ckpt, {n: next(n + s for s in SCALE_SUFFIXES if n + s in ckpt.tensors)
                              for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}, qs.block_size)
+    if allow_nonfinite:
+        decisions = _keep_nonfinite(ckpt, decisions)
     tensors = []
     for name, info in ckpt.tensors.items():
         d = decisions[name]
@@ -259,6 +265,23 @@ def build_plan(
     shards = lay_out_shards(tensors, repacked, max_shard_size)
     return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
                 None if reference is None else str(reference), ckpt, stats)
+
+
+NONFINITE_RULE = "nonfinite-kept"
+NONFINITE_FUSED_RULE = NONFINITE_RULE + ":fused-with-it"
+
+
+def _keep_nonfinite(ckpt: SourceCheckpoint, decisions: dict) -> dict:
+    bad = {n for n, d in decisions.items()
+           if d.decision == FP8 and not bool(torch.isfinite(read_tensor(ckpt.tensors[n])).all())}
+    groups = {fused_group_key(n) for n in bad} - {None}
+    out = dict(decisions)
+    for n, d in decisions.items():
+        if n in bad:
+            out[n] = Decision(KEEP, NONFINITE_RULE)
+        elif d.decision == FP8 and fused_group_key(n) in groups:
+            out[n] = Decision(KEEP, NONFINITE_FUSED_RULE)
+    return out
 
 
 def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .calibrate import CalibSettings
-from .plan import lay_out_shards
-from .st_io import OutEntry, read_tensor
-
-from .classify import FP8, KEEP, fused_group_key
+from .classify import FP8, KEEP
 from . import output
 from .output import PROVENANCE_NAME, json_text
 from .pipeline import RunSummary, execute_plan
-from .plan import Plan, build_plan
+from .plan import NONFINITE_FUSED_RULE, NONFINITE_RULE, Plan, build_plan
 from .sizes import parse_size
 
 
@@ -38,8 +33,9 @@ def _with_quantization_config(cfg: dict, plan: Plan) -> dict:
 
 def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, scale_fmt=None,
          scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True, calib="max", rms_factor=3.0,
-         percentile=99.9, mse_grid=50, activation_stats=None) -> Plan:
-    """The dry run: every tensor's decision and rule, and the output layout; nothing is written."""
+         percentile=99.9, mse_grid=50, activation_stats=None, allow_nonfinite=False) -> Plan:
+    """The dry run: every tensor's decision and rule, and the output layout; nothing is written
+    (`allow_nonfinite` reads the tensors to quantize, see build_plan)."""
     if activation_stats and calib == "max":
         raise ValueError("--activation-stats weights the rms and mse calibrations; --calib max (the tile amax) "
                          "does not use it: add --calib mse or --calib rms, or drop --activation-stats")
@@ -47,7 +43,7 @@ def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, s
                       allow_mismatch=allow_mismatch, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
                       amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack,
                       calib=CalibSettings(calib, rms_factor, percentile, mse_grid),
-                      activation_stats=activation_stats)
+                      activation_stats=activation_stats, allow_nonfinite=allow_nonfinite)
 
 
 def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5,
@@ -60,9 +56,7 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     `allow_nonfinite` first scans the tensors to quantize and keeps those holding NaN/Inf unquantized
     (listed in the summary) instead of failing.
     """
-    p = plan(src, **plan_kwargs)
-    if allow_nonfinite:
-        _keep_nonfinite(p)
+    p = plan(src, allow_nonfinite=allow_nonfinite, **plan_kwargs)
     if not any(t.decision == FP8 for t in p.tensors):
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
     summary = execute_plan(p, Path(dst), finalize_config=_with_quantization_config, device=device,
@@ -71,24 +65,8 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     summary.notes.extend(f"non-finite {t.source_file}: tensor {t.name!r} holds NaN/Inf: kept unquantized"
                          for t in p.tensors if t.rule == NONFINITE_RULE)
     summary.notes.extend(f"non-finite kept {t.name!r} too (fused with a non-finite tensor)"
-                         for t in p.tensors if t.rule == NONFINITE_RULE + ":fused-with-it")
+                         for t in p.tensors if t.rule == NONFINITE_FUSED_RULE)
     return summary
-
-
-NONFINITE_RULE = "nonfinite-kept"
-
-
-def _keep_nonfinite(p: Plan) -> None:
-    """Re-plan FP8 tensors holding NaN or Inf as kept (one read of each), with the other members of
-    their fused module (q/k/v, gate/up stay all-or-none), then lay out shards again."""
-    bad = {t.name for t in p.tensors
-           if t.decision == FP8 and not bool(torch.isfinite(read_tensor(p.checkpoint.tensors[t.name])).all())}
-    bad_groups = {fused_group_key(n) for n in bad} - {None}
-    for t in p.tensors:
-        if t.name in bad or (t.decision == FP8 and fused_group_key(t.name) in bad_groups):
-            t.decision, t.outputs = KEEP, [OutEntry(t.name, t.dtype, t.shape)]
-            t.rule = NONFINITE_RULE if t.name in bad else NONFINITE_RULE + ":fused-with-it"
-    p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
 
 
 def provenance(p: Plan) -> str:
