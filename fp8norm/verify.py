@@ -389,10 +389,11 @@ def recommendations(report: VerifyReport) -> list[str]:
     elif clipped or (costly and any(c.clipped_frac > 0 for c in costly)):
         worst_c = max(clipped or costly, key=lambda c: c.clipped_frac)
         how = f"--calib {mode}" if mode in CLIPPING_CALIBRATIONS else "this checkpoint's calibration"
-        extra = " (or a larger --rms-factor)" if mode == "rms" else ""
+        extra = {"rms": " (a larger --rms-factor clips less)",
+                 "percentile": " (a higher --percentile clips less)"}.get(mode, "")
         out.append(f"{how} clips up to {100 * worst_c.clipped_frac:.2f}% of the elements ({worst_c.name}, SQNR "
-                   f"{worst_c.sqnr_db:.1f} dB vs e4m3's {FLOOR_SQNR_DB:.1f} dB floor). --calib max{extra} clips "
-                   "nothing and is the cheapest: FP8's step is relative, so clipping buys precision only for "
+                   f"{worst_c.sqnr_db:.1f} dB vs e4m3's {FLOOR_SQNR_DB:.1f} dB floor). --calib max clips nothing "
+                   f"and is the cheapest{extra}: FP8's step is relative, so clipping buys precision only for "
                    "elements below e4m3's smallest normal (2^-6 of the scale).")
     flushed = [c for c in costly if c.clipped_frac == 0 and c.flushed_frac > 1e-3]
     if flushed:
