@@ -232,12 +232,13 @@ def selection_options(f):
     return f
 
 
-def _plan_kwargs(kw) -> dict:
-    return dict(reference=kw["reference"], include=kw["include"], exclude=kw["exclude"],
-                allow_mismatch=kw["allow_mismatch"], scale_fmt=kw["scale_fmt"], scale_dtype=kw["scale_dtype"],
-                amax_floor=kw["amax_floor"], max_shard_size=kw["max_shard_size"], repack=not kw["no_repack"],
-                calib=kw["calib"], rms_factor=kw["rms_factor"], percentile=kw["percentile"],
-                mse_grid=kw["mse_grid"], activation_stats=kw["activation_stats"])
+def _plan_options(kw):
+    """The selection options of `plan` / `quantize` as the library's PlanOptions."""
+    from dataclasses import fields
+
+    from .plan import PlanOptions
+
+    return PlanOptions(**{f.name: kw[f.name] for f in fields(PlanOptions) if f.name in kw}, repack=not kw["no_repack"])
 
 
 @main.command("plan")
@@ -256,7 +257,7 @@ def plan_cmd(src, as_json, **kw):
     from .plan import format_plan_table
     from .quantize import plan
 
-    p = plan(src, **_plan_kwargs(kw))
+    p = plan(src, _plan_options(kw))
     click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_plan_table(p))
 
 
@@ -293,7 +294,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
                        progress=None if not quiet else False,
                        verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
-                       **_plan_kwargs(kw))
+                       options=_plan_options(kw))
     _report(summary, dst)
 
 

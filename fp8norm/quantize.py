@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .calibrate import CalibSettings
 from .classify import FP8, KEEP
 from . import output
 from .output import PROVENANCE_NAME, json_text
 from .pipeline import RunSummary, execute_plan
-from .plan import NONFINITE_FUSED_RULE, NONFINITE_RULE, Plan, build_plan
-from .sizes import parse_size
+from .plan import NONFINITE_FUSED_RULE, NONFINITE_RULE, Plan, PlanOptions, build_plan
 
 
 def quantization_config(plan: Plan) -> dict:
@@ -31,19 +29,11 @@ def _with_quantization_config(cfg: dict, plan: Plan) -> dict:
     return cfg
 
 
-def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, scale_fmt=None,
-         scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True, calib="max", rms_factor=3.0,
-         percentile=99.9, mse_grid=50, activation_stats=None, allow_nonfinite=False) -> Plan:
-    """The dry run: every tensor's decision and rule, and the output layout; nothing is written
-    (`allow_nonfinite` reads the tensors to quantize, see build_plan)."""
-    if activation_stats and calib == "max":
-        raise ValueError("--activation-stats weights the rms and mse calibrations; --calib max (the tile amax) "
-                         "does not use it: add --calib mse or --calib rms, or drop --activation-stats")
-    return build_plan(src, reference=reference, include=tuple(include), exclude=tuple(exclude),
-                      allow_mismatch=allow_mismatch, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
-                      amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack,
-                      calib=CalibSettings(calib, rms_factor, percentile, mse_grid),
-                      activation_stats=activation_stats, allow_nonfinite=allow_nonfinite)
+def plan(src, options: PlanOptions | None = None, **kwargs) -> Plan:
+    """The dry run: every tensor's decision and rule, and the output layout; nothing is written.
+    `options` (a PlanOptions) and/or its fields as keyword arguments (reference, include, exclude,
+    scale_fmt, calib, max_shard_size, ...; keywords override `options`)."""
+    return build_plan(src, options, **kwargs)
 
 
 def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5,
@@ -80,7 +70,7 @@ def provenance(p: Plan) -> str:
 
 def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:
     """Re-shard any safetensors directory into model-NNNNN-of-NNNNN files with an index; no quantization."""
-    p = build_plan(src, exclude=(".*",), max_shard_size=parse_size(max_shard_size), repack=True)
+    p = build_plan(src, exclude=(".*",), max_shard_size=max_shard_size, repack=True)
     for t in p.tensors:
         if t.decision == KEEP:
             t.rule = "repack"
