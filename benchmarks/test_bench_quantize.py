@@ -1,16 +1,20 @@
-"""`fp8norm quantize` of a generated multi-GB checkpoint against `cp -r` of the same bytes.
+"""`fp8norm quantize` of a generated multi-GB checkpoint against `cp -r` of the same bytes, and the
+CPU thread choice: the default (fp8norm.threads) vs 1 thread vs an override, side by side.
 
-Both run as whole processes, on the same warm source, in the same session; the figure that matters
+All run as whole processes, on the same warm source, in the same session; the figure that matters
 is the ratio (goal on a GPU node: quantize <= 1.2x the copy). Also reports quantize's peak RSS.
 
-    python -m pytest benchmarks/test_bench_quantize.py --benchmark-only          # 1 GB on CPU
+    python -m pytest benchmarks/test_bench_quantize.py --benchmark-only -s       # 1 GB on CPU
     FP8NORM_BENCH_GB=8 python -m pytest benchmarks/test_bench_quantize.py ...     # bigger
+    FP8NORM_BENCH_THREADS=4 ...          # the override's thread count (default: os.cpu_count(),
+                                         # which is what torch itself would take)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,14 +50,49 @@ def source(tmp_path_factory):
     return root
 
 
-def _timed(cmd: list[str]) -> tuple[float, int]:
+def _timed(cmd: list[str], env=None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     assert os.waitstatus_to_exitcode(status) == 0, cmd
     return wall, usage.ru_maxrss * 1024
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the thread choice is about the CPU path")
+def test_threads_default_vs_1_vs_override(source, tmp_path, benchmark, capsys):
+    """Same quantize, three thread settings, rounds interleaved so a busy phase of the machine falls
+    on all three; min of 3 rounds each."""
+    override = int(os.environ.get("FP8NORM_BENCH_THREADS", os.cpu_count() or 1))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the default is fp8norm's own
+    settings = [("default", []), ("1 thread", ["--threads", "1"]), (f"override", ["--threads", str(override)])]
+    results: dict[str, list[tuple[float, float, str]]] = {name: [] for name, _ in settings}
+
+    def one(name, extra):
+        out = subprocess.run([sys.executable, "-m", "fp8norm", "quantize", str(source), str(tmp_path / "o"),
+                              "--overwrite", "-q", "--skip-verify", *extra], capture_output=True, text=True,
+                             env=env, check=True).stdout
+        wall = float(re.search(r"time\s+([\d.]+) s wall", out).group(1))
+        compute = float(re.search(r"compute ([\d.]+) s", out).group(1))
+        choice = re.search(r"threads\s+(.*)", out).group(1)
+        results[name].append((wall, compute, choice))
+
+    def run_round():
+        for name, extra in settings:
+            one(name, extra)
+
+    benchmark.pedantic(run_round, rounds=3, warmup_rounds=0, iterations=1)
+    best = {name: min(r, key=lambda x: x[0]) for name, r in results.items()}
+    base = best["default"][0]
+    benchmark.extra_info.update({name: {"wall_s": b[0], "compute_s": b[1]} for name, b in best.items()})
+    with capsys.disabled():
+        print(f"\n\nCPU threads for `fp8norm quantize` ({sum(p.stat().st_size for p in source.glob('*.safetensors')) / 1e9:.2f} GB bf16, "
+              f"min of 3 interleaved rounds; {os.cpu_count()} CPUs on the machine)")
+        print(f"  {'setting':<10}{'wall s':>8}{'compute s':>11}{'vs default':>12}   choice")
+        for name, (wall, compute, choice) in best.items():
+            print(f"  {name:<10}{wall:>8.2f}{compute:>11.2f}{wall / base:>11.2f}x   {choice}")
+        print()
 
 
 def test_quantize_vs_cp(source, tmp_path, benchmark, capsys):

@@ -52,7 +52,12 @@ def collect_activation_stats(model_dir: str | Path, prompts: list[str], *, max_t
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (KeyError, ValueError, OSError, TypeError) as e:  # e.g. a stub tokenizer.json: KeyError 'added_tokens'
+        raise ValueError(f"{model_dir}: its tokenizer cannot be loaded by transformers ({type(e).__name__}: {e}); "
+                         "collect-stats needs the model's real tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json)") from None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -78,5 +83,28 @@ def collect_activation_stats(model_dir: str | Path, prompts: list[str], *, max_t
             h.remove()
     if not tokens:
         raise ValueError("no prompt produced any token")
+    names = checkpoint_module_names(model_dir, sums)
     return {"format": FORMAT, "stat": "mean_square", "tokens": tokens,
-            "modules": {n: (sums[n] / counts[n]).tolist() for n in sorted(sums)}}
+            "modules": {names[n]: (sums[n] / counts[n]).tolist() for n in sorted(sums)}}
+
+
+def checkpoint_module_names(model_dir, modules) -> dict[str, str]:
+    """transformers' module name -> the name its weight has in the checkpoint's files.
+
+    They differ where transformers renames on load (e.g. Qwen3.5's `model.language_model.layers.N`
+    is `model.layers.N` in Qwen3_5MoeForCausalLM): the stats must carry the file's names, which
+    `quantize` looks up. A module maps to the one checkpoint weight whose name ends with its name
+    past the leading `model.`; otherwise it keeps its own name."""
+    from .checkpoint import open_checkpoint
+
+    weights = [n[: -len(".weight")] for n in open_checkpoint(model_dir).tensors if n.endswith(".weight")]
+    present = set(weights)
+    out = {}
+    for m in modules:
+        if m in present:
+            out[m] = m
+            continue
+        tail = m.removeprefix("model.")
+        found = [w for w in weights if w.endswith("." + tail)]
+        out[m] = found[0] if len(found) == 1 else m
+    return out

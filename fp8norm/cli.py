@@ -98,13 +98,24 @@ def _report_peak_rss() -> None:
 
 
 def _report(summary, dst) -> None:
-    """Print a run's summary (under torchrun only rank 0 speaks)."""
+    """Print a run's summary (under torchrun only rank 0 speaks); exit EXIT_VERIFY_FAILED (3) when
+    the run's own verification FAILed (the output stays, marked in fp8norm.json)."""
     if os.environ.get("RANK", "0") != "0":
         return
     click.echo(summary.format())
-    if getattr(summary, "verify", None) is not None:
-        click.echo(summary.verify.format())
+    choice = click.get_current_context().meta.get("fp8norm.threads")
+    if choice is not None and str(getattr(summary, "device", "cpu")).startswith("cpu"):
+        click.echo(f"threads   {choice.describe()}")
+    report = getattr(summary, "verify", None)
+    if report is not None:
+        click.echo(report.format())
     click.echo(f"wrote     {dst}")
+    if report is not None and report.status == "FAIL":
+        from .verify import EXIT_VERIFY_FAILED
+
+        click.echo(f"exit code {EXIT_VERIFY_FAILED}: the output failed its verification (marked in "
+                   f"{dst}/fp8norm.json)", err=True)
+        raise SystemExit(EXIT_VERIFY_FAILED)
 
 
 def _size(_ctx, _param, value):
@@ -114,6 +125,23 @@ def _size(_ctx, _param, value):
         return parse_size(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def threads_option(io_threads: int = 2):
+    """--threads N, applied to torch's intra-op pool as the command line is parsed (see
+    fp8norm.threads for the default)."""
+    def apply(ctx, _param, value):
+        from .threads import configure_threads
+
+        try:
+            ctx.meta["fp8norm.threads"] = configure_threads(value, io_threads=io_threads)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        return value
+
+    return click.option("--threads", type=int, default=None, expose_value=False, callback=apply,
+                        help="CPU threads for torch [default: the CPUs this process may use (affinity, cgroup "
+                             "quota), per torchrun rank, minus the reader and writer threads].")
 
 
 def _not_with(other: str):
@@ -152,6 +180,7 @@ def _patterns(_ctx, param, value):
 # Options several commands share.
 OVERWRITE = click.option("--overwrite", is_flag=True, callback=_not_with("resume"),
                          help="Replace an existing non-empty DST (removed only once the new run is ready to write).")
+THREADS = threads_option()
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 RESUME = click.option("--resume", is_flag=True, callback=_not_with("overwrite"),
                       help="Continue an interrupted run into DST (finished shards are skipped).")
@@ -244,9 +273,13 @@ def plan_cmd(src, as_json, **kw):
 @click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Keep tensors holding NaN/Inf unquantized (reported) instead of stopping.")
+@THREADS
 @QUIET
 def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, skip_verify, allow_nonfinite, **kw):
     """Quantize the bf16/fp16 checkpoint SRC into an FP8 block-scaled checkpoint DST.
+
+    Re-reads --verify-samples FP8 tensors per shard and checks them as `fp8norm verify` does; exit
+    code 3 when that verification FAILs (DST stays, marked in its fp8norm.json), 1 on an error.
 
     \b
     Examples:
@@ -271,6 +304,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
 @MAX_SHARD_SIZE
 @RESUME
 @OVERWRITE
+@THREADS
 @QUIET
 def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
     """Re-shard any safetensors directory SRC into standard shards and an index in DST; no quantization.
@@ -299,6 +333,7 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 @DEVICE
 @RESUME
 @OVERWRITE
+@THREADS
 @QUIET
 def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device, resume, overwrite, quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
@@ -330,7 +365,8 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
 @click.option("--layout", type=click.Choice(["deepseek", "mcore"]), required=True,
               help="deepseek: model{i}-mp{N}.safetensors; mcore: Megatron-Core TP/PP/EP rank folders.")
 @click.option("--mp", type=int, help="deepseek: model-parallel size N.")
-@click.option("--n-experts", type=int, default=0, show_default=True, help="deepseek: routed experts in the model.")
+@click.option("--n-experts", type=int, default=None,
+              help="deepseek: routed experts in the model [default: config.json's n_routed_experts / num_experts].")
 @click.option("--tp", type=int, default=1, show_default=True, help="mcore: tensor-parallel size.")
 @click.option("--pp", type=int, default=1, show_default=True, help="mcore: pipeline-parallel size.")
 @click.option("--ep", type=int, default=1, show_default=True, help="mcore: expert-parallel size.")
@@ -339,6 +375,7 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
 @requant_options
 @RESUME
 @OVERWRITE
+@THREADS
 @QUIET
 def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grouped_gemm, requant, amax_epsilon,
               pow2_scales, resume, overwrite, quiet):
@@ -350,6 +387,14 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
       fp8norm shard /models/Qwen3-30B-A3B /ckpt/mcore --layout mcore --tp 2 --pp 2 --ep 4 --grouped-gemm
     """
     progress = None if not quiet else False
+    wrong = ([("--mp", mp)] if layout == "mcore" else
+             [("--tp", tp != 1), ("--pp", pp != 1), ("--ep", ep != 1), ("--pipeline-layers", pipeline_layers),
+              ("--grouped-gemm", grouped_gemm)])
+    wrong = [opt for opt, given in wrong if given]
+    if wrong:
+        other = "--tp/--pp/--ep" if layout == "mcore" else "--mp"
+        raise click.BadParameter(f"{', '.join(wrong)} does not apply to --layout {layout} (it takes {other})",
+                                 param_hint=wrong[0])
     if layout == "deepseek":
         from .shard import shard_deepseek
 
@@ -373,6 +418,7 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
 @MAX_SHARD_SIZE
 @RESUME
 @OVERWRITE
+@THREADS
 @QUIET
 def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, resume, overwrite, quiet):
     """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
@@ -395,39 +441,51 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, re
 @click.option("--samples", type=int, default=5, show_default=True, help="FP8 tensors checked per shard.")
 @click.option("--all", "check_all", is_flag=True, help="Check every FP8 tensor.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
-@click.option("--cos-bands", default="0.9997,0.9995", show_default=True, help="GOOD,WARN lower bounds.")
-@click.option("--mae-bands", default="0.0008,0.001", show_default=True, help="GOOD,WARN upper bounds.")
-@click.option("--maxae-bands", default="0.01,0.02", show_default=True, help="GOOD,WARN upper bounds.")
-def verify_cmd(src, quant, samples, check_all, json_path, cos_bands, mae_bands, maxae_bands):
-    """Compare the FP8 checkpoint QUANT with its source SRC; exit code 1 on any FAIL.
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Draw SQNR per layer and tensor kind (needs matplotlib: the `plot` extra).")
+@click.option("--sqnr-bands", default=None, metavar="GOOD,WARN",
+              help="SQNR lower bounds in dB [default: 29.5,20, from e4m3's 31.5 dB floor].")
+@click.option("--cos-bands", default=None, metavar="GOOD,WARN", help="Also judge cosine (absolute lower bounds).")
+@click.option("--mae-bands", default=None, metavar="GOOD,WARN", help="Also judge mean abs error (absolute upper bounds).")
+@click.option("--maxae-bands", default=None, metavar="GOOD,WARN", help="Also judge max abs error (absolute upper bounds).")
+def verify_cmd(src, quant, samples, check_all, json_path, plot_path, sqnr_bands, cos_bands, mae_bands, maxae_bands):
+    """Check that the FP8 checkpoint QUANT is a correct quantization of SRC and what FP8 costs on it.
 
-    Dequantizes FP8 tensors and measures cosine similarity, mean and max absolute error against
-    SRC, in GOOD / WARN / FAIL bands; checks scales, kept tensors, index and config.
+    Every element checked must be the round-to-nearest-even e4m3 value of x / scale (else FAIL,
+    the tensor named); the cost is measured scale-free (SQNR, relative RMS error, cosine, clipped
+    and flushed elements) against e4m3's own floor (SQNR 31.5 dB). Also checks scales, kept
+    tensors, index and config. Exit code 3 on any FAIL (1: an error).
 
     \b
     Example:
-      fp8norm verify /models/Qwen3-8B /models/Qwen3-8B-FP8 --all --json report.json
+      fp8norm verify /models/Qwen3-8B /models/Qwen3-8B-FP8 --all --json report.json --plot report.png
     """
     import json
 
-    from .verify import FAIL, Bands, verify
+    from .verify import EXIT_VERIFY_FAILED, FAIL, plot_report, verify
 
-    bands = Bands(*_two(cos_bands, "--cos-bands"), *_two(mae_bands, "--mae-bands"),
-                  *_two(maxae_bands, "--maxae-bands"))
-    report = verify(src, quant, samples=None if check_all else samples, bands=bands)
-    click.echo(report.format(bands))
+    overrides = {k: v for k, v in (("cos", _two(cos_bands, "--cos-bands")), ("mae", _two(mae_bands, "--mae-bands")),
+                                   ("maxae", _two(maxae_bands, "--maxae-bands"))) if v is not None}
+    if sqnr_bands is not None:
+        overrides["sqnr_good"], overrides["sqnr_warn"] = _two(sqnr_bands, "--sqnr-bands")
+    report = verify(src, quant, samples=None if check_all else samples, band_overrides=overrides)
+    click.echo(report.format())
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report.to_dict(), f, indent=1)
+    if plot_path:
+        click.echo(f"plot      {plot_report(report, plot_path)}")
     if report.status == FAIL:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_VERIFY_FAILED)
 
 
-def _two(text: str, opt: str) -> tuple[float, float]:
+def _two(text: str | None, opt: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
     try:
         a, b = (float(v) for v in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected two numbers, e.g. 0.9997,0.9995", param_hint=opt) from None
+        raise click.BadParameter(f"{text!r}: expected two numbers, e.g. 29.5,20", param_hint=opt) from None
     return a, b
 
 

@@ -43,6 +43,8 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 
 # decisions of a convert plan
 DEQUANT, RELABEL, UE8M0, NVFP4 = "dequant", "relabel", "ue8m0", "nvfp4"
+DEQUANT_NVFP4 = "dequant-nvfp4"
+NVFP4_SOURCES = ("nvfp4", "nvfp4-ct")  # ModelOpt, compressed-tensors nvfp4-pack-quantized
 
 
 class ConvertError(ValueError):
@@ -58,6 +60,11 @@ class SourceFormat:
 
 def detect_source(tensors: dict, config: dict) -> SourceFormat:
     qc = config.get("quantization_config") or {}
+    # NVFP4 (read back to bf16/fp16 only); FP8 block tensors kept beside it carry `_scale_inv`
+    if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "nvfp4-pack-quantized":
+        return SourceFormat("nvfp4-ct", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
+    if qc.get("quant_method") == "modelopt" or any(n.endswith("_scale_2") for n in tensors):
+        return SourceFormat("nvfp4", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
     if qc.get("quant_method") == "compressed-tensors":
         groups = list((qc.get("config_groups") or {}).values())
         w = (groups[0].get("weights") or {}) if groups else {}
@@ -87,6 +94,21 @@ def _nvfp4_outputs(name: str, shape: tuple[int, ...], ct: bool) -> list[OutEntry
             OutEntry(name + "_scale_2", "F32", global_shape)]
 
 
+def nvfp4_members(tensors: dict, kind: str) -> dict[str, tuple[str, str, str]]:
+    """NVFP4 weights of a source: packed name -> (block scale, global scale, dequantized name)."""
+    out = {}
+    for n, i in tensors.items():
+        if i.dtype != "U8":
+            continue
+        if kind == "nvfp4" and n + "_scale" in tensors and n + "_scale_2" in tensors:
+            out[n] = (n + "_scale", n + "_scale_2", n)
+        elif kind == "nvfp4-ct" and n.endswith(".weight_packed"):
+            m = n.removesuffix(".weight_packed")
+            if m + ".weight_scale" in tensors and m + ".weight_global_scale" in tensors:
+                out[n] = (m + ".weight_scale", m + ".weight_global_scale", m + ".weight")
+    return out
+
+
 def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_size="4GB",
                        repack: bool = True) -> Plan:
     if to not in TARGETS:
@@ -97,15 +119,20 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
     config_block_size(config, cfg_path)  # checks quantization_config before detect_source reads it
     fmt = detect_source(ckpt.tensors, config)
     tensors = ckpt.tensors
+    nvfp4 = nvfp4_members(tensors, fmt.kind) if fmt.kind in NVFP4_SOURCES else {}
+    if nvfp4 and to not in ("bf16", "fp16"):
+        raise ConvertError(f"{src}: an NVFP4 checkpoint ({'ModelOpt' if fmt.kind == 'nvfp4' else 'compressed-tensors'} "
+                           f"layout) converts to bf16 or fp16 only, not {to}")
+    nvfp4_parts = {p for parts in nvfp4.values() for p in parts[:2]}
     scale_of = {n: n + fmt.scale_suffix for n, i in tensors.items()
-                if i.dtype in FP8_DTYPES and n + fmt.scale_suffix in tensors}
-    missing = [n for n, i in tensors.items() if i.dtype in FP8_DTYPES and n not in scale_of]
+                if i.dtype in FP8_DTYPES and n + fmt.scale_suffix in tensors and n not in nvfp4_parts}
+    missing = [n for n, i in tensors.items() if i.dtype in FP8_DTYPES and n not in scale_of and n not in nvfp4_parts]
     if missing:
         raise ConvertError(f"{tensors[missing[0]].file.name}: FP8 tensor {missing[0]!r} has no "
                            f"{missing[0]}{fmt.scale_suffix} ({len(missing)} such tensor(s))")
     check_fp8_sources(ckpt, scale_of, fmt.block_size)
-    consumed = set(scale_of.values())
-    if to in ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct") and not scale_of:
+    consumed = set(scale_of.values()) | nvfp4_parts
+    if to in ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct") and not scale_of and not nvfp4:
         raise ConvertError(f"{src}: holds no FP8 weights to convert to {to} (use `fp8norm quantize` for bf16)")
     if to == "fp8" and fmt.kind != "fp8-ct":
         raise ConvertError(f"{src}: is already block FP8 in the DeepSeek/transformers layout")
@@ -119,6 +146,13 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
         if scale:
             inputs, extra = (name, scale), tensors[scale].nbytes
         decision, rule, outputs = KEEP, "not-quantized", [OutEntry(name, info.dtype, info.shape)]
+        if name in nvfp4:
+            ws, gs, out_name = nvfp4[name]
+            plans.append(TensorPlan(name, info.dtype, info.shape, DEQUANT_NVFP4, f"nvfp4->{to}", info.file.name,
+                                    [OutEntry(out_name, "BF16" if to == "bf16" else "F16",
+                                              (*info.shape[:-1], 2 * info.shape[-1]))],
+                                    inputs=(name, ws, gs), extra_in_bytes=tensors[ws].nbytes + tensors[gs].nbytes))
+            continue
         if scale and to in ("bf16", "fp16"):
             decision, rule = DEQUANT, f"fp8->{to}"
             outputs = [OutEntry(name, "BF16" if to == "bf16" else "F16", info.shape)]
@@ -187,7 +221,10 @@ def nvfp4_global_amax(plan: Plan, device: torch.device) -> dict[str, torch.Tenso
     return amax
 
 
-def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
+def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device,
+                   requant_errors: list | None = None) -> list[torch.Tensor]:
+    """The output tensors of one planned tensor; a requantized one's (name, relative L2 error, max abs
+    error) goes to `requant_errors` (None: a note per tensor in plan.notes)."""
     block = plan.source_format.block_size
     if t.decision == KEEP:
         return xs
@@ -195,6 +232,12 @@ def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: to
         return xs
     if t.decision == NVFP4:
         return _to_nvfp4(t, xs, plan, device)
+    if t.decision == DEQUANT_NVFP4:
+        packed, wscale, wscale2 = (x.to(device) for x in xs)
+        if plan.source_format.kind == "nvfp4-ct":  # compressed-tensors stores 1 / ModelOpt's scale_2
+            wscale2 = torch.reciprocal(wscale2.float()).reshape(wscale2.shape[:-1])
+        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
+        return [dispatch.dequant_nvfp4(packed, wscale, wscale2, out_dtype=out_dtype).cpu()]
     q, scale = xs[0].to(device), xs[1].to(device)
     if t.decision == DEQUANT:
         out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
@@ -208,9 +251,22 @@ def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: to
         before = dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=torch.float32)
         after = dispatch.dequant_fp8_block(q2, s2, block_size=block, out_dtype=torch.float32)
         rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
-        plan.notes.append(f"requant   {t.name}: relative L2 error {rel:.2e}, max abs {float((after - before).abs().max()):.2e}")
+        max_abs = float((after - before).abs().max())
+        if requant_errors is None:
+            plan.notes.append(f"requant   {t.name}: relative L2 error {rel:.2e}, max abs {max_abs:.2e}")
+        else:
+            requant_errors.append((t.name, rel, max_abs))
         return [q2.cpu(), s2.cpu()]
     raise AssertionError(t.decision)
+
+
+def requant_summary(errors: list[tuple[str, float, float]]) -> str:
+    """One line for every tensor requantized to power-of-two scales (thousands on a real MoE)."""
+    rels = sorted(e[1] for e in errors)
+    worst = max(errors, key=lambda e: e[1])
+    return (f"requant   {len(errors)} tensor(s) requantized to power-of-two scales: relative L2 error vs the "
+            f"FP8 source median {rels[len(rels) // 2]:.2e}, max {worst[1]:.2e} ({worst[0]}); max abs "
+            f"{max(e[2] for e in errors):.2e}")
 
 
 def _to_nvfp4(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
@@ -292,8 +348,15 @@ def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", re
         if to == "nvfp4":
             extra[HF_QUANT_CONFIG] = json.dumps({"producer": {"name": "modelopt", "version": f"fp8norm-{__version__}"},
                                                  "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
-    summary = execute_plan(plan, Path(dst), transform=convert_tensor, finalize_config=target_config, device=device,
+    requant_errors: list[tuple[str, float, float]] = []
+
+    def transform(t, xs, p, dev):
+        return convert_tensor(t, xs, p, dev, requant_errors)
+
+    summary = execute_plan(plan, Path(dst), transform=transform, finalize_config=target_config, device=device,
                            resume=resume, overwrite=overwrite, progress=progress, extra_files=extra,
                            skip_files=(PROVENANCE_NAME, HF_QUANT_CONFIG))
     summary.notes.extend(plan.notes)
+    if requant_errors:
+        summary.notes.append(requant_summary(requant_errors))
     return summary

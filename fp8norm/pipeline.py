@@ -22,10 +22,10 @@ from . import distributed
 from .checkpoint import INDEX_NAME, read_json
 from .classify import FP8
 from .engine import Job, run_jobs
-from .output import MANIFEST_NAME, OutputError, index_text
+from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import read_header, read_tensor
-from .verify import Bands, VerifyReport, compare
+from .verify import FAIL, Bands, VerifyReport, compare, mark_failed
 
 __all__ = ["execute_plan", "RunSummary", "resolve_device", "quantize_tensor", "OutputError", "MANIFEST_NAME"]
 
@@ -50,7 +50,8 @@ class RunSummary:
     verify: VerifyReport | None = None
 
     def format(self) -> str:
-        gbps = self.bytes_in / max(self.wall_s, 1e-9) / 1e9
+        rate = self.bytes_in / max(self.wall_s, 1e-9)
+        speed = f"{rate / 1e9:.2f} GB/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MB/s"  # no "0.00 GB/s"
         counts = ", ".join(f"{n} {_VERBS.get(d, d)}" for d, n in self.tensors.items()
                            if d in _VERBS and (n or d == "keep"))
         lines = [
@@ -58,7 +59,7 @@ class RunSummary:
             f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out "
             f"({self.shards_written} shard(s) written, {self.shards_skipped} already done)",
             f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
-            f"({self.device}), write {self.write_s:.2f} s; {gbps:.2f} GB/s",
+            f"({self.device}), write {self.write_s:.2f} s; {speed}",
         ]
         return "\n".join(lines + self.notes)
 
@@ -130,12 +131,15 @@ def execute_plan(
     jobs = [Job(t.input_names, [(t.shard, o) for o in t.outputs],
                 lambda xs, _which, t=t: transform(t, xs, plan, dev)) for s in plan.shards for t in by_shard[s]]
     summary = RunSummary(plan.totals(), device=str(dev),
-                         verify=VerifyReport(calibration=plan.settings.calib.describe()) if verify_samples else None)
+                         verify=_new_report(plan) if verify_samples else None)
 
     def verify(written: list[str]) -> None:
         # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
         for shard in written:
             _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, summary.verify)
+        if summary.verify.status == FAIL and PROVENANCE_NAME in texts:
+            # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
+            texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], summary.verify)
 
     stats = run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
                      device=dev, progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts,
@@ -166,6 +170,12 @@ def _output_texts(plan: Plan, finalize_config, extra_files, skip_files) -> tuple
     return texts, copies
 
 
+def _new_report(plan: Plan) -> VerifyReport:
+    mode = plan.settings.calib.mode
+    return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
+                        bands=Bands.for_calibration(mode))
+
+
 def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,
                   report: VerifyReport) -> None:
     """Re-read `samples` FP8 tensors of a finished shard from disk and compare them with the source."""
@@ -176,6 +186,7 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
         q = read_tensor(infos[t.outputs[0].name])
         scale_inv = read_tensor(infos[t.outputs[1].name])
         src = read_tensor(plan.checkpoint.tensors[t.name])
-        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, plan.settings.block_size, Bands()))
+        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, plan.settings.block_size,
+                                     report.bands))
     report.fp8_tensors += len(fp8)
     report.kept_tensors += len(tensors) - len(fp8)

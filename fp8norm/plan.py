@@ -236,6 +236,9 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
     ckpt = open_checkpoint(src)
     settings = {"calib": calib}
     stats = None
+    if o.activation_stats is not None and calib.mode == "max":
+        raise ValueError("--activation-stats weights the rms and mse calibrations; --calib max (the tile amax) "
+                         "does not use it: add --calib mse or --calib rms, or drop --activation-stats")
     if o.activation_stats is not None:
         from .activation_stats import load_activation_stats
 

@@ -42,8 +42,9 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
 
     `plan_kwargs` are those of `plan()` (reference, include, exclude, scale_fmt, calib, ...).
     `verify_samples` FP8 tensors of each shard are re-read from disk and compared with the source
-    (0: skip); the report is in the returned summary. `allow_nonfinite` first scans the tensors to
-    quantize and keeps those holding NaN/Inf unquantized (listed in the summary) instead of failing.
+    (0: skip); the report is in the returned summary, and a FAIL is recorded in DST's fp8norm.json.
+    `allow_nonfinite` first scans the tensors to quantize and keeps those holding NaN/Inf unquantized
+    (listed in the summary) instead of failing.
     """
     p = plan(src, allow_nonfinite=allow_nonfinite, **plan_kwargs)
     if not any(t.decision == FP8 for t in p.tensors):

@@ -1,48 +1,106 @@
-"""`fp8norm verify`: how close an FP8 checkpoint is to its source, and whether it is well formed.
+"""`fp8norm verify`: is an FP8 checkpoint a correct quantization of its source, what does the format
+cost on it, and is it well formed.
 
-Per FP8 tensor: dequantize (fp32/bf16/e8m0 scales, 2D or 3D) and compare with the source tensor:
-cosine similarity, mean and max absolute error, each in a GOOD / WARN / FAIL band (defaults from the
-Qwen3.5 FP8 toolkit's verifier; configurable). Structure: every FP8 weight has a scale of the right
-shape and every scale a weight, kept tensors are byte-identical to the source, the index covers every
-tensor exactly once, config.json's quantization_config agrees with the tensors.
+Two questions per FP8 tensor, answered separately:
+
+1. **Is it correct?** Each element must be the round-to-nearest-even e4m3 value of x / scale, with
+   saturation at +-448 (x the source element, scale its tile's stored scale, whatever its dtype:
+   fp32, bf16, or a power of two for ue8m0). Tested as: |q - x/scale| <= half an e4m3 step at that
+   value (+ 2^-21 relative for the order of the kernel's x * (1/scale)), and q = +-448 where |x/scale|
+   >= 448. This holds for every calibration (it only fixes the scale) and for all-zero tiles (the
+   amax floor gives them a finite scale and zeros). Any element outside it is a corrupted byte, a
+   wrong or swapped scale, or another source: FAIL, the tensor and first element named. An output
+   requantized from FP8 (`convert --to fp8-ue8m0`, as its fp8norm.json records) was rounded
+   twice: 1.5 steps are allowed there (the first grid's step is under twice the second's, since
+   the larger power-of-two scale can move a value down one binade: < 1 step + 1/2 step).
+
+2. **What does the format cost here?** Scale-free metrics, so no band depends on the weights' scale
+   or outliers: relative RMS error ||deq - x|| / ||x|| and SQNR = -20 log10 of it, cosine, the
+   largest error relative to its tile's amax, and the fractions of elements clipped (|x/scale| > 448,
+   saturated by the calibration) and flushed to zero.
+
+   The floor, i.e. what e4m3 costs when nothing is clipped: with 3 mantissa bits a normal value
+   m * 2^e (1 <= m < 2) is rounded to a grid of step 2^(e-3); the error is close to uniform in
+   +-2^(e-4), mean square 2^(2e-6) / 12, and relative to x^2 = m^2 2^(2e) that is 2^-6 / (12 m^2).
+   Averaged over the mantissas of real weights (energy-weighted) the relative RMS error is 0.0265
+   (measured 0.02647-0.02663 on Gaussian weights of any scale; the bound 1/17 = 0.0588 is reached
+   only when every large element sits just above a grid point): SQNR = 31.5 dB, and since
+   1 - cos = rel_rms^2 / 2 for an unbiased error, 1 - cos = 3.5e-4. Max calibration (scale =
+   tile amax / 448) clips nothing and keeps all but tiny elements normal (the smallest normal is
+   2^-6 * scale, amax / 28672), so it sits on that floor whatever the outliers: cosine 0.99965 is
+   the format, not a warning sign. Clipping calibrations (rms, percentile, mse) can only add
+   clipping error on top, except where they lift elements out of the subnormal range.
+
+   Default bands: SQNR GOOD >= 29.5 dB (the floor - 2 dB: rel RMS 1.26x the floor, outside the
+   spread of correctly rounded weights), WARN >= 20 dB (rel RMS 0.1: beyond what rounding normal
+   numbers can cost, 1/17, so something is clipped or flushed), FAIL below. Clipped elements: none
+   expected under max calibration (any is WARN); up to 1% GOOD under a clipping calibration or an
+   unknown one, more is WARN (the SQNR band judges what clipping costs). The seed tool's absolute
+   bands (cosine, mean and max absolute error) may be added with `--cos-bands` etc.
+
+Structure: every FP8 weight has a scale of the right shape and every scale a weight, kept tensors
+are byte-identical to the source, the index covers every tensor exactly once, config.json's
+quantization_config agrees with the tensors.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import dispatch
 from . import numerics as nx
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
+from .reference import e4m3_to_float32
 from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_tensor
 
 GOOD, WARN, FAIL = "GOOD", "WARN", "FAIL"
 _RANK = {GOOD: 0, WARN: 1, FAIL: 2}
 
+# Exit code of `verify`, `quantize` and `convert` when the verification FAILs (the output stays on
+# disk, marked in fp8norm.json); 1 is any other error, 2 a usage error.
+EXIT_VERIFY_FAILED = 3
+
+FLOOR_REL_RMS = 0.0265  # e4m3's rounding error on normal numbers (module docstring)
+FLOOR_SQNR_DB = -20 * math.log10(FLOOR_REL_RMS)  # 31.5 dB
+CLIPPING_CALIBRATIONS = ("rms", "percentile", "mse")
+
+# e4m3: largest value, exponent of the smallest normal, mantissa bits
+_E4M3_MIN_EXP, _E4M3_MANT = -6, 3
+
 
 @dataclass(frozen=True)
 class Bands:
-    """GOOD at or beyond the first bound, WARN up to the second, FAIL past it."""
-    cos_good: float = 0.9997
-    cos_warn: float = 0.9995
-    mae_good: float = 0.0008
-    mae_warn: float = 0.001
-    maxae_good: float = 0.01
-    maxae_warn: float = 0.02
+    """Verdict bands. SQNR (dB): GOOD at or above sqnr_good, WARN down to sqnr_warn, FAIL below.
+    Clipped fraction: above clipped_good is WARN. cos / mae / maxae: optional absolute (GOOD, WARN)
+    bounds as the seed tool had them (None: not judged)."""
+    sqnr_good: float = round(FLOOR_SQNR_DB - 2.0, 1)
+    sqnr_warn: float = 20.0
+    clipped_good: float = 0.01
+    cos: tuple[float, float] | None = None
+    mae: tuple[float, float] | None = None
+    maxae: tuple[float, float] | None = None
 
-    def cos(self, v: float) -> str:
-        return GOOD if v >= self.cos_good else WARN if v >= self.cos_warn else FAIL
+    @classmethod
+    def for_calibration(cls, mode: str | None, **overrides) -> Bands:
+        """Max calibration clips nothing by construction; clipping ones (and unknown) may clip 1%."""
+        return cls(**{"clipped_good": 0.0 if mode == "max" else 0.01, **overrides})
 
-    def mae(self, v: float) -> str:
-        return GOOD if v <= self.mae_good else WARN if v <= self.mae_warn else FAIL
-
-    def maxae(self, v: float) -> str:
-        return GOOD if v <= self.maxae_good else WARN if v <= self.maxae_warn else FAIL
+    def judge(self, c: TensorCheck) -> dict[str, str]:
+        b = {"sqnr": GOOD if c.sqnr_db >= self.sqnr_good else WARN if c.sqnr_db >= self.sqnr_warn else FAIL,
+             "clipped": GOOD if c.clipped_frac <= self.clipped_good else WARN}
+        if self.cos is not None:
+            b["cos"] = GOOD if c.cos >= self.cos[0] else WARN if c.cos >= self.cos[1] else FAIL
+        if self.mae is not None:
+            b["mae"] = GOOD if c.mae <= self.mae[0] else WARN if c.mae <= self.mae[1] else FAIL
+        if self.maxae is not None:
+            b["maxae"] = GOOD if c.maxae <= self.maxae[0] else WARN if c.maxae <= self.maxae[1] else FAIL
+        return b
 
 
 def worst(*statuses: str) -> str:
@@ -54,42 +112,167 @@ class TensorCheck:
     name: str
     shard: str
     cos: float
+    rel_rms: float
+    sqnr_db: float
+    max_err_rel_amax: float  # largest |deq - x| / its tile's amax
+    clipped_frac: float      # |x / scale| > 448: saturated by the calibration
+    flushed_frac: float      # x != 0 stored as 0
     mae: float
     maxae: float
+    elements: int
+    wrong_elements: int      # not RNE(x / scale): a corruption
+    first_wrong: str | None
     bands: dict
     status: str
 
 
+def _expand_tiles(t: torch.Tensor, shape, block_size) -> torch.Tensor:
+    """[tm, tn] per-tile values -> [rows, cols] per element."""
+    bm, bn = block_size
+    rows, cols = shape
+    return t.repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
+
+
+def e4m3_half_step(v: torch.Tensor) -> torch.Tensor:
+    """Half the distance between e4m3 neighbours around v >= 0 (fp32): 2^(floor(log2 v) - 4) read
+    off v's exponent bits, at least 2^-10 (half the subnormal step)."""
+    pow2 = (v.contiguous().view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 v), 0 for 0
+    return (pow2 * 2.0 ** -(_E4M3_MANT + 1)).clamp_min_(2.0 ** (_E4M3_MIN_EXP - _E4M3_MANT - 1))
+
+
+def rne_mismatch(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, steps: float = 0.5) -> torch.Tensor:
+    """Elements where fp32 q is not the saturating RNE e4m3 value of x / scale (all per element, fp32;
+    x * (1/scale) as the kernel computes it, with 2^-21 relative slack for the order of operations).
+
+    `steps`: allowed error in e4m3 steps (0.5: one rounding; 1.5: rounded twice, see the module doc)."""
+    y = x.float() * torch.reciprocal(scale.float())
+    return _mismatch(q.float(), y, y.abs(), steps)
+
+
+def _mismatch(q, y, ay, steps: float) -> torch.Tensor:
+    bound = e4m3_half_step(torch.minimum(ay, q.abs())).mul_(2 * steps).add_(ay * 2.0 ** -21)
+    ok = torch.where(ay >= nx.E4M3_MAX, q == torch.sign(y) * nx.E4M3_MAX, (q - y).abs_() <= bound)
+    return ~(ok & torch.isfinite(q))
+
+
+def _tile_max(a: torch.Tensor, block_size) -> torch.Tensor:
+    """[rows, cols] of values >= 0 -> [tm, tn] tile maxima."""
+    bm, bn = block_size
+    rows, cols = a.shape
+    tm, tn = nx.ceil_div(rows, bm), nx.ceil_div(cols, bn)
+    if rows % bm or cols % bn:
+        a = torch.nn.functional.pad(a, (0, tn * bn - cols, 0, tm * bm - rows))
+    return a.view(tm, bm, tn, bn).amax((1, 3))
+
+
+class _Sums:
+    """Running sums over the chunks of one tensor (fp32 cascade sums per chunk, fp64 across chunks)."""
+
+    def __init__(self):
+        self.nq = self.nr = self.err_sq = self.abs_sum = 0.0
+        self.maxae = self.max_rel = 0.0
+        self.n = self.clipped = self.flushed = self.wrong = 0
+        self.first_wrong: str | None = None
+
+    def add(self, q, s_tiles, x, block_size, where: str, row0: int, steps: float) -> None:
+        qf = e4m3_to_float32(q, torch.empty(q.shape, dtype=torch.float32)) if q.dtype == torch.float8_e4m3fn \
+            else q.float()
+        xf = x.float()
+        s = _expand_tiles(s_tiles.float(), q.shape, block_size)
+        y = xf * torch.reciprocal(s)
+        ay = y.abs()
+        bad = _mismatch(qf, y, ay, steps)
+        n_bad = int(bad.sum())
+        if n_bad and self.first_wrong is None:
+            r, c = (int(v) for v in bad.nonzero()[0])
+            want = float(nx.saturate_e4m3(xf[r, c] / s[r, c]).float())
+            self.first_wrong = (f"element {where}[{row0 + r}, {c}]: x {float(xf[r, c]):.6g}, scale {float(s[r, c]):.6g}, "
+                                f"stored {float(qf[r, c]):g}, RNE(x/scale) {want:g}")
+        self.wrong += n_bad
+        self.n += q.numel()
+        self.clipped += int((ay > nx.E4M3_MAX * (1 + 2.0 ** -20)).sum())
+        self.flushed += int(((qf == 0) & (xf != 0)).sum())
+        deq = qf.mul_(s)
+        self.nq += float(deq.square().sum())
+        self.nr += float(xf.square().sum())
+        err = deq.sub_(xf).abs_()
+        self.err_sq += float(err.square().sum())
+        self.abs_sum += float(err.sum())
+        if err.numel():
+            self.maxae = max(self.maxae, float(err.max()))
+            # max over elements of err / its tile's amax = max over tiles of (tile max err) / tile amax
+            rel = _tile_max(err, block_size) / _tile_max(xf.abs_(), block_size).clamp_min(1e-30)
+            self.max_rel = max(self.max_rel, float(rel.max()))
+
+
 def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src: torch.Tensor,
-            block_size, bands: Bands, chunk_elems: int = 1 << 18) -> TensorCheck:
-    """Dequantize q with its scales and measure it against the source tensor, a few row blocks at a
-    time (so checking a large tensor costs little memory beside it)."""
+            block_size, bands: Bands | None = None, chunk_elems: int = 1 << 18,
+            rounding_steps: float = 0.5) -> TensorCheck:
+    """Check q (with its stored scales) against the source tensor, element by element, and measure
+    what the format costs on it; a few row blocks at a time, so a large tensor costs little memory."""
+    bands = bands or Bands()
     bm = block_size[0]
-    dot = nq = nr = abs_sum = 0.0
-    maxae = 0.0
-    finite = True
+    sums = _Sums()
     mats = [(q, scale_inv, src)] if q.dim() == 2 else list(zip(q, scale_inv, src))
-    for q2, s2, x2 in mats:
+    for e, (q2, s2, x2) in enumerate(mats):
         rows = max(bm, chunk_elems // max(1, q2.shape[1]) // bm * bm)
         for r0 in range(0, q2.shape[0], rows):
-            deq = dispatch.dequant_fp8_block(q2[r0:r0 + rows], s2[r0 // bm:(r0 + rows) // bm],
-                                             block_size=block_size, out_dtype=torch.float32)
-            ref = x2[r0:r0 + rows].float()
-            finite &= bool(torch.isfinite(deq).all())
-            # fp32 elementwise, fp64 sums: exact enough, and no fp64 copies of the chunk
-            dot += float((deq * ref).sum(dtype=torch.float64))
-            nq += float(deq.square().sum(dtype=torch.float64))
-            nr += float(ref.square().sum(dtype=torch.float64))
-            diff = deq.sub_(ref).abs_()
-            abs_sum += float(diff.sum(dtype=torch.float64))
-            maxae = max(maxae, float(diff.max()))
-    denom = (nq * nr) ** 0.5
-    cos = dot / denom if denom > 0 else float(nq == nr)
-    mae = abs_sum / max(1, src.numel())
-    b = {"cos": bands.cos(cos), "mae": bands.mae(mae), "maxae": bands.maxae(maxae)}
-    if not finite:
-        b["finite"] = FAIL
-    return TensorCheck(name, shard, cos, mae, maxae, b, worst(*b.values()))
+            sums.add(q2[r0:r0 + rows], s2[r0 // bm:nx.ceil_div(r0 + rows, bm)], x2[r0:r0 + rows], block_size,
+                     f"[{e}]" if q.dim() == 3 else "", r0, rounding_steps)
+    denom = (sums.nq * sums.nr) ** 0.5
+    # <deq, x> from ||deq - x||^2 = |deq|^2 + |x|^2 - 2<deq, x>: exact where 1 - cos is tiny
+    cos = (sums.nq + sums.nr - sums.err_sq) / (2 * denom) if denom > 0 else float(sums.nq == sums.nr)
+    rel_rms = (sums.err_sq / sums.nr) ** 0.5 if sums.nr > 0 else (0.0 if sums.err_sq == 0 else math.inf)
+    sqnr = -20 * math.log10(rel_rms) if rel_rms > 0 else math.inf
+    n = max(1, sums.n)
+    check = TensorCheck(name, shard, cos, rel_rms, sqnr, sums.max_rel, sums.clipped / n, sums.flushed / n,
+                        sums.abs_sum / n, sums.maxae, sums.n, sums.wrong, sums.first_wrong, {}, GOOD)
+    check.bands = bands.judge(check)
+    if sums.wrong:
+        check.bands["rounding"] = FAIL
+    check.status = worst(*check.bands.values())
+    return check
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def tensor_kind(name: str) -> tuple[str, str | None]:
+    """('mlp.experts.up_proj', '3') for 'model.layers.3.mlp.experts.7.up_proj.weight'; a layer of a
+    stack other than the main model's is named with its prefix ('self_attn.q_proj', 'mtp.0' for
+    'mtp.layers.0.self_attn.q_proj.weight'); None outside layers."""
+    m = _LAYER.search(name)
+    if not m:
+        return name.removesuffix(".weight"), None
+    kind = _EXPERT.sub(".experts.", "." + name[m.end():])[1:].removesuffix(".weight")
+    prefix = name[:m.start()]
+    main = prefix.split(".")[-1] in ("model", "language_model", "decoder")
+    return kind, m.group(1) if main else f"{prefix}.{m.group(1)}"
+
+
+def _layer_order(layer: str) -> tuple:
+    """Main layers by number, then other stacks' (mtp.0, ...), then tensors outside layers ("-")."""
+    if layer.isdigit():
+        return (0, int(layer), "")
+    return (2, 0, "") if layer == "-" else (1, 0, layer)
+
+
+def per_layer_sqnr(checks: list[TensorCheck]) -> dict[str, dict[str, float]]:
+    """{kind: {layer: SQNR dB}} over the checked tensors (layers as tensor_kind names them, "-"
+    outside layers); tensors of one kind and layer (experts) pooled as the mean of their squared
+    relative RMS errors."""
+    pooled: dict[str, dict[str, list[float]]] = {}
+    for c in checks:
+        kind, layer = tensor_kind(c.name)
+        pooled.setdefault(kind, {}).setdefault(layer or "-", []).append(c.rel_rms ** 2)
+    out = {}
+    for kind, layers in sorted(pooled.items()):
+        out[kind] = {}
+        for layer in sorted(layers, key=_layer_order):
+            ms = sum(layers[layer]) / len(layers[layer])
+            out[kind][layer] = round(-10 * math.log10(ms), 3) if ms > 0 else math.inf
+    return out
 
 
 @dataclass
@@ -98,7 +281,9 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)  # structural, each a FAIL
     fp8_tensors: int = 0
     kept_tensors: int = 0
-    calibration: str | None = None
+    calibration: str | None = None       # as described, e.g. "rms(k=3)"; None: unknown producer
+    calibration_mode: str | None = None  # "max", "rms", ...
+    bands: Bands = field(default_factory=Bands)
 
     @property
     def status(self) -> str:
@@ -107,9 +292,12 @@ class VerifyReport:
     def to_dict(self) -> dict:
         return {"status": self.status, "fp8_tensors": self.fp8_tensors, "kept_tensors": self.kept_tensors,
                 "checked": len(self.checks), "problems": self.problems, "calibration": self.calibration,
+                "floor": {"rel_rms": FLOOR_REL_RMS, "sqnr_db": round(FLOOR_SQNR_DB, 2)},
+                "bands": asdict(self.bands), "sqnr_db_by_kind_and_layer": per_layer_sqnr(self.checks),
                 "tensors": [asdict(c) for c in self.checks]}
 
-    def format(self, bands: Bands = Bands()) -> str:
+    def format(self) -> str:
+        b = self.bands
         n = {s: sum(c.status == s for c in self.checks) for s in (GOOD, WARN, FAIL)}
         lines = ["=" * 72, "  QUANTIZATION VERIFICATION SUMMARY"]
         if self.calibration:
@@ -120,46 +308,106 @@ class VerifyReport:
                   f"  Checked             : {len(self.checks)}  (GOOD {n[GOOD]}  WARN {n[WARN]}  FAIL {n[FAIL]})",
                   f"  Structure problems  : {len(self.problems)}"]
         if self.checks:
-            mean_cos = sum(c.cos for c in self.checks) / len(self.checks)
-            mean_mae = sum(c.mae for c in self.checks) / len(self.checks)
-            worst_mae = max(c.mae for c in self.checks)
-            worst_max = max(c.maxae for c in self.checks)
-            lines += ["-" * 72, f"  {'metric':<16}{'value':>12}   {'band':<6}  hard limit", "  " + "-" * 52,
-                      f"  {'cosine sim':<16}{mean_cos:>12.6f}   {bands.cos(mean_cos):<6}  >= {bands.cos_warn}",
-                      f"  {'mean abs err':<16}{mean_mae:>12.6f}   {bands.mae(mean_mae):<6}  <= {bands.mae_warn}",
-                      f"  {'worst MAE':<16}{worst_mae:>12.6f}   {bands.mae(worst_mae):<6}  <= {bands.mae_warn}",
-                      f"  {'worst MaxAE':<16}{worst_max:>12.6f}   {bands.maxae(worst_max):<6}  <= {bands.maxae_warn}"]
+            right = sum(not c.wrong_elements for c in self.checks)
+            lines.append(f"  Correctly rounded   : {right} of {len(self.checks)} (every element RNE(x / scale) in e4m3)")
+            pooled = sum(c.rel_rms ** 2 for c in self.checks) / len(self.checks)
+            mean_rel = pooled ** 0.5
+            mean_sqnr = -10 * math.log10(pooled) if pooled > 0 else math.inf
+            worst_sqnr = min(c.sqnr_db for c in self.checks)
+            worst_clip = max(c.clipped_frac for c in self.checks)
+            clip_band = GOOD if worst_clip <= b.clipped_good else WARN
+            sqnr_band = GOOD if worst_sqnr >= b.sqnr_good else WARN if worst_sqnr >= b.sqnr_warn else FAIL
+            clip_note = "none expected (max)" if b.clipped_good == 0 else f"GOOD <= {100 * b.clipped_good:g}%"
+            lines += ["-" * 72,
+                      f"  {'cost of the format':<22}{'worst':>9}{'mean':>10}   {'band':<6} e4m3 floor / bands",
+                      f"  {'SQNR (dB)':<22}{worst_sqnr:>9.2f}{mean_sqnr:>10.2f}   {sqnr_band:<6} "
+                      f"{FLOOR_SQNR_DB:.1f}; GOOD >= {b.sqnr_good:g}, FAIL < {b.sqnr_warn:g}",
+                      f"  {'relative RMS error':<22}{max(c.rel_rms for c in self.checks):>9.4f}{mean_rel:>10.4f}"
+                      f"   {'':<6} {FLOOR_REL_RMS}",
+                      f"  {'1 - cosine':<22}{max(1 - c.cos for c in self.checks):>9.1e}"
+                      f"{sum(1 - c.cos for c in self.checks) / len(self.checks):>10.1e}   {'':<6} "
+                      f"{FLOOR_REL_RMS ** 2 / 2:.1e}",
+                      f"  {'max err / tile amax':<22}{max(c.max_err_rel_amax for c in self.checks):>9.4f}",
+                      f"  {'clipped':<22}{100 * worst_clip:>8.2f}%"
+                      f"{100 * sum(c.clipped_frac for c in self.checks) / len(self.checks):>9.2f}%   "
+                      f"{clip_band:<6} {clip_note}",
+                      f"  {'flushed to zero':<22}{100 * max(c.flushed_frac for c in self.checks):>8.2f}%"
+                      f"{100 * sum(c.flushed_frac for c in self.checks) / len(self.checks):>9.2f}%"]
+            for key, label, fmt in (("cos", "cosine", ".6f"), ("mae", "mean abs err", ".6f"),
+                                    ("maxae", "max abs err", ".6f")):
+                if getattr(b, key) is not None:
+                    vals = [getattr(c, key) for c in self.checks]
+                    w = min(vals) if key == "cos" else max(vals)
+                    band = worst(*(c.bands[key] for c in self.checks))
+                    lines.append(f"  {label + ' (absolute)':<22}{w:>9{fmt}}{'':>10}   {band:<6} GOOD/WARN {getattr(b, key)}")
         bad = [c for c in self.checks if c.status != GOOD]
         if bad or self.problems:
             lines += ["-" * 72, "  NOT GOOD"]
             lines += [f"  FAIL  {p}" for p in self.problems[:20]]
             for c in sorted(bad, key=lambda c: -_RANK[c.status])[:20]:
                 which = ", ".join(f"{k} {v}" for k, v in c.bands.items() if v != GOOD)
-                lines.append(f"  {c.status}  {c.name}: cos {c.cos:.6f}, MAE {c.mae:.6f}, MaxAE {c.maxae:.6f} ({which})")
+                if c.wrong_elements:
+                    what = f"{c.wrong_elements} of {c.elements} element(s) not RNE(x / scale), e.g. {c.first_wrong}"
+                else:
+                    what = (f"SQNR {c.sqnr_db:.1f} dB, rel RMS {c.rel_rms:.4f}, clipped {100 * c.clipped_frac:.2f}%, "
+                            f"flushed {100 * c.flushed_frac:.2f}%")
+                lines.append(f"  {c.status}  {c.name}: {what} ({which})")
         recs = recommendations(self)
         if recs:
             lines += ["-" * 72, "  RECOMMENDATIONS"] + [f"  {i + 1}. {r}" for i, r in enumerate(recs)]
         verdict = {GOOD: "All checks GOOD. Ready for inference.",
-                   WARN: "Within hard limits but outside the typical range: see the recommendations.",
+                   WARN: "Correct, but the format costs more than usual here: see above.",
                    FAIL: "FAIL: do not deploy this checkpoint."}[self.status]
         lines += ["-" * 72, f"  {verdict}", "=" * 72]
         return "\n".join(lines)
 
 
+# Compute time of each calibration relative to max on the CPU twin, 1 thread (benchmarks/
+# test_bench_calibrate.py, README "Calibration"); on a GPU max is the fused kernel, the others eager torch.
+CALIB_COST_VS_MAX = {"rms": "~6x", "percentile": "~23x", "mse": "~150x"}
+
+
 def recommendations(report: VerifyReport) -> list[str]:
+    """Only what would help, with what it costs."""
     out = []
+    wrong = [c for c in report.checks if c.wrong_elements]
+    if wrong:
+        out.append(f"{len(wrong)} tensor(s) are not a correct rounding of the source ({wrong[0].name}: "
+                   f"{wrong[0].first_wrong}): bytes or scales changed after quantization, tensors swapped, or "
+                   "SRC is not the model this was made from. Quantize again (fp8norm quantize --overwrite); "
+                   "if a fresh output fails too, report a bug.")
     if report.problems:
         out.append("Structure problems mean a broken or incomplete checkpoint: quantize again "
                    "(fp8norm quantize --overwrite, or --resume after an interruption).")
-    if any(c.bands.get("maxae") != GOOD for c in report.checks):
-        out.append("Max abs error is high: outliers are clipped. Raise --rms-factor (k), or use --calib max "
-                   "or --calib mse.")
-    if any(c.bands.get("mae") != GOOD for c in report.checks):
-        out.append("Mean abs error is high: scales are too coarse. Lower --rms-factor (k), or use --calib mse "
-                   "(with --activation-stats for the channels that matter).")
-    if any(c.bands.get("cos") != GOOD for c in report.checks):
-        out.append("Cosine similarity is low: try --calib rms (same speed, outlier-robust) or --calib mse; "
-                   "keep the affected tensors in bf16 with --exclude if it persists.")
+    right = [c for c in report.checks if not c.wrong_elements]
+    clipped = [c for c in right if c.bands.get("clipped") != GOOD]
+    costly = [c for c in right if c.bands.get("sqnr") != GOOD]
+    mode = report.calibration_mode
+    if clipped and mode == "max":
+        out.append(f"{len(clipped)} tensor(s) have scales below their tile amax / 448 although fp8norm.json says "
+                   "max calibration: the scales were changed after quantization. Quantize again.")
+    elif clipped or (costly and any(c.clipped_frac > 0 for c in costly)):
+        worst_c = max(clipped or costly, key=lambda c: c.clipped_frac)
+        how = f"--calib {mode}" if mode in CLIPPING_CALIBRATIONS else "this checkpoint's calibration"
+        extra = {"rms": " (a larger --rms-factor clips less)",
+                 "percentile": " (a higher --percentile clips less)"}.get(mode, "")
+        out.append(f"{how} clips up to {100 * worst_c.clipped_frac:.2f}% of the elements ({worst_c.name}, SQNR "
+                   f"{worst_c.sqnr_db:.1f} dB vs e4m3's {FLOOR_SQNR_DB:.1f} dB floor). --calib max clips nothing "
+                   f"and is the cheapest{extra}: FP8's step is relative, so clipping buys precision only for "
+                   "elements below e4m3's smallest normal (2^-6 of the scale).")
+    flushed = [c for c in costly if c.clipped_frac == 0 and c.flushed_frac > 1e-3]
+    if flushed:
+        out.append(f"{len(flushed)} tensor(s) lose elements to zero (up to "
+                   f"{100 * max(c.flushed_frac for c in flushed):.2f}%: tiles whose amax is over 28672x their small "
+                   f"values). --calib mse (compute {CALIB_COST_VS_MAX['mse']} that of max) clips such outliers "
+                   "where that lowers the error; or keep these tensors in bf16 with --exclude REGEX (2x their "
+                   "memory).")
+    other = [c for c in costly if c.clipped_frac == 0 and c.flushed_frac <= 1e-3]
+    if other:
+        out.append(f"{len(other)} tensor(s) round worse than e4m3's typical floor with nothing clipped or "
+                   f"flushed (e.g. {other[0].name}, {other[0].sqnr_db:.1f} dB): their values sit far from e4m3's "
+                   "grid; no calibration changes the rounding of normal numbers. If the model's quality "
+                   "suffers, keep them in bf16 with --exclude REGEX (2x their memory).")
     return out
 
 
@@ -170,11 +418,39 @@ def _scale_of(name: str, tensors: dict[str, TensorInfo]) -> str | None:
     return None
 
 
+def read_provenance(quant: Path) -> dict:
+    """fp8norm.json of an output (empty when another tool made it)."""
+    doc = _read_json(Path(quant) / "fp8norm.json")
+    return doc if isinstance(doc, dict) else {}
+
+
+def mark_failed(provenance_text: str, report: VerifyReport) -> str:
+    """fp8norm.json's text for an output whose own verification FAILed: a `verification` entry (status
+    FAIL, the exit code, the failing tensors and problems). Outputs that pass keep their text as it is."""
+    doc = json.loads(provenance_text)
+    doc["verification"] = {"status": FAIL, "exit_code": EXIT_VERIFY_FAILED,
+                           "failed_tensors": [c.name for c in report.checks if c.status == FAIL],
+                           "problems": report.problems[:20]}
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed: int = 0,
-           bands: Bands = Bands(), progress=None) -> VerifyReport:
-    """Compare QUANT with SRC: `samples` FP8 tensors per shard (None: all), and the whole structure."""
+           bands: Bands | None = None, band_overrides: dict | None = None) -> VerifyReport:
+    """Compare QUANT with SRC: `samples` FP8 tensors per shard (None: all), and the whole structure.
+
+    `bands` None: the defaults for the calibration fp8norm.json records (see the module docstring),
+    with `band_overrides` (Bands fields) applied."""
     src, quant = Path(src), Path(quant)
-    report = VerifyReport()
+    prov = read_provenance(quant)
+    calib = prov.get("calibration") if isinstance(prov.get("calibration"), dict) else None
+    mode = calib.get("mode", "max") if calib else None
+    report = VerifyReport(bands=bands or Bands.for_calibration(mode, **(band_overrides or {})), calibration_mode=mode)
+    if calib:
+        from .calibrate import CalibSettings
+
+        report.calibration = CalibSettings(mode, **{k: v for k, v in calib.items() if k != "mode"}).describe()
+    # requantized from an FP8 source: the values were rounded twice
+    steps = 1.5 if prov.get("converted_to") == "fp8-ue8m0" else 0.5
     try:
         q_ckpt = open_checkpoint(quant)
     except (CheckpointError, SafetensorsError) as e:
@@ -184,12 +460,6 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     cfg = _read_json(quant / "config.json")
     qcfg = (cfg or {}).get("quantization_config") or {}
     block = tuple(qcfg.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
-    prov = _read_json(quant / "fp8norm.json")
-    if prov and isinstance(prov.get("calibration"), dict):
-        from .calibrate import CalibSettings
-
-        c = prov["calibration"]
-        report.calibration = CalibSettings(c.get("mode", "max"), **{k: v for k, v in c.items() if k != "mode"}).describe()
     qt, st = q_ckpt.tensors, s_ckpt.tensors
     fp8 = [n for n, i in qt.items() if i.dtype in FP8_DTYPES]
     scales = {s for n in fp8 if (s := _scale_of(n, qt))}
@@ -221,15 +491,57 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     rng = random.Random(seed)
     by_shard: dict[str, list[str]] = {}
     for n in fp8:
-        if _scale_of(n, qt) and n in st and qt[n].shape == st[n].shape:
+        s = _scale_of(n, qt)
+        if s and n in st and qt[n].shape == st[n].shape and qt[s].shape == nx.scale_inv_shape(qt[n].shape, block):
             by_shard.setdefault(qt[n].file.name, []).append(n)
     for shard, names in sorted(by_shard.items()):
         pick = names if samples is None or samples >= len(names) else sorted(rng.sample(names, samples))
         for n in pick:
             s = _scale_of(n, qt)
             report.checks.append(compare(n, shard, read_tensor(qt[n]), read_tensor(qt[s]), read_tensor(st[n]),
-                                         block, bands))
+                                         block, report.bands, rounding_steps=steps))
     return report
+
+
+def plot_report(report: VerifyReport, path: str | Path) -> Path:
+    """A PNG of SQNR (dB) per layer, one series per tensor kind, with e4m3's floor and the bands:
+    the numbers of report.to_dict()["sqnr_db_by_kind_and_layer"]. Needs matplotlib (extra `plot`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'fp8norm[plot]' (or pip install matplotlib)") from None
+    data = per_layer_sqnr(report.checks)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    layers = sorted({k for d in data.values() for k in d}, key=_layer_order)
+    x_of = {k: i for i, k in enumerate(layers)}
+    markers = "os^vD<>pPX*h"
+    for i, (kind, by_layer) in enumerate(data.items()):
+        xs = [x_of[k] for k in by_layer]
+        ys = [min(v, 60.0) for v in by_layer.values()]
+        ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="-" if len(xs) > 1 else "none",
+                label=kind, alpha=0.85)
+    b = report.bands
+    ax.axhline(FLOOR_SQNR_DB, color="green", linestyle="--", linewidth=1, label=f"e4m3 floor {FLOOR_SQNR_DB:.1f} dB")
+    ax.axhspan(b.sqnr_warn, b.sqnr_good, color="orange", alpha=0.12, label=f"WARN {b.sqnr_warn:g}-{b.sqnr_good:g} dB")
+    ax.axhspan(min(0.0, b.sqnr_warn - 5), b.sqnr_warn, color="red", alpha=0.08, label=f"FAIL < {b.sqnr_warn:g} dB")
+    values = [v for d in data.values() for v in d.values() if math.isfinite(v)]
+    lo = min([b.sqnr_warn - 3, *values]) if values else b.sqnr_warn - 3
+    hi = max([FLOOR_SQNR_DB + 3, *values]) if values else FLOOR_SQNR_DB + 3
+    ax.set_ylim(lo, min(hi + 1, 61))
+    ax.set_xticks(range(len(layers)), ["other" if k == "-" else k for k in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("SQNR (dB), higher is better")
+    ax.set_title(f"FP8 error by layer and tensor kind ({len(report.checks)} tensors, status {report.status})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _read_json(path: Path):

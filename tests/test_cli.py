@@ -46,5 +46,23 @@ def test_shard_mcore_and_unshard_round_trip_through_the_cli(tmp_path):
     assert res.exit_code == 0, res.output
     a, b = read_dir(src), read_dir(tmp_path / "back")
     assert set(a) == set(b) and all(same_bytes(a[k], b[k]) for k in a)
-    res = run(main, ["shard", str(src), str(tmp_path / "bad"), "--layout", "mcore", "--tp", "2"])
+    res = run(main, ["shard", str(src), str(tmp_path / "bad"), "--layout", "mcore", "--tp", "3"])
     assert res.exit_code == 1 and "Traceback" not in res.output and not (tmp_path / "bad").exists()
+    assert "not divisible by 3" in res.output
+
+
+def test_examples_shard_block_aligned_fp8_at_tp2_ep2(tmp_path):
+    """The examples' sizes (16 heads, 8 kv heads of 128, hidden/intermediate multiples of 256) let FP8
+    split on 128x128 tiles: tp 2 x ep 2 and back without --requant, byte-identical, verify GOOD."""
+    from fp8norm.examples import make_example
+    from tests.ckpt_utils import cli, read_dir, same_bytes
+
+    src = make_example(tmp_path / "src", "qwen3-moe", "sharded")
+    cli("quantize", src, tmp_path / "fp8", "-q")
+    res = cli("shard", tmp_path / "fp8", tmp_path / "mc", "--layout", "mcore", "--tp", "2", "--ep", "2")
+    assert "requant" not in res.output.lower() or "0 requantized" in res.output.lower()
+    cli("unshard", tmp_path / "mc", tmp_path / "back")
+    a, b = read_dir(tmp_path / "fp8"), read_dir(tmp_path / "back")
+    assert set(a) == set(b) and all(same_bytes(a[k], b[k]) for k in a)
+    res = cli("verify", src, tmp_path / "back", "--all")
+    assert "All checks GOOD" in res.output

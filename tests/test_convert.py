@@ -64,14 +64,16 @@ def test_to_ue8m0_relabels_pow2_scales(fp8_ckpt, tmp_path):
 def test_to_ue8m0_requantizes_float_scales_in_one_pass(fp8_ckpt, tmp_path):
     _, fp8 = fp8_ckpt
     res = cli("convert", fp8, tmp_path / "o", "--to", "fp8-ue8m0")
-    assert res.output.count("requant   ") == 23 and "relative L2 error" in res.output
+    # one summary line, not a line per tensor
+    assert res.output.count("requant   ") == 1 and "23 tensor(s) requantized to power-of-two scales" in res.output
     q, out = read_dir(fp8), read_dir(tmp_path / "o")
     for n in fp8_weights(q):
         q2, s2 = reference.quant_fp8_block(q[n], scale_fmt="ue8m0", x_scale_inv=q[n + "_scale_inv"])
         assert same_bytes(out[n], q2) and same_bytes(out[n + "_scale_inv"], s2), n
         assert nx.is_power_of_two(out[n + "_scale_inv"])
-    # structure is sound; requantizing twice costs accuracy, so the metric bands are loosened here
-    cli("verify", fp8_ckpt[0], tmp_path / "o", "--all", "--maxae-bands", "0.02,0.05", "--cos-bands", "0.999,0.998")
+    # rounded twice: within 1.5 e4m3 steps of the bf16 source (fp8norm.json says it was requantized)
+    res = cli("verify", fp8_ckpt[0], tmp_path / "o", "--all")
+    assert "Correctly rounded   : 23 of 23" in res.output
 
 
 def test_fp8_to_ct_and_back_is_byte_identical(fp8_ckpt, tmp_path):
@@ -187,7 +189,7 @@ def test_nvfp4_modelopt_layout_and_joint_scales(fp8_ckpt, tmp_path, source):
     assert out[f"{p}.self_attn.o_proj.weight_scale_2"].item() != out[f"{p}.self_attn.q_proj.weight_scale_2"].item()
     # a fused 3D expert tensor: one global scale per expert, gate and up halves sharing it
     assert out[f"{p}.mlp.experts.gate_up_proj_scale_2"].shape == (4,)
-    assert out[f"{p}.mlp.experts.gate_up_proj"].shape == (4, 384, 160)
+    assert out[f"{p}.mlp.experts.gate_up_proj"].shape == (4, 512, 128)
     hq = json.loads((tmp_path / "o" / "hf_quant_config.json").read_text())
     assert hq["producer"]["name"] == "modelopt" and hq["quantization"]["quant_algo"] == "NVFP4"
     assert hq["quantization"]["group_size"] == 16 and "lm_head" in hq["quantization"]["exclude_modules"]

@@ -138,9 +138,9 @@ def test_heuristic_decisions_match_releases(sources):
 
 def test_plan_table_shows_rules_and_totals(sources):
     out = cli("plan", sources[("qwen3.5-moe", "sharded")]).output
-    assert re.search(r"model\.language_model\.layers\.0\.linear_attn\.in_proj_a\.weight\s+4x320\s+BF16\s+keep\s+"
+    assert re.search(r"model\.language_model\.layers\.0\.linear_attn\.in_proj_a\.weight\s+4x256\s+BF16\s+keep\s+"
                      r"linear-attention-gates", out)
-    assert re.search(r"mtp\.layers\.0\.mlp\.experts\.gate_up_proj\s+4x384x320\s+BF16\s+fp8\s+fused-experts", out)
+    assert re.search(r"mtp\.layers\.0\.mlp\.experts\.gate_up_proj\s+4x512x256\s+BF16\s+fp8\s+fused-experts", out)
     assert re.search(r"\d+ tensors: \d+ fp8, \d+ keep, 0 passthrough", out)
     assert "bytes: " in out
 
@@ -184,7 +184,7 @@ def test_reference_guided_reproduces_reference(sources, tmp_path):
     cli("quantize", src, ref, "--exclude", r"experts\.1\.", "--scale-fmt", "ue8m0", "--scale-dtype", "bfloat16")
     out = tmp_path / "o"
     res = cli("plan", src, "--reference", ref)
-    assert re.search(r"experts\.1\.up_proj\.weight\s+192x320\s+BF16\s+keep\s+reference", res.output)
+    assert re.search(r"experts\.1\.up_proj\.weight\s+256x256\s+BF16\s+keep\s+reference", res.output)
     cli("quantize", src, out, "--reference", ref / "model.safetensors.index.json")
     ref_idx = json.loads((ref / "model.safetensors.index.json").read_text())["weight_map"]
     out_idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]

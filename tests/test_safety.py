@@ -116,7 +116,7 @@ def _hold_lock(dst: Path) -> int:
     return fd
 
 
-def _interrupted(src, dst, monkeypatch, at=25):
+def _interrupted(src, dst, monkeypatch, at=15):
     """A quantize run that failed after some shards were finished (its manifest lists them)."""
     real, calls = fp8norm.pipeline.quantize_tensor, []
 

@@ -1,19 +1,26 @@
-"""`fp8norm verify`: passes a clean output, flags each kind of corruption as FAIL with the tensor named."""
+"""`fp8norm verify`: correct outputs pass whatever the weights look like, each corruption FAILs with
+the tensor named, the cost is measured against e4m3's own floor, exit codes, the plot."""
 
 import json
+import math
 import shutil
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from fp8norm import numerics as nx
+from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.cli import main
-from fp8norm.examples import make_example
-from fp8norm.verify import FAIL, Bands, verify
+from fp8norm.examples import heavy_tailed, make_example
+from fp8norm.verify import (EXIT_VERIFY_FAILED, FAIL, FLOOR_REL_RMS, GOOD, WARN, Bands, compare, per_layer_sqnr,
+                            rne_mismatch, tensor_kind, verify)
 from tests.ckpt_utils import read_dir
 
 SHARD = "model-00001-of-00001.safetensors"
+BLOCK = (128, 128)
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +48,94 @@ def corrupt(clean, tmp_path, edit):
 
 
 def run(src, quant, *args):
-    return CliRunner().invoke(main, ["verify", str(src), str(quant), *args])
+    return CliRunner().invoke(main, ["verify", str(src), str(quant), *map(str, args)])
 
+
+def gaussian(shape, seed=0, std=0.02):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).bfloat16()
+
+
+def heavy(shape, seed=0):
+    return heavy_tailed(shape, torch.Generator().manual_seed(seed)).bfloat16()
+
+
+# -- the numbers, on tensors -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights", [gaussian, heavy], ids=["gaussian", "heavy-tailed-outlier-columns"])
+@pytest.mark.parametrize("scale_fmt,scale_dtype", [("float", torch.float32), ("float", torch.bfloat16),
+                                                   ("ue8m0", torch.float32), ("ue8m0", torch.float8_e8m0fnu)])
+def test_correct_max_calibrated_output_is_good(weights, scale_fmt, scale_dtype):
+    x = weights((3, 300, 520))  # ragged tiles, 3 experts
+    x[1, :128, :128] = 0  # an all-zero tile: amax floor scale, zeros
+    q, s = calibrated_quant(x, CalibSettings("max"), scale_fmt=scale_fmt, scale_dtype=scale_dtype)
+    c = compare("w", "f", q, s, x, BLOCK, Bands.for_calibration("max"))
+    assert c.status == GOOD and c.wrong_elements == 0 and c.clipped_frac == 0, c
+    # on e4m3's floor whatever the scale and the outliers: rel RMS within 15% of 0.0265
+    assert abs(c.rel_rms / FLOOR_REL_RMS - 1) < 0.15 and c.sqnr_db > 29.5
+    assert 1 - c.cos == pytest.approx(c.rel_rms ** 2 / 2, rel=0.05)
+    # a large-scale tensor gives the same relative numbers (no absolute bands)
+    q2, s2 = calibrated_quant(x * 1000, CalibSettings("max"), scale_fmt=scale_fmt, scale_dtype=scale_dtype)
+    c2 = compare("w", "f", q2, s2, (x * 1000), BLOCK)
+    assert c2.status == GOOD and c2.rel_rms == pytest.approx(c.rel_rms, rel=0.02)
+
+
+def test_every_calibration_is_correctly_rounded():
+    x = heavy((256, 384))
+    for mode in ("rms", "percentile", "mse"):
+        q, s = calibrated_quant(x, CalibSettings(mode, mse_grid=8))
+        c = compare("w", "f", q, s, x, BLOCK, Bands.for_calibration(mode))
+        assert c.wrong_elements == 0, mode
+
+
+def test_rounding_rule_by_hand():
+    scale = torch.tensor([[0.5]])
+    x = torch.tensor([[1.0, 1.0625, 1.0626, 300.0, -300.0, 0.0004, 0.0006]])  # /0.5: 2, 2.125 (tie), ...
+    q = torch.tensor([[2.0, 2.0, 2.25, 448.0, -448.0, 0.0, 0.001953125]])
+    assert not rne_mismatch(q, x, scale.expand_as(x)).any()
+    # one step off, a sign flip, saturation not at 448, a NaN: each one element wrong
+    for i, v in ((0, 2.25), (2, 2.0), (3, 416.0), (4, 448.0), (6, float("nan"))):
+        q2 = q.clone()
+        q2[0, i] = v
+        assert rne_mismatch(q2, x, scale.expand_as(x)).nonzero().tolist() == [[0, i]], i
+
+
+def test_clipping_half_of_each_tile_is_not_good():
+    x = gaussian((256, 256))
+    q, s = calibrated_quant(x, CalibSettings("percentile", percentile=50))
+    c = compare("w", "f", q, s, x, BLOCK, Bands.for_calibration("percentile"))
+    assert c.wrong_elements == 0  # correct rounding of a bad choice
+    assert c.clipped_frac == pytest.approx(0.5, abs=0.02) and c.status == FAIL and c.bands["sqnr"] == FAIL
+
+
+def test_double_rounding_allowed_only_when_requantized():
+    x = gaussian((256, 256), seed=3)
+    q1, s1 = calibrated_quant(x, CalibSettings("max"))
+    from fp8norm import reference
+
+    q2, s2 = reference.quant_fp8_block(q1, scale_fmt="ue8m0", x_scale_inv=s1)
+    assert compare("w", "f", q2, s2, x, BLOCK).wrong_elements > 0  # not one rounding of x
+    assert compare("w", "f", q2, s2, x, BLOCK, rounding_steps=1.5).wrong_elements == 0
+
+
+def test_tensor_kind_and_per_layer():
+    assert tensor_kind("model.layers.3.mlp.experts.7.up_proj.weight") == ("mlp.experts.up_proj", "3")
+    assert tensor_kind("model.language_model.layers.0.self_attn.q_proj.weight") == ("self_attn.q_proj", "0")
+    assert tensor_kind("lm_head.weight") == ("lm_head", None)
+    assert tensor_kind("mtp.layers.0.self_attn.q_proj.weight") == ("self_attn.q_proj", "mtp.0")
+
+
+# -- the command, on checkpoints -------------------------------------------------------------------
 
 def test_clean_output_passes(clean, tmp_path):
     res = run(*clean, "--all", "--json", tmp_path / "r.json")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["status"] != FAIL and report["problems"] == []
+    assert report["status"] == GOOD and report["problems"] == []
     assert report["checked"] == report["fp8_tensors"] == 32 and report["kept_tensors"] == 13
-    assert all(t["cos"] > 0.9995 and t["maxae"] < 0.01 for t in report["tensors"])
-    assert "QUANTIZATION VERIFICATION SUMMARY" in res.output
+    for t in report["tensors"]:
+        assert t["wrong_elements"] == 0 and t["clipped_frac"] == 0 and t["sqnr_db"] > 29.5, t
+    assert "QUANTIZATION VERIFICATION SUMMARY" in res.output and "Correctly rounded   : 32 of 32" in res.output
+    assert "All checks GOOD" in res.output and "RECOMMENDATIONS" not in res.output
 
 
 def test_flipped_scale_fails_and_names_tensor(clean, tmp_path):
@@ -61,14 +145,37 @@ def test_flipped_scale_fails_and_names_tensor(clean, tmp_path):
         t[name + "_scale_inv"][1, 0] *= 4
 
     res = run(*corrupt(clean, tmp_path, edit), "--all")
-    assert res.exit_code == 1
-    assert f"FAIL  {name}:" in res.output
+    assert res.exit_code == EXIT_VERIFY_FAILED
+    assert f"FAIL  {name}: " in res.output and "not RNE(x / scale), e.g. element [128, " in res.output
+    assert "not a correct rounding of the source" in res.output
+
+
+def test_slightly_changed_scale_fails(clean, tmp_path):
+    name = "model.layers.0.self_attn.o_proj.weight"
+
+    def edit(t):
+        t[name + "_scale_inv"][0, 3] *= 1.01
+
+    res = run(*corrupt(clean, tmp_path, edit), "--all")
+    assert res.exit_code == EXIT_VERIFY_FAILED and f"FAIL  {name}: " in res.output
+
+
+def test_changed_bytes_fail(clean, tmp_path):
+    name = "model.layers.0.mlp.experts.3.down_proj.weight"
+
+    def edit(t):
+        b = t[name].view(torch.uint8)
+        b[5, 17] ^= 0x01  # one mantissa bit of one element
+
+    res = run(*corrupt(clean, tmp_path, edit), "--all")
+    assert res.exit_code == EXIT_VERIFY_FAILED
+    assert f"FAIL  {name}: 1 of {256 * 256} element(s) not RNE(x / scale), e.g. element [5, 17]" in res.output
 
 
 def test_missing_scale_fails(clean, tmp_path):
     name = "model.layers.0.self_attn.o_proj.weight"
     res = run(*corrupt(clean, tmp_path, lambda t: t.pop(name + "_scale_inv")))
-    assert res.exit_code == 1
+    assert res.exit_code == EXIT_VERIFY_FAILED
     assert f"tensor '{name}' is FP8 but has no {name}_scale_inv" in res.output
 
 
@@ -80,7 +187,7 @@ def test_swapped_tensors_fail(clean, tmp_path):
             t[a + suffix], t[b + suffix] = t[b + suffix], t[a + suffix]
 
     res = run(*corrupt(clean, tmp_path, edit), "--all")
-    assert res.exit_code == 1
+    assert res.exit_code == EXIT_VERIFY_FAILED
     assert f"FAIL  {a}:" in res.output and f"FAIL  {b}:" in res.output
 
 
@@ -90,9 +197,9 @@ def test_changed_kept_tensor_and_wrong_scale_shape_fail(clean, tmp_path):
         t["model.layers.1.self_attn.q_proj.weight_scale_inv"] = torch.ones(2, 2)
 
     res = run(*corrupt(clean, tmp_path, edit))
-    assert res.exit_code == 1
+    assert res.exit_code == EXIT_VERIFY_FAILED
     assert "kept tensor 'model.norm.weight' differs from the source" in res.output
-    assert "scale 'model.layers.1.self_attn.q_proj.weight_scale_inv' has shape [2, 2], expected [3, 3]" in res.output
+    assert "scale 'model.layers.1.self_attn.q_proj.weight_scale_inv' has shape [2, 2], expected [16, 2]" in res.output
 
 
 def test_index_and_config_checks(clean, tmp_path):
@@ -103,23 +210,27 @@ def test_index_and_config_checks(clean, tmp_path):
     index["weight_map"].pop("lm_head.weight")
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     res = run(src, bad)
-    assert res.exit_code == 1 and "'lm_head.weight'" in res.output and "missing from the index" in res.output
+    assert res.exit_code == EXIT_VERIFY_FAILED and "'lm_head.weight'" in res.output
+    assert "missing from the index" in res.output
     shutil.copy(fp8 / "model.safetensors.index.json", bad / "model.safetensors.index.json")
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"]["modules_to_not_convert"].append("model.layers.0.self_attn.q_proj")
     cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     (bad / "config.json").write_text(json.dumps(cfg))
     res = run(src, bad)
-    assert res.exit_code == 1
+    assert res.exit_code == EXIT_VERIFY_FAILED
     assert "lists 'model.layers.0.self_attn.q_proj' in modules_to_not_convert, but it is FP8" in res.output
     assert "claims scale_fmt ue8m0" in res.output
 
 
 def test_bands_are_configurable(clean):
-    report = verify(*clean, samples=None, bands=Bands(cos_good=0.99999999, cos_warn=0.9999999))
-    assert report.status == FAIL and "Cosine similarity is low" in report.format()
+    report = verify(*clean, samples=None, band_overrides={"sqnr_good": 40.0, "sqnr_warn": 35.0})
+    assert report.status == FAIL and "nothing clipped" in report.format()
+    res = run(*clean, "--sqnr-bands", "40,25")
+    assert res.exit_code == 0 and "WARN" in res.output and "GOOD >= 40" in res.output
+    # the seed tool's absolute bands, on request
     res = run(*clean, "--cos-bands", "0.99999999,0.9999999")
-    assert res.exit_code == 1
+    assert res.exit_code == EXIT_VERIFY_FAILED and "cosine (absolute)" in res.output
     assert run(*clean, "--cos-bands", "nope").exit_code == 2
 
 
@@ -127,8 +238,41 @@ def test_quantize_verifies_what_it_wrote(tmp_path):
     src = make_example(tmp_path / "src", "llama", "single")
     res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "o"), "--verify-samples", "3"])
     assert res.exit_code == 0 and "Checked             : 3" in res.output
+    assert "verification" not in json.loads((tmp_path / "o" / "fp8norm.json").read_text())
     res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "p"), "--skip-verify"])
     assert res.exit_code == 0 and "VERIFICATION" not in res.output
-    # a verification that finds a problem says so in the summary (rms k=1 clips hard)
+
+
+def test_quantize_exits_3_when_its_verification_fails(tmp_path):
+    """rms k=1 clips a third of every tile: correct rounding, but the cost FAILs; the output stays,
+    marked in fp8norm.json, and the recommendation is the real one (max clips nothing)."""
+    src = make_example(tmp_path / "src", "llama", "single")
     res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "r"), "--calib", "rms", "--rms-factor", "1"])
-    assert "FAIL: do not deploy" in res.output and "Raise --rms-factor" in res.output
+    assert res.exit_code == EXIT_VERIFY_FAILED, res.output
+    assert "FAIL: do not deploy" in res.output and "--calib rms clips up to" in res.output
+    assert "--calib max clips nothing and is the cheapest (a larger --rms-factor clips less)" in res.output
+    assert "same speed" not in res.output and "outliers are clipped" not in res.output
+    prov = json.loads((tmp_path / "r" / "fp8norm.json").read_text())
+    assert prov["verification"]["status"] == FAIL and prov["verification"]["exit_code"] == EXIT_VERIFY_FAILED
+    assert prov["verification"]["failed_tensors"] and (tmp_path / "r" / "model.safetensors.index.json").exists()
+    assert run(src, tmp_path / "r", "--all").exit_code == EXIT_VERIFY_FAILED
+
+
+def test_plot_and_json_hold_the_same_numbers(clean, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = run(*clean, "--all", "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((tmp_path / "r.json").read_text())
+    by_kind = doc["sqnr_db_by_kind_and_layer"]
+    assert set(by_kind) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"}
+    ups = [t for t in doc["tensors"] if tensor_kind(t["name"]) == ("mlp.experts.up_proj", "1")]
+    pooled = -10 * math.log10(sum(t["rel_rms"] ** 2 for t in ups) / len(ups))
+    assert by_kind["mlp.experts.up_proj"]["1"] == pytest.approx(pooled, abs=1e-3)
+
+
+def test_plot_without_matplotlib_says_what_to_install(clean, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    res = run(*clean, "--plot", tmp_path / "r.png")
+    assert res.exit_code == 1 and "pip install 'fp8norm[plot]'" in res.output and "Traceback" not in res.output

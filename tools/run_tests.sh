@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-tools/setup.sh || exit 1
+tools/setup.sh --dev || exit 1
 "$PY" -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

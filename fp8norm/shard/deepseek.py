@@ -20,6 +20,7 @@ shape, the rule and N.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -126,10 +127,31 @@ def _err(m: Module, info: TensorInfo, rule: str, mp: int) -> ShardError:
     return ShardError(f"{info.file.name}: tensor {info.name!r} {list(info.shape)}: {rule} (mp={mp})")
 
 
-def plan_deepseek(src, mp: int, n_experts: int, *, requant: bool = False) -> tuple[list[ShardJob], dict]:
-    """All jobs and the layout description; raises ShardError before anything is written."""
+_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+
+
+def routed_experts_in_config(src) -> int | None:
+    """The routed-expert count config.json declares (DeepSeek n_routed_experts, Qwen num_experts,
+    Mixtral num_local_experts; top level or text_config), or None."""
+    path = Path(src) / "config.json"
+    try:
+        cfg = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return None
+    for scope in (cfg, cfg.get("text_config") or {}):
+        for key in _EXPERT_COUNT_KEYS:
+            if isinstance(scope.get(key), int):
+                return scope[key]
+    return None
+
+
+def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool = False) -> tuple[list[ShardJob], dict]:
+    """All jobs and the layout description; raises ShardError before anything is written.
+    `n_experts` None: from config.json (see routed_experts_in_config)."""
     if mp < 1:
         raise ShardError(f"--mp must be >= 1, got {mp}")
+    if n_experts is None:
+        n_experts = routed_experts_in_config(src) or 0
     if n_experts % mp:
         raise ShardError(f"--n-experts {n_experts} is not divisible by --mp {mp}")
     ckpt = open_checkpoint(src)
@@ -152,6 +174,10 @@ def plan_deepseek(src, mp: int, n_experts: int, *, requant: bool = False) -> tup
         if m.expert is not None:
             if m.expert >= n_experts:
                 info = next(iter(m.parts.values()))
+                if not n_experts:
+                    raise ShardError(f"{info.file.name}: tensor {info.name!r} is a routed expert, but config.json "
+                                     f"gives no expert count ({' / '.join(_EXPERT_COUNT_KEYS)}): pass "
+                                     "--n-experts N (routed experts in the model)")
                 raise ShardError(f"{info.file.name}: tensor {info.name!r}: expert {m.expert} >= --n-experts {n_experts}")
             ranks, dim = [m.expert // local], None
         else:
@@ -266,12 +292,13 @@ def _gptq_outputs(m: Module, dim, rank, mp, requant):
                lambda s, n=gi.name, isl=isl, off=gsl.start: (_narrow(s[n], 0, isl) - off).to(s[n].dtype))
 
 
-def shard_deepseek(src, dst, *, mp: int, n_experts: int, requant: bool = False, overwrite: bool = False,
-                   progress=None, resume: bool = False) -> ShardSummary:
-    """Write DST/model{i}-mp{mp}.safetensors for i in 0..mp-1 (see the module docstring)."""
+def shard_deepseek(src, dst, *, mp: int, n_experts: int | None = None, requant: bool = False,
+                   overwrite: bool = False, progress=None, resume: bool = False) -> ShardSummary:
+    """Write DST/model{i}-mp{mp}.safetensors for i in 0..mp-1 (see the module docstring);
+    `n_experts` None: config.json's routed-expert count."""
     jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant)
     ckpt = open_checkpoint(src)
-    fp = fingerprint({"mp": mp, "n_experts": n_experts, "requant": requant,
+    fp = fingerprint({"mp": mp, "n_experts": layout["n_experts"], "requant": requant,
                       "tensors": [[n, i.dtype, list(i.shape)] for n, i in ckpt.tensors.items()]})
     return write_rank_files(ckpt, jobs, Path(dst), texts={LAYOUT_NAME: json_text(layout)}, fingerprint=fp,
                             overwrite=overwrite, copy_files=("tokenizer.json", "tokenizer_config.json"),

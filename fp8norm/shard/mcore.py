@@ -503,6 +503,12 @@ def hf_to_mcore(src, dst, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=
 
 def _read_layout(root: Path) -> dict:
     p = root / LAYOUT_NAME
+    mp_files = sorted(root.glob("model*-mp*.safetensors"))
+    if mp_files:
+        raise ValueError(f"{root}: holds DeepSeek model-parallel files ({mp_files[0].name}, ...) written by "
+                         "`fp8norm shard --layout deepseek`; unshard joins Megatron-Core checkpoints (--layout "
+                         "mcore) only. The HF checkpoint they were split from is the joined form (shard only "
+                         "reads its source).")
     if not p.is_file():
         raise ValueError(f"{root}: {LAYOUT_NAME} is missing (mcore_to_hf reads layouts written by hf_to_mcore)")
     layout = read_json(p, LAYOUT_NAME)

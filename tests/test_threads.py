@@ -1,0 +1,61 @@
+"""CPU threads are chosen from what the process may use: affinity, cgroup quota, torchrun ranks on the
+node, minus the pipeline's reader and writer threads; --threads overrides."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fp8norm import threads
+from fp8norm.cli import main
+from fp8norm.examples import make_example
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    v2 = tmp_path / "cpu.max"
+    v2.write_text("max 100000\n")
+    assert threads.cgroup_cpu_limit(v2, (tmp_path / "no", tmp_path / "no")) is None
+    v2.write_text("250000 100000\n")
+    assert threads.cgroup_cpu_limit(v2) == 2.5
+    q, p = tmp_path / "q", tmp_path / "p"
+    q.write_text("-1\n")
+    p.write_text("100000\n")
+    assert threads.cgroup_cpu_limit(tmp_path / "none", (q, p)) is None
+    q.write_text("300000\n")
+    assert threads.cgroup_cpu_limit(tmp_path / "none", (q, p)) == 3.0
+
+
+def test_usable_cpus_is_affinity_capped_by_quota(monkeypatch):
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.usable_cpus() == 16
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 2.5)
+    assert threads.usable_cpus() == 3
+
+
+@pytest.mark.parametrize("cpus,env,want", [
+    (16, {}, 14),                                          # minus reader and writer
+    (2, {}, 1),                                            # at least one
+    (16, {"LOCAL_WORLD_SIZE": "4"}, 2),                    # 4 ranks share the node: 4 each, minus 2
+    (16, {"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}, 2),  # torchrun's own OMP=1 is not a choice
+    (16, {"OMP_NUM_THREADS": "3"}, 3),                     # the user's OMP_NUM_THREADS is
+])
+def test_default_choice(monkeypatch, cpus, env, want):
+    monkeypatch.setattr(threads, "usable_cpus", lambda: cpus)
+    assert threads.choose_threads(env=env).threads == want
+    assert threads.choose_threads(5, env=env).threads == 5
+
+
+def test_cli_applies_and_reports_the_choice(tmp_path, restore_threads):
+    src = make_example(tmp_path / "src", "llama", "single")
+    res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "o"), "--threads", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "threads   1 intra-op thread(s): --threads" in res.output and torch.get_num_threads() == 1
+    res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "p"), "--threads", "0"])
+    assert res.exit_code == 2 and "--threads must be >= 1" in res.output
