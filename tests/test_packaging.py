@@ -66,6 +66,23 @@ def test_installed_wheel_imports_fp8norm_kernels(wheel, tmp_path):
     assert out[1] == "None"  # no top-level `kernels` came with the wheel
 
 
+def test_wheel_ships_every_subpackage_and_data(wheel, tmp_path):
+    """Every package folder of the source tree (a missing entry in pyproject's list would ship a wheel
+    whose CLI fails on import) and the examples' tokenizer data are in the wheel, and the installed
+    wheel's CLI imports every command's module."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for init in sorted((REPO / "fp8norm").rglob("__init__.py")):
+        assert f"{init.relative_to(REPO).as_posix()}" in names
+    assert any(n.startswith("fp8norm/data/tokenizer/") and n.endswith(".json") for n in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                    str(wheel)], check=True)
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", "import fp8norm, fp8norm.cli, fp8norm.shard; print(fp8norm.__file__)"],
+                         cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+    assert Path(out.strip()).is_relative_to(target)
+
+
 def test_source_checkout_imports_fp8norm_kernels(tmp_path):
     """The editable/source install the tests run on maps kernels/ to fp8norm.kernels, and exposes no
     top-level `kernels` (checked from a neutral folder: run from the repo root, `import kernels` would
