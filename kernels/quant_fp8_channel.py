@@ -1,0 +1,179 @@
+"""Fused per-channel FP8 quantization (one fp32 scale per output row) and its dequantization.
+
+One program per (row tile, expert): a first sweep over the row's columns takes the amax, a second
+quantizes with the row's scale (the tile is re-read, from L2 on a GPU). 2D and stacked 3D `[E, M, N]`
+inputs share one launch; an FP8 input with its block scales is dequantized in registers on the way
+(requantization, no bf16 copy). Formulas: fp8norm.numerics_fp8_channel.
+Twins: fp8norm.reference.quant_fp8_channel / dequant_fp8_channel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8norm import numerics as nx
+from fp8norm import numerics_fp8_channel as fc
+
+from ._launch import LAUNCH_OPTIONS
+from ._numerics import E4M3_MAX, cast_rne, ceil_mantissa, load_e4m3_as_f32, saturate_e4m3
+from .quant_fp8_block import _as_3d
+
+__all__ = ["quant_fp8_channel", "dequant_fp8_channel", "quant_fp8_channel_kernel", "dequant_fp8_channel_kernel",
+           "aot_cases"]
+
+# 32 rows x 128 columns a step: 32 fp32 values a thread at 4 warps, no spills.
+BLOCK_M = 32
+BLOCK_N = 128
+NUM_WARPS = 4
+
+
+@triton.jit
+def _load_row_tile(x_ptr, xs_ptr, pid_e, rows, cols, mask,
+                   stride_xe, stride_xm, stride_xn, stride_xse, stride_xsm,
+                   SRC_BM: tl.constexpr, SRC_BN: tl.constexpr, X_SCALED: tl.constexpr):
+    x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
+    if X_SCALED:
+        # FP8 input: x.float() * its block scale (fp32 multiply, exactly dequant_fp8_block's value)
+        xs_offs = pid_e * stride_xse + (rows // SRC_BM)[:, None] * stride_xsm + (cols // SRC_BN)[None, :]
+        return load_e4m3_as_f32(x_ptr + x_offs, mask) * tl.load(xs_ptr + xs_offs, mask=mask, other=0.0)
+    return tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def quant_fp8_channel_kernel(
+    x_ptr, xs_ptr, q_ptr, s_ptr,
+    M, N,
+    stride_xe, stride_xm, stride_xn,
+    stride_xse, stride_xsm,
+    stride_qe, stride_qm,
+    stride_se,
+    amax_floor,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SRC_BM: tl.constexpr, SRC_BN: tl.constexpr,
+    SCALE_DROP_BITS: tl.constexpr,
+    X_SCALED: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_e = tl.program_id(1).to(tl.int64)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < M
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for c0 in range(0, N, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols[None, :] < N)
+        ax = tl.abs(_load_row_tile(x_ptr, xs_ptr, pid_e, rows, cols, mask, stride_xe, stride_xm, stride_xn,
+                                   stride_xse, stride_xsm, SRC_BM, SRC_BN, X_SCALED))
+        # NaN and Inf fail `< inf`; the wrapper turns a NaN scale into a ValueError naming the row.
+        bad = tl.maximum(bad, tl.max(tl.where(ax < float("inf"), 0, 1), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=1))
+    # div_rn: IEEE division, as torch does (plain `/` may lower to approximate div.full).
+    sf = tl.math.div_rn(tl.maximum(amax, amax_floor), E4M3_MAX)
+    if SCALE_DROP_BITS > 0:
+        sf = ceil_mantissa(sf, SCALE_DROP_BITS)
+    inv = tl.math.div_rn(1.0, sf)
+    for c0 in range(0, N, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols[None, :] < N)
+        x = _load_row_tile(x_ptr, xs_ptr, pid_e, rows, cols, mask, stride_xe, stride_xm, stride_xn,
+                           stride_xse, stride_xsm, SRC_BM, SRC_BN, X_SCALED)
+        q = saturate_e4m3(x * inv[:, None])
+        tl.store(q_ptr + pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + pid_e * stride_se + rows, tl.where(bad > 0, float("nan"), sf), mask=rmask)
+
+
+@triton.jit
+def dequant_fp8_channel_kernel(
+    q_ptr, s_ptr, out_ptr,
+    M, N,
+    stride_qe, stride_qm, stride_qn,
+    stride_oe, stride_om,
+    stride_se,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    q = load_e4m3_as_f32(q_ptr + pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :] * stride_qn, mask)
+    sf = tl.load(s_ptr + pid_e * stride_se + rows, mask=rows < M, other=0.0)
+    out = cast_rne(q * sf[:, None], out_ptr.dtype.element_ty)
+    tl.store(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
+
+
+def quant_fp8_channel(
+    x: torch.Tensor,
+    *,
+    scale_fmt: str = "float",
+    amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
+    src_scale_inv: torch.Tensor | None = None,
+    src_block_size=nx.DEFAULT_BLOCK_SIZE,
+    num_warps: int = NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one fp32 scale per row; see
+    fp8norm.numerics_fp8_channel. Returns `(q, scale [..., M, 1])` with `x ~= q * scale`.
+    An FP8 `x` comes with `src_scale_inv`, its block scales (blocks of `src_block_size`)."""
+    drop_bits, src_sf, (sbm, sbn) = fc.check_quant_args(x, scale_fmt, amax_floor, src_scale_inv, src_block_size)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(fc.scale_shape(tuple(x.shape)), dtype=torch.float32, device=x.device)
+    x3, q3, s3 = _as_3d(x), _as_3d(q), _as_3d(scale)
+    n_exp, m, n = x3.shape
+    if n_exp and m:
+        xs3 = _as_3d(src_sf) if src_sf is not None else s3  # placeholder when x is not FP8
+        grid = (triton.cdiv(m, BLOCK_M), n_exp)
+        quant_fp8_channel_kernel[grid](
+            x3, xs3, q3, s3,
+            m, n,
+            x3.stride(0), x3.stride(1), x3.stride(2),
+            xs3.stride(0), xs3.stride(1),
+            q3.stride(0), q3.stride(1),
+            s3.stride(0),
+            float(amax_floor),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SRC_BM=sbm, SRC_BN=sbn,
+            SCALE_DROP_BITS=drop_bits, X_SCALED=src_sf is not None,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
+    fc.raise_if_nonfinite_rows(scale)
+    return q, scale
+
+
+def dequant_fp8_channel(q: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
+                        num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """`float(q) * scale[row]` for [M, N] or [E, M, N] with scale [..., M, 1], cast to out_dtype."""
+    sf = fc.check_dequant_args(q, scale, out_dtype)
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    if q.numel():
+        q3, o3, s3 = _as_3d(q), _as_3d(out), _as_3d(sf)
+        grid = (triton.cdiv(q3.shape[2], BLOCK_N), triton.cdiv(q3.shape[1], BLOCK_M), q3.shape[0])
+        dequant_fp8_channel_kernel[grid](
+            q3, s3, o3,
+            q3.shape[1], q3.shape[2],
+            q3.stride(0), q3.stride(1), q3.stride(2),
+            o3.stride(0), o3.stride(1),
+            s3.stride(0),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
+    return out
+
+
+def aot_cases() -> dict:
+    """{variant: zero-arg callable} launching each compiled variant once on CPU tensors of a realistic
+    shape (the AOT tool and GPU checks discover kernels through this)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 1024, generator=g).to(torch.bfloat16)
+    experts = torch.randn(2, 256, 512, generator=g).to(torch.bfloat16)
+    fp8, fp8_scale = torch.randn(256, 512, generator=g).to(torch.float8_e4m3fn), torch.rand(2, 4, generator=g) + 0.5
+    return {
+        "quant_fp8_channel[bf16]": lambda: quant_fp8_channel(w),
+        "quant_fp8_channel[bf16,ue8m0]": lambda: quant_fp8_channel(w, scale_fmt="ue8m0"),
+        "quant_fp8_channel[bf16,3d]": lambda: quant_fp8_channel(experts),
+        "quant_fp8_channel[fp8,src=fp32]": lambda: quant_fp8_channel(fp8, src_scale_inv=fp8_scale),
+        "dequant_fp8_channel[bf16]": lambda: dequant_fp8_channel(fp8, torch.ones(256, 1)),
+    }
