@@ -150,6 +150,11 @@ def selection_options(f):
                      help="ue8m0: power-of-two scales for Blackwell/DeepGEMM [default: float, or the "
                           "reference's].")(f)
     f = click.option("--amax-floor", type=float, default=None, help="Smallest tile amax [default: 1e-4].")(f)
+    f = click.option("--scheme", type=click.Choice(["fp8-block", "fp8-channel", "mxfp8", "mxfp4"]),
+                     default="fp8-block", show_default=True,
+                     help="fp8-block: 128x128 scales (DeepSeek layout); fp8-channel: one scale per row "
+                          "(compressed-tensors FP8_DYNAMIC); mxfp8/mxfp4: OCP MX, E8M0 scale per 32 "
+                          "(compressed-tensors).")(f)
     f = MAX_SHARD_SIZE(f)
     f = click.option("--no-repack", "no_repack", is_flag=True,
                      help="Keep the source's shard files (non-standard names are always repacked).")(f)
@@ -172,7 +177,7 @@ def _plan_kwargs(kw) -> dict:
                 allow_mismatch=kw["allow_mismatch"], scale_fmt=kw["scale_fmt"], scale_dtype=kw["scale_dtype"],
                 amax_floor=kw["amax_floor"], max_shard_size=kw["max_shard_size"], repack=not kw["no_repack"],
                 calib=kw["calib"], rms_factor=kw["rms_factor"], percentile=kw["percentile"],
-                mse_grid=kw["mse_grid"], activation_stats=kw["activation_stats"])
+                mse_grid=kw["mse_grid"], activation_stats=kw["activation_stats"], scheme=kw["scheme"])
 
 
 @main.command("plan")
@@ -253,7 +258,8 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--to", "to", required=True,
-              type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct"]),
+              type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct", "fp8-channel",
+                                 "mxfp8", "mxfp4"]),
               help="Target format (listed above).")
 @click.option("--keep-unaligned", is_flag=True,
               help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
@@ -274,6 +280,8 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
       fp8-ct       block FP8 in the compressed-tensors layout
       nvfp4        NVFP4, ModelOpt layout (hf_quant_config.json)
       nvfp4-ct     NVFP4, compressed-tensors nvfp4-pack-quantized
+      fp8-channel  FP8, one scale per row (compressed-tensors FP8_DYNAMIC)
+      mxfp8, mxfp4 OCP MX, E8M0 scale per 32 (compressed-tensors); from bf16 or FP8
     \b
     Examples:
       fp8norm convert /models/DeepSeek-V3 /models/DeepSeek-V3-bf16 --to bf16

@@ -85,12 +85,13 @@ def nvfp4_amax(x: torch.Tensor, *, src_scale_inv=None, src_block_size=nx.DEFAULT
     return reference.nvfp4_amax(x, src_scale_inv=src_scale_inv, src_block_size=src_block_size)
 
 
-def quant_fp8_channel(x: torch.Tensor, *, scale_fmt: str = "float", amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
-                      src_scale_inv=None, src_block_size=nx.DEFAULT_BLOCK_SIZE):
+def quant_fp8_channel(x: torch.Tensor, *, scale_fmt: str = "float", scale_dtype: torch.dtype = torch.float32,
+                      amax_floor: float = nx.DEFAULT_AMAX_FLOOR, src_scale_inv=None,
+                      src_block_size=nx.DEFAULT_BLOCK_SIZE):
     """Per-channel FP8 (one fp32 scale per row) on the backend chosen for x's device: `(q, scale [..., M, 1])`.
     An FP8 x with its block scales `src_scale_inv` is requantized in one pass."""
-    return _impl(x).quant_fp8_channel(x, scale_fmt=scale_fmt, amax_floor=amax_floor, src_scale_inv=src_scale_inv,
-                                      src_block_size=src_block_size)
+    return _impl(x).quant_fp8_channel(x, scale_fmt=scale_fmt, scale_dtype=scale_dtype, amax_floor=amax_floor,
+                                      src_scale_inv=src_scale_inv, src_block_size=src_block_size)
 
 
 def dequant_fp8_channel(q: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16):

@@ -80,6 +80,7 @@ class Plan:
     source_format: object = None
     global_amax: dict | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.schemes)
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.shard == shard]

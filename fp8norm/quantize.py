@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import schemes
 from .calibrate import CalibSettings
 from .plan import _assign_shards
 from .st_io import OutEntry, read_tensor
@@ -31,19 +32,34 @@ def quantization_config(plan: Plan) -> dict:
 
 def _with_quantization_config(cfg: dict, plan: Plan) -> dict:
     cfg = dict(cfg)
+    if plan.scheme != schemes.BLOCK:
+        from .convert import ct_quantization_config
+
+        cfg["quantization_config"] = ct_quantization_config(plan.scheme, plan)
+        return cfg
     cfg["quantization_config"] = quantization_config(plan)
     return cfg
 
 
 def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, scale_fmt=None,
          scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True, calib="max", rms_factor=3.0,
-         percentile=99.9, mse_grid=50, activation_stats=None) -> Plan:
-    """The dry run: every tensor's decision and rule, and the output layout; nothing is written."""
-    return build_plan(src, reference=reference, include=tuple(include), exclude=tuple(exclude),
-                      allow_mismatch=allow_mismatch, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
-                      amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack,
-                      calib=CalibSettings(calib, rms_factor, percentile, mse_grid),
-                      activation_stats=activation_stats)
+         percentile=99.9, mse_grid=50, activation_stats=None, scheme="fp8-block") -> Plan:
+    """The dry run: every tensor's decision and rule, and the output layout; nothing is written.
+    `scheme`: fp8-block (default), fp8-channel, mxfp8 or mxfp4 (see fp8norm.schemes)."""
+    if schemes.check_scheme(scheme) != schemes.BLOCK and (calib != "max" or activation_stats or scale_dtype
+                                                          or scale_fmt):
+        raise ValueError(f"--scheme {scheme}: --calib, --activation-stats, --scale-fmt and --scale-dtype apply "
+                         "to fp8-block only")
+    p = build_plan(src, reference=reference, include=tuple(include), exclude=tuple(exclude),
+                   allow_mismatch=allow_mismatch, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
+                   amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack,
+                   calib=CalibSettings(calib, rms_factor, percentile, mse_grid),
+                   activation_stats=activation_stats)
+    if scheme != schemes.BLOCK:
+        schemes.apply_to_plan(p, scheme)
+        if p.repacked:
+            p.shards = _assign_shards(p.tensors, p.max_shard_size)
+    return p
 
 
 def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5,
@@ -60,9 +76,12 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
         _keep_nonfinite(p)
     if not any(t.decision == FP8 for t in p.tensors):
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
-    summary = execute_plan(p, Path(dst), finalize_config=_with_quantization_config, device=device,
+    block = p.scheme == schemes.BLOCK
+    summary = execute_plan(p, Path(dst), transform=None if block else schemes.quantize_tensor,
+                           finalize_config=_with_quantization_config, device=device,
                            resume=resume, overwrite=overwrite, progress=progress,
-                           extra_files={PROVENANCE_NAME: provenance(p)}, verify_samples=verify_samples)
+                           extra_files={PROVENANCE_NAME: provenance(p)},
+                           verify_samples=verify_samples if block else 0)
     summary.notes.extend(f"non-finite {t.source_file}: tensor {t.name!r} holds NaN/Inf: kept unquantized"
                          for t in p.tensors if t.rule == NONFINITE_RULE)
     summary.notes.extend(f"non-finite kept {t.name!r} too (fused with a non-finite tensor)"
@@ -95,7 +114,7 @@ def provenance(p: Plan) -> str:
     from . import __version__
 
     s = p.settings
-    doc = {"producer": {"name": "fp8norm", "version": __version__},
+    doc = {"producer": {"name": "fp8norm", "version": __version__}, "scheme": p.scheme,
            "weight_block_size": list(s.block_size), "scale_fmt": s.scale_fmt, "scale_dtype": s.scale_dtype,
            "amax_floor": s.amax_floor, "calibration": s.calib.to_dict(),
            "activation_stats_sha256": s.activation_stats_sha256, "reference": p.reference,

@@ -109,17 +109,20 @@ def quant_fp8_channel(
     x: torch.Tensor,
     *,
     scale_fmt: str = "float",
+    scale_dtype: torch.dtype = torch.float32,
     amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
     src_scale_inv: torch.Tensor | None = None,
     src_block_size=nx.DEFAULT_BLOCK_SIZE,
     num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one fp32 scale per row; see
-    fp8norm.numerics_fp8_channel. Returns `(q, scale [..., M, 1])` with `x ~= q * scale`.
+    """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one scale per row; see
+    fp8norm.numerics_fp8_channel. Returns `(q, scale [..., M, 1])` with `x ~= q * scale`; a bfloat16
+    scale_dtype rounds each scale up to a bfloat16 value first.
     An FP8 `x` comes with `src_scale_inv`, its block scales (blocks of `src_block_size`)."""
-    drop_bits, src_sf, (sbm, sbn) = fc.check_quant_args(x, scale_fmt, amax_floor, src_scale_inv, src_block_size)
+    drop_bits, src_sf, (sbm, sbn) = fc.check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv,
+                                                          src_block_size)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(fc.scale_shape(tuple(x.shape)), dtype=torch.float32, device=x.device)
+    scale = torch.empty(fc.scale_shape(tuple(x.shape)), dtype=scale_dtype, device=x.device)
     x3, q3, s3 = _as_3d(x), _as_3d(q), _as_3d(scale)
     n_exp, m, n = x3.shape
     if n_exp and m:
@@ -173,6 +176,7 @@ def aot_cases() -> dict:
     return {
         "quant_fp8_channel[bf16]": lambda: quant_fp8_channel(w),
         "quant_fp8_channel[bf16,ue8m0]": lambda: quant_fp8_channel(w, scale_fmt="ue8m0"),
+        "quant_fp8_channel[bf16,scale=bf16]": lambda: quant_fp8_channel(w, scale_dtype=torch.bfloat16),
         "quant_fp8_channel[bf16,3d]": lambda: quant_fp8_channel(experts),
         "quant_fp8_channel[fp8,src=fp32]": lambda: quant_fp8_channel(fp8, src_scale_inv=fp8_scale),
         "dequant_fp8_channel[bf16]": lambda: dequant_fp8_channel(fp8, torch.ones(256, 1)),

@@ -20,15 +20,17 @@ def quant_fp8_channel(
     x: torch.Tensor,
     *,
     scale_fmt: str = "float",
+    scale_dtype: torch.dtype = torch.float32,
     amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
     src_scale_inv: torch.Tensor | None = None,
     src_block_size=nx.DEFAULT_BLOCK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of fp8norm.kernels.quant_fp8_channel: `(q e4m3, scale fp32 [..., M, 1])`."""
-    drop_bits, src_sf, block_size = fc.check_quant_args(x, scale_fmt, amax_floor, src_scale_inv, src_block_size)
+    """Torch twin of fp8norm.kernels.quant_fp8_channel: `(q e4m3, scale [..., M, 1] in scale_dtype)`."""
+    drop_bits, src_sf, block_size = fc.check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv,
+                                                          src_block_size)
     *lead, m, n = x.shape
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(fc.scale_shape(tuple(x.shape)), dtype=torch.float32, device=x.device)
+    scale = torch.empty(fc.scale_shape(tuple(x.shape)), dtype=scale_dtype, device=x.device)
     buf = _ChunkBuffer(x.device)
     mats = (x, q, scale) + ((src_sf,) if src_sf is not None else ())
     for x2, q2, s2, *src in _matrices(*mats):

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from tests.conftest import Backend
-from tests.oracle import ceil_pow2
+from tests.oracle import ceil_bf16, ceil_pow2
 
 E4M3 = torch.float8_e4m3fn
 
 
-def oracle_quant(x, scale_fmt="float", amax_floor=1e-4):
+def oracle_quant(x, scale_fmt="float", amax_floor=1e-4, scale_dtype=torch.float32):
     xf = x.float()
     sf = xf.abs().amax(-1, keepdim=True).clamp(min=amax_floor) / 448.0
     if scale_fmt == "ue8m0":
         sf = ceil_pow2(sf)
+    elif scale_dtype == torch.bfloat16:
+        sf = ceil_bf16(sf)
     q = (xf * (1.0 / sf)).clamp(-448, 448).to(E4M3)
     return q, sf
 
@@ -29,9 +31,9 @@ def quant(backend, x, **kw):
 
 
 def assert_same(q, s, oq, os_):
-    assert q.dtype == E4M3 and s.dtype == torch.float32 and s.shape == os_.shape
+    assert q.dtype == E4M3 and s.shape == os_.shape
     assert torch.equal(q.view(torch.uint8), oq.view(torch.uint8))
-    assert torch.equal(s, os_)
+    assert torch.equal(s.float(), os_)
 
 
 def ranged(shape, seed=0, dtype=torch.bfloat16):
@@ -55,6 +57,13 @@ def test_matches_oracle_2d_and_3d(backend, shape, scale_fmt):
 def test_input_dtypes(backend, dtype):
     x = ranged((40, 130), seed=2, dtype=dtype)
     assert_same(*quant(backend, x), *oracle_quant(x))
+
+
+def test_bfloat16_scales_are_rounded_up(backend):
+    x = ranged((2, 40, 300), seed=7)
+    q, s = quant(backend, x, scale_dtype=torch.bfloat16)
+    assert s.dtype == torch.bfloat16
+    assert_same(q, s, *oracle_quant(x, scale_dtype=torch.bfloat16))
 
 
 def test_fp8_block_source_requantized_in_one_pass(backend):
