@@ -1,7 +1,8 @@
 """Pick the Triton kernel or its torch twin for each call.
 
 CUDA tensors go to Triton, CPU tensors to the twin. FP8NORM_BACKEND=triton|torch forces one; Triton on
-CPU tensors then runs under the interpreter (TRITON_INTERPRET=1, slow: meant for tests).
+CPU tensors then runs under the Triton interpreter (chosen per launch, no environment variable; slow:
+meant for tests).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def dequant_nvfp4(packed, weight_scale, weight_scale_2, *, out_dtype: torch.dtyp
 
 def nvfp4_amax(x: torch.Tensor, *, src_scale_inv=None, src_block_size=nx.DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """The amax quant_nvfp4 would use: fp32, 0-dim for 2D, [E] for 3D (for joint global scales)."""
-    return reference.nvfp4_amax(x, src_scale_inv=src_scale_inv, src_block_size=src_block_size)
+    return _impl(x).nvfp4_amax(x, src_scale_inv=src_scale_inv, src_block_size=src_block_size)
 
 
 def quant_fp8_channel(x: torch.Tensor, *, scale_fmt: str = "float", scale_dtype: torch.dtype = torch.float32,

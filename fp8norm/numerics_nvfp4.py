@@ -7,10 +7,13 @@ NVFP4 stores a tensor `[..., M, N]` as
 - `weight_scale_2` fp32 (0-dim, or `[E]` for stacked experts) = global_amax / (6 * 448);
 and value = e2m1 * (float(weight_scale) * weight_scale_2).
 
-Quantization follows ModelOpt's `NVFP4QTensor` (modelopt/torch/quantization/qtensor/nvfp4_tensor.py):
+Quantization follows ModelOpt's `NVFP4QTensor` (modelopt/torch/quantization/qtensor/nvfp4_tensor.py,
+with the [2^-9, 448] clamp of the group scales that ModelOpt 0.45 added; older ModelOpt stored a
+zero scale for a group whose scale underflowed e4m3, and NaN above 448):
     scale_2  = amax.float() / (6.0 * 448.0)                     # get_weights_scaling_factor_2
     s        = group_amax / (6.0 * scale_2)                      # fp32: the product first, then divide
-    s[s == 0] = 1.0; s_q = s.to(float8_e4m3fn)                   # get_weights_scaling_factor
+    s[s == 0] = 1.0                                              # get_weights_scaling_factor
+    s_q = s.clamp(min=2**-9, max=448).to(float8_e4m3fn)          # _cast_per_block_scale_to_fp8
     q        = x / (s_q.to(float32) * scale_2)                   # quantize: fp32 divisor, then divide
     code     = searchsorted([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5], |q|) + (|q| in {0.75, 1.75, 3.5})
     code    |= (q < 0) << 3;  packed = code[..., 1::2] << 4 | code[..., 0::2]
@@ -20,9 +23,8 @@ to zero packs as 0x8. ModelOpt dequantizes as `(e2m1 * (float(s_q) * scale_2)).t
 
 Where fp8norm differs (all outside ModelOpt's well-defined range):
 - amax == 0 (all-zero tensor, or a given joint amax of 0) gives scale_2 = 1.0, not 0 (NaN later);
-- s above 448 (only with a given global amax below the data's amax) saturates to 448, not NaN;
-- a group whose s is nonzero but rounds to e4m3 zero (group amax < ~2^-10 / 448 of the global
-  amax) stores s_q = 0 and q = 0 (ModelOpt divides by zero: NaN/Inf -> code 7; both dequantize to 0);
+- a group whose divisor s_q * scale_2 underflows to 0 in fp32 (scale_2 below ~2^-140, i.e. a
+  global amax under ~1e-39) quantizes to 0 (ModelOpt would divide by zero);
 - N % 16 != 0 raises ValueError (ModelOpt pads the last dim);
 - code 0x8 dequantizes to -0.0 (ModelOpt's table gives +0.0);
 - a 3D `[E, M, N]` tensor gets one scale_2 per expert (each expert is its own Linear in ModelOpt).
@@ -38,6 +40,8 @@ from ._args import check_block_scale
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 GROUP_SIZE = 16
+# Smallest per-group scale ModelOpt (>= 0.45) stores: the e4m3 subnormal 2^-9.
+SCALE_MIN = 2.0 ** -9
 # weight_scale_2 = amax / SCALE_2_DIVISOR (ModelOpt writes `/ (6.0 * 448.0)`: the same fp32 constant).
 SCALE_2_DIVISOR = E2M1_MAX * E4M3_MAX
 # Round-to-nearest decision points between the magnitudes; at the ones marked "up" a tie goes to the
@@ -100,8 +104,13 @@ def group_scale(group_amax: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
-def saturate_e4m3(s: torch.Tensor) -> torch.Tensor:
-    return nx.saturate_e4m3(s)
+def group_scale_e4m3(group_amax: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
+    """The stored per-group scale: group_scale clamped to [2^-9, 448], then cast (RNE) to e4m3.
+
+    As ModelOpt's `_cast_per_block_scale_to_fp8` does since 0.45: a group far below the tensor's amax
+    keeps the smallest e4m3 scale (2^-9) instead of underflowing to a zero scale. NaN stays NaN.
+    """
+    return group_scale(group_amax, scale_2).clamp(SCALE_MIN, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -200,6 +209,17 @@ def raise_if_nonfinite_groups(weight_scale: torch.Tensor) -> None:
             f"input has non-finite values (NaN or Inf) in {int(bad.sum())} group(s), first at weight_scale "
             f"index {first}; refusing to quantize"
         )
+
+
+def raise_if_nonfinite(amax: torch.Tensor, weight_scale: torch.Tensor, amax_computed: bool) -> None:
+    """After a quantization on the device: NaN/Inf in the computed amax or in any group, in one host sync."""
+    bad = ((weight_scale.view(torch.uint8) & 0x7F) == 0x7F).any().view(1)
+    if amax_computed:
+        bad = torch.cat([bad, (~torch.isfinite(amax)).any().view(1)])
+    if bool(bad.any()):  # the one sync; the messages below may take more
+        if amax_computed:
+            raise_if_nonfinite_amax(amax)
+        raise_if_nonfinite_groups(weight_scale)
 
 
 def raise_if_nonfinite_amax(amax: torch.Tensor) -> None:

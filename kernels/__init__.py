@@ -1,23 +1,49 @@
 """fp8norm's Triton kernels, imported as `fp8norm.kernels` (never as a top-level `kernels`).
 
-Each kernel has a pure-torch twin with the same signature in `fp8norm.reference`. Without CUDA the
-kernels run under the Triton interpreter: TRITON_INTERPRET=1 is set here unless already set, and must
-be set before triton decorates them (i.e. before this package is first imported).
+Each kernel has a pure-torch twin with the same signature in `fp8norm.reference`. A launch on CUDA
+tensors runs the compiled kernel; a launch on CPU tensors runs the same kernel under the Triton
+interpreter (slow: for tests). The choice is made per launch (see `_launch`): importing this package
+sets no environment variable and leaves other libraries' `@triton.jit` kernels alone.
+
+Contract for kernel modules (tools/aot_compile.py and tools/gpu_check.py rely on it): every module
+here whose name has no leading underscore (found by `kernel_modules()`, nothing to register) defines
+`aot_cases()`, returning `{variant name: zero-argument callable}`
+where the callable invokes the module's public wrapper on CPU tensors of a realistic shape (a few
+hundred rows of a real weight's width, so every program is a full tile). The tool compiles, for each
+target, every kernel those calls launch, with the specialization a CUDA launch of the same arguments
+gets; it derives elements per program from the launch itself (the grid and the first tensor), so a
+case needs nothing more. Kernels are decorated with `_launch.kernel` and take an `INTERPRET`
+constexpr that the launch fills in.
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel  # noqa: E402
-from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel  # noqa: E402
-from .quant_nvfp4 import dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, quant_nvfp4, quant_nvfp4_kernel  # noqa: E402
-from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel  # noqa: E402
-from .quant_mx import dequant_mx, quant_mx  # noqa: E402
+from ._launch import capture_compiles, kernel
+from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel
+from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel
+from .quant_nvfp4 import (dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, nvfp4_amax_kernel, quant_nvfp4,
+                          quant_nvfp4_kernel)
+from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
+from .quant_mx import dequant_mx, quant_mx
 
 __all__ = ["quant_fp8_block", "dequant_fp8_block", "quant_fp8_block_kernel", "dequant_fp8_block_kernel",
            "quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",
+           "nvfp4_amax_kernel", "capture_compiles", "kernel", "kernel_modules", "aot_cases",
            "quant_fp8_channel", "dequant_fp8_channel", "quant_mx", "dequant_mx"]
+
+
+def kernel_modules() -> list:
+    """The public kernel modules of this package (no leading underscore), imported, sorted by name."""
+    import importlib
+    import pkgutil
+
+    return [importlib.import_module(f"{__name__}.{m.name}")
+            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name) if not m.name.startswith("_")]
+
+
+def aot_cases() -> dict:
+    """Every kernel module's `aot_cases()`, merged; a module without one is an error (see above)."""
+    cases = {}
+    for module in kernel_modules():
+        if not hasattr(module, "aot_cases"):
+            raise AttributeError(f"{module.__name__} defines no aot_cases() (see fp8norm.kernels)")
+        cases.update(module.aot_cases())
+    return cases

@@ -1,14 +1,19 @@
-"""Triton twins of fp8norm.numerics: the same formulas, for use inside kernels."""
+"""Triton twins of fp8norm.numerics: the same formulas, for use inside kernels.
 
-import os
+Each helper that casts takes the kernel's `INTERPRET` constexpr (see `_launch`): compiled for a GPU
+the hardware casts round to nearest even and saturate (`cvt.rn.satfinite.e4m3x2.f32`,
+`cvt.rn.bf16x2.f32`); the interpreter's casts do not, so under it the value is rounded onto the
+target grid in fp32 first and the cast is then exact.
+"""
 
-import triton
 import triton.language as tl
+
+from ._launch import kernel
 
 E4M3_MAX = tl.constexpr(448.0)
 
 
-@triton.jit
+@kernel
 def ceil_mantissa(sf, DROP_BITS: tl.constexpr):
     """Round positive fp32 `sf` up so its low DROP_BITS mantissa bits are zero (23: ue8m0, 16: bf16)."""
     LOW: tl.constexpr = (1 << DROP_BITS) - 1
@@ -17,7 +22,7 @@ def ceil_mantissa(sf, DROP_BITS: tl.constexpr):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@kernel
 def round_to_e4m3_grid(v):
     """Round fp32 `v` (|v| <= 448) to the nearest e4m3 value, ties to even, staying in fp32.
 
@@ -35,34 +40,61 @@ def round_to_e4m3_grid(v):
     return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def saturate_e4m3(v):
-    """Saturating round-to-nearest-even cast to e4m3 (clamp, round on the grid, exact cast)."""
-    v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
-    return round_to_e4m3_grid(v).to(tl.float8e4nv)
+@kernel
+def to_e4m3(v, INTERPRET: tl.constexpr):
+    """Saturating round-to-nearest-even cast of fp32 `v` to e4m3 (NaN stays NaN)."""
+    if INTERPRET:
+        v = tl.minimum(tl.maximum(v, -E4M3_MAX), E4M3_MAX)
+        return round_to_e4m3_grid(v).to(tl.float8e4nv)
+    return v.to(tl.float8e4nv)  # cvt.rn.satfinite.e4m3x2.f32
 
 
-@triton.jit
+@kernel
 def round_to_bf16_grid(v):
-    """Round fp32 `v` to the nearest bfloat16, ties to even, staying in fp32 (finite inputs).
+    """Round fp32 `v` to the nearest bfloat16, ties to even, staying in fp32; NaN stays NaN.
 
     The interpreter's fp32->bf16 cast truncates; GPUs round to nearest even. On-grid values cast
-    exactly on both.
+    exactly on both. Adding 0x7FFF to a NaN's bits would carry it into Inf or zero (a GPU NaN is
+    0x7FFFFFFF, or 0x7FFFE000 from an f16 NaN), so NaN is passed through as is.
     """
     bits = v.to(tl.int32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
+    return tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
 
 
-@triton.jit
-def cast_rne(v, dtype: tl.constexpr):
+@kernel
+def cast_rne(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 -> `dtype` with round-to-nearest-even on the GPU and in the interpreter alike."""
-    if dtype == tl.bfloat16:
-        v = round_to_bf16_grid(v)
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            v = round_to_bf16_grid(v)
     return v.to(dtype)
 
 
-@triton.jit
+@kernel
+def max_nan(a, b):
+    """max that returns NaN if either side is NaN (`max.NaN.f32`; plain tl.max drops NaN on GPUs)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@kernel
+def amax_nan(ax, axis: tl.constexpr, INTERPRET: tl.constexpr):
+    """Max of non-negative `ax` over `axis` (None: all), NaN if any element is NaN.
+
+    The tile's one reduction on the GPU: it gives the scale and, by `not (amax < inf)`, whether the
+    tile holds NaN or Inf. The interpreter reduces max with numpy's nanmax (NaN skipped) and a user
+    combine function one element at a time, so there a second, fast reduction finds the NaNs.
+    `tl.max` is not used: it is a `triton.jit` function of triton's own, which only the interpreter
+    of a process started with TRITON_INTERPRET=1 can call.
+    """
+    if INTERPRET:
+        amax = tl.reduce(ax, axis, tl.standard._elementwise_max)
+        has_nan = tl.reduce(tl.where(ax == ax, 0.0, 1.0), axis, tl.standard._elementwise_max) > 0.0
+        return tl.where(has_nan, float("nan"), amax)
+    return tl.reduce(ax, axis, max_nan)
+
+
+@kernel
 def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's tile on the grid (column tiles, row tiles, experts): its expert, row-tile and
     column-tile ids, row (int64) and column indices, and the mask of the ragged edges."""
@@ -75,16 +107,18 @@ def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return pid_e, pid_m, pid_n, rows, cols, mask
 
 
-# Decided when the kernels are decorated, like triton.jit itself (see fp8norm.kernels).
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-
-
-@triton.jit
-def load_e4m3_as_f32(ptr, mask):
+@kernel
+def load_e4m3_as_f32(ptr, mask, INTERPRET: tl.constexpr):
     """Load e4m3 values as fp32. Under the interpreter the NaN codes (0x7F, 0xFF) are decoded from
     the bits, since its cast reads them as +-480; compiled for a GPU the hardware cast gives NaN."""
     q = tl.load(ptr, mask=mask, other=0.0)
-    if INTERPRETED:
+    if INTERPRET:
         is_nan = (q.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
         return tl.where(is_nan, float("nan"), q.to(tl.float32))
     return q.to(tl.float32)
+
+
+@kernel
+def not_finite(amax):
+    """NaN or Inf (NaN fails every comparison)."""
+    return ~(amax < float("inf"))

@@ -6,18 +6,20 @@ Twin: fp8norm.reference.dequant_fp8_block.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from fp8norm import numerics as nx
 from fp8norm._args import check_dequant_args
 
-from ._launch import LAUNCH_OPTIONS, NUM_WARPS
+from ._launch import LAUNCH_OPTIONS, kernel
 from ._numerics import cast_rne, load_e4m3_as_f32, tile_coords
-from .quant_fp8_block import _as_3d, check_pow2_block
+from .quant_fp8_block import as_3d, check_pow2_block
+
+# 4 warps: 128 elements a thread, one 128-bit fp8 load per 16 (see tools/aot_compile.py --sweep-warps).
+NUM_WARPS = 4
 
 
-@triton.jit
+@kernel
 def dequant_fp8_block_kernel(
     q_ptr, s_ptr, out_ptr,
     M, N,
@@ -25,12 +27,13 @@ def dequant_fp8_block_kernel(
     stride_oe, stride_om,
     stride_se, stride_sm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     q_offs = pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :] * stride_qn
-    q = load_e4m3_as_f32(q_ptr + q_offs, mask)
+    q = load_e4m3_as_f32(q_ptr + q_offs, mask, INTERPRET)
     sf = tl.load(s_ptr + pid_e * stride_se + pid_m * stride_sm + pid_n)
-    out = cast_rne(q * sf, out_ptr.dtype.element_ty)
+    out = cast_rne(q * sf, out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
 
 
@@ -47,7 +50,7 @@ def dequant_fp8_block(
     check_pow2_block((bm, bn))
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     if q.numel():
-        q3, o3, s3 = _as_3d(q), _as_3d(out), _as_3d(sf)
+        q3, o3, s3 = as_3d(q), as_3d(out), as_3d(sf)
         grid = (s3.shape[2], s3.shape[1], q3.shape[0])
         dequant_fp8_block_kernel[grid](
             q3, s3, o3,
@@ -60,3 +63,11 @@ def dequant_fp8_block(
             **LAUNCH_OPTIONS,
         )
     return out
+
+
+def aot_cases() -> dict:
+    """Variants for tools/aot_compile.py: the public wrapper on CPU tensors of a real weight shape."""
+    q = torch.zeros(512, 7168, dtype=torch.float8_e4m3fn)
+    s = torch.ones(nx.scale_inv_shape(tuple(q.shape), nx.DEFAULT_BLOCK_SIZE))
+    return {f"dequant_fp8_block[{str(dt).split('.')[-1]}]": (lambda dt=dt: dequant_fp8_block(q, s, out_dtype=dt))
+            for dt in (torch.bfloat16, torch.float16, torch.float32)}

@@ -7,22 +7,25 @@ single launch. Twin: fp8norm.reference.quant_fp8_block.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from fp8norm import numerics as nx
 from fp8norm._args import check_quant_args, raise_if_nonfinite_tiles
 
-from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import E4M3_MAX, ceil_mantissa, load_e4m3_as_f32, saturate_e4m3, tile_coords
+from ._launch import LAUNCH_OPTIONS, kernel
+from ._numerics import E4M3_MAX, amax_nan, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
 
 # Scale output encodings (the stored dtype of scale_inv).
+# 8 warps: 64 elements a thread, <= 64 registers and 4 resident blocks per SM on sm_90 (see
+# `python tools/aot_compile.py --sweep-warps`).
+NUM_WARPS = 8
+
 SCALE_OUT_F32, SCALE_OUT_BF16, SCALE_OUT_E8M0 = 0, 1, 2
 _SCALE_OUT = {torch.float32: SCALE_OUT_F32, torch.bfloat16: SCALE_OUT_BF16,
               torch.float8_e8m0fnu: SCALE_OUT_E8M0}
 
 
-@triton.jit
+@kernel
 def quant_fp8_block_kernel(
     x_ptr, q_ptr, s_in_ptr, s_out_ptr, xs_ptr,
     M, N,
@@ -35,6 +38,7 @@ def quant_fp8_block_kernel(
     SCALE_OUT: tl.constexpr,
     GIVEN_SCALE: tl.constexpr,
     X_SCALED: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # Ragged edges are masked; masked lanes read 0, which never raises the amax.
     pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
@@ -42,24 +46,25 @@ def quant_fp8_block_kernel(
     s_off = pid_e * stride_se + pid_m * stride_sm + pid_n
     if X_SCALED:
         # FP8 input with its own block scales: dequantize in registers (requantization, one pass)
-        x = load_e4m3_as_f32(x_ptr + x_offs, mask) * tl.load(xs_ptr + s_off)
+        x = load_e4m3_as_f32(x_ptr + x_offs, mask, INTERPRET) * tl.load(xs_ptr + s_off)
     else:
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
 
-    ax = tl.abs(x)
-    # NaN and Inf fail `< inf`; the wrapper turns a NaN scale into a ValueError naming the tile.
-    nonfinite = tl.max(tl.where(ax < float("inf"), 0, 1)) > 0
+    # One reduction gives the scale and, through NaN propagation, whether the tile is finite.
+    amax = amax_nan(tl.abs(x), None, INTERPRET)
+    nonfinite = not_finite(amax)
     if GIVEN_SCALE:
         sf = tl.load(s_in_ptr + s_off)
     else:
         # div_rn: IEEE division, as torch does (plain `/` may lower to approximate div.full).
-        sf = tl.math.div_rn(tl.maximum(tl.max(ax), amax_floor), E4M3_MAX)
+        sf = tl.math.div_rn(tl.maximum(amax, amax_floor), E4M3_MAX)
         if SCALE_DROP_BITS > 0:
             sf = ceil_mantissa(sf, SCALE_DROP_BITS)
     inv = tl.math.div_rn(1.0, sf)
-    q = saturate_e4m3(x * inv)
+    q = to_e4m3(x * inv, INTERPRET)
     tl.store(q_ptr + pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
 
+    # A NaN scale marks a tile holding NaN/Inf; the wrapper raises naming it.
     sf = tl.where(nonfinite, float("nan"), sf)
     if SCALE_OUT == 2:
         # e8m0 shares fp32's exponent field and bias; a NaN scale becomes 0xFF, e8m0's NaN.
@@ -68,8 +73,11 @@ def quant_fp8_block_kernel(
         tl.store(s_out_ptr + s_off, sf.to(s_out_ptr.dtype.element_ty))
 
 
-def _as_3d(t: torch.Tensor) -> torch.Tensor:
+def as_3d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+_as_3d = as_3d  # the old name, for kernel modules written against it
 
 
 def check_pow2_block(block_size: tuple[int, int]) -> None:
@@ -87,6 +95,7 @@ def quant_fp8_block(
     scale_inv: torch.Tensor | None = None,
     x_scale_inv: torch.Tensor | None = None,
     num_warps: int = NUM_WARPS,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one scale per block; see fp8norm.numerics.
 
@@ -94,18 +103,22 @@ def quant_fp8_block(
     skipped and those scales are applied with a saturating cast; the given tensor is returned.
     An FP8 `x` comes with `x_scale_inv` (its block scales, same block_size) and is requantized in
     one pass, without a high-precision copy.
+
+    NaN/Inf input raises ValueError naming the first bad tile: the kernel marks such tiles with a NaN
+    scale, read back in the call's one host sync. `check_finite=False` skips that sync, so the launch
+    stays asynchronous (for timing the kernel alone); NaN/Inf input then goes unreported.
     """
     (bm, bn), given, x_sf = check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv,
                                               x_scale_inv)
     check_pow2_block((bm, bn))
-    x3 = _as_3d(x)
+    x3 = as_3d(x)
     n_exp, m, n = x3.shape
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s_shape = nx.scale_inv_shape(tuple(x.shape), (bm, bn))
     # With given scales the kernel still writes the scale it used (NaN for a non-finite tile).
     s_out = torch.empty(s_shape, dtype=torch.float32 if given is not None else scale_dtype, device=x.device)
     if x.numel():
-        q3, s3 = _as_3d(q), _as_3d(s_out)
+        q3, s3 = as_3d(q), as_3d(s_out)
         s_kernel = s3.view(torch.uint8) if s3.dtype == torch.float8_e8m0fnu else s3
         grid = (s3.shape[2], s3.shape[1], n_exp)
         quant_fp8_block_kernel[grid](
@@ -123,5 +136,25 @@ def quant_fp8_block(
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
-    raise_if_nonfinite_tiles(s_out)
+    if check_finite:
+        raise_if_nonfinite_tiles(s_out)
     return q, (scale_inv if given is not None else s_out)
+
+
+def aot_cases() -> dict:
+    """Variants for tools/aot_compile.py: the public wrapper on CPU tensors of a real weight shape."""
+    x = torch.zeros(512, 7168, dtype=torch.bfloat16)
+    cases = {}
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        name = str(dt).split(".")[-1]
+        xd = x.to(dt)
+        cases[f"quant_fp8_block[{name},float]"] = lambda xd=xd: quant_fp8_block(xd)
+        cases[f"quant_fp8_block[{name},ue8m0]"] = lambda xd=xd: quant_fp8_block(xd, scale_fmt="ue8m0")
+    cases["quant_fp8_block[bfloat16,ue8m0,e8m0]"] = lambda: quant_fp8_block(
+        x, scale_fmt="ue8m0", scale_dtype=torch.float8_e8m0fnu)
+    cases["quant_fp8_block[bfloat16,float,bf16-scale]"] = lambda: quant_fp8_block(x, scale_dtype=torch.bfloat16)
+    s = torch.ones(nx.scale_inv_shape(tuple(x.shape), nx.DEFAULT_BLOCK_SIZE))
+    cases["quant_fp8_block[bfloat16,given-scale]"] = lambda: quant_fp8_block(x, scale_inv=s)
+    q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn)
+    cases["quant_fp8_block[e4m3,requant-ue8m0]"] = lambda: quant_fp8_block(q, x_scale_inv=s, scale_fmt="ue8m0")
+    return cases

@@ -3,8 +3,10 @@
 One program per (expert, row tile, column tile); 2D and stacked 3D `[E, M, N]` inputs share a single
 launch. The quant kernel also takes an FP8 input with its block scales and quantizes the dequantized
 values (x.float() * scale, as dequant_fp8_block computes them) in the same pass, with no bf16 copy.
+The global amax is a Triton reduction too (one atomic max per tile), so a quantization is two
+launches and one host sync (the NaN/Inf check at the end).
 The formulas (ModelOpt's NVFP4QTensor) are in fp8norm.numerics_nvfp4.
-Twins: fp8norm.reference.quant_nvfp4 / dequant_nvfp4; nvfp4_amax is torch only.
+Twins: fp8norm.reference.quant_nvfp4 / dequant_nvfp4 / nvfp4_amax.
 """
 
 from __future__ import annotations
@@ -14,30 +16,44 @@ import triton
 import triton.language as tl
 
 from fp8norm import numerics_nvfp4 as n4
-from fp8norm.reference.nvfp4 import amax_per_expert, nvfp4_amax
 
-from ._launch import LAUNCH_OPTIONS, NUM_WARPS
-from ._numerics import E4M3_MAX, cast_rne, load_e4m3_as_f32, round_to_e4m3_grid, tile_coords
-from .quant_fp8_block import _as_3d
+from ._launch import LAUNCH_OPTIONS, kernel
+from ._numerics import (E4M3_MAX, amax_nan, cast_rne, load_e4m3_as_f32, not_finite, round_to_e4m3_grid,
+                        tile_coords)
+from .quant_fp8_block import as_3d
 
-__all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel"]
+__all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",
+           "nvfp4_amax_kernel"]
 
 # Tile of one program. 64 x 128 keeps the [rows, groups, 16] tile without spills at NUM_WARPS.
 BLOCK_M = 64
 BLOCK_N = 128
+# See `python tools/aot_compile.py --sweep-warps`.
+NUM_WARPS = 4
+# Smallest e4m3 scale ModelOpt stores (its _cast_per_block_scale_to_fp8 clamps to [2^-9, 448]).
+SCALE_MIN = tl.constexpr(2.0 ** -9)
+# Below this weight_scale_2 the reciprocal of a group's divisor could overflow: rescale by 2^64.
+TINY_SCALE_2 = tl.constexpr(2.0 ** -60)
 
 
-@triton.jit
+@kernel
 def e2m1_code(q):
-    """fp32 -> int32 E2M1 code: nearest magnitude, ties to the even code, saturating at 6; sign = q < 0."""
+    """fp32 -> int32 E2M1 code: nearest magnitude, ties to the even code, saturating at 6; sign = q < 0.
+
+    The E2M1 grid steps by 0.5 below 2, by 1 below 4 and by 2 above. Adding 2^22, 2^23 or 2^24 (by
+    |q|'s exponent) makes the fp32 ulp equal that step, so the add rounds to the grid, ties to even;
+    the sum's low bits then count grid steps above the magic number, and the step's position turns
+    that count into the code. Large values, Inf and NaN give codes > 7, clamped to 7.
+    """
     a = tl.abs(q)
-    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-            + (a > 5.0).to(tl.int32))
+    e = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127), 130)  # 2^0 .. 2^3
+    magic = (e + 22) << 23
+    steps = (a + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
+    code = tl.minimum(steps + 2 * (e - 127), 7)
     return code | tl.where(q < 0, 8, 0)
 
 
-@triton.jit
+@kernel
 def e2m1_value(code):
     """int32 code (0..15) -> fp32 value; code 8 is -0.0."""
     mag = code & 7
@@ -47,7 +63,59 @@ def e2m1_value(code):
     return tl.where(code >= 8, -v, v)
 
 
-@triton.jit
+@kernel
+def divide_rn(x, d, s2, INTERPRET: tl.constexpr):
+    """x / d[..., None] rounded once (IEEE), d > 0 one divisor per group of the last axis of x.
+
+    Compiled: one reciprocal per group, then per element q0 = x*r and the exact correction
+    q = q0 + (x - q0*d)*r (two FMAs), which gives the correctly rounded quotient when r is 1/d
+    correctly rounded and no step overflows (Markstein); tiny scale_2 scales x and d by 2^64 first.
+    The interpreter divides (its FMA may round twice on older Tritons).
+    """
+    if INTERPRET:
+        return tl.math.div_rn(x, d[:, :, None])
+    k = tl.where(s2 < TINY_SCALE_2, 2.0 ** 64, 1.0)
+    dk = d * k
+    r = tl.math.div_rn(1.0, dk)[:, :, None]
+    xk = x * k
+    q0 = xk * r
+    return tl.fma(tl.fma(-q0, dk[:, :, None], xk), r, q0)
+
+
+@kernel
+def load_source(x_ptr, xs_ptr, pid_e, rows, cols, mask, stride_xe, stride_xm, stride_xn, stride_xse, stride_xsm,
+                SRC_BM: tl.constexpr, SRC_BN: tl.constexpr, X_SCALED: tl.constexpr, INTERPRET: tl.constexpr):
+    """The tile as fp32: x itself, or for an FP8 x, x.float() * its block scale (dequant_fp8_block's value)."""
+    x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
+    if X_SCALED:
+        xs_offs = pid_e * stride_xse + (rows // SRC_BM)[:, None] * stride_xsm + (cols // SRC_BN)[None, :]
+        return load_e4m3_as_f32(x_ptr + x_offs, mask, INTERPRET) * tl.load(xs_ptr + xs_offs, mask=mask, other=0.0)
+    return tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@kernel
+def nvfp4_amax_kernel(
+    x_ptr, xs_ptr, amax_ptr,
+    M, N,
+    stride_xe, stride_xm, stride_xn,
+    stride_xse, stride_xsm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SRC_BM: tl.constexpr, SRC_BN: tl.constexpr,
+    X_SCALED: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Per expert max |x| into amax_ptr (int32 bits of a non-negative fp32, zero-initialized).
+
+    Non-negative floats order like their bits as int32, NaN above Inf, so an integer atomic max is the
+    NaN-propagating float max, and independent of the order the tiles finish in."""
+    pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
+    x = load_source(x_ptr, xs_ptr, pid_e, rows, cols, mask, stride_xe, stride_xm, stride_xn, stride_xse,
+                    stride_xsm, SRC_BM, SRC_BN, X_SCALED, INTERPRET)
+    amax = amax_nan(tl.abs(x), None, INTERPRET)
+    tl.atomic_max(amax_ptr + pid_e, amax.to(tl.int32, bitcast=True))
+
+
+@kernel
 def quant_nvfp4_kernel(
     x_ptr, xs_ptr, s2_ptr, p_ptr, w_ptr,
     M, N,
@@ -58,32 +126,31 @@ def quant_nvfp4_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
     SRC_BM: tl.constexpr, SRC_BN: tl.constexpr,
     X_SCALED: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     NG: tl.constexpr = BLOCK_N // GROUP
     # Ragged edges are masked; whole groups only (N % GROUP == 0), masked lanes read 0.
     pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
-    x_offs = pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn
-    if X_SCALED:
-        # FP8 input: x.float() * its block scale (fp32 multiply, exactly dequant_fp8_block's value).
-        xs_offs = pid_e * stride_xse + (rows // SRC_BM)[:, None] * stride_xsm + (cols // SRC_BN)[None, :]
-        x = load_e4m3_as_f32(x_ptr + x_offs, mask) * tl.load(xs_ptr + xs_offs, mask=mask, other=0.0)
-    else:
-        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    x = load_source(x_ptr, xs_ptr, pid_e, rows, cols, mask, stride_xe, stride_xm, stride_xn, stride_xse,
+                    stride_xsm, SRC_BM, SRC_BN, X_SCALED, INTERPRET)
     s2 = tl.load(s2_ptr + pid_e)
 
     x3 = tl.reshape(x, (BLOCK_M, NG, GROUP))
-    ax3 = tl.abs(x3)
-    gamax = tl.max(ax3, axis=2)
-    # NaN and Inf fail `< inf`; such groups get the e4m3 NaN code and the wrapper raises.
-    nonfinite = tl.max(tl.where(ax3 < float("inf"), 0, 1), axis=2) > 0
-    # div_rn: IEEE division, as torch does (plain `/` may lower to approximate div.full).
+    # One reduction per group: its scale and, through NaN propagation, whether it is finite.
+    gamax = amax_nan(tl.abs(x3), 2, INTERPRET)
+    # ModelOpt: amax / (6 * scale_2) in fp32 (IEEE division), 0 -> 1, clamped to [2^-9, 448], e4m3.
     s = tl.math.div_rn(gamax, 6.0 * s2)
     s = tl.where(s == 0.0, 1.0, s)
-    # Saturating RNE onto the e4m3 grid in fp32 (s >= 0); the cast below is then exact everywhere.
-    s_q = round_to_e4m3_grid(tl.minimum(s, E4M3_MAX))
+    s = tl.minimum(tl.maximum(s, SCALE_MIN), E4M3_MAX)
+    if INTERPRET:
+        s_q = round_to_e4m3_grid(s)  # the interpreter's cast needs on-grid values
+        w = s_q.to(tl.float8e4nv)
+    else:
+        w = s.to(tl.float8e4nv)  # in range: plain RNE
+        s_q = w.to(tl.float32)
     d = s_q * s2
-    # A group whose scale rounds to e4m3 zero (or underflows with scale_2) quantizes to 0.
-    q = tl.math.div_rn(x3, tl.broadcast_to(tl.where(d == 0.0, 1.0, d)[:, :, None], (BLOCK_M, NG, GROUP)))
+    # d underflows to 0 only for scale_2 below ~2^-140: such groups quantize to 0.
+    q = divide_rn(x3, tl.where(d == 0.0, 1.0, d), s2, INTERPRET)
     q = tl.where((d == 0.0)[:, :, None], 0.0, q)
     lo, hi = tl.split(tl.reshape(e2m1_code(q), (BLOCK_M, BLOCK_N // 2, 2)))
     packed = (lo | (hi << 4)).to(tl.uint8)
@@ -91,14 +158,14 @@ def quant_nvfp4_kernel(
     tl.store(p_ptr + pid_e * stride_pe + rows[:, None] * stride_pm + pcols[None, :], packed,
              mask=(rows[:, None] < M) & (pcols[None, :] < N // 2))
 
-    w = s_q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    w = tl.where(nonfinite, 0x7F, w).to(tl.uint8)
+    # Groups holding NaN/Inf get e4m3's NaN code as their scale; the wrapper raises naming the first.
+    w = tl.where(not_finite(gamax), 0x7F, w.to(tl.uint8, bitcast=True)).to(tl.uint8)
     gcols = pid_n * NG + tl.arange(0, NG)
     tl.store(w_ptr + pid_e * stride_we + rows[:, None] * stride_wm + gcols[None, :], w,
              mask=(rows[:, None] < M) & (gcols[None, :] < N // GROUP))
 
 
-@triton.jit
+@kernel
 def dequant_nvfp4_kernel(
     p_ptr, w_ptr, s2_ptr, out_ptr,
     M, N,
@@ -106,6 +173,7 @@ def dequant_nvfp4_kernel(
     stride_we, stride_wm, stride_wn,
     stride_oe, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     NG: tl.constexpr = BLOCK_N // GROUP
     pid_n = tl.program_id(0)
@@ -118,14 +186,46 @@ def dequant_nvfp4_kernel(
                 mask=rmask & (pcols[None, :] < N // 2), other=0).to(tl.int32)
     code = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_M, NG, GROUP))
     gcols = pid_n * NG + tl.arange(0, NG)
-    w = tl.load(w_ptr + pid_e * stride_we + rows[:, None] * stride_wm + gcols[None, :] * stride_wn,
-                mask=rmask & (gcols[None, :] < N // GROUP), other=0.0).to(tl.float32)
+    w = load_e4m3_as_f32(w_ptr + pid_e * stride_we + rows[:, None] * stride_wm + gcols[None, :] * stride_wn,
+                         rmask & (gcols[None, :] < N // GROUP), INTERPRET)
     d = w * tl.load(s2_ptr + pid_e)
     out = tl.reshape(e2m1_value(code) * d[:, :, None], (BLOCK_M, BLOCK_N))
-    out = cast_rne(out, out_ptr.dtype.element_ty)
+    out = cast_rne(out, out_ptr.dtype.element_ty, INTERPRET)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out,
              mask=rmask & (cols[None, :] < N))
+
+
+def _amax_per_expert(x, src_sf, src_block, num_warps) -> torch.Tensor:
+    """max |value| of each matrix of x (validated) as fp32 `[E]` on x's device; NaN if it holds NaN."""
+    x3 = as_3d(x)
+    amax_bits = torch.zeros(x3.shape[0], dtype=torch.int32, device=x.device)
+    if x.numel():
+        xs3 = as_3d(src_sf) if src_sf is not None else amax_bits.view(torch.float32).view(1, 1, -1)  # placeholder
+        m, n = x3.shape[1:]
+        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M), x3.shape[0])
+        nvfp4_amax_kernel[grid](
+            x3, xs3, amax_bits,
+            m, n,
+            x3.stride(0), x3.stride(1), x3.stride(2),
+            xs3.stride(0), xs3.stride(1),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            SRC_BM=src_block[0], SRC_BN=src_block[1],
+            X_SCALED=src_sf is not None,
+            num_warps=num_warps,
+            **LAUNCH_OPTIONS,
+        )
+    return amax_bits.view(torch.float32)
+
+
+def nvfp4_amax(x: torch.Tensor, *, src_scale_inv: torch.Tensor | None = None, src_block_size=(128, 128),
+               num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """Triton twin of fp8norm.reference.nvfp4_amax: fp32 amax, 0-dim for 2D x, `[E]` for 3D; NaN/Inf raise."""
+    src_sf, block_size = n4.check_amax_args(x, src_scale_inv, src_block_size)
+    amax = _amax_per_expert(x, src_sf, block_size, num_warps)
+    amax = amax.reshape(()) if x.dim() == 2 else amax
+    n4.raise_if_nonfinite_amax(amax)
+    return amax
 
 
 def quant_nvfp4(
@@ -136,27 +236,30 @@ def quant_nvfp4(
     src_block_size=(128, 128),
     group_size: int = n4.GROUP_SIZE,
     num_warps: int = NUM_WARPS,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `x` ([M, N] or [E, M, N]) to NVFP4; see fp8norm.numerics_nvfp4.
 
     Returns `(packed uint8 [..., M, N/2], weight_scale e4m3 [..., M, N/group_size], weight_scale_2)`,
     weight_scale_2 fp32 0-dim for 2D, `[E]` for 3D. `global_amax` (scalar, or `[E]` for 3D) fixes
     weight_scale_2 = global_amax / (6 * 448), e.g. the joint amax of q/k/v; by default it is
-    nvfp4_amax(x). An FP8 `x` comes with `src_scale_inv`, its block scales (fp32, bf16 or e8m0,
-    blocks of `src_block_size`). N % group_size != 0 and NaN/Inf input raise ValueError.
+    nvfp4_amax(x), computed on the device without a host sync. An FP8 `x` comes with `src_scale_inv`,
+    its block scales (fp32, bf16 or e8m0, blocks of `src_block_size`). N % group_size != 0 raises
+    ValueError; so does NaN/Inf input, found in the call's one host sync at the end
+    (`check_finite=False` skips it, for timing the kernels alone: NaN/Inf then goes unreported).
     """
     g, (sbm, sbn), src_sf, ga = n4.check_quant_args(x, global_amax, src_scale_inv, src_block_size, group_size)
-    if ga is None:
-        ga = amax_per_expert(x, src_sf, (sbm, sbn))
-        n4.raise_if_nonfinite_amax(ga if x.dim() == 3 else ga.reshape(()))
+    amax_computed = ga is None
+    if amax_computed:
+        ga = _amax_per_expert(x, src_sf, (sbm, sbn), num_warps)
     scale_2 = n4.scale_2_for(x, ga)
     *lead, m, n = x.shape
     packed = torch.empty((*lead, m, n // 2), dtype=torch.uint8, device=x.device)
     weight_scale = torch.empty((*lead, m, n // g), dtype=torch.float8_e4m3fn, device=x.device)
     if x.numel():
-        x3, p3, w3 = _as_3d(x), _as_3d(packed), _as_3d(weight_scale).view(torch.uint8)
+        x3, p3, w3 = as_3d(x), as_3d(packed), as_3d(weight_scale).view(torch.uint8)
         s2 = scale_2.reshape(-1).contiguous()
-        xs3 = _as_3d(src_sf) if src_sf is not None else s2.view(1, 1, -1)  # placeholder when not FP8
+        xs3 = as_3d(src_sf) if src_sf is not None else s2.view(1, 1, -1)  # placeholder when not FP8
         bn = max(BLOCK_N, g)
         grid = (triton.cdiv(n, bn), triton.cdiv(m, BLOCK_M), x3.shape[0])
         quant_nvfp4_kernel[grid](
@@ -172,7 +275,8 @@ def quant_nvfp4(
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
-    n4.raise_if_nonfinite_groups(weight_scale)
+    if check_finite:
+        n4.raise_if_nonfinite(ga if x.dim() == 3 else ga.reshape(()), weight_scale, amax_computed)
     return packed, weight_scale, scale_2
 
 
@@ -190,7 +294,7 @@ def dequant_nvfp4(
     n = 2 * half
     out = torch.empty((*lead, m, n), dtype=out_dtype, device=packed.device)
     if out.numel():
-        p3, w3, o3 = _as_3d(packed), _as_3d(weight_scale), _as_3d(out)
+        p3, w3, o3 = as_3d(packed), as_3d(weight_scale), as_3d(out)
         bn = max(BLOCK_N, g)
         grid = (triton.cdiv(n, bn), triton.cdiv(m, BLOCK_M), p3.shape[0])
         dequant_nvfp4_kernel[grid](
@@ -204,3 +308,17 @@ def dequant_nvfp4(
             **LAUNCH_OPTIONS,
         )
     return out
+
+
+def aot_cases() -> dict:
+    """Variants for tools/aot_compile.py: the public wrappers on CPU tensors of a real weight shape."""
+    x = torch.zeros(512, 7168, dtype=torch.bfloat16)
+    q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn)
+    s = torch.ones(-(-512 // 128), -(-7168 // 128))
+    p = torch.zeros(512, 7168 // 2, dtype=torch.uint8)
+    w = torch.ones(512, 7168 // 16).to(torch.float8_e4m3fn)
+    return {
+        "quant_nvfp4[bfloat16]": lambda: quant_nvfp4(x),  # also compiles nvfp4_amax_kernel
+        "quant_nvfp4[e4m3,src=fp32]": lambda: quant_nvfp4(q, src_scale_inv=s),
+        "dequant_nvfp4[bfloat16]": lambda: dequant_nvfp4(p, w, torch.tensor(1.0)),
+    }

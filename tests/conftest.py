@@ -1,17 +1,11 @@
 """Shared fixtures. Kernel tests run every case on both backends: the Triton kernel (under the
 interpreter on CPU, on the GPU where CUDA is present) and its torch twin."""
 
-import os
-
 import pytest
 import torch
 
-# Must be set before triton decorates the kernels; fp8norm.kernels also sets it without CUDA.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import fp8norm.kernels  # noqa: E402
-import fp8norm.reference  # noqa: E402
+import fp8norm.kernels
+import fp8norm.reference
 
 BACKENDS = {
     "triton": (fp8norm.kernels, "cuda" if torch.cuda.is_available() else "cpu"),

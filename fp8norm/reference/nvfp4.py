@@ -104,7 +104,7 @@ def quant_nvfp4(
                 v.mul_(_src_scale_rows(src[0], r0, r1, block_size, n))
             vg = v.view(rows, n // g, g)
             gamax = torch.maximum(vg.amax(2), vg.amin(2).neg_())  # NaN propagates
-            s_q = n4.saturate_e4m3(n4.group_scale(gamax, s2))
+            s_q = n4.group_scale_e4m3(gamax, s2)
             d = s_q.float().mul_(s2).unsqueeze(2)
             q = torch.where(d == 0, 0.0, vg / d)
             p2[r0:r1] = n4.pack_codes(n4.e2m1_codes(q).view(rows, n))

@@ -29,7 +29,7 @@ def oracle_quant2d(xf, amax=None):
     g = xf.view(m, n // 16, 16)
     s = g.abs().amax(-1) / (6.0 * s2)
     s[s == 0] = 1.0
-    sq = s.clamp(max=448.0).to(E4M3)
+    sq = s.clamp(min=2.0 ** -9, max=448.0).to(E4M3)  # ModelOpt >= 0.45: _cast_per_block_scale_to_fp8
     d = (sq.float() * s2).unsqueeze(-1)
     q = torch.where(d == 0, torch.zeros_like(g), g / d)
     codes = oracle_codes(q).view(m, n)
@@ -262,15 +262,23 @@ def test_zero_tensor(backend):
 
 
 def test_zero_and_underflowing_groups(backend):
+    """A group whose scale underflows e4m3 keeps the smallest scale, 2^-9 (code 0x01), as ModelOpt >= 0.45
+    does (`clamp(min=2**-9, max=448)` before the cast): its values quantize against that scale."""
     x = torch.zeros(2, 48)
     x[0, :16] = torch.linspace(-1, 1, 16)
-    x[0, 16:32] = 1e-8 * torch.linspace(-1, 1, 16)  # s = 1e-8 * 448 rounds to e4m3 zero
+    x[0, 16:32] = 1e-8 * torch.linspace(-1, 1, 16)  # s = 1e-8 * 448 is below e4m3's smallest subnormal
+    d = torch.tensor(2.0 ** -9) * (torch.tensor(1.0) / 2688.0)  # the group's divisor, in fp32
+    x[0, 17] = -2 * d  # q = -2.0: code 0xC
     p, w, s2 = quant(backend, x)
-    assert b(w)[0].tolist() == [b(torch.tensor(448.0).to(E4M3)).item(), 0x00, 0x38]
+    assert torch.equal(s2, torch.tensor(1.0) / 2688.0)
+    assert b(w)[0].tolist() == [b(torch.tensor(448.0).to(E4M3)).item(), 0x01, 0x38]
     assert (b(w)[1] == 0x38).all()  # all-zero groups: scale 1.0
-    assert (p[0, 8:] == 0).all() and (p[1] == 0).all()
+    want = oracle_codes(x[0, 16:32] / d)
+    codes = torch.stack([p[0, 8:16] & 0xF, p[0, 8:16] >> 4], -1).flatten()
+    assert torch.equal(codes, want) and codes[1].item() == 0xC
+    assert (p[0, 16:] == 0).all() and (p[1] == 0).all()
     y = dequant(backend, p, w, s2, out_dtype=torch.float32)
-    assert torch.isfinite(y).all() and (y[:, 16:] == 0).all()
+    assert torch.isfinite(y).all() and (y[:, 32:] == 0).all()
 
 
 def test_round_trip_error_within_half_a_step(backend):
