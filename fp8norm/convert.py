@@ -146,7 +146,7 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
                 out_name, shape = _module_of_packed(name) + ".weight", (*info.shape[:-1], 2 * info.shape[-1])
             outputs = [OutEntry(out_name, "BF16" if to == "bf16" else "F16", shape)]
         elif to in schemes.CT_SCHEMES and (scale or (fmt.kind == "unquantized" and _nvfp4_candidate(name, info))):
-            kept = schemes.kept_reason(to, info.shape)
+            kept = schemes.kept_reason(to, name, info.shape)
             if kept:
                 decision, rule = KEEP, kept
                 if scale:
@@ -238,7 +238,7 @@ def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: to
         try:
             outs = schemes.quantize_weight(plan.convert_to, xs[0].to(device),
                                            src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
-                                           src_block_size=block)
+                                           src_block_size=block, name=t.name)
         except ValueError as e:
             raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
         return [o.cpu() for o in outs]

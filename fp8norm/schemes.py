@@ -8,9 +8,12 @@
                (`mxfp4-pack-quantized`)
 
 The MX schemes are weight-only (activations stay in the model dtype: MXFP8A16 / MXFP4A16).
-compressed-tensors has no layout for fused 3D expert tensors (`experts.gate_up_proj`): those stay as
-they are; MX weights whose input dim is not a multiple of 32 stay as they are too, and so do the
-other members of their fused module (q/k/v, gate/up load as one layer).
+compressed-tensors has no layout for fused 3D expert tensors: `experts.gate_up_proj` [E, 2I, H]
+(gate rows first, as transformers' fused experts chunk it) and `experts.down_proj` [E, H, I] are
+written per expert as the 2D linears compressed-tensors and vLLM read (`experts.{e}.gate_proj`,
+`up_proj`, `down_proj`), quantized in one launch over all experts. Other 3D tensors, and MX weights
+whose input dim is not a multiple of 32, stay as they are, and so do the other members of their fused
+module (q/k/v, gate/up load as one layer).
 """
 
 from __future__ import annotations
@@ -47,8 +50,26 @@ def module_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+FUSED_EXPERTS = {"experts.gate_up_proj": ("gate_proj", "up_proj"), "experts.down_proj": ("down_proj",)}
+
+
+def _fused_experts(name: str, shape: tuple[int, ...]):
+    """For a fused 3D expert tensor: (experts module prefix, its projections split along rows); else None."""
+    for suffix, parts in FUSED_EXPERTS.items():
+        if len(shape) == 3 and name.endswith("." + suffix) and shape[1] % len(parts) == 0:
+            return name[: -len(suffix)] + "experts", parts
+    return None
+
+
 def output_entries(name: str, shape: tuple[int, ...], scheme: str) -> list[OutEntry]:
-    """The tensors a weight `name` of `shape` becomes, in compressed-tensors' names."""
+    """The tensors a weight `name` of `shape` becomes, in compressed-tensors' names (a fused 3D expert
+    tensor: per expert and projection, experts outermost)."""
+    fused = _fused_experts(name, shape)
+    if fused:
+        prefix, parts = fused
+        e, rows, cols = shape
+        return [o for i in range(e) for p in parts
+                for o in output_entries(f"{prefix}.{i}.{p}.weight", (rows // len(parts), cols), scheme)]
     m = module_of(name)
     *lead, rows, cols = shape
     if scheme == CHANNEL:
@@ -59,9 +80,9 @@ def output_entries(name: str, shape: tuple[int, ...], scheme: str) -> list[OutEn
     return [OutEntry(m + ".weight_packed", "U8", (*lead, rows, cols // 2)), scale]
 
 
-def kept_reason(scheme: str, shape: tuple[int, ...]) -> str | None:
+def kept_reason(scheme: str, name: str, shape: tuple[int, ...]) -> str | None:
     """Why a weight the rules would quantize has no readable layout in `scheme` (None: it has one)."""
-    if len(shape) == 3:
+    if len(shape) == 3 and not _fused_experts(name, shape):
         return FUSED_3D_KEPT
     if scheme in (MXFP8, MXFP4) and shape[-1] % mx.MX_BLOCK:
         return UNALIGNED_KEPT
@@ -84,7 +105,7 @@ def apply_to_plan(plan, scheme: str) -> None:
 
     for t in plan.tensors:
         if t.decision == FP8:
-            reason = kept_reason(scheme, t.shape)
+            reason = kept_reason(scheme, t.name, t.shape)
             if reason:
                 keep(t, reason)
     keep_fused_partners(plan.tensors, lambda t: t.decision == FP8, keep)
@@ -96,8 +117,19 @@ def apply_to_plan(plan, scheme: str) -> None:
 
 
 def quantize_weight(scheme: str, x: torch.Tensor, *, src_scale_inv=None, src_block_size=(128, 128),
-                    rule: str = "ocp") -> list[torch.Tensor]:
-    """One weight (bf16, or FP8 with its block scales) -> its outputs in `scheme`, in output_entries' order."""
+                    rule: str = "ocp", name: str = "") -> list[torch.Tensor]:
+    """One weight `name` (bf16, or FP8 with its block scales) -> its outputs in `scheme`, in
+    output_entries' order (a fused 3D expert tensor: one launch, then split per expert and projection)."""
+    outs = _quantize(scheme, x, src_scale_inv, src_block_size, rule)
+    fused = _fused_experts(name, tuple(x.shape))
+    if not fused:
+        return outs
+    n_parts = len(fused[1])
+    return [o[e].chunk(n_parts, dim=0)[p].contiguous() for e in range(x.shape[0]) for p in range(n_parts)
+            for o in outs]
+
+
+def _quantize(scheme, x, src_scale_inv, src_block_size, rule) -> list[torch.Tensor]:
     if scheme == CHANNEL:
         # bf16-valued scales stored as fp32: transformers (bf16 scale) and vLLM (fp32) read the same values
         q, scale = dispatch.quant_fp8_channel(x, scale_dtype=torch.bfloat16, src_scale_inv=src_scale_inv,
@@ -118,7 +150,7 @@ def quantize_tensor(t, xs: list[torch.Tensor], plan, device: torch.device) -> li
     if t.decision != FP8:
         return xs
     try:
-        outs = quantize_weight(plan.scheme, xs[0].to(device))
+        outs = quantize_weight(plan.scheme, xs[0].to(device), name=t.name)
     except ValueError as e:
         raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
     return [o.cpu() for o in outs]

@@ -27,6 +27,17 @@ def ours_dequant(scheme, out, module, dtype=torch.float32):
     return reference.dequant_mx(stored, out[module + ".weight_scale"], fmt=scheme, out_dtype=dtype)
 
 
+def src_weight(src, module):
+    """The source weight of a (possibly per-expert) module: `experts.{e}.gate_proj` is the first half of
+    the rows of expert e of the fused `experts.gate_up_proj`, up_proj the second."""
+    if module + ".weight" in src:
+        return src[module + ".weight"]
+    prefix, e, proj = module.rsplit(".", 2)
+    if proj == "down_proj":
+        return src[prefix + ".down_proj"][int(e)]
+    return src[prefix + ".gate_up_proj"][int(e)].chunk(2)[proj == "up_proj"]
+
+
 def quantized_modules(out):
     return sorted(k.removesuffix(".weight_scale") for k in out if k.endswith(".weight_scale"))
 
@@ -44,17 +55,18 @@ def test_quantize_scheme_is_read_by_compressed_tensors(moe, tmp_path, scheme):
     out = read_dir(tmp_path / "q")
     src = read_dir(moe)
     modules = quantized_modules(out)
-    assert len(modules) == 17  # the 2D linears the rule table quantizes; fused 3D experts are kept
-    assert same_bytes(out["model.language_model.layers.1.mlp.experts.gate_up_proj"],
-                      src["model.language_model.layers.1.mlp.experts.gate_up_proj"])
-    # fused 3D experts have no compressed-tensors layout: kept (bf16), not targeted (not Linear)
+    # the 2D linears the rule table quantizes, and the fused 3D experts of 2 layers and the MTP block
+    # written per expert (4 experts x gate/up/down): compressed-tensors has no fused 3D layout
+    assert len(modules) == 17 + 3 * 4 * 3
+    assert "model.language_model.layers.1.mlp.experts.gate_up_proj" not in out
     dtype = torch.bfloat16 if scheme == "mxfp4" else torch.float32  # CT decompresses FP4 in bf16
     theirs = CompressedTensorsDequantizer(tmp_path / "q", dtype=dtype).validate(dict(out))
     for m in modules:
         assert torch.equal(theirs[m + ".weight"], ours_dequant(scheme, out, m, dtype)), m
-        # and each weight is the twin's quantization of the source
-        mine = reference.quant_fp8_channel(src[m + ".weight"], scale_dtype=torch.bfloat16) \
-            if scheme == "fp8-channel" else reference.quant_mx(src[m + ".weight"], fmt=scheme)
+        # and each weight is the twin's quantization of the source (experts: a slice of the fused tensor)
+        x = src_weight(src, m)
+        mine = reference.quant_fp8_channel(x, scale_dtype=torch.bfloat16) \
+            if scheme == "fp8-channel" else reference.quant_mx(x, fmt=scheme)
         assert same_bytes(out[m + (".weight_packed" if scheme == "mxfp4" else ".weight")], mine[0])
         assert same_bytes(out[m + ".weight_scale"], mine[1].float() if scheme == "fp8-channel" else mine[1])
     if scheme == "fp8-channel":
@@ -65,10 +77,12 @@ def test_quantize_scheme_is_read_by_compressed_tensors(moe, tmp_path, scheme):
 def test_convert_to_bf16_reads_them_back(moe, tmp_path, scheme):
     cli("quantize", moe, tmp_path / "q", "--scheme", scheme, "--skip-verify")
     res = cli("convert", tmp_path / "q", tmp_path / "b", "--to", "bf16")
-    assert "17 dequantized" in res.output
+    assert f"{17 + 36} dequantized" in res.output
     out, back, src = read_dir(tmp_path / "q"), read_dir(tmp_path / "b"), read_dir(moe)
-    assert back.keys() == src.keys()
-    for m in quantized_modules(out):
+    modules = quantized_modules(out)
+    assert back.keys() == {k for k in src if not k.endswith("_proj")} | {m + ".weight" for m in modules} | \
+        {k for k in src if k.endswith("_proj") and "experts" not in k}
+    for m in modules:
         assert torch.equal(back[m + ".weight"], ours_dequant(scheme, out, m, torch.bfloat16)), m
     assert "quantization_config" not in json.loads((tmp_path / "b" / "config.json").read_text())
 
@@ -78,12 +92,23 @@ def test_convert_from_block_fp8_dequantizes_in_the_same_pass(moe, tmp_path, sche
     cli("quantize", moe, tmp_path / "fp8", "--skip-verify")
     cli("convert", tmp_path / "fp8", tmp_path / "o", "--to", scheme)
     fp8, out = read_dir(tmp_path / "fp8"), read_dir(tmp_path / "o")
-    for m in quantized_modules(out):
-        q, s = fp8[m + ".weight"], fp8[m + ".weight_scale_inv"]
-        mine = reference.quant_fp8_channel(q, src_scale_inv=s, scale_dtype=torch.bfloat16) \
-            if scheme == "fp8-channel" else reference.quant_mx(q, fmt=scheme, src_scale_inv=s)
-        assert same_bytes(out[m + ".weight_scale"], mine[1].float() if scheme == "fp8-channel" else mine[1]), m
-    assert len(quantized_modules(out)) == 17
+
+    def quant(name):
+        q, s = fp8[name], fp8[name + "_scale_inv"]
+        return reference.quant_fp8_channel(q, src_scale_inv=s, scale_dtype=torch.bfloat16)[1].float() \
+            if scheme == "fp8-channel" else reference.quant_mx(q, fmt=scheme, src_scale_inv=s)[1]
+
+    modules = quantized_modules(out)
+    for m in modules:
+        if m + ".weight" in fp8:
+            assert same_bytes(out[m + ".weight_scale"], quant(m + ".weight")), m
+    # fused 3D FP8 experts: one pass over all experts, split per expert and projection
+    prefix = "model.language_model.layers.1.mlp.experts"
+    gate_up, down = quant(prefix + ".gate_up_proj"), quant(prefix + ".down_proj")
+    for e in range(4):
+        assert same_bytes(out[f"{prefix}.{e}.up_proj.weight_scale"], gate_up[e].chunk(2)[1].contiguous())
+        assert same_bytes(out[f"{prefix}.{e}.down_proj.weight_scale"], down[e])
+    assert len(modules) == 17 + 36
 
 
 def test_convert_from_bf16_equals_quantize_scheme(moe, tmp_path):
