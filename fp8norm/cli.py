@@ -121,6 +121,8 @@ OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing 
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 RESUME = click.option("--resume", is_flag=True, help="Continue an interrupted run into DST (finished shards are skipped).")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+REVISION = click.option("--revision", default=None, metavar="R",
+                        help="With a Hub model id as SRC: its branch, tag or commit [default: main].")
 MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
                               help="Largest output shard: 4GB, 500MB, 4GiB.")
 
@@ -141,9 +143,10 @@ def selection_options(f):
                      help="Keep tensors whose name matches (wins over everything). Repeatable.")(f)
     f = click.option("--include", multiple=True, metavar="REGEX",
                      help="Quantize tensors whose name matches (wins over rules and reference). Repeatable.")(f)
-    f = click.option("--reference", type=click.Path(exists=True), metavar="REF",
-                     help="An FP8 checkpoint (dir or index json): quantize exactly the tensors it has scales "
-                          "for, with its block size, scale format and dtype.")(f)
+    f = click.option("--reference", metavar="REF",
+                     help="An FP8 checkpoint (dir, index json or Hub model id): quantize exactly the tensors it "
+                          "has scales for, with its block size, scale format and dtype.")(f)
+    f = REVISION(f)
     f = click.option("--scale-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
                      help="Stored scale dtype [default: float32, or the reference's].")(f)
     f = click.option("--scale-fmt", type=click.Choice(["float", "ue8m0"]), default=None,
@@ -172,8 +175,16 @@ def selection_options(f):
     return f
 
 
+def _source(src: str, revision: str | None = None) -> str:
+    """SRC (or --reference) as a local directory: a local path as it is, a Hub model id (org/name) as its
+    snapshot in huggingface_hub's cache (fetched if needed)."""
+    from .hub import resolve
+
+    return str(resolve(src, revision))
+
+
 def _plan_kwargs(kw) -> dict:
-    return dict(reference=kw["reference"], include=kw["include"], exclude=kw["exclude"],
+    return dict(reference=kw["reference"] and _source(kw["reference"]), include=kw["include"], exclude=kw["exclude"],
                 allow_mismatch=kw["allow_mismatch"], scale_fmt=kw["scale_fmt"], scale_dtype=kw["scale_dtype"],
                 amax_floor=kw["amax_floor"], max_shard_size=kw["max_shard_size"], repack=not kw["no_repack"],
                 calib=kw["calib"], rms_factor=kw["rms_factor"], percentile=kw["percentile"],
@@ -181,7 +192,7 @@ def _plan_kwargs(kw) -> dict:
 
 
 @main.command("plan")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(src, as_json, **kw):
@@ -196,12 +207,12 @@ def plan_cmd(src, as_json, **kw):
     from .plan import format_plan_table
     from .quantize import plan
 
-    p = plan(src, **_plan_kwargs(kw))
+    p = plan(_source(src, kw["revision"]), **_plan_kwargs(kw))
     click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_plan_table(p))
 
 
 @main.command("quantize")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @selection_options
 @DEVICE
@@ -219,6 +230,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     \b
     Examples:
       fp8norm quantize /models/Qwen3-8B /models/Qwen3-8B-FP8
+      fp8norm quantize Qwen/Qwen3-8B Qwen3-8B-FP8                # a Hub model id (cache, HF_HUB_OFFLINE)
       fp8norm quantize SRC DST --scale-fmt ue8m0                 # B200 / DeepGEMM
       fp8norm quantize SRC DST --reference /models/Qwen3-8B-FP8  # same tensors as an official release
       fp8norm quantize SRC DST --exclude 'mlp\\.gate\\.' --resume
@@ -226,7 +238,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     """
     from .quantize import quantize
 
-    summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
+    summary = quantize(_source(src, kw["revision"]), dst, device=device, resume=resume, overwrite=overwrite,
                        progress=None if not quiet else False,
                        verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
                        **_plan_kwargs(kw))
@@ -255,7 +267,7 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 
 
 @main.command("convert")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--to", "to", required=True,
               type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct", "fp8-channel",
@@ -265,11 +277,13 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
               help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
 @MAX_SHARD_SIZE
 @click.option("--no-repack", "no_repack", is_flag=True, help="Keep the source's shard files.")
+@REVISION
 @DEVICE
 @RESUME
 @OVERWRITE
 @QUIET
-def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device, resume, overwrite, quiet):
+def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revision, device, resume, overwrite,
+                quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
 
     \b
@@ -289,7 +303,7 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
     """
     from .convert import convert
 
-    summary = convert(src, dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
+    summary = convert(_source(src, revision), dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                       repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
                       progress=None if not quiet else False)
     _report(summary, dst)
