@@ -136,7 +136,7 @@ def test_plan_shows_the_scheme_and_mx_keeps_unaligned_with_fused_partners(tmp_pa
     assert res.exit_code == 1 and "fp8-block only" in res.output
 
 
-@pytest.mark.parametrize("scheme", ["fp8-channel", "mxfp8"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_transformers_loads_on_cpu(tmp_path, scheme):
     """transformers' compressed-tensors integration loads the output on CPU and its decompressed
     weights equal our dequantization; logits stay close to the bf16 model's."""
@@ -152,8 +152,25 @@ def test_transformers_loads_on_cpu(tmp_path, scheme):
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = base(ids).logits.float(), model(ids).logits.float()
-    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    # 4-bit elements on random Gaussian weights: a looser band for mxfp4
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > (0.95 if scheme == "mxfp4" else 0.99)
     out = read_dir(tmp_path / "q")
     m = "model.layers.1.mlp.down_proj"
     w = dict(model.named_parameters())[m + ".weight"]
     assert torch.equal(w.detach().float(), ours_dequant(scheme, out, m, torch.bfloat16).float())
+
+
+def test_resume_rewrites_only_missing_shards_and_refuses_another_scheme(moe, tmp_path):
+    from tests.ckpt_utils import tree_bytes
+
+    args = ("--scheme", "mxfp4", "--max-shard-size", "1MB", "--skip-verify", "-q")
+    cli("quantize", moe, tmp_path / "o", *args)
+    before = tree_bytes(tmp_path / "o")
+    shards = sorted((tmp_path / "o").glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    shards[1].unlink()
+    res = cli("quantize", moe, tmp_path / "o", *args, "--resume")
+    assert f"1 shard(s) written, {len(shards) - 1} already done" in res.output
+    assert tree_bytes(tmp_path / "o") == before
+    res = cli("quantize", moe, tmp_path / "o", "--scheme", "mxfp8", "--max-shard-size", "1MB", "--resume", ok=False)
+    assert res.exit_code == 1 and "other settings" in res.output
