@@ -316,7 +316,7 @@ class Harness:
         self.monitor = None if self.cuda else CpuMonitor()
         self.last_others: float | None = None
         if self.cuda:
-            import fp8norm.kernels  # noqa: F401  (imports triton; never on CPU: it would set TRITON_INTERPRET)
+            import fp8norm.kernels  # noqa: F401  (imports triton, which the CPU backends do not need)
         for name in ("recompile_limit", "cache_size_limit"):  # one compile per shape, dynamic=False
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 64)

@@ -211,15 +211,17 @@ def raise_if_nonfinite_groups(weight_scale: torch.Tensor) -> None:
         )
 
 
+def nonfinite_flag(amax: torch.Tensor, weight_scale: torch.Tensor, amax_computed: bool) -> torch.Tensor:
+    """0-dim bool on the device: NaN/Inf in the computed amax or in any group (no host sync)."""
+    bad = ((weight_scale.view(torch.uint8) & 0x7F) == 0x7F).any()
+    return bad | (~torch.isfinite(amax)).any() if amax_computed else bad
+
+
 def raise_if_nonfinite(amax: torch.Tensor, weight_scale: torch.Tensor, amax_computed: bool) -> None:
-    """After a quantization on the device: NaN/Inf in the computed amax or in any group, in one host sync."""
-    bad = ((weight_scale.view(torch.uint8) & 0x7F) == 0x7F).any().view(1)
+    """NaN/Inf in the computed amax (named by expert) or in any group (named by index): ValueError."""
     if amax_computed:
-        bad = torch.cat([bad, (~torch.isfinite(amax)).any().view(1)])
-    if bool(bad.any()):  # the one sync; the messages below may take more
-        if amax_computed:
-            raise_if_nonfinite_amax(amax)
-        raise_if_nonfinite_groups(weight_scale)
+        raise_if_nonfinite_amax(amax)
+    raise_if_nonfinite_groups(weight_scale)
 
 
 def raise_if_nonfinite_amax(amax: torch.Tensor) -> None:

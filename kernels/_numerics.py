@@ -55,11 +55,12 @@ def round_to_bf16_grid(v):
 
     The interpreter's fp32->bf16 cast truncates; GPUs round to nearest even. On-grid values cast
     exactly on both. Adding 0x7FFF to a NaN's bits would carry it into Inf or zero (a GPU NaN is
-    0x7FFFFFFF, or 0x7FFFE000 from an f16 NaN), so NaN is passed through as is.
+    0x7FFFFFFF, or 0x7FFFE000 from an f16 NaN), so a NaN only gets its quiet bit set: a payload in
+    the low 16 bits alone (0x7F800001) would otherwise truncate to Inf.
     """
     bits = v.to(tl.int32, bitcast=True)
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
-    return tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
+    return tl.where(v != v, bits | 0x400000, rounded).to(tl.float32, bitcast=True)
 
 
 @kernel

@@ -28,29 +28,31 @@ __all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "
 # Tile of one program. 64 x 128 keeps the [rows, groups, 16] tile without spills at NUM_WARPS.
 BLOCK_M = 64
 BLOCK_N = 128
-# See `python tools/aot_compile.py --sweep-warps`.
+# 4 warps: 64 elements a thread, ~128 registers, 4 blocks per SM on sm_90; quant 23 instructions per
+# element (8 warps: 25.4, 16: 29.6). `python tools/aot_compile.py --sweep-warps 2,4,8,16`.
 NUM_WARPS = 4
 # Smallest e4m3 scale ModelOpt stores (its _cast_per_block_scale_to_fp8 clamps to [2^-9, 448]).
 SCALE_MIN = tl.constexpr(2.0 ** -9)
-# Below this weight_scale_2 the reciprocal of a group's divisor could overflow: rescale by 2^64.
-TINY_SCALE_2 = tl.constexpr(2.0 ** -60)
+# Below this weight_scale_2 a group divisor's reciprocal could leave fp32's normal range; such
+# tensors (amax < ~5e-27) are quantized again with IEEE divisions (see quant_nvfp4).
+TINY_SCALE_2 = 2.0 ** -100
 
 
 @kernel
 def e2m1_code(q):
     """fp32 -> int32 E2M1 code: nearest magnitude, ties to the even code, saturating at 6; sign = q < 0.
 
-    The E2M1 grid steps by 0.5 below 2, by 1 below 4 and by 2 above. Adding 2^22, 2^23 or 2^24 (by
-    |q|'s exponent) makes the fp32 ulp equal that step, so the add rounds to the grid, ties to even;
-    the sum's low bits then count grid steps above the magic number, and the step's position turns
-    that count into the code. Large values, Inf and NaN give codes > 7, clamped to 7.
+    The E2M1 grid steps by 0.5 below 2, by 1 below 4 and by 2 up to 6: 2^(E-1) for |q| in [2^E, 2^(E+1)),
+    E = 0..2 (|q| < 1 counting as E = 0). Adding 2^(22+E) makes the fp32 ulp equal that step, so the add
+    rounds onto the grid, ties to even; the low bits of the sum then count grid steps. Adding 2E more
+    ulps (even: ties unchanged) makes that count the code itself. Every |q| above 5 rounds to 6 (code 7),
+    so |q| is clamped to 6 first.
     """
-    a = tl.abs(q)
-    e = tl.minimum(tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127), 130)  # 2^0 .. 2^3
-    magic = (e + 22) << 23
-    steps = (a + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
-    code = tl.minimum(steps + 2 * (e - 127), 7)
-    return code | tl.where(q < 0, 8, 0)
+    a = tl.minimum(tl.abs(q), 6.0)
+    t = tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000  # (127 + E) << 23
+    magic = t + (22 << 23) + ((t >> 22) - 254)  # 2^(22+E) + 2E ulps
+    m = (a + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    return (m & 0xF) | tl.where(q < 0, 8, 0)
 
 
 @kernel
@@ -64,22 +66,11 @@ def e2m1_value(code):
 
 
 @kernel
-def divide_rn(x, d, s2, INTERPRET: tl.constexpr):
-    """x / d[..., None] rounded once (IEEE), d > 0 one divisor per group of the last axis of x.
-
-    Compiled: one reciprocal per group, then per element q0 = x*r and the exact correction
-    q = q0 + (x - q0*d)*r (two FMAs), which gives the correctly rounded quotient when r is 1/d
-    correctly rounded and no step overflows (Markstein); tiny scale_2 scales x and d by 2^64 first.
-    The interpreter divides (its FMA may round twice on older Tritons).
-    """
-    if INTERPRET:
-        return tl.math.div_rn(x, d[:, :, None])
-    k = tl.where(s2 < TINY_SCALE_2, 2.0 ** 64, 1.0)
-    dk = d * k
-    r = tl.math.div_rn(1.0, dk)[:, :, None]
-    xk = x * k
-    q0 = xk * r
-    return tl.fma(tl.fma(-q0, dk[:, :, None], xk), r, q0)
+def divide_by(x, r, d):
+    """x / d rounded once (IEEE), given r = 1/d rounded once: q0 = x*r, then q0 + (x - q0*d) * r in two
+    FMAs (the residual is exact). Correctly rounded when r and x/d stay normal fp32 (Markstein)."""
+    q0 = x * r
+    return tl.fma(tl.fma(-q0, d, x), r, q0)
 
 
 @kernel
@@ -126,6 +117,7 @@ def quant_nvfp4_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
     SRC_BM: tl.constexpr, SRC_BN: tl.constexpr,
     X_SCALED: tl.constexpr,
+    EXACT_DIV: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     NG: tl.constexpr = BLOCK_N // GROUP
@@ -136,10 +128,20 @@ def quant_nvfp4_kernel(
     s2 = tl.load(s2_ptr + pid_e)
 
     x3 = tl.reshape(x, (BLOCK_M, NG, GROUP))
-    # One reduction per group: its scale and, through NaN propagation, whether it is finite.
-    gamax = amax_nan(tl.abs(x3), 2, INTERPRET)
-    # ModelOpt: amax / (6 * scale_2) in fp32 (IEEE division), 0 -> 1, clamped to [2^-9, 448], e4m3.
-    s = tl.math.div_rn(gamax, 6.0 * s2)
+    if INTERPRET or EXACT_DIV:
+        # The formulas as written (ModelOpt's, in fp32), with IEEE divisions.
+        gamax = amax_nan(tl.abs(x3), 2, INTERPRET)
+        s = tl.math.div_rn(gamax, 6.0 * s2)
+    else:
+        # One reciprocal per program for the group scales and one per group for the values, each
+        # division finished by `divide_by`: exact while the reciprocals stay normal, i.e. for
+        # scale_2 >= 2^-100; the wrapper relaunches with EXACT_DIV for smaller ones.
+        gamax = amax_nan(tl.abs(x3), 2, INTERPRET)
+        d6 = 6.0 * s2
+        r6 = tl.math.div_rn(1.0, d6)
+        s = divide_by(gamax, r6, d6)
+        s = tl.where(gamax * r6 > E4M3_MAX, E4M3_MAX, s)  # clamped below anyway; no Inf - Inf
+    # ModelOpt: 0 -> 1, clamped to [2^-9, 448] (_cast_per_block_scale_to_fp8), RNE to e4m3.
     s = tl.where(s == 0.0, 1.0, s)
     s = tl.minimum(tl.maximum(s, SCALE_MIN), E4M3_MAX)
     if INTERPRET:
@@ -149,9 +151,12 @@ def quant_nvfp4_kernel(
         w = s.to(tl.float8e4nv)  # in range: plain RNE
         s_q = w.to(tl.float32)
     d = s_q * s2
-    # d underflows to 0 only for scale_2 below ~2^-140: such groups quantize to 0.
-    q = divide_rn(x3, tl.where(d == 0.0, 1.0, d), s2, INTERPRET)
-    q = tl.where((d == 0.0)[:, :, None], 0.0, q)
+    if INTERPRET or EXACT_DIV:
+        # d underflows to 0 only for scale_2 below ~2^-140: such groups quantize to 0.
+        q = tl.math.div_rn(x3, tl.where(d == 0.0, 1.0, d)[:, :, None])
+        q = tl.where((d == 0.0)[:, :, None], 0.0, q)
+    else:
+        q = divide_by(x3, tl.math.div_rn(1.0, d)[:, :, None], d[:, :, None])
     lo, hi = tl.split(tl.reshape(e2m1_code(q), (BLOCK_M, BLOCK_N // 2, 2)))
     packed = (lo | (hi << 4)).to(tl.uint8)
     pcols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -245,8 +250,9 @@ def quant_nvfp4(
     weight_scale_2 = global_amax / (6 * 448), e.g. the joint amax of q/k/v; by default it is
     nvfp4_amax(x), computed on the device without a host sync. An FP8 `x` comes with `src_scale_inv`,
     its block scales (fp32, bf16 or e8m0, blocks of `src_block_size`). N % group_size != 0 raises
-    ValueError; so does NaN/Inf input, found in the call's one host sync at the end
-    (`check_finite=False` skips it, for timing the kernels alone: NaN/Inf then goes unreported).
+    ValueError; so does NaN/Inf input, found in the call's one host sync at the end.
+    `check_finite=False` skips that sync, for timing the kernels alone: NaN/Inf input then goes
+    unreported, and a tensor with amax below ~5e-27 is not requantized with IEEE divisions.
     """
     g, (sbm, sbn), src_sf, ga = n4.check_quant_args(x, global_amax, src_scale_inv, src_block_size, group_size)
     amax_computed = ga is None
@@ -256,12 +262,15 @@ def quant_nvfp4(
     *lead, m, n = x.shape
     packed = torch.empty((*lead, m, n // 2), dtype=torch.uint8, device=x.device)
     weight_scale = torch.empty((*lead, m, n // g), dtype=torch.float8_e4m3fn, device=x.device)
-    if x.numel():
-        x3, p3, w3 = as_3d(x), as_3d(packed), as_3d(weight_scale).view(torch.uint8)
-        s2 = scale_2.reshape(-1).contiguous()
-        xs3 = as_3d(src_sf) if src_sf is not None else s2.view(1, 1, -1)  # placeholder when not FP8
-        bn = max(BLOCK_N, g)
-        grid = (triton.cdiv(n, bn), triton.cdiv(m, BLOCK_M), x3.shape[0])
+    if not x.numel():
+        return packed, weight_scale, scale_2
+    x3, p3, w3 = as_3d(x), as_3d(packed), as_3d(weight_scale).view(torch.uint8)
+    s2 = scale_2.reshape(-1).contiguous()
+    xs3 = as_3d(src_sf) if src_sf is not None else s2.view(1, 1, -1)  # placeholder when not FP8
+    bn = max(BLOCK_N, g)
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, BLOCK_M), x3.shape[0])
+
+    def launch(exact_div: bool):
         quant_nvfp4_kernel[grid](
             x3, xs3, s2, p3, w3,
             m, n,
@@ -272,11 +281,21 @@ def quant_nvfp4(
             BLOCK_M=BLOCK_M, BLOCK_N=bn, GROUP=g,
             SRC_BM=sbm, SRC_BN=sbn,
             X_SCALED=src_sf is not None,
+            EXACT_DIV=exact_div,
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
+
+    launch(False)
     if check_finite:
-        n4.raise_if_nonfinite(ga if x.dim() == 3 else ga.reshape(()), weight_scale, amax_computed)
+        # The call's one host sync: NaN/Inf anywhere, and whether a scale_2 is too small for the
+        # reciprocal-based division (then the kernel runs again with IEEE divisions).
+        tiny, bad = torch.stack([(s2 < TINY_SCALE_2).any(), n4.nonfinite_flag(ga, weight_scale, amax_computed)]
+                                ).tolist()
+        if tiny:
+            launch(True)
+        if bad:
+            n4.raise_if_nonfinite(ga if x.dim() == 3 else ga.reshape(()), weight_scale, amax_computed)
     return packed, weight_scale, scale_2
 
 

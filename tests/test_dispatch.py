@@ -49,3 +49,17 @@ def test_cuda_tensors_go_to_triton(monkeypatch):
     q, s = fp8norm.quant_fp8_block(x)
     q_ref, s_ref = fp8norm.reference.quant_fp8_block(x.cpu())
     assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s.cpu(), s_ref)
+
+
+def test_nvfp4_amax_routes_like_the_others(monkeypatch):
+    """nvfp4_amax follows the backend choice too (on CUDA it is the Triton reduction)."""
+    x = torch.randn(3, 40, 64, dtype=torch.bfloat16)
+    want = x.float().abs().amax((-2, -1))
+    for forced in ("triton", "torch"):
+        monkeypatch.setenv("FP8NORM_BACKEND", forced)
+        assert torch.equal(dispatch.nvfp4_amax(x), want)
+    seen = []
+    monkeypatch.setattr(fp8norm.kernels, "nvfp4_amax", lambda x, **kw: seen.append("triton") or x)
+    monkeypatch.setenv("FP8NORM_BACKEND", "triton")
+    dispatch.nvfp4_amax(x)
+    assert seen == ["triton"]

@@ -1,105 +1,161 @@
 #!/usr/bin/env python
-"""Compile every fp8norm kernel ahead of time for real GPUs (sm_90 H100, sm_100 B200) without a GPU.
+"""Compile every fp8norm kernel for real GPUs (sm_90 H100/H200, sm_100 B200) on a machine without one.
 
-Prints, per kernel variant and target: registers, spills, shared memory, warps, and whether the PTX
-holds the saturating round-to-nearest-even e4m3 cast and IEEE divisions. `--json` prints the same as
-JSON (the tests read it); `--out DIR` also writes the .ptx files there (keep them out of git).
+Each kernel module's `aot_cases()` (see fp8norm.kernels) calls its public wrapper on CPU tensors; every
+launch is turned into a compile for each target with the specialization a CUDA launch of the same
+arguments gets (16-byte-aligned pointers, sizes divisible by 16: Triton's own binder computes it), so
+what is reported is what would run. Per kernel and target: registers, spills, shared memory, SASS
+instructions per thread (main path) and per element, the widths of the global loads and stores
+(128-bit present?), and resident blocks per SM. `--json` prints the same as JSON (tests read it);
+`--sweep-warps 2,4,8,16` compiles each case at those warp counts to choose `NUM_WARPS`.
 
     python tools/aot_compile.py
     python tools/aot_compile.py --targets 90 --json
+    python tools/aot_compile.py --sweep-warps 4,8,16 --targets 90
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 
-# triton.compile needs real JIT functions: decorate the kernels without the interpreter.
-os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime import jit as triton_jit
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import torch
 
-from fp8norm.kernels import dequant_fp8_block_kernel, quant_fp8_block_kernel  # noqa: E402
-from fp8norm.kernels import dequant_nvfp4_kernel, quant_nvfp4_kernel  # noqa: E402
-from fp8norm.kernels.quant_nvfp4 import BLOCK_M as NVFP4_BLOCK_M, BLOCK_N as NVFP4_BLOCK_N  # noqa: E402
-from fp8norm.kernels._launch import LAUNCH_OPTIONS, NUM_WARPS  # noqa: E402
+import fp8norm.kernels as fk
 
-_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp8": "*fp8e4nv", "u8": "*u8"}
-_SCALE_OUT = {"fp32": 0, "bf16": 1, "e8m0": 2}
-_SCALE_PTR = {"fp32": "*fp32", "bf16": "*bf16", "e8m0": "*u8"}
+# Per-SM limits of sm_90 and sm_100 (same for both): registers, warps, blocks, shared memory (bytes).
+SM_REGISTERS = 65536
+SM_MAX_WARPS = 64
+SM_MAX_BLOCKS = 32
+SM_SHARED = 228 * 1024
+BLOCK_SHARED_RESERVED = 1024
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 
-
-def quant_variants():
-    """(name, kernel, signature, constexprs) for each compiled variant of the quant kernel."""
-    modes = (("fp32", 0, False), ("bf16", 16, False), ("e8m0", 23, False), ("fp32", 0, True))
-    cases = [(in_dt, *m) for in_dt in ("bf16", "fp16", "fp32") for m in modes]
-    cases += [("fp8", "fp32", 23, False), ("fp8", "e8m0", 23, False)]  # requantization (FP8 in)
-    for in_dt, scale_out, drop_bits, given in cases:
-        name = f"quant_fp8_block[{in_dt},scale={scale_out},drop={drop_bits},given={given}]"
-        sig = {"x_ptr": _PTR[in_dt], "q_ptr": _PTR["fp8"], "s_in_ptr": "*fp32",
-               "s_out_ptr": _SCALE_PTR[scale_out], "xs_ptr": "*fp32", "M": "i32", "N": "i32",
-               "stride_xe": "i64", "stride_xm": "i32", "stride_xn": "i32",
-               "stride_qe": "i64", "stride_qm": "i32", "stride_se": "i32", "stride_sm": "i32",
-               "amax_floor": "fp32"}
-        const = {"BLOCK_M": 128, "BLOCK_N": 128, "SCALE_DROP_BITS": drop_bits,
-                 "SCALE_OUT": _SCALE_OUT[scale_out], "GIVEN_SCALE": given, "X_SCALED": in_dt == "fp8"}
-        yield name, quant_fp8_block_kernel, sig, const
+_TOOL_DIR = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def dequant_variants():
-    for out_dt in ("bf16", "fp16", "fp32"):
-        sig = {"q_ptr": _PTR["fp8"], "s_ptr": "*fp32", "out_ptr": _PTR[out_dt], "M": "i32", "N": "i32",
-               "stride_qe": "i64", "stride_qm": "i32", "stride_qn": "i32",
-               "stride_oe": "i64", "stride_om": "i32", "stride_se": "i32", "stride_sm": "i32"}
-        yield f"dequant_fp8_block[{out_dt}]", dequant_fp8_block_kernel, sig, {"BLOCK_M": 128, "BLOCK_N": 128}
-
-
-def nvfp4_variants():
-    """NVFP4 quant from bf16 and from block FP8 (fp32 source scales), and dequant to bf16."""
-    tile = {"BLOCK_M": NVFP4_BLOCK_M, "BLOCK_N": NVFP4_BLOCK_N, "GROUP": 16}
-    for in_dt in ("bf16", "fp8"):
-        sig = {"x_ptr": _PTR[in_dt], "xs_ptr": "*fp32", "s2_ptr": "*fp32", "p_ptr": "*u8", "w_ptr": "*u8",
-               "M": "i32", "N": "i32", "stride_xe": "i64", "stride_xm": "i32", "stride_xn": "i32",
-               "stride_xse": "i32", "stride_xsm": "i32", "stride_pe": "i64", "stride_pm": "i32",
-               "stride_we": "i64", "stride_wm": "i32"}
-        const = {**tile, "SRC_BM": 128, "SRC_BN": 128, "X_SCALED": in_dt == "fp8"}
-        yield f"quant_nvfp4[{in_dt}" + (",src=fp32]" if in_dt == "fp8" else "]"), quant_nvfp4_kernel, sig, const
-    sig = {"p_ptr": "*u8", "w_ptr": _PTR["fp8"], "s2_ptr": "*fp32", "out_ptr": _PTR["bf16"], "M": "i32", "N": "i32",
-           "stride_pe": "i64", "stride_pm": "i32", "stride_pn": "i32", "stride_we": "i64", "stride_wm": "i32",
-           "stride_wn": "i32", "stride_oe": "i64", "stride_om": "i32"}
-    yield "dequant_nvfp4[bf16]", dequant_nvfp4_kernel, sig, tile
-
-
-def resource_usage(cubin: bytes) -> dict:
-    """Registers, spill stack and local memory of a cubin, read by the cuobjdump shipped with triton."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _tool(name: str, cubin: bytes, *flags: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+        return subprocess.run([os.path.join(_TOOL_DIR, name), *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, spill stack and local memory of a cubin (cuobjdump -res-usage)."""
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", _tool("cuobjdump", cubin, "-res-usage")))
     return {"registers": int(usage["REG"]), "spill_stack_bytes": int(usage["STACK"]),
             "local_bytes": int(usage["LOCAL"])}
 
 
-def compile_one(kernel, signature, constexprs, arch: int, num_warps: int = NUM_WARPS) -> dict:
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(LAUNCH_OPTIONS, num_warps=num_warps))
-    ptx = k.asm["ptx"]
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_opcodes(cubin: bytes) -> list[str]:
+    """The kernel's SASS opcodes in order (cuobjdump -sass), NOPs dropped."""
+    return [m.group(2) for m in _SASS_LINE.finditer(_tool("cuobjdump", cubin, "-sass")) if m.group(2) != "NOP"]
+
+
+def main_path(ops: list[str]) -> list[str]:
+    """Instructions a thread runs on the common path: up to the last EXIT before the first subroutine.
+
+    The kernels are straight-line per tile (edges are predicated), so this static count is what
+    each thread executes; IEEE division's rarely taken slow path is a subroutine placed after the
+    EXIT (ending in RET) and is left out, as is the trailing `BRA` to itself.
+    """
+    end = ops.index("RET") if "RET" in ops else len(ops)
+    exits = [i for i, op in enumerate(ops[:end]) if op == "EXIT"]
+    return ops[:exits[-1] + 1] if exits else ops[:end]
+
+
+def access_widths(ops: list[str], kind: str) -> list[int]:
+    """Bit widths of the global loads (LDG) or stores (STG), e.g. [128, 8]; atomics not included."""
+    widths = set()
+    for op in ops:
+        if op.startswith(kind + "."):
+            m = re.search(r"\.(U8|S8|U16|S16|64|128)\b", op)
+            widths.add({"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}[m.group(1)] if m else 32)
+    return sorted(widths, reverse=True)
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared: int) -> int:
+    per_warp = math.ceil(registers * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = SM_REGISTERS // (per_warp * num_warps)
+    by_warps = SM_MAX_WARPS // num_warps
+    by_smem = SM_SHARED // (shared + BLOCK_SHARED_RESERVED)
+    return min(by_regs, by_warps, by_smem, SM_MAX_BLOCKS)
+
+
+class Compiler:
+    """The launch hook: compiles what a CUDA launch of the same arguments would, for one target."""
+
+    def __init__(self, arch: int, num_warps: int | None = None):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.backend = make_backend(self.target)
+        self.num_warps = num_warps
+        self.compiled = []  # (kernel name, compiled kernel, elements per program)
+
+    def __call__(self, fn, grid, args, kwargs):
+        kwargs = dict(kwargs)
+        kwargs.setdefault("debug", False)
+        if self.num_warps is not None:
+            kwargs["num_warps"] = self.num_warps
+        binder = triton_jit.create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        opts, sig, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, spec, opts)
+        k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=self.target, options=opts.__dict__)
+        programs = math.prod(tuple(grid) + (1,) * (3 - len(grid)))
+        elements = max(a.numel() for a in args if isinstance(a, torch.Tensor))
+        self.compiled.append((fn.fn.__name__, k, elements // programs))
+        return k
+
+
+def compile_case(call, arch: int, num_warps: int | None = None) -> list[dict]:
+    """Compile every launch of `call()` for sm_`arch`; one report per launched kernel."""
+    hook = Compiler(arch, num_warps)
+    with fk.capture_compiles(hook):
+        try:
+            call()
+        except ValueError:
+            if not hook.compiled:
+                raise  # the wrapper's checks after launch read uninitialized outputs; before, a real error
+    return [report(name, k, elements, arch) for name, k, elements in hook.compiled]
+
+
+def report(name: str, k, elements_per_program: int, arch: int) -> dict:
+    cubin, ptx = k.asm["cubin"], k.asm["ptx"]
+    usage = resource_usage(cubin)
+    ops = sass_opcodes(cubin)
+    path = main_path(ops)
+    threads = 32 * k.metadata.num_warps
+    loads, stores = access_widths(path, "LDG"), access_widths(path, "STG")
     return {
+        "kernel": name,
         "arch": arch,
-        **resource_usage(k.asm["cubin"]),
+        **usage,
         "shared_bytes": k.metadata.shared,
         "num_warps": k.metadata.num_warps,
-        "cubin_bytes": len(k.asm["cubin"]),
+        "elements_per_program": elements_per_program,
+        "sass_static": len(ops),
+        "sass_per_thread": len(path),
+        "sass_per_element": round(len(path) * threads / elements_per_program, 2),
+        "load_bits": loads,
+        "store_bits": stores,
+        "ldg_128": 128 in loads,
+        "stg_128": 128 in stores,
+        "blocks_per_sm": blocks_per_sm(usage["registers"], k.metadata.num_warps, k.metadata.shared),
         "satfinite_e4m3_cast": bool(re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)),
         "ieee_div": "div.rn.f32" in ptx,
         "approx_div": bool(re.search(r"div\.(full|approx)\.f32", ptx)),
@@ -107,32 +163,52 @@ def compile_one(kernel, signature, constexprs, arch: int, num_warps: int = NUM_W
     }
 
 
+def compile_all(targets, sweep_warps=None, only: str | None = None, ptx_dir: str | None = None) -> list[dict]:
+    results = []
+    cases = {k: v for k, v in fk.aot_cases().items() if only is None or re.search(only, k)}
+    for arch in targets:
+        for case, call in cases.items():
+            for warps in sweep_warps or [None]:
+                for r in compile_case(call, arch, warps):
+                    r = {"case": case, **r}
+                    if ptx_dir:
+                        os.makedirs(ptx_dir, exist_ok=True)
+                        fname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{case}.{r['kernel']}.w{r['num_warps']}.sm{arch}.ptx")
+                        with open(os.path.join(ptx_dir, fname), "w") as f:
+                            f.write(r["ptx"])
+                    del r["ptx"]
+                    results.append(r)
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    head = (f"{'case':44} {'kernel':22} {'sm':>3} {'warps':>5} {'regs':>4} {'spill':>5} {'smem':>6} "
+            f"{'SASS/thr':>8} {'/elem':>6} {'ld bits':>8} {'st bits':>8} {'blk/SM':>6}")
+    print(head)
+    for r in results:
+        print(f"{r['case']:44} {r['kernel']:22} {r['arch']:>3} {r['num_warps']:>5} {r['registers']:>4} "
+              f"{r['spill_stack_bytes'] + r['local_bytes']:>5} {r['shared_bytes']:>6} {r['sass_per_thread']:>8} "
+              f"{r['sass_per_element']:>6} {','.join(map(str, r['load_bits'])):>8} "
+              f"{','.join(map(str, r['store_bits'])):>8} {r['blocks_per_sm']:>6}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="90,100", help="comma-separated SM versions (default 90,100)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--out", help="write each variant's PTX into this folder")
+    ap.add_argument("--sweep-warps", help="comma-separated num_warps to compile each case at (default: the "
+                                          "wrappers' own)")
+    ap.add_argument("--only", help="regular expression: only the cases whose name matches")
+    ap.add_argument("--out", help="write each compiled kernel's PTX into this folder (keep it out of git)")
     args = ap.parse_args(argv)
-    results = []
-    for arch in (int(a) for a in args.targets.split(",")):
-        for name, kernel, sig, const in [*quant_variants(), *dequant_variants(), *nvfp4_variants()]:
-            r = {"kernel": name, **compile_one(kernel, sig, const, arch)}
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                fname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}.sm{arch}.ptx")
-                with open(os.path.join(args.out, fname), "w") as f:
-                    f.write(r["ptx"])
-            del r["ptx"]
-            results.append(r)
+    targets = [int(a) for a in args.targets.split(",")]
+    sweep = [int(w) for w in args.sweep_warps.split(",")] if args.sweep_warps else None
+    results = compile_all(targets, sweep, args.only, args.out)
     if args.json:
         json.dump(results, sys.stdout, indent=1)
         print()
     else:
-        print(f"{'kernel':60} {'sm':>4} {'regs':>5} {'spill B':>7} {'smem':>6} {'warps':>5} satfinite ieee_div")
-        for r in results:
-            print(f"{r['kernel']:60} {r['arch']:>4} {r['registers']:>5} {r['spill_stack_bytes']:>7} "
-                  f"{r['shared_bytes']:>6} {r['num_warps']:>5} {str(r['satfinite_e4m3_cast']):>9} "
-                  f"{str(r['ieee_div']):>8}")
+        print_table(results)
     return 0
 
 

@@ -379,3 +379,11 @@ def test_empty_rows(backend):
     p, w, s2 = quant(backend, torch.zeros(0, 32, dtype=torch.bfloat16))
     assert p.shape == (0, 16) and w.shape == (0, 2) and float(s2) == 1.0
     assert dequant(backend, p, w, s2).shape == (0, 32)
+
+
+def test_tiny_global_amax_is_exact(backend):
+    """amax ~1e-30 (scale_2 below 2^-100): the GPU path's reciprocals would leave fp32's normal range,
+    so the wrapper quantizes again with IEEE divisions; the bytes still match the formula."""
+    x = mixed_input((3, 20, 64), torch.float32, seed=31) * 1e-30
+    assert_same(quant(backend, x), oracle_quant(x.float()))
+    assert_same(quant(backend, x[0], global_amax=torch.tensor(1e-35)), oracle_quant(x[0].float(), 1e-35))
