@@ -26,6 +26,34 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def pack_greedy(nbytes: list[int], max_bytes: int) -> list[int]:
+    """Shard number of each unit, in order: a new shard when the next unit would overflow this one."""
+    out, size, shard = [], 0, 0
+    for n in nbytes:
+        if size and size + n > max_bytes:
+            shard, size = shard + 1, 0
+        out.append(shard)
+        size += n
+    return out
+
+
+def read_json(path: Path, what: str = "JSON file", expect: type = dict, error: type = None):
+    """A JSON document of type `expect`; any problem is one line naming the file (`error`: the class)."""
+    error = error or CheckpointError
+    try:
+        doc = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text, so not a valid {what}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not a valid {what} ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: {what} nested too deeply") from None
+    if not isinstance(doc, expect):
+        raise error(f"{path}: a {what} holds a JSON {'object' if expect is dict else expect.__name__}, "
+                    f"this one a {type(doc).__name__}")
+    return doc
+
+
 def _natural_key(p: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
@@ -69,24 +97,16 @@ def open_checkpoint(root: str | Path) -> SourceCheckpoint:
     standard = (len(files) == 1 and files[0].name == SINGLE_NAME and weight_map is None) or (
         weight_map is not None and all(SHARD_RE.match(f.name) for f in files))
     skip = {index_path.resolve(), *(f.resolve() for f in files)}
-    other = sorted(p.relative_to(root) for p in root.rglob("*")
-                   if p.is_file() and p.resolve() not in skip and not _is_stray_weights(p, root))
+    unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.resolve() not in skip)
+    if unlisted:  # its tensors would silently go missing from the output
+        raise CheckpointError(f"{root / unlisted[0]}: a safetensors file that {INDEX_NAME} does not list "
+                              f"({len(unlisted)} such file(s)); add its tensors to the index or move it away")
+    other = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.resolve() not in skip)
     return SourceCheckpoint(root, files, tensors, standard, other)
 
 
-def _is_stray_weights(p: Path, root: Path) -> bool:
-    """Top-level safetensors files that are not part of the checkpoint (e.g. beside an index)."""
-    return p.parent == root and p.suffix == ".safetensors"
-
-
 def _files_from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: not a safetensors index ({e!r})") from None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path}: weight_map is not an object")
+    weight_map = _weight_map(index_path)
     files = []
     for shard in dict.fromkeys(weight_map.values()):
         p = index_path.parent / shard
@@ -94,6 +114,18 @@ def _files_from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
             raise CheckpointError(f"{index_path}: names shard {shard!r}, which does not exist")
         files.append(p)
     return files, weight_map
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    weight_map = read_json(index_path, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: weight_map is {type(weight_map).__name__}, not an object")
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or "/" in v or v in ("", ".", "..")),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"{index_path}: weight_map maps {bad!r} to {weight_map[bad]!r}, not a file name "
+                              "in this directory")
+    return weight_map
 
 
 def _check_index_matches(index_path: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]):
@@ -114,7 +146,7 @@ def load_reference_names(ref: str | Path) -> tuple[set[str], dict, Path]:
     folder = ref if ref.is_dir() else ref.parent
     if ref.is_dir():
         if (ref / INDEX_NAME).exists():
-            names = set(json.loads((ref / INDEX_NAME).read_text())["weight_map"])
+            names = set(_weight_map(ref / INDEX_NAME))
         else:
             files = sorted(ref.glob("*.safetensors"))
             if not files:
@@ -123,18 +155,17 @@ def load_reference_names(ref: str | Path) -> tuple[set[str], dict, Path]:
             for f in files:
                 names.update(read_header(f)[0])
     elif ref.suffix == ".json":
-        try:
-            names = set(json.loads(ref.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{ref}: not a safetensors index ({e!r})") from None
+        names = set(_weight_map(ref))
     else:
         raise CheckpointError(f"{ref}: expected an FP8 checkpoint directory or its {INDEX_NAME}")
     qcfg = {}
     cfg = folder / "config.json"
     if cfg.exists():
-        qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
+        qcfg = read_json(cfg, "config.json").get("quantization_config") or {}
+        if not isinstance(qcfg, dict):
+            raise CheckpointError(f"{cfg}: quantization_config is {type(qcfg).__name__}, not an object")
     return names, qcfg, folder
 
 
 __all__ = ["open_checkpoint", "SourceCheckpoint", "CheckpointError", "SafetensorsError", "shard_name",
-           "load_reference_names", "INDEX_NAME", "SINGLE_NAME"]
+           "load_reference_names", "read_json", "pack_greedy", "INDEX_NAME", "SINGLE_NAME"]

@@ -116,11 +116,47 @@ def _size(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _not_with(other: str):
+    """A flag that may not be given together with the flag `other` (checked whichever comes first)."""
+    def check(ctx, param, value):
+        if value and ctx.params.get(other):
+            raise click.UsageError(f"--{param.name} and --{other} exclude each other: --resume continues DST, "
+                                   "--overwrite replaces it")
+        return value
+    return check
+
+
+def _device(_ctx, _param, value: str) -> str:
+    import torch
+
+    try:
+        dev = None if value == "auto" else torch.device(value)
+    except (RuntimeError, ValueError):
+        dev = False
+    if dev is False or (dev is not None and dev.type not in ("cpu", "cuda")):
+        raise click.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _patterns(_ctx, param, value):
+    import re
+
+    for p in value:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise click.BadParameter(f"{p!r} is not a regular expression ({e})") from None
+    return value
+
+
 # Options several commands share.
-OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing non-empty DST.")
+OVERWRITE = click.option("--overwrite", is_flag=True, callback=_not_with("resume"),
+                         help="Replace an existing non-empty DST (removed only once the new run is ready to write).")
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-RESUME = click.option("--resume", is_flag=True, help="Continue an interrupted run into DST (finished shards are skipped).")
-DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+RESUME = click.option("--resume", is_flag=True, callback=_not_with("overwrite"),
+                      help="Continue an interrupted run into DST (finished shards are skipped).")
+DEVICE = click.option("--device", default="auto", show_default=True, callback=_device,
+                      help="auto, cpu, cuda or cuda:N.")
 REVISION = click.option("--revision", default=None, metavar="R",
                         help="With a Hub model id as SRC: its branch, tag or commit [default: main].")
 MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
@@ -139,9 +175,9 @@ def selection_options(f):
     """Options shared by `plan` and `quantize` (they must build the same plan)."""
     f = click.option("--allow-mismatch", is_flag=True,
                      help="With --reference: go on when tensor names differ between source and reference.")(f)
-    f = click.option("--exclude", multiple=True, metavar="REGEX",
+    f = click.option("--exclude", multiple=True, metavar="REGEX", callback=_patterns,
                      help="Keep tensors whose name matches (wins over everything). Repeatable.")(f)
-    f = click.option("--include", multiple=True, metavar="REGEX",
+    f = click.option("--include", multiple=True, metavar="REGEX", callback=_patterns,
                      help="Quantize tensors whose name matches (wins over rules and reference). Repeatable.")(f)
     f = click.option("--reference", metavar="REF",
                      help="An FP8 checkpoint (dir, index json or Hub model id): quantize exactly the tensors it "
@@ -218,7 +254,7 @@ def plan_cmd(src, as_json, **kw):
 @DEVICE
 @RESUME
 @OVERWRITE
-@click.option("--verify-samples", type=int, default=5, show_default=True,
+@click.option("--verify-samples", type=click.IntRange(min=0), default=5, show_default=True,
               help="FP8 tensors per shard re-read from disk and compared with the source.")
 @click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 @click.option("--allow-nonfinite", is_flag=True,

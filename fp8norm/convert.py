@@ -31,10 +31,11 @@ import torch
 
 from . import __version__, dispatch, schemes
 from . import numerics as nx
-from .checkpoint import open_checkpoint
+from .checkpoint import open_checkpoint, read_json
 from .classify import FP8, KEEP, fused_group_key, heuristic_rule, quantizable
+from .output import PROVENANCE_NAME, json_text, provenance
 from .pipeline import RunSummary, execute_plan
-from .plan import Plan, QuantSettings, TensorPlan, _assign_shards, _keep_layout
+from .plan import Plan, QuantSettings, TensorPlan, check_fp8_sources, config_block_size, lay_out_shards
 from .sizes import parse_size
 from .st_io import FP8_DTYPES, OutEntry, read_tensor
 
@@ -110,7 +111,8 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
         raise ConvertError(f"--to {to!r}: expected one of {', '.join(TARGETS)}")
     ckpt = open_checkpoint(src)
     cfg_path = Path(src) / "config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    config = read_json(cfg_path, "config.json") if cfg_path.exists() else {}
+    config_block_size(config, cfg_path)  # checks quantization_config before detect_source reads it
     fmt = detect_source(ckpt.tensors, config)
     tensors = ckpt.tensors
     scale_of = {n: n + fmt.scale_suffix for n, i in tensors.items()
@@ -122,6 +124,10 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
     if missing:
         raise ConvertError(f"{tensors[missing[0]].file.name}: FP8 tensor {missing[0]!r} has no "
                            f"{missing[0]}{fmt.scale_suffix} ({len(missing)} such tensor(s))")
+    if fmt.kind in schemes.CT_SCHEMES:
+        schemes.check_sources(ckpt, scale_of, fmt.kind)
+    else:
+        check_fp8_sources(ckpt, scale_of, fmt.block_size)
     consumed = set(scale_of.values())
     if fmt.kind in schemes.CT_SCHEMES and to not in ("bf16", "fp16"):
         raise ConvertError(f"{src}: is {fmt.kind}; it converts to bf16 or fp16 only")
@@ -193,7 +199,7 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
                            f"of {NVFP4_GROUP} ({len(unaligned)} such tensor(s)); --keep-unaligned keeps them as they are")
     max_bytes = parse_size(max_shard_size)
     repacked = repack or not ckpt.standard_names
-    shards = _assign_shards(plans, max_bytes) if repacked else _keep_layout(plans)
+    shards = lay_out_shards(plans, repacked, max_bytes)
     settings = QuantSettings(block_size=fmt.block_size, scale_fmt="ue8m0" if to == "fp8-ue8m0" else "float")
     return Plan(Path(src), settings, plans, shards, repacked, max_bytes, None, ckpt, convert_to=to,
                 source_format=fmt)
@@ -355,9 +361,8 @@ def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", re
     """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring)."""
     plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                               repack=repack)
-    extra = {"fp8norm.json": json.dumps({"producer": {"name": "fp8norm", "version": __version__},
-                                         "converted_to": to, "source_format": plan.source_format.kind,
-                                         "plan_fingerprint": plan.fingerprint()}, indent=2) + "\n"}
+    extra = {PROVENANCE_NAME: json_text(provenance(converted_to=to, source_format=plan.source_format.kind,
+                                                   plan_fingerprint=plan.fingerprint()))}
     if to.startswith("nvfp4"):
         from .pipeline import resolve_device
 
@@ -367,6 +372,6 @@ def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", re
                                                  "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
     summary = execute_plan(plan, Path(dst), transform=convert_tensor, finalize_config=target_config, device=device,
                            resume=resume, overwrite=overwrite, progress=progress, extra_files=extra,
-                           skip_files=("fp8norm.json", HF_QUANT_CONFIG))
+                           skip_files=(PROVENANCE_NAME, HF_QUANT_CONFIG))
     summary.notes.extend(plan.notes)
     return summary

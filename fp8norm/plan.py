@@ -6,8 +6,7 @@ that determines the output bytes, so `--resume` can refuse a DST made with other
 
 from __future__ import annotations
 
-import hashlib
-import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,11 +14,73 @@ import torch
 
 from . import numerics as nx
 from .calibrate import CalibSettings
-from .checkpoint import SourceCheckpoint, load_reference_names, open_checkpoint, shard_name
-from .classify import FP8, KEEP, PASSTHROUGH, classify, scale_name
-from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header
+from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
+                         shard_name)
+from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, classify, scale_name
+from .output import fingerprint
+from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
 
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANTIZE_DTYPES = ("BF16", "F16", "F32")  # what the kernels make FP8 from
+SOURCE_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # block scales of FP8 sources that are read
+
+
+class PlanError(ValueError):
+    """A source or option that cannot be planned; the message names the file, tensor or option."""
+
+
+def quantization_config_of(cfg: dict, path) -> dict:
+    """config.json's quantization_config ({} when absent), checked to be an object."""
+    qc = cfg.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise PlanError(f"{path}: quantization_config is a {type(qc).__name__}, not an object")
+    return qc
+
+
+def config_block_size(cfg: dict, path) -> tuple[int, int]:
+    """The FP8 block size of a checkpoint: quantization_config.weight_block_size, default 128x128."""
+    bs = quantization_config_of(cfg, path).get("weight_block_size")
+    if bs is None:
+        return nx.DEFAULT_BLOCK_SIZE
+    if (not isinstance(bs, list) or len(bs) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)):
+        raise PlanError(f"{path}: quantization_config.weight_block_size is {bs!r}, not two positive ints")
+    return bs[0], bs[1]
+
+
+def check_patterns(patterns, option: str) -> tuple[str, ...]:
+    """Every pattern compiles as a regular expression (else one line naming it and the option)."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise PlanError(f"{option} {p!r}: not a regular expression ({e})") from None
+    return tuple(patterns)
+
+
+def check_fp8_sources(ckpt: SourceCheckpoint, scale_of: dict[str, str], block_size) -> None:
+    """FP8 weights read or carried, and their block scales, before anything is written: E4M3 only;
+    scales of a float dtype, of the block grid's shape, finite and > 0 (each scale is read: they are
+    1/16384 of their weight)."""
+    for name, sname in scale_of.items():
+        w, sc = ckpt.tensors[name], ckpt.tensors[sname]
+        where = f"{w.file.name}: tensor {name!r}"
+        if w.dtype != "F8_E4M3":
+            raise PlanError(f"{where} is {w.dtype}: fp8norm reads F8_E4M3 FP8 weights (with block scales) only")
+        if sc.dtype not in SOURCE_SCALE_DTYPES:
+            raise PlanError(f"{sc.file.name}: scale {sname!r} is {sc.dtype}; block scales are read as "
+                            f"{', '.join(SOURCE_SCALE_DTYPES)}")
+        expected = nx.scale_inv_shape(w.shape, block_size) if len(w.shape) >= 2 else None
+        if expected is None or tuple(sc.shape) != expected:
+            raise PlanError(f"{sc.file.name}: scale {sname!r} has shape {list(sc.shape)}, but {name!r} "
+                            f"{list(w.shape)} with {block_size[0]}x{block_size[1]} blocks needs "
+                            f"{list(expected) if expected else 'a 2D or 3D weight'}")
+        values = read_tensor(sc).float()
+        bad = ~(torch.isfinite(values) & (values > 0))
+        if bool(bad.any()):
+            first = [int(i) for i in bad.nonzero()[0].tolist()]
+            raise PlanError(f"{sc.file.name}: scale {sname!r} holds {int(bad.sum())} value(s) that are not finite "
+                            f"and > 0 (first {float(values[tuple(first)])} at {first}); its weight cannot be read")
 
 
 @dataclass(frozen=True)
@@ -120,7 +181,7 @@ class Plan:
         d = self.to_dict()
         d.pop("source")
         d.pop("reference")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return fingerprint(d)
 
 
 def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> dict:
@@ -174,8 +235,16 @@ def build_plan(
         if value is not None:
             settings[key] = value
     qs = QuantSettings(**settings)
-    decisions = classify(ckpt.tensors, block_size=qs.block_size, reference_names=ref_names, include=include,
-                         exclude=exclude, allow_mismatch=allow_mismatch)
+    decisions = classify(ckpt.tensors, block_size=qs.block_size, reference_names=ref_names,
+                         include=check_patterns(include, "--include"), exclude=check_patterns(exclude, "--exclude"),
+                         allow_mismatch=allow_mismatch)
+    for name, d in decisions.items():
+        info = ckpt.tensors[name]
+        if d.decision == FP8 and info.dtype not in QUANTIZE_DTYPES:
+            raise PlanError(f"{info.file.name}: tensor {name!r} is {info.dtype}: FP8 is made from "
+                            f"{', '.join(QUANTIZE_DTYPES)} weights (--exclude it to keep it as it is)")
+    check_fp8_sources(ckpt, {n: next(n + s for s in SCALE_SUFFIXES if n + s in ckpt.tensors)
+                             for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}, qs.block_size)
     tensors = []
     for name, info in ckpt.tensors.items():
         d = decisions[name]
@@ -188,7 +257,7 @@ def build_plan(
         tensors.append(TensorPlan(name, info.dtype, info.shape, d.decision, d.rule, info.file.name, outputs))
     tensors = _scales_after_weights(tensors)
     repacked = repack or not ckpt.standard_names
-    shards = _assign_shards(tensors, max_shard_size) if repacked else _keep_layout(tensors)
+    shards = lay_out_shards(tensors, repacked, max_shard_size)
     return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
                 None if reference is None else str(reference), ckpt, stats)
 
@@ -220,22 +289,21 @@ def _units(tensors: list[TensorPlan]) -> list[list[TensorPlan]]:
     return units
 
 
+def lay_out_shards(tensors: list[TensorPlan], repacked: bool, max_bytes: int) -> list[str]:
+    """Set every tensor's output shard and return the shard names: packed greedily up to `max_bytes`
+    (`repacked`), or the source's own files."""
+    return _assign_shards(tensors, max_bytes) if repacked else _keep_layout(tensors)
+
+
 def _assign_shards(tensors: list[TensorPlan], max_bytes: int) -> list[str]:
     """Greedy, in source order: a new shard when the next unit (weight + scales) would overflow."""
-    groups: list[list[TensorPlan]] = [[]]
-    size = 0
-    for unit in _units(tensors):
-        nbytes = sum(t.nbytes_out for t in unit)
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].extend(unit)
-        size += nbytes
-    names = [shard_name(i, len(groups)) for i in range(len(groups))]
-    for name, group in zip(names, groups):
-        for t in group:
-            t.shard = name
-    return names
+    units = _units(tensors)
+    numbers = pack_greedy([sum(t.nbytes_out for t in unit) for unit in units], max_bytes)
+    n = numbers[-1] + 1 if numbers else 1
+    for unit, i in zip(units, numbers):
+        for t in unit:
+            t.shard = shard_name(i, n)
+    return [shard_name(i, n) for i in range(n)]
 
 
 def _keep_layout(tensors: list[TensorPlan]) -> list[str]:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from . import schemes
 from .calibrate import CalibSettings
-from .plan import _assign_shards
+from .plan import lay_out_shards
 from .st_io import OutEntry, read_tensor
 
 from .classify import FP8, KEEP, fused_group_key
+from . import output
+from .output import PROVENANCE_NAME, json_text
 from .pipeline import RunSummary, execute_plan
 from .plan import Plan, build_plan
 from .sizes import parse_size
@@ -57,8 +58,7 @@ def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, s
                    activation_stats=activation_stats)
     if scheme != schemes.BLOCK:
         schemes.apply_to_plan(p, scheme)
-        if p.repacked:
-            p.shards = _assign_shards(p.tensors, p.max_shard_size)
+        p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
     return p
 
 
@@ -102,24 +102,17 @@ def _keep_nonfinite(p: Plan) -> None:
         if t.name in bad or (t.decision == FP8 and fused_group_key(t.name) in bad_groups):
             t.decision, t.outputs = KEEP, [OutEntry(t.name, t.dtype, t.shape)]
             t.rule = NONFINITE_RULE if t.name in bad else NONFINITE_RULE + ":fused-with-it"
-    if p.repacked:
-        p.shards = _assign_shards(p.tensors, p.max_shard_size)
-
-
-PROVENANCE_NAME = "fp8norm.json"
+    p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
 
 
 def provenance(p: Plan) -> str:
     """fp8norm.json: how this checkpoint was made (tool version, scales, calibration)."""
-    from . import __version__
-
     s = p.settings
-    doc = {"producer": {"name": "fp8norm", "version": __version__}, "scheme": p.scheme,
-           "weight_block_size": list(s.block_size), "scale_fmt": s.scale_fmt, "scale_dtype": s.scale_dtype,
-           "amax_floor": s.amax_floor, "calibration": s.calib.to_dict(),
-           "activation_stats_sha256": s.activation_stats_sha256, "reference": p.reference,
-           "plan_fingerprint": p.fingerprint()}
-    return json.dumps(doc, indent=2) + "\n"
+    return json_text(output.provenance(
+        scheme=p.scheme,
+        weight_block_size=list(s.block_size), scale_fmt=s.scale_fmt, scale_dtype=s.scale_dtype,
+        amax_floor=s.amax_floor, calibration=s.calib.to_dict(), activation_stats_sha256=s.activation_stats_sha256,
+        reference=p.reference, plan_fingerprint=p.fingerprint()))
 
 
 def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:

@@ -116,6 +116,32 @@ def apply_to_plan(plan, scheme: str) -> None:
     plan.scheme = scheme
 
 
+def check_sources(ckpt, scale_of: dict[str, str], scheme: str) -> None:
+    """A checkpoint in `scheme`'s layout, before anything is read back: element and scale dtypes, scale
+    shapes, and scale values (finite and > 0; E8M0 codes other than NaN), one line naming the tensor."""
+    from .plan import PlanError
+    from .st_io import read_tensor
+
+    for name, sname in scale_of.items():
+        w, sc = ckpt.tensors[name], ckpt.tensors[sname]
+        want_w = "U8" if scheme == MXFP4 else "F8_E4M3"
+        want_s = ("F32", "BF16", "F16") if scheme == CHANNEL else ("U8",)
+        if w.dtype != want_w or sc.dtype not in want_s or len(w.shape) not in (2, 3):
+            raise PlanError(f"{w.file.name}: {scheme} tensor {name!r} is {w.dtype} {list(w.shape)} with scale "
+                            f"{sc.dtype}; expected {want_w} 2D/3D with a {'/'.join(want_s)} scale")
+        *lead, rows, cols = w.shape
+        n = 2 * cols if scheme == MXFP4 else cols
+        expected = (*lead, rows, 1) if scheme == CHANNEL else (*lead, rows, n // mx.MX_BLOCK)
+        if tuple(sc.shape) != expected or (scheme != CHANNEL and n % mx.MX_BLOCK):
+            raise PlanError(f"{sc.file.name}: scale {sname!r} has shape {list(sc.shape)}, but {scheme} weight "
+                            f"{name!r} {list(w.shape)} needs {list(expected)}")
+        values = read_tensor(sc)
+        bad = (values == mx.E8M0_NAN) if scheme != CHANNEL else ~(torch.isfinite(values.float()) & (values > 0))
+        if bool(bad.any()):
+            raise PlanError(f"{sc.file.name}: scale {sname!r} holds {int(bad.sum())} invalid value(s) (NaN, Inf or "
+                            f"<= 0); its weight cannot be read")
+
+
 def quantize_weight(scheme: str, x: torch.Tensor, *, src_scale_inv=None, src_block_size=(128, 128),
                     rule: str = "ocp", name: str = "") -> list[torch.Tensor]:
     """One weight `name` (bf16, or FP8 with its block scales) -> its outputs in `scheme`, in

@@ -19,8 +19,6 @@ shape, the rule and N.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from . import dispatch
 from . import numerics as nx
 from .checkpoint import open_checkpoint
+from .output import fingerprint, json_text
 from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
 from .st_io import DTYPE_NAMES, OutEntry, TensorInfo, read_tensor
 
@@ -278,9 +277,8 @@ def shard_deepseek(src, dst, *, mp: int, n_experts: int, requant: bool = False, 
     """Write DST/model{i}-mp{mp}.safetensors for i in 0..mp-1 (see the module docstring)."""
     jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant)
     ckpt = open_checkpoint(src)
-    what = {"mp": mp, "n_experts": n_experts, "requant": requant,
-            "tensors": [[n, i.dtype, list(i.shape)] for n, i in ckpt.tensors.items()]}
-    fingerprint = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-    return write_rank_files(ckpt, jobs, Path(dst), layout=layout, layout_name=LAYOUT_NAME, fingerprint=fingerprint,
+    fp = fingerprint({"mp": mp, "n_experts": n_experts, "requant": requant,
+                      "tensors": [[n, i.dtype, list(i.shape)] for n, i in ckpt.tensors.items()]})
+    return write_rank_files(ckpt, jobs, Path(dst), texts={LAYOUT_NAME: json_text(layout)}, fingerprint=fp,
                             overwrite=overwrite, copy_files=("tokenizer.json", "tokenizer_config.json"),
                             progress=progress, resume=resume)

@@ -10,21 +10,15 @@ names only when complete (temporary name, fsync, rename); a layout JSON is writt
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import distributed
 from .checkpoint import SourceCheckpoint
-from .pipeline import ManifestRecord, OutputError, _on_rank0, drop_rank_manifests, prepare_dst, write_manifest
-from .st_io import DTYPE_NAMES, OutEntry, ShardWriter, atomic_write_text, read_tensor
+from .engine import Job, run_jobs
+from .st_io import OutEntry
 
 
 @dataclass
@@ -56,115 +50,24 @@ class ShardSummary:
                 f"time      {self.wall_s:.2f} s")
 
 
-def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *, layout: dict,
-                     layout_name: str, fingerprint: str, overwrite: bool = False,
-                     copy_files: tuple[str, ...] = (), progress: bool | None = None,
-                     resume: bool = False) -> ShardSummary:
-    """Execute `jobs`, writing every rank file of `dst` in one streaming pass.
-
-    Under torchrun the rank files are shared out between the processes (byte-balanced, as in
-    fp8norm.distributed); each reads the sources of its own files only, and rank 0 writes the
-    copied files and the layout JSON once all files are complete. Finished files are recorded in
-    the manifest as they are committed, so `resume` writes only the missing ones.
-    """
-    t0 = time.perf_counter()
-    dst = Path(dst)
-    ctx = distributed.context()
-
-    def prepare() -> set[str]:
-        found = prepare_dst(ckpt.root, dst, fingerprint, resume=resume, overwrite=overwrite)
-        write_manifest(dst, fingerprint, found, complete=False)
-        return found
-
-    done = _on_rank0(ctx, prepare)
-    files: dict[str, list[OutEntry]] = {}
-    for job in jobs:
-        for out in job.outputs:
-            files.setdefault(out.file, []).append(out.entry)
-    mine = set(files) - done
-    if ctx is not None:
-        sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items() if f not in done}
-        mine = set(distributed.assign_shards(sizes, ctx.world)[ctx.rank])
-    error = None
-    counts = (0, 0, 0)
-    try:
-        counts = _stream_rank_files(ckpt, jobs, dst, {f: e for f, e in files.items() if f in mine}, ctx,
-                                    fingerprint, progress)
-    except BaseException as e:  # noqa: BLE001 - decided below, once every rank knows
-        if ctx is None:
-            raise
-        error = e
-        if not isinstance(e, distributed.RankAborted):
-            distributed.record_failure(dst, ctx.rank, str(e))
-    bytes_in, bytes_out, n_out = counts
-    if ctx is not None:
-        stats = ctx.gather(counts)
-        bytes_in, bytes_out, n_out = (sum(x) for x in zip(*stats))
-        failed = distributed.failure(dst)
-        if failed is not None:
-            if ctx.rank == 0:
-                raise OutputError(f"rank {failed['rank']} of {ctx.world} failed: {failed['error']}")
-            raise distributed.RankAborted(failed["error"]) from error
-    if ctx is None or ctx.rank == 0:
-        for rel in copy_files:
-            if (ckpt.root / rel).is_file():
-                out = dst / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f".{out.name}.partial")
-                shutil.copyfile(ckpt.root / rel, tmp)
-                os.replace(tmp, out)
-        atomic_write_text(dst / layout_name, json.dumps(layout, indent=2) + "\n")
-        drop_rank_manifests(dst)
-        write_manifest(dst, fingerprint, files, complete=True)
-    return ShardSummary(len(files), sum(len(j.sources) for j in jobs), n_out, bytes_in, bytes_out,
-                        time.perf_counter() - t0)
+def write_rank_files(ckpt: SourceCheckpoint, jobs: list[ShardJob], dst: Path, *, fingerprint: str,
+                     texts: dict[str, str], overwrite: bool = False, copy_files: tuple[str | Path, ...] = (),
+                     progress: bool | None = None, resume: bool = False) -> ShardSummary:
+    """Execute `jobs` on the output engine (fp8norm.engine), writing every rank file of `dst` in one
+    streaming pass; then the `copy_files` that exist in the source and the `texts` {name: text} (the
+    layout description, ...). Under torchrun the rank files are shared out between the processes."""
+    copies = tuple(Path(rel) for rel in copy_files if (ckpt.root / rel).is_file() and str(rel) not in texts)
+    engine_jobs = [Job(j.sources, [(o.file, o.entry) for o in j.outputs], _maker(j)) for j in jobs]
+    biggest = max([sum(ckpt.tensors[n].nbytes for n in j.sources) for j in jobs]
+                  + [sum(o.entry.nbytes for o in j.outputs) for j in jobs] + [1])
+    stats = run_jobs(ckpt, engine_jobs, Path(dst), fingerprint=fingerprint, resume=resume, overwrite=overwrite,
+                     progress=progress, buffer_bytes=biggest, texts=texts, copies=copies, desc="fp8norm shard")
+    return ShardSummary(stats.files, sum(len(j.sources) for j in jobs), stats.tensors_out, stats.bytes_in,
+                        stats.bytes_out, stats.wall_s)
 
 
-def _stream_rank_files(ckpt, jobs, dst, files: dict[str, list[OutEntry]], ctx, fingerprint,
-                       progress) -> tuple[int, int, int]:
-    """Write `files` (all of them, or this rank's share): returns (bytes read, bytes written, tensors written)."""
-    for f in files:
-        (dst / f).parent.mkdir(parents=True, exist_ok=True)
-    record = ManifestRecord(dst, fingerprint, ctx)
-    my_jobs = [j for j in jobs if any(o.file in files for o in j.outputs)]
-    writers = {f: ShardWriter(dst / f, entries) for f, entries in files.items()}
-    from tqdm import tqdm
-
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=sum(ckpt.tensors[n].nbytes for j in my_jobs for n in j.sources), unit="B", unit_scale=True,
-               desc="fp8norm shard" if ctx is None else f"fp8norm shard rank {ctx.rank}", disable=not show)
-    bytes_in = bytes_out = n_out = 0
-    handles = {}
-    try:
-        for job in my_jobs:
-            if ctx is not None and distributed.failure(dst) is not None:
-                raise distributed.RankAborted("another rank failed")
-            srcs = {}
-            for n in job.sources:
-                info = ckpt.tensors[n]
-                f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
-                srcs[n] = read_tensor(info, f)
-                bytes_in += info.nbytes
-            for out in job.outputs:
-                if out.file not in writers:
-                    continue
-                t = out.make(srcs)
-                if DTYPE_NAMES.get(t.dtype) != out.entry.dtype or tuple(t.shape) != out.entry.shape:
-                    raise RuntimeError(f"{out.file}: {out.entry.name}: made {DTYPE_NAMES.get(t.dtype)} "
-                                       f"{list(t.shape)}, planned {out.entry.dtype} {list(out.entry.shape)}")
-                bytes_out += writers[out.file].write(out.entry.name, t.contiguous())
-                n_out += 1
-            bar.update(sum(ckpt.tensors[n].nbytes for n in job.sources))
-        for f, w in writers.items():
-            w.commit()
-            record.finished(f)
-    except BaseException:
-        for w in writers.values():
-            if w.tmp_path.exists():
-                w.abort()
-        raise
-    finally:
-        for f in handles.values():
-            f.close()
-        bar.close()
-    return bytes_in, bytes_out, n_out
+def _maker(job: ShardJob):
+    def compute(xs: list[torch.Tensor], which: list[int]) -> list[torch.Tensor]:
+        srcs = dict(zip(job.sources, xs))
+        return [job.outputs[i].make(srcs).contiguous() for i in which]
+    return compute

@@ -73,22 +73,18 @@ pieces from the first replica (TP rank 0 / EP rank 0 where replicated).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import re
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import numerics as nx
-from .checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, shard_name
-from .pipeline import MANIFEST_NAME
-from . import distributed
+from .checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
+from .plan import config_block_size
+from .output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
 from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
 from .sizes import parse_size
 from .st_io import DTYPES, FP8_DTYPES, OutEntry, read_header
@@ -102,7 +98,6 @@ LAYOUT_VERSION = 1
 ITERATION = 0
 ITER_DIR = f"iter_{ITERATION:07d}"
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
-PROVENANCE_NAME = "fp8norm.json"
 SCALE_SUFFIX = "_scale_inv"
 KEY_SEP = "::"  # "<rank file>::<tensor name>": keys of MCore tensors read back by mcore_to_hf
 
@@ -571,12 +566,6 @@ def _specs_from_table(table: dict[str, tuple[str, tuple]], block, key=lambda n: 
     return weights, specs
 
 
-def _block_size(cfg: dict) -> tuple[int, int]:
-    qc = cfg.get("quantization_config") or {}
-    bs = qc.get("weight_block_size") or list(nx.DEFAULT_BLOCK_SIZE)
-    return int(bs[0]), int(bs[1])
-
-
 def _forward_outs(groups: list[Group], specs: dict[str, _Spec], opts: _QuantOpts) -> list[tuple[Group, list[_Out]]]:
     result = []
     for g in groups:
@@ -611,23 +600,18 @@ class McorePlan:
     """Everything decided before a byte is written."""
     ckpt: SourceCheckpoint
     jobs: list[ShardJob]
-    layout: dict
-    layout_name: str
+    layout: dict  # fp8norm_parallel_layout.json (HF -> MCore) or fp8norm.json (MCore -> HF)
     fingerprint: str
     copy_files: list[Path]  # relative to ckpt.root
     requantized: list[str]
-    after: dict[str, str] = field(default_factory=dict)  # extra text files written after the rank files
+    after: dict[str, str] = field(default_factory=dict)  # text files written after the rank files, in order
 
 
 def _read_config(root: Path) -> dict:
     p = root / "config.json"
     if not p.is_file():
         raise ValueError(f"{root}: config.json is missing (the head counts are needed to fuse q/k/v)")
-    return json.loads(p.read_text())
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return read_json(p, "config.json")
 
 
 def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, grouped_gemm: bool = False,
@@ -638,7 +622,7 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
         raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
     ckpt = open_checkpoint(src)
     cfg = _read_config(ckpt.root)
-    block = _block_size(cfg)
+    block = config_block_size(cfg, ckpt.root / "config.json")
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
     weights, specs = _specs_from_table(table, block)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
@@ -650,9 +634,9 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
     requantized = [f"{o.file}{KEY_SEP}{o.name}" for _, outs in planned for o in outs if o.requant]
     layout = _layout(mapper, ckpt, cfg, table, specs, block, grouped_gemm, requantized, amax_epsilon, pow2_scales)
     copy = [p for p in ckpt.other_files if p.name not in (MANIFEST_NAME, LAYOUT_NAME, TRACKER_NAME)]
-    fp = _fingerprint({k: v for k, v in layout.items() if k != "producer"})
-    return McorePlan(ckpt, jobs, layout, LAYOUT_NAME, fp, copy, requantized,
-                     after={TRACKER_NAME: f"{ITERATION}\n"})
+    fp = fingerprint({k: v for k, v in layout.items() if k != "producer"})
+    return McorePlan(ckpt, jobs, layout, fp, copy, requantized,
+                     after={LAYOUT_NAME: json_text(layout), TRACKER_NAME: f"{ITERATION}\n"})
 
 
 def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: dict[str, _Spec], block,
@@ -686,26 +670,9 @@ def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: d
     }
 
 
-def _copy_extra(root: Path, rels: Sequence[Path], dst: Path) -> None:
-    for rel in rels:
-        out = dst / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
-        shutil.copyfile(root / rel, tmp)
-        os.replace(tmp, out)
-
-
 def _execute(plan: McorePlan, dst, overwrite: bool, progress, resume: bool = False) -> ShardSummary:
-    dst = Path(dst)
-    summary = write_rank_files(plan.ckpt, plan.jobs, dst, layout=plan.layout, layout_name=plan.layout_name,
-                               fingerprint=plan.fingerprint, overwrite=overwrite, progress=progress, resume=resume)
-    if distributed.context() is None or distributed.context().rank == 0:
-        _copy_extra(plan.ckpt.root, plan.copy_files, dst)
-        from .st_io import atomic_write_text
-
-        for name, text in plan.after.items():
-            atomic_write_text(dst / name, text)
-    return summary
+    return write_rank_files(plan.ckpt, plan.jobs, Path(dst), fingerprint=plan.fingerprint, overwrite=overwrite,
+                            progress=progress, resume=resume, copy_files=tuple(plan.copy_files), texts=plan.after)
 
 
 def hf_to_mcore(src, dst, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, grouped_gemm: bool = False,
@@ -725,7 +692,7 @@ def _read_layout(root: Path) -> dict:
     p = root / LAYOUT_NAME
     if not p.is_file():
         raise ValueError(f"{root}: {LAYOUT_NAME} is missing (mcore_to_hf reads layouts written by hf_to_mcore)")
-    layout = json.loads(p.read_text())
+    layout = read_json(p, LAYOUT_NAME)
     if layout.get("format") != LAYOUT_FORMAT or layout.get("version") != LAYOUT_VERSION:
         raise ValueError(f"{p}: not an {LAYOUT_FORMAT} v{LAYOUT_VERSION} file "
                          f"(format {layout.get('format')!r}, version {layout.get('version')!r})")
@@ -809,13 +776,8 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     limit = parse_size(max_shard_size)
     order = {n: i for i, n in enumerate(table)}
     all_outs = sorted((o for _, outs in planned for o in outs), key=lambda o: order[o.name])
-    shard_of, sizes = {}, [0]
-    for o in all_outs:
-        if sizes[-1] and sizes[-1] + o.nbytes > limit:
-            sizes.append(0)
-        sizes[-1] += o.nbytes
-        shard_of[o.name] = len(sizes) - 1
-    n_shards = len(sizes)
+    shard_of = dict(zip((o.name for o in all_outs), pack_greedy([o.nbytes for o in all_outs], limit)))
+    n_shards = max(shard_of.values(), default=0) + 1
     names = [SINGLE_NAME] if n_shards == 1 else [shard_name(i, n_shards) for i in range(n_shards)]
     for _, outs in planned:
         for o in outs:
@@ -827,9 +789,8 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     # fp8norm.json: the source's own (copied into the MCore folder) with this step added, or a new one.
     copy = [p for p in ckpt.other_files if p != Path(PROVENANCE_NAME)]
     prov_src = root / PROVENANCE_NAME
-    prov = json.loads(prov_src.read_text()) if prov_src.is_file() else {
-        "producer": {"name": "fp8norm", "version": __version__}}
-    fp = _fingerprint({"layout": {k: v for k, v in layout.items() if k != "producer"}, "requant": requant,
+    prov = read_json(prov_src, PROVENANCE_NAME) if prov_src.is_file() else provenance()
+    fp = fingerprint({"layout": {k: v for k, v in layout.items() if k != "producer"}, "requant": requant,
                        "pow2": pow2_scales, "eps": amax_epsilon, "shards": names})
     prov["mcore_to_hf"] = {"fp8norm_version": __version__,
                            "mcore_layout": {k: layout[k] for k in ("tp", "pp", "ep", "pipeline_layers",
@@ -837,16 +798,13 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
                            "requantized": requantized, "plan_fingerprint": fp}
     after: dict[str, str] = {}
     if n_shards > 1:
-        index = {"metadata": {"total_size": sum(o.nbytes for o in all_outs)},
-                 "weight_map": {n: names[shard_of[o.name]] for o in all_outs
-                                for n in ([o.name] + ([_scale_name(o.name)] if o.scale else []))}}
-        layout_name, layout_obj = INDEX_NAME, index
-        after[PROVENANCE_NAME] = json.dumps(prov, indent=2) + "\n"
-    else:
-        layout_name, layout_obj = PROVENANCE_NAME, prov
+        weight_map = {n: names[shard_of[o.name]] for o in all_outs
+                      for n in ([o.name] + ([_scale_name(o.name)] if o.scale else []))}
+        after[INDEX_NAME] = index_text(weight_map, sum(o.nbytes for o in all_outs))
+    after[PROVENANCE_NAME] = json_text(prov)
     if Path("config.json") not in copy:
-        after["config.json"] = json.dumps(cfg, indent=2) + "\n"
-    return McorePlan(ckpt, jobs, layout_obj, layout_name, fp, copy, requantized, after=after)
+        after["config.json"] = json_text(cfg)
+    return McorePlan(ckpt, jobs, prov, fp, copy, requantized, after=after)
 
 
 def mcore_to_hf(src, dst, *, requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR,

@@ -8,6 +8,8 @@ held in memory.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -176,15 +178,33 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 class ShardWriter:
     """Writes a shard's header, then its tensors in header order, to `tmp_path`; `commit()` renames it
-    to `final_path` after an fsync, so a file under its final name is always complete."""
+    to `final_path` after an fsync, so a file under its final name is always complete. `sha256` is the
+    digest of the bytes written (computed as they go out). OSErrors name the file."""
 
     def __init__(self, final_path: Path, entries: list[OutEntry], metadata=None):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(f".{self.final_path.name}.partial")
         self.entries = entries
         self._next = 0
-        self._f = open(self.tmp_path, "wb")
-        self._f.write(build_header(entries, metadata))
+        self._hash = hashlib.sha256()
+        self.sha256 = ""
+        self._f = None
+        with self._naming_errors():
+            self._f = open(self.tmp_path, "wb")
+            self._out(build_header(entries, metadata))
+
+    @contextlib.contextmanager
+    def _naming_errors(self):
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.final_path)
+            raise
+
+    def _out(self, data) -> None:
+        self._hash.update(data)
+        self._f.write(data)
 
     def write(self, name: str, t: torch.Tensor) -> int:
         e = self.entries[self._next]
@@ -192,7 +212,8 @@ class ShardWriter:
             raise RuntimeError(f"{self.final_path}: expected {e.name} {e.dtype} {list(e.shape)}, got {name} "
                                f"{DTYPE_NAMES.get(t.dtype)} {list(t.shape)}")
         _faults.point("tensor-write")
-        self._f.write(tensor_bytes(t))
+        with self._naming_errors():
+            self._out(tensor_bytes(t))
         self._next += 1
         _faults.point("tensor-written")
         return e.nbytes
@@ -200,24 +221,20 @@ class ShardWriter:
     def commit(self) -> None:
         if self._next != len(self.entries):
             raise RuntimeError(f"{self.final_path}: {len(self.entries) - self._next} tensors never written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with self._naming_errors():
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        self.sha256 = self._hash.hexdigest()
         _faults.point("shard-before-rename")
         os.replace(self.tmp_path, self.final_path)
         _faults.point("shard-renamed")
 
     def abort(self) -> None:
-        self._f.close()
+        """Drop the unfinished file; never raises (it runs while another error is on its way up)."""
+        try:
+            if self._f is not None:
+                self._f.close()
+        except OSError:
+            pass  # e.g. the buffered tail hit a full disk again: the file is dropped anyway
         self.tmp_path.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _faults.point("text-before-rename")
-    os.replace(tmp, path)
-    _faults.point("text-renamed")

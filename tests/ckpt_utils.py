@@ -41,3 +41,14 @@ def cli(*args, ok=True):
     if ok:
         assert res.exit_code == 0, res.output + repr(res.exception)
     return res
+
+
+def one_line_error(res, *needles, exit_code=1):
+    """A failed command: exit code, no traceback, one `Error:` line holding every needle; returns it."""
+    assert res.exit_code == exit_code, res.output
+    assert "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

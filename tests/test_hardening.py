@@ -20,24 +20,14 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fp8norm.pipeline
+import fp8norm.output
 import fp8norm.st_io
 from fp8norm.cli import main
 from fp8norm.examples import family_tensors, make_example
 from fp8norm.st_io import SafetensorsError, read_header
-from tests.ckpt_utils import cli, tree_bytes
+from tests.ckpt_utils import cli, one_line_error, tree_bytes
 
 SHARD = "2MB"
-
-
-def one_line_error(res, *needles):
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    lines = [line for line in res.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, res.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------- kill -9 at many points, then resume
@@ -233,7 +223,7 @@ def test_disk_full_is_reported_and_resumable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fp8norm.st_io.ShardWriter, "write", fills_up)
     line = one_line_error(cli("quantize", src, tmp_path / "o", "--max-shard-size", SHARD, "--skip-verify", ok=False),
-                          "no space left on device", "bytes for the shards still to write", "--resume")
+                          "o/model-0000", "no space left on device", "the output still needs", "--resume")
     assert "are free" in line
     assert not list((tmp_path / "o").rglob("*.partial"))
     monkeypatch.setattr(fp8norm.st_io.ShardWriter, "write", real)
@@ -243,7 +233,7 @@ def test_disk_full_is_reported_and_resumable(tmp_path, monkeypatch):
 
 def test_not_enough_space_is_refused_before_writing(tmp_path, monkeypatch):
     src = make_example(tmp_path / "src", "llama", "single")
-    monkeypatch.setattr(fp8norm.pipeline.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(fp8norm.output.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     one_line_error(cli("quantize", src, tmp_path / "o", ok=False), "the output needs", "only 1,000 are free")
     assert not list((tmp_path / "o").glob("*.safetensors"))
 

@@ -1,7 +1,6 @@
 """`fp8norm shard --layout deepseek`: seed 002's rules on hand-built W4A16, FP8 and bf16 tensors."""
 
 import json
-import weakref
 
 import pytest
 import torch
@@ -9,9 +8,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fp8norm.shard_io
+from fp8norm.checkpoint import open_checkpoint
+from fp8norm.shard_deepseek import plan_deepseek
 from fp8norm import reference
 from fp8norm.cli import main
+from tests.memory_utils import JOBS_IN_FLIGHT, track_reads
 
 G = 128  # GPTQ group size
 
@@ -222,16 +223,13 @@ def test_g_idx_is_rebased_per_rank(tmp_path):
 
 
 def test_streams_one_module_at_a_time(w4a16_ckpt, tmp_path, monkeypatch):
-    """Seed 002 holds every rank's state in memory; here at most one module's tensors are alive."""
+    """Seed 002 holds every rank's state in memory; here only the few jobs (modules) in flight are alive."""
     src, _ = w4a16_ckpt
-    real, alive, peak = fp8norm.shard_io.read_tensor, [], [0]
-
-    def tracking(info, f=None):
-        t = real(info, f)
-        alive.append(weakref.ref(t))
-        peak[0] = max(peak[0], sum(r() is not None for r in alive))
-        return t
-
-    monkeypatch.setattr(fp8norm.shard_io, "read_tensor", tracking)
+    jobs, _ = plan_deepseek(src, 2, 4)
+    ckpt = open_checkpoint(src)
+    sizes = [sum(ckpt.tensors[n].nbytes for n in j.sources) for j in jobs]
+    assert len(jobs) > 10 and max(len(j.sources) for j in jobs) <= 4  # qweight, qzeros, scales (+ g_idx)
+    reads = track_reads(monkeypatch)
     shard(src, tmp_path / "o", 2)
-    assert len(alive) > 30 and peak[0] <= 4  # qweight, qzeros, scales (+ g_idx)
+    assert reads["reads"] > 30
+    assert reads["peak"] <= JOBS_IN_FLIGHT * max(sizes) and reads["peak"] < sum(sizes), (reads, sum(sizes))

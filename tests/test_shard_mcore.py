@@ -2,7 +2,6 @@
 errors before writing, requantization and per-module memory."""
 
 import json
-import weakref
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fp8norm.shard_io as shard_io
 from fp8norm import numerics as nx
 from fp8norm.reference import dequant_fp8_block, quant_fp8_block
 from fp8norm.shard_mcore import (ITER_DIR, LAYOUT_NAME, TRACKER_NAME, hf_to_mcore, mcore_to_hf, plan_mcore,
                                  rank_file)
 from tests.ckpt_utils import read_dir, same_bytes
+from tests.memory_utils import JOBS_IN_FLIGHT, track_reads
 
 COMBOS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 2, 2)]
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -393,17 +392,8 @@ def test_jobs_are_per_module_and_memory_bounded(sources, tmp_path, monkeypatch, 
     biggest = max(len(j.sources) for j in plan.jobs)
     assert biggest == (6 if kind == "fp8" else 3)  # q, k, v (+ their scales)
 
-    alive, peak = [], [0]
-    real = shard_io.read_tensor
-
-    def tracking(info, f=None):
-        t = real(info, f)
-        alive[:] = [r for r in alive if r() is not None]
-        alive.append(weakref.ref(t))
-        peak[0] = max(peak[0], len(alive))
-        return t
-
-    monkeypatch.setattr(shard_io, "read_tensor", tracking)
+    sizes = [sum(plan.ckpt.tensors[n].nbytes for n in j.sources) for j in plan.jobs]
+    reads = track_reads(monkeypatch)
     hf_to_mcore(sources[kind], tmp_path / "mc", tp=2, pp=2, ep=2, progress=False)
-    # the current job's sources, plus at most the last one of the previous job (still bound to a local)
-    assert peak[0] <= biggest + 1
+    # the jobs in flight in the engine's stages, never a whole rank's state
+    assert reads["peak"] <= JOBS_IN_FLIGHT * max(sizes) and reads["peak"] < sum(sizes), (reads, sum(sizes))

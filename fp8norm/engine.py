@@ -1,0 +1,397 @@
+"""One executor for every writing command: jobs (source tensors -> output tensors) into output files.
+
+quantize, convert and repack (one job per planned tensor, files written one after another) and shard /
+unshard (one job per module, every rank file open at once) all run here. Three stages overlap: a reader
+thread reads each job's source tensors into a bounded queue, the calling thread computes the outputs,
+a writer thread streams them into their files. Each queue holds at most `buffer_bytes`, so resident
+memory stays within a few buffers whatever the model size.
+
+The reader hashes every tensor it reads (sha256, in its thread, no extra read); the writer folds those
+digests per output file and source file and hashes each file it writes. Both go into the manifest as
+each file is committed, so `--resume` can tell a changed source and a damaged output file apart
+(see fp8norm.output). Under torchrun the files are shared out between the ranks (byte-balanced, see
+fp8norm.distributed); rank 0 prepares DST, and once every file is on disk writes the copied files, the
+text files (index, config, ...) and the final manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _faults, distributed
+from ._memory import pin_mmap_threshold
+from .checkpoint import SourceCheckpoint
+from .output import (MANIFEST_NAME, ManifestRecord, OutputDir, OutputError, atomic_write_text, copy_file,
+                     io_error, read_manifest, source_identity, with_file)
+from .st_io import OutEntry, ShardWriter, read_tensor, tensor_bytes
+
+
+@dataclass
+class Job:
+    """Source tensors read together, and the output tensors made from them.
+
+    `compute(xs, which)` returns the outputs at indices `which` of `outputs` (a process under torchrun
+    makes only those of its own files), on the CPU, as `outputs` describes them."""
+    sources: tuple[str, ...]
+    outputs: list[tuple[str, OutEntry]]  # (output file, entry)
+    compute: Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]]
+
+
+@dataclass
+class RunStats:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    tensors_out: int = 0
+    files_written: int = 0
+    files_skipped: int = 0
+    files: int = 0
+    wall_s: float = 0.0
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def on_rank0(ctx, fn):
+    """Run `fn` on rank 0 only and share its (picklable) result, or its error, with every rank."""
+    if ctx is None:
+        return fn()
+    result, err = None, None
+    if ctx.rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below on rank 0, reported as abort elsewhere
+            err = e
+    shared, message = ctx.gather((result, None if err is None else str(err)))[0]
+    if message is not None:
+        if err is not None:
+            raise err
+        raise distributed.RankAborted(message)
+    return shared
+
+
+def file_entries(jobs: list[Job]) -> dict[str, list[OutEntry]]:
+    """Every output file's tensors, in the order the jobs make them (the order they are written)."""
+    files: dict[str, list[OutEntry]] = {}
+    for job in jobs:
+        for f, e in job.outputs:
+            files.setdefault(f, []).append(e)
+    return files
+
+
+class InputDigests:
+    """Per output file and source file: sha256 over the digests of the source tensors read for it."""
+
+    def __init__(self, ckpt: SourceCheckpoint):
+        self.ckpt, self.h = ckpt, {}
+
+    def add(self, job: Job, files, digests: list[bytes]) -> None:
+        for f in files:
+            for name, d in zip(job.sources, digests):
+                rel = str(self.ckpt.tensors[name].file.relative_to(self.ckpt.root))
+                self.h.setdefault(f, {}).setdefault(rel, hashlib.sha256()).update(d)
+
+    def of(self, f: str) -> dict[str, str]:
+        return {rel: h.hexdigest() for rel, h in sorted(self.h.get(f, {}).items())}
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.sha256(tensor_bytes(t)).digest()
+
+
+def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict[str, dict], changed: set[str]):
+    """Sources whose mtime changed: re-read what the finished files were made from and compare digests."""
+    digests = InputDigests(ckpt)
+    for job in jobs:
+        files = {f for f, _ in job.outputs if f in done}
+        rels = {str(ckpt.tensors[n].file.relative_to(ckpt.root)) for n in job.sources}
+        if files and rels & changed:
+            digests.add(job, files, [_digest(read_tensor(ckpt.tensors[n])) for n in job.sources])
+    for f in done:
+        for rel, hexd in digests.of(f).items():
+            if rel in changed and done[f].get("inputs", {}).get(rel) != hexd:
+                raise OutputError(f"{ckpt.root / rel}: the source changed since the interrupted run (other bytes "
+                                  f"than those {f} was made from); use --overwrite to start again")
+
+
+def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, fingerprint: str, resume: bool = False,
+             overwrite: bool = False, device: torch.device = torch.device("cpu"), progress: bool | None = None,
+             buffer_bytes: int, texts: dict[str, str] | None = None,
+             copies: tuple[Path, ...] = (), before_finish: Callable[[list[str]], None] | None = None,
+             desc: str = "fp8norm", notes: list[str] | None = None) -> RunStats:
+    """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
+    `texts` {name: text} in order, then the final manifest. `before_finish(files written)` runs on rank 0
+    once every file is on disk (e.g. to re-read samples). `notes`: a list the jobs' computations append
+    to; under torchrun rank 0's list ends up holding every rank's notes. Returns the run's statistics."""
+    pin_mmap_threshold()
+    dst = Path(dst)
+    ctx = distributed.context()
+    rank0 = ctx is None or ctx.rank == 0
+    out = OutputDir(ckpt.root, dst, fingerprint, resume=resume, overwrite=overwrite)
+    files = file_entries(jobs)
+    sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items()}
+    total = sum(sizes.values())
+    sources = source_identity(ckpt.root, ckpt.files)
+    stats = RunStats(files=len(files))
+    finished: dict[str, dict] = {}
+    t_start = time.perf_counter()
+
+    def prepare() -> dict[str, dict]:
+        done = out.open(lambda kept: sum(s for f, s in sizes.items() if f not in kept), sources)
+        if done and out.changed_mtime:
+            _check_unchanged_sources(ckpt, jobs, done, out.changed_mtime)
+        ManifestRecord(dst, fingerprint, sources, None, done).save()
+        for p in dst.glob(distributed.RANK_MANIFEST_GLOB):  # folded into the manifest just written
+            p.unlink()
+        return done
+
+    def still_needed() -> int:
+        return total - sum(sizes.get(f, 0) for f in finished)
+
+    try:
+        try:
+            done = on_rank0(ctx, prepare)  # its errors (DST locked, ...) must not be recorded in DST
+        except OSError as e:
+            raise io_error(e, dst, total, 0) from None
+        finished.update(done)
+        stats.files_skipped = len(done)
+        pending = [f for f in files if f not in done]
+        mine = set(pending)
+        if ctx is not None:
+            mine = set(distributed.assign_shards({f: sizes[f] for f in pending}, ctx.world)[ctx.rank])
+        try:
+            try:
+                record = ManifestRecord(dst, fingerprint, sources, ctx, done if rank0 else None)
+                _stream(ckpt, jobs, dst, files, mine, pending, record, finished, device, ctx, progress,
+                        buffer_bytes, stats, desc)
+            except OSError as e:
+                raise io_error(e, dst, still_needed(), sum(sizes.get(f, 0) for f in finished)) from None
+        except BaseException as e:  # noqa: BLE001 - decided below, after the other ranks are told
+            if ctx is None:
+                raise
+            if not isinstance(e, distributed.RankAborted):
+                distributed.record_failure(dst, ctx.rank, str(e))
+        if ctx is not None:
+            # every rank has stopped streaming; rank 0's statistics count the whole job
+            gathered = ctx.gather((stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out,
+                                   list(notes or [])))
+            if rank0:
+                stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out = (
+                    sum(x[i] for x in gathered) for i in range(4))
+                if notes is not None:
+                    notes[:] = [n for x in gathered for n in x[4]]
+                stats.notes.append(f"ranks     {ctx.world} (torchrun), files written per rank: "
+                                   f"{', '.join(str(x[2]) for x in gathered)}")
+            failed = distributed.failure(dst)
+            if failed is not None:
+                if rank0:
+                    raise OutputError(f"rank {failed['rank']} of {ctx.world} failed: {failed['error']}")
+                raise distributed.RankAborted(failed["error"])
+        if rank0:
+            try:
+                if before_finish is not None:
+                    before_finish(pending)
+                _finish(ckpt, dst, copies, texts, fingerprint, sources)
+            except OSError as e:
+                raise io_error(e, dst, _finish_bytes(ckpt, copies, texts), total) from None
+        if ctx is not None:
+            ctx.gather(True)  # nobody leaves before rank 0 has written the index and config
+    finally:
+        out.close()
+    stats.wall_s = time.perf_counter() - t_start
+    return stats
+
+
+def _finish_bytes(ckpt, copies, texts) -> int:
+    return sum((ckpt.root / rel).stat().st_size for rel in copies) + sum(len(t.encode()) for t in (texts or {}).values())
+
+
+def _finish(ckpt, dst: Path, copies, texts, fingerprint: str, sources: dict) -> None:
+    """Rank 0, once every file is on disk: copied files, text files, then the final manifest."""
+    for rel in copies:
+        copy_file(ckpt.root / rel, dst / rel)
+    for name, text in (texts or {}).items():
+        atomic_write_text(dst / name, text)
+    done = {}
+    for path in [dst / MANIFEST_NAME, *sorted(dst.glob(distributed.RANK_MANIFEST_GLOB))]:
+        done.update(read_manifest(path).get("done", {}))
+    record = ManifestRecord(dst, fingerprint, sources, None, done)
+    record.data["complete"] = True
+    record.save()
+    for p in dst.glob(distributed.RANK_MANIFEST_GLOB):  # folded into the manifest above
+        p.unlink()
+    shutil.rmtree(dst / distributed.PROGRESS_DIR, ignore_errors=True)  # also one left by a killed torchrun job
+
+
+class _ByteBudget:
+    """Blocks producers while more than `limit` bytes are queued (one oversized item may pass alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> None:
+        with self.cond:
+            while self.used and self.used + n > self.limit and not stop.is_set():
+                self.cond.wait(0.1)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+_DONE = object()
+
+
+def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, device, ctx, progress, buffer_bytes, stats,
+            desc) -> None:
+    """Read, compute and write the files in `mine` with overlapping reader / compute / writer stages."""
+    work = []
+    for job in jobs:
+        which = [i for i, (f, _) in enumerate(job.outputs) if f in mine]
+        if which:
+            work.append((job, which))
+    nbytes_in = {id(job): sum(ckpt.tensors[n].nbytes for n in job.sources) for job, _ in work}
+    for f in mine:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm import tqdm
+
+    all_in = sum(nbytes_in.values())
+    if ctx is not None:  # rank 0's bar counts the whole job (every rank's bytes)
+        all_in = sum(sum(ckpt.tensors[n].nbytes for n in job.sources) for job in jobs
+                     if any(f in pending for f, _ in job.outputs))
+    bar = tqdm(total=all_in, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True,
+               disable=not progress or (ctx is not None and ctx.rank != 0))
+    share = distributed.ProgressShare(dst, ctx, bar) if ctx is not None else None
+    log_lines = ctx is not None and not sys.stderr.isatty()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    in_budget, out_budget = _ByteBudget(buffer_bytes), _ByteBudget(buffer_bytes)
+    q_in: queue.Queue = queue.Queue()
+    q_out: queue.Queue = queue.Queue()
+    digests = InputDigests(ckpt)
+
+    def fail(e: BaseException) -> None:
+        errors.append(e)
+        stop.set()
+
+    def reader():
+        handles = {}
+        try:
+            for job, which in work:
+                if stop.is_set():
+                    return
+                in_budget.acquire(nbytes_in[id(job)], stop)
+                t0 = time.perf_counter()
+                xs, ds = [], []
+                for name in job.sources:
+                    info = ckpt.tensors[name]
+                    try:
+                        f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
+                        x = read_tensor(info, f)
+                    except OSError as e:
+                        raise with_file(e, info.file) from None
+                    xs.append(x)
+                    ds.append(_digest(x))
+                stats.read_s += time.perf_counter() - t0
+                q_in.put((job, which, xs, ds))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            fail(e)
+        finally:
+            for f in handles.values():
+                f.close()
+            q_in.put(_DONE)
+
+    def writer():
+        remaining = {f: len(files[f]) for f in mine}
+        open_files: dict[str, ShardWriter] = {}
+        try:
+            while True:
+                item = q_out.get()
+                if item is _DONE or stop.is_set():
+                    return
+                job, which, outs, ds, nbytes = item
+                t0 = time.perf_counter()
+                digests.add(job, {job.outputs[i][0] for i in which}, ds)
+                for i, tensor in zip(which, outs):
+                    f, entry = job.outputs[i]
+                    try:
+                        w = open_files.get(f)
+                        if w is None:
+                            w = open_files[f] = ShardWriter(dst / f, files[f])
+                        stats.bytes_out += w.write(entry.name, tensor)
+                        stats.tensors_out += 1
+                        remaining[f] -= 1
+                        if remaining[f] == 0:
+                            w.commit()
+                            del open_files[f]
+                    except OSError as e:
+                        raise with_file(e, dst / f) from None
+                    if remaining[f] == 0:
+                        rec = {"size": (dst / f).stat().st_size, "sha256": w.sha256, "inputs": digests.of(f)}
+                        finished[f] = rec
+                        record.finished(f, rec)
+                        stats.files_written += 1
+                        if log_lines:
+                            print(f"fp8norm rank {ctx.rank}/{ctx.world}: wrote {f} "
+                                  f"({stats.files_written}/{len(mine)})", file=sys.stderr, flush=True)
+                stats.write_s += time.perf_counter() - t0
+                out_budget.release(nbytes)
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+        finally:
+            for w in open_files.values():
+                w.abort()
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for th in threads:
+        th.start()
+    try:
+        while True:
+            item = q_in.get()
+            if item is _DONE or stop.is_set():
+                break
+            if ctx is not None and distributed.failure(dst) is not None:
+                raise distributed.RankAborted("another rank failed")
+            _faults.maybe_fail_rank(ctx)
+            job, which, xs, ds = item
+            t0 = time.perf_counter()
+            outs = job.compute(xs, which)
+            stats.compute_s += time.perf_counter() - t0
+            n_in = nbytes_in[id(job)]
+            in_budget.release(n_in)
+            del xs, item
+            nbytes = sum(job.outputs[i][1].nbytes for i in which)
+            out_budget.acquire(nbytes, stop)
+            q_out.put((job, which, outs, ds, nbytes))
+            del outs
+            stats.bytes_in += n_in
+            if share is not None:
+                share.update(n_in)
+            else:
+                bar.update(n_in)
+    except BaseException as e:  # noqa: BLE001
+        fail(e)
+    finally:
+        q_out.put(_DONE)
+        for th in threads:
+            th.join()
+        if share is not None:
+            share.close()
+        bar.close()
+    if errors:
+        raise errors[0]
