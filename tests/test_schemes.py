@@ -174,3 +174,21 @@ def test_resume_rewrites_only_missing_shards_and_refuses_another_scheme(moe, tmp
     assert tree_bytes(tmp_path / "o") == before
     res = cli("quantize", moe, tmp_path / "o", "--scheme", "mxfp8", "--max-shard-size", "1MB", "--resume", ok=False)
     assert res.exit_code == 1 and "other settings" in res.output
+
+
+def test_a_broken_scheme_source_is_one_line_naming_the_scale(moe, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cli("quantize", moe, tmp_path / "q", "--scheme", "mxfp8", "--skip-verify", "-q")
+    f = next((tmp_path / "q").glob("model-*.safetensors"))
+    t = load_file(f)
+    name = next(k for k in t if k.endswith(".weight_scale"))
+    t[name] = t[name].clone()
+    t[name].view(-1)[3] = 255  # E8M0 NaN
+    save_file(t, f, metadata={"format": "pt"})
+    shutil.rmtree(tmp_path / "b", ignore_errors=True)
+    res = cli("convert", tmp_path / "q", tmp_path / "b", "--to", "bf16", ok=False)
+    assert res.exit_code == 1 and name in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()

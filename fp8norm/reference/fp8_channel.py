@@ -10,8 +10,8 @@ import torch
 from fp8norm import numerics as nx
 from fp8norm import numerics_fp8_channel as fc
 
-from . import _ChunkBuffer, _matrices
-from .nvfp4 import _row_ranges, _src_scale_rows
+from . import ChunkBuffer, matrices
+from .nvfp4 import row_ranges, src_scale_rows
 
 __all__ = ["quant_fp8_channel", "dequant_fp8_channel"]
 
@@ -31,13 +31,13 @@ def quant_fp8_channel(
     *lead, m, n = x.shape
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(fc.scale_shape(tuple(x.shape)), dtype=scale_dtype, device=x.device)
-    buf = _ChunkBuffer(x.device)
+    buf = ChunkBuffer(x.device)
     mats = (x, q, scale) + ((src_sf,) if src_sf is not None else ())
-    for x2, q2, s2, *src in _matrices(*mats):
-        for r0, r1 in _row_ranges(m, n):
+    for x2, q2, s2, *src in matrices(*mats):
+        for r0, r1 in row_ranges(m, n):
             v = buf.load(x2[r0:r1], 1, r1 - r0)[0]
             if src:  # FP8 input: the dequantized value, as dequant_fp8_block computes it
-                v.mul_(_src_scale_rows(src[0], r0, r1, block_size, n))
+                v.mul_(src_scale_rows(src[0], r0, r1, block_size, n))
             amax = torch.maximum(v.amax(1, keepdim=True), v.amin(1, keepdim=True).neg_()) if n else \
                 torch.zeros((r1 - r0, 1), device=x.device)
             sf = nx.sf_from_amax(amax, amax_floor)
@@ -55,8 +55,8 @@ def dequant_fp8_channel(q: torch.Tensor, scale: torch.Tensor, *,
     sf = fc.check_dequant_args(q, scale, out_dtype)
     *lead, m, n = q.shape
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    buf = _ChunkBuffer(q.device)
-    for q2, s2, o2 in _matrices(q, sf, out):
-        for r0, r1 in _row_ranges(m, n):
+    buf = ChunkBuffer(q.device)
+    for q2, s2, o2 in matrices(q, sf, out):
+        for r0, r1 in row_ranges(m, n):
             o2[r0:r1] = buf.load(q2[r0:r1], 1, r1 - r0)[0].mul_(s2[r0:r1])
     return out

@@ -11,8 +11,8 @@ import torch
 
 from fp8norm import numerics_mx as mx
 
-from . import _ChunkBuffer, _matrices
-from .nvfp4 import _row_ranges, _src_scale_rows
+from . import ChunkBuffer, matrices
+from .nvfp4 import row_ranges, src_scale_rows
 
 __all__ = ["quant_mx", "dequant_mx"]
 
@@ -31,14 +31,14 @@ def quant_mx(
     elem_dtype = torch.float8_e4m3fn if f.elem_bits == 8 else torch.uint8
     out = torch.empty(mx.packed_shape(tuple(x.shape), f), dtype=elem_dtype, device=x.device)
     scale = torch.empty(mx.scale_shape(tuple(x.shape)), dtype=torch.uint8, device=x.device)
-    buf = _ChunkBuffer(x.device)
+    buf = ChunkBuffer(x.device)
     mats = (x, out, scale) + ((src_sf,) if src_sf is not None else ())
-    for x2, o2, s2, *src in _matrices(*mats):
-        for r0, r1 in _row_ranges(m, n):
+    for x2, o2, s2, *src in matrices(*mats):
+        for r0, r1 in row_ranges(m, n):
             rows = r1 - r0
             v = buf.load(x2[r0:r1], 1, rows)[0]
             if src:  # FP8 input: the dequantized value, as dequant_fp8_block computes it
-                v.mul_(_src_scale_rows(src[0], r0, r1, block_size, n))
+                v.mul_(src_scale_rows(src[0], r0, r1, block_size, n))
             vg = v.view(rows, n // mx.MX_BLOCK, mx.MX_BLOCK)
             amax = torch.maximum(vg.amax(2), vg.amin(2).neg_())  # NaN propagates
             codes = mx.scale_codes(amax, f, round_up)
@@ -60,8 +60,8 @@ def dequant_mx(
     f, n = mx.check_dequant_args(stored, scale, fmt, out_dtype)
     *lead, m, _ = stored.shape
     out = torch.empty((*lead, m, n), dtype=out_dtype, device=stored.device)
-    for p2, s2, o2 in _matrices(stored, scale, out):
-        for r0, r1 in _row_ranges(m, n):
+    for p2, s2, o2 in matrices(stored, scale, out):
+        for r0, r1 in row_ranges(m, n):
             rows = r1 - r0
             v = mx.decode_elements(p2[r0:r1], f).view(rows, n // mx.MX_BLOCK, mx.MX_BLOCK)
             o2[r0:r1] = (v * mx.scale_value(s2[r0:r1]).unsqueeze(2)).view(rows, n)
