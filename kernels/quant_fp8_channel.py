@@ -173,3 +173,32 @@ def aot_cases() -> dict:
         "quant_fp8_channel[fp8,src=fp32]": lambda: quant_fp8_channel(fp8, src_scale_inv=fp8_scale),
         "dequant_fp8_channel[bf16]": lambda: dequant_fp8_channel(fp8, torch.ones(512, 1)),
     }
+
+
+def gpu_check_ops() -> list:
+    """Ops for tools/gpu_check.py (its `Op` fields): each wrapper on the device against its twin."""
+    from types import SimpleNamespace
+
+    def make_quant(shape, device, gen):
+        if gen is None:  # timing: values do not matter
+            return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {}
+        rows = torch.exp2(torch.randint(-12, 12, (*shape[:-1], 1), generator=gen).float())
+        return ((torch.randn(shape, generator=gen) * rows).to(torch.bfloat16).to(device),), {}
+
+    def make_dequant(shape, device, gen):
+        codes = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        codes[(codes & 0x7F) == 0x7F] = 0x7E
+        scale = torch.rand((*shape[:-1], 1), generator=gen) + 1e-3
+        return (codes.view(torch.float8_e4m3fn).to(device), scale.to(device)), {}
+
+    def n(shape):
+        return int(torch.tensor(shape).prod())
+
+    return [
+        SimpleNamespace(name="quant_fp8_channel[bf16]", fn="quant_fp8_channel", make=make_quant,
+                        bytes=lambda s: 3 * n(s), eager=None, host_sync=True,
+                        variants=(("ue8m0", {"scale_fmt": "ue8m0"}), ("bf16-scale", {"scale_dtype": torch.bfloat16}))),
+        SimpleNamespace(name="dequant_fp8_channel[->bf16]", fn="dequant_fp8_channel", make=make_dequant,
+                        bytes=lambda s: 3 * n(s), eager=None, host_sync=False,
+                        variants=(("float32", {"out_dtype": torch.float32}),)),
+    ]

@@ -188,3 +188,45 @@ def aot_cases() -> dict:
         "dequant_mx[mxfp8,bf16]": lambda: dequant_mx(fp8, e8, fmt="mxfp8"),
         "dequant_mx[mxfp4,bf16]": lambda: dequant_mx(packed, e8, fmt="mxfp4"),
     }
+
+
+def gpu_check_ops() -> list:
+    """Ops for tools/gpu_check.py (its `Op` fields): each wrapper on the device against its twin. The
+    last dim is rounded down to whole blocks of 32 (at least one)."""
+    from types import SimpleNamespace
+
+    def blocks(shape):
+        return (*shape[:-1], max(mx.MX_BLOCK, shape[-1] // mx.MX_BLOCK * mx.MX_BLOCK))
+
+    def make_quant(fmt):
+        def make(shape, device, gen):
+            shape = blocks(shape)
+            if gen is None:
+                return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {"fmt": fmt}
+            rows = torch.exp2(torch.randint(-12, 12, (*shape[:-1], 1), generator=gen).float())
+            return ((torch.randn(shape, generator=gen) * rows).to(torch.bfloat16).to(device),), {"fmt": fmt}
+        return make
+
+    def make_dequant(fmt):
+        def make(shape, device, gen):
+            *lead, m, n = blocks(shape)
+            cols = n if fmt == "mxfp8" else n // 2
+            codes = torch.randint(0, 256, (*lead, m, cols), dtype=torch.uint8, generator=gen)
+            if fmt == "mxfp8":
+                codes[(codes & 0x7F) == 0x7F] = 0x7E
+                codes = codes.view(torch.float8_e4m3fn)
+            scale = torch.randint(100, 150, (*lead, m, n // mx.MX_BLOCK), dtype=torch.uint8, generator=gen)
+            return (codes.to(device), scale.to(device)), {"fmt": fmt}
+        return make
+
+    def nbytes(elem, shape):
+        n = int(torch.tensor(blocks(shape)).prod())
+        return int(2 * n + elem * n + n // mx.MX_BLOCK)
+
+    return [op for fmt, elem in (("mxfp8", 1.0), ("mxfp4", 0.5)) for op in (
+        SimpleNamespace(name=f"quant_mx[bf16->{fmt}]", fn="quant_mx", make=make_quant(fmt),
+                        bytes=lambda s, elem=elem: nbytes(elem, s), eager=None, host_sync=True,
+                        variants=(("ct-rule", {"rule": "ct"}),)),
+        SimpleNamespace(name=f"dequant_mx[{fmt}->bf16]", fn="dequant_mx", make=make_dequant(fmt),
+                        bytes=lambda s, elem=elem: nbytes(elem, s), eager=None, host_sync=False,
+                        variants=(("float32", {"out_dtype": torch.float32}),)))]
