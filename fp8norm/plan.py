@@ -329,4 +329,6 @@ def format_plan_table(plan: Plan) -> str:
             f"scales: {s.scale_fmt}, {s.scale_dtype}, blocks {s.block_size[0]}x{s.block_size[1]}, "
             f"amax floor {s.amax_floor:g}, calibration {s.calib.describe()}"
             f"{' weighted by activation stats' if s.activation_stats_sha256 else ''}"]
+    if plan.scheme != "fp8-block":  # the scheme's own scales (fp8norm.schemes), not the block settings
+        out[-1] = f"scheme: {plan.scheme} (compressed-tensors layout; see fp8norm/schemes.py)"
     return "\n".join(out)

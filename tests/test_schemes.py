@@ -131,7 +131,7 @@ def test_plan_shows_the_scheme_and_mx_keeps_unaligned_with_fused_partners(tmp_pa
     res = cli("plan", src, "--scheme", "mxfp4")
     assert "->mxfp4" in res.output and "mx:unaligned-kept" in res.output and "ct:fused-with-kept" in res.output
     res = cli("plan", src, "--scheme", "fp8-channel")
-    assert res.output.count("->fp8-channel") == 4
+    assert res.output.count("->fp8-channel") == 4 and "scheme: fp8-channel" in res.output
     res = cli("quantize", src, tmp_path / "o", "--scheme", "mxfp8", "--calib", "mse", ok=False)
     assert res.exit_code == 1 and "fp8-block only" in res.output
 
