@@ -13,6 +13,10 @@ Backends (one benchmark each, all on the same input, in the same session):
   compile-twin   torch.compile(twin); skipped with a note where it fails or would unroll too much
   compile-naive  torch.compile(naive)
   copy           `dst.copy_(src)` moving the same number of bytes (read + written) as the op
+
+Each call is timed on its own, synchronized on CUDA: a whole public call (checks, allocation, launch,
+the NaN/Inf host sync), which for a ~40 us kernel is tens of microseconds more than the kernel. The
+kernels alone (CUDA-graph replay of back-to-back launches) are measured by tools/gpu_check.sh.
 """
 
 from __future__ import annotations

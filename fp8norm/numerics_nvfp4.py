@@ -25,6 +25,9 @@ Where fp8norm differs (all outside ModelOpt's well-defined range):
 - amax == 0 (all-zero tensor, or a given joint amax of 0) gives scale_2 = 1.0, not 0 (NaN later);
 - a group whose divisor s_q * scale_2 underflows to 0 in fp32 (scale_2 below ~2^-140, i.e. a
   global amax under ~1e-39) quantizes to 0 (ModelOpt would divide by zero);
+- a given global amax more than ~2^119 below the data's (a value 2^128 times its group's divisor):
+  on the GPU the reciprocal-based division turns that quotient's Inf into NaN, code 7 whatever the
+  sign (ModelOpt: 7 or 15);
 - N % 16 != 0 raises ValueError (ModelOpt pads the last dim);
 - code 0x8 dequantizes to -0.0 (ModelOpt's table gives +0.0);
 - a 3D `[E, M, N]` tensor gets one scale_2 per expert (each expert is its own Linear in ModelOpt).

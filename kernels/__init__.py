@@ -11,9 +11,12 @@ here whose name has no leading underscore (found by `kernel_modules()`, nothing 
 where the callable invokes the module's public wrapper on CPU tensors of a realistic shape (a few
 hundred rows of a real weight's width, so every program is a full tile). The tool compiles, for each
 target, every kernel those calls launch, with the specialization a CUDA launch of the same arguments
-gets; it derives elements per program from the launch itself (the grid and the first tensor), so a
-case needs nothing more. Kernels are decorated with `_launch.kernel` and take an `INTERPRET`
-constexpr that the launch fills in.
+gets; it derives elements per program from the launch itself (the largest tensor argument's numel
+over the number of programs in the grid), so a case needs nothing more. Optionally a module also
+defines `gpu_check_ops()`, returning more `tools/gpu_check.py` `Op`s (correctness and bandwidth on
+a GPU node); a public wrapper with a twin of the same name in fp8norm.reference that no Op covers is
+listed as uncovered there. Kernels are decorated with `_launch.kernel` (not `triton.jit`) and take an
+`INTERPRET` constexpr that the launch fills in.
 """
 
 from ._launch import capture_compiles, kernel

@@ -6,17 +6,20 @@ function. Each launch picks one from the device of its tensors: CUDA -> compiled
 interpreter. Nothing reads or writes `TRITON_INTERPRET`, so importing fp8norm.kernels changes nothing
 for other libraries' Triton kernels.
 
-Every kernel takes an `INTERPRET: tl.constexpr` argument, filled in here at launch (never by the
+A kernel may take an `INTERPRET: tl.constexpr` argument, filled in here at launch (never by the
 caller): the interpreter's path keeps the software rounding its casts need, the compiled path uses the
 hardware casts. A device function called from a kernel takes it as an ordinary constexpr argument.
+Kernels may call Triton's own library functions (tl.max, tl.sum, ...) on both paths.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 # No FMA contraction: `x * inv` must round on its own, as it does in the torch twin.
@@ -51,11 +54,40 @@ class DualKernel(JITFunction):
 
     def launch(self, grid, args, kwargs):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        compiled = _compile_hook is not None or (device is not None and device.type == "cuda")
+        if "INTERPRET" in self.arg_names:
+            kwargs = {**kwargs, "INTERPRET": not compiled}
         if _compile_hook is not None:
-            return _compile_hook(self, grid, args, {**kwargs, "INTERPRET": False})
-        if device is not None and device.type == "cuda":
-            return JITFunction.run(self, *args, grid=grid, warmup=False, **kwargs, INTERPRET=False)
-        return self.interpreted.run(*args, grid=grid, warmup=False, **kwargs, INTERPRET=True)
+            return _compile_hook(self, grid, args, kwargs)
+        if compiled:
+            return JITFunction.run(self, *args, grid=grid, warmup=False, **kwargs)
+        with _interpretable_triton_stdlib():
+            return self.interpreted.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+_stdlib_lock = threading.RLock()
+_interpreted_stdlib: dict = {}
+
+
+@contextlib.contextmanager
+def _interpretable_triton_stdlib() -> Iterator[None]:
+    """Triton's own `@triton.jit` helpers (tl.max, tl.sum, tl.cdiv, ...) were decorated as compiled
+    functions when triton was imported, and the interpreter cannot call those. For the duration of an
+    interpreted launch they are replaced by interpreted twins, then put back: the same kind of
+    temporary patch the interpreter itself applies to `tl`'s builtins while a kernel runs. The twins
+    are DualKernels: still JITFunctions for any code that checks (triton imports more lazily)."""
+    with _stdlib_lock:
+        saved = [(mod, name, obj) for mod in (tl, tl.standard) for name, obj in vars(mod).items()
+                 if type(obj) is JITFunction]
+        for mod, name, obj in saved:
+            if obj not in _interpreted_stdlib:
+                _interpreted_stdlib[obj] = DualKernel(obj.fn)
+            setattr(mod, name, _interpreted_stdlib[obj])
+        try:
+            yield
+        finally:
+            for mod, name, obj in saved:
+                setattr(mod, name, obj)
 
 
 def kernel(fn) -> DualKernel:

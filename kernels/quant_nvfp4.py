@@ -128,15 +128,15 @@ def quant_nvfp4_kernel(
     s2 = tl.load(s2_ptr + pid_e)
 
     x3 = tl.reshape(x, (BLOCK_M, NG, GROUP))
+    # One reduction per group: its scale and, through NaN propagation, whether it is finite.
+    gamax = amax_nan(tl.abs(x3), 2, INTERPRET)
     if INTERPRET or EXACT_DIV:
         # The formulas as written (ModelOpt's, in fp32), with IEEE divisions.
-        gamax = amax_nan(tl.abs(x3), 2, INTERPRET)
         s = tl.math.div_rn(gamax, 6.0 * s2)
     else:
         # One reciprocal per program for the group scales and one per group for the values, each
         # division finished by `divide_by`: exact while the reciprocals stay normal, i.e. for
         # scale_2 >= 2^-100; the wrapper relaunches with EXACT_DIV for smaller ones.
-        gamax = amax_nan(tl.abs(x3), 2, INTERPRET)
         d6 = 6.0 * s2
         r6 = tl.math.div_rn(1.0, d6)
         s = divide_by(gamax, r6, d6)

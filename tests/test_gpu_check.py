@@ -55,6 +55,7 @@ def test_every_field_is_filled(dry_run):
     assert {r["op"] for r in d["wrapper_overhead"]} == {r["op"] for r in d["bandwidth"]}
     assert d["torch_compile"] and all("x_compile" in r and "error" not in r for r in d["torch_compile"])
     assert CHECKPOINT_FIELDS <= set(d["checkpoint"]) and d["checkpoint"]["bytes"] > 0
+    assert isinstance(d["compiled_kernels"], list)  # filled on a GPU (the CPU interprets: nothing compiled)
 
 
 def test_a_failed_step_is_recorded_and_the_rest_kept(tmp_path):

@@ -157,6 +157,9 @@ def report(name: str, k, elements_per_program: int, arch: int) -> dict:
         "stg_128": 128 in stores,
         "blocks_per_sm": blocks_per_sm(usage["registers"], k.metadata.num_warps, k.metadata.shared),
         "satfinite_e4m3_cast": bool(re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)),
+        "rne_bf16_cast": bool(re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx)),
+        # the interpreter path's bit-level rounding (0x7FFF carry for bf16, 0x400000 magic for e4m3)
+        "software_rounding": bool(re.search(r"\b(32767|4194304)\b", ptx)),
         "ieee_div": "div.rn.f32" in ptx,
         "approx_div": bool(re.search(r"div\.(full|approx)\.f32", ptx)),
         "ptx": ptx,

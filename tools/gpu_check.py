@@ -58,7 +58,7 @@ class Results:
     "torch_compile", "checkpoint", "uncovered"}; every change is written at once."""
 
     KEYS = ("meta", "steps", "correctness", "bandwidth", "wrapper_overhead", "torch_compile", "checkpoint",
-            "uncovered")
+            "uncovered", "compiled_kernels")
 
     def __init__(self, out: Path):
         self.path = out / "gpu_check.json"
@@ -116,8 +116,10 @@ def _mixed(shape, dtype, gen, device):
 
 
 def _random(shape, dtype, device):
-    """Large inputs for timing: generated on the device (bytes only matter, not values)."""
-    return (torch.randn(shape, device=device, dtype=torch.float32 if dtype == E4M3 else dtype) * 0.02).to(dtype)
+    """Large inputs for timing, generated on the device (no NaN codes; no fp32 temporary)."""
+    if dtype == E4M3:
+        return torch.randint(0, 0x7E, shape, dtype=torch.uint8, device=device).view(E4M3)
+    return torch.randn(shape, device=device, dtype=dtype) * 0.02
 
 
 def _fp8_codes(shape, gen, device, nan_codes=False):
@@ -208,7 +210,9 @@ def _make_dequant_nvfp4(shape, device, gen):
         w = torch.ones((*lead, m, n // 16), device=device).to(E4M3)
     else:
         p = torch.randint(0, 256, (*lead, m, n // 2), dtype=torch.uint8, generator=gen).to(device)
-        w = torch.exp2(torch.randint(-9, 8, (*lead, m, n // 16), generator=gen).float()).to(E4M3).to(device)
+        w = torch.exp2(torch.randint(-9, 8, (*lead, m, n // 16), generator=gen).float()).to(E4M3)
+        w.view(torch.uint8).view(-1)[0] = 0x7F  # a NaN scale code: its 16 outputs are NaN
+        w = w.to(device)
     s2 = torch.full((lead[0],) if lead else (), 0.01, device=device)
     return (p, w, s2), {}
 
@@ -331,14 +335,16 @@ def run_case(case, device: str) -> dict:
 
 
 def correctness(res: Results, device: str, dry: bool) -> None:
-    """On the GPU the cases run in a pool of processes: each new specialization is a Triton compile
-    of a few seconds, and they compile in parallel (into Triton's shared on-disk cache)."""
+    """On the GPU the cases run in a pool of processes (FP8NORM_GPU_CHECK_WORKERS, default up to 8):
+    each new specialization is a Triton compile of a few seconds, and they compile in parallel (into
+    Triton's shared on-disk cache)."""
     cases = correctness_cases(dry)
-    if device == "cuda":
+    default = max(1, min(8, (os.cpu_count() or 2) - 1)) if device == "cuda" else 1
+    workers = int(os.environ.get("FP8NORM_GPU_CHECK_WORKERS", default))
+    if workers > 1:
         import concurrent.futures
         import multiprocessing
 
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             for rec in pool.map(run_case, cases, [device] * len(cases)):
@@ -390,10 +396,10 @@ def bench_us(fn: Callable, device: str, graph: bool = True) -> tuple[float, str]
 
     if graph:
         try:
-            return triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3, "cuda-graph"
+            return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, "cuda-graph"
         except Exception:  # noqa: BLE001 - a host sync inside: not capturable
             torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3, "do_bench"
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3, "do_bench"
 
 
 def _gbps(nbytes: int, us: float) -> float:
@@ -435,6 +441,28 @@ def bandwidth(res: Results, device: str, dry: bool) -> None:
             del args, kwargs
             if device == "cuda":
                 torch.cuda.empty_cache()
+    res.set("compiled_kernels", compiled_kernels())
+
+
+def compiled_kernels() -> list[dict]:
+    """Registers and spills of every kernel this process compiled, as the machine's own Triton built
+    them (to set against tools/aot_compile.py's figures); empty if its caches are laid out otherwise."""
+    from triton.runtime.jit import JITFunction
+
+    out = []
+    for module in fk.kernel_modules():
+        for name in dir(module):
+            fn = getattr(module, name)
+            if not (name.endswith("_kernel") and isinstance(fn, JITFunction)):
+                continue
+            try:
+                for cache in fn.device_caches.values():
+                    for k in cache[0].values():
+                        out.append({"kernel": name, "num_warps": k.metadata.num_warps, "registers": k.n_regs,
+                                    "spills": k.n_spills, "shared_bytes": k.metadata.shared})
+            except Exception:  # noqa: BLE001 - a Triton with other internals: nothing to report
+                pass
+    return out
 
 
 def wrapper_overhead(op, fn, args, kwargs, kernel_us, shape, device) -> dict:
@@ -604,6 +632,9 @@ def summary(res: Results) -> str:
         k = d["checkpoint"]
         lines.append(f"checkpoint {k['bytes'] / 1e9:.2f} GB: quantize {k['quantize_wall_s']} s (read {k['read_s']}, "
                      f"compute {k['compute_s']}, write {k['write_s']}) vs cp {k['cp_s']} s: x{k['x_cp']}")
+    for r in d.get("compiled_kernels", []):
+        lines.append(f"compiled here: {r['kernel']} {r['num_warps']} warps, {r['registers']} registers, "
+                     f"{r['spills']} spills, {r['shared_bytes']} B shared")
     if d["uncovered"]:
         lines.append(f"not covered by the check: {', '.join(d['uncovered'])}")
     return "\n".join(lines)
