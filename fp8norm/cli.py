@@ -219,12 +219,14 @@ def _source(src: str, revision: str | None = None) -> str:
     return str(resolve(src, revision))
 
 
-def _plan_kwargs(kw) -> dict:
-    return dict(reference=kw["reference"] and _source(kw["reference"]), include=kw["include"], exclude=kw["exclude"],
-                allow_mismatch=kw["allow_mismatch"], scale_fmt=kw["scale_fmt"], scale_dtype=kw["scale_dtype"],
-                amax_floor=kw["amax_floor"], max_shard_size=kw["max_shard_size"], repack=not kw["no_repack"],
-                calib=kw["calib"], rms_factor=kw["rms_factor"], percentile=kw["percentile"],
-                mse_grid=kw["mse_grid"], activation_stats=kw["activation_stats"], scheme=kw["scheme"])
+def _plan_options(kw):
+    """The selection options of `plan` / `quantize` as the library's PlanOptions."""
+    from dataclasses import fields
+
+    from .plan import PlanOptions
+
+    kw = {**kw, "reference": kw["reference"] and _source(kw["reference"])}
+    return PlanOptions(**{f.name: kw[f.name] for f in fields(PlanOptions) if f.name in kw}, repack=not kw["no_repack"])
 
 
 @main.command("plan")
@@ -243,7 +245,7 @@ def plan_cmd(src, as_json, **kw):
     from .plan import format_plan_table
     from .quantize import plan
 
-    p = plan(_source(src, kw["revision"]), **_plan_kwargs(kw))
+    p = plan(_source(src, kw["revision"]), _plan_options(kw))
     click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_plan_table(p))
 
 
@@ -277,7 +279,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     summary = quantize(_source(src, kw["revision"]), dst, device=device, resume=resume, overwrite=overwrite,
                        progress=None if not quiet else False,
                        verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
-                       **_plan_kwargs(kw))
+                       options=_plan_options(kw))
     _report(summary, dst)
 
 
@@ -372,14 +374,14 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
     """
     progress = None if not quiet else False
     if layout == "deepseek":
-        from .shard_deepseek import shard_deepseek
+        from .shard import shard_deepseek
 
         if not mp:
             raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
         summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
                                  progress=progress, resume=resume)
     else:
-        from .shard_mcore import hf_to_mcore
+        from .shard import hf_to_mcore
 
         summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
                               grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
@@ -402,7 +404,7 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, re
     Example:
       fp8norm unshard /ckpt/mcore /models/Qwen3-30B-A3B-again
     """
-    from .shard_mcore import mcore_to_hf
+    from .shard import mcore_to_hf
 
     summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
                           max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,

@@ -7,7 +7,7 @@ that determines the output bytes, so `--resume` can refuse a DST made with other
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,8 +16,9 @@ from . import numerics as nx
 from .calibrate import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
-from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, classify, scale_name
+from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Decision, classify, fused_group_key, scale_name
 from .output import fingerprint
+from .sizes import parse_size
 from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
 
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -203,41 +204,55 @@ def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> di
     return out
 
 
-def build_plan(
-    src: str | Path,
-    *,
-    reference: str | Path | None = None,
-    include: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    allow_mismatch: bool = False,
-    scale_fmt: str | None = None,
-    scale_dtype: str | None = None,
-    amax_floor: float | None = None,
-    max_shard_size: int = 4 * 1000**3,
-    repack: bool = True,
-    calib: CalibSettings | None = None,
-    activation_stats: str | Path | None = None,
-) -> Plan:
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user chooses about a quantize plan: the CLI's selection and calibration options, one to
+    one, and the library's keyword arguments of `plan()` / `quantize()`."""
+    reference: str | Path | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    allow_mismatch: bool = False
+    scale_fmt: str | None = None
+    scale_dtype: str | None = None
+    amax_floor: float | None = None
+    max_shard_size: int | str = "4GB"
+    repack: bool = True
+    calib: str = "max"
+    rms_factor: float = 3.0
+    percentile: float = 99.9
+    mse_grid: int = 50
+    activation_stats: str | Path | None = None
+    allow_nonfinite: bool = False
+    scheme: str = "fp8-block"  # applied by quantize.plan() (fp8norm.schemes)
+
+
+def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) -> Plan:
+    """Decide every tensor and lay out the output (`options`, or PlanOptions(**kwargs), or both: the
+    keyword arguments then override). `allow_nonfinite`: tensors that would be quantized but hold
+    NaN/Inf (one read of each) are kept instead, with the other members of their fused module (q/k/v,
+    gate/up stay all-or-none); their rule says so (NONFINITE_RULE)."""
+    o = replace(options, **kwargs) if options is not None else PlanOptions(**kwargs)
+    reference, include, exclude, repack = o.reference, tuple(o.include), tuple(o.exclude), o.repack
+    max_shard_size = parse_size(o.max_shard_size)
+    calib = CalibSettings(o.calib, o.rms_factor, o.percentile, o.mse_grid)
     ckpt = open_checkpoint(src)
-    settings = {}
-    if calib is not None:
-        settings["calib"] = calib
+    settings = {"calib": calib}
     stats = None
-    if activation_stats is not None:
+    if o.activation_stats is not None:
         from .activation_stats import load_activation_stats
 
-        stats, settings["activation_stats_sha256"] = load_activation_stats(activation_stats)
+        stats, settings["activation_stats_sha256"] = load_activation_stats(o.activation_stats)
     ref_names = None
     if reference is not None:
         ref_names, qcfg, folder = load_reference_names(reference)
         settings.update(_reference_settings(qcfg, folder, ref_names))
-    for key, value in (("scale_fmt", scale_fmt), ("scale_dtype", scale_dtype), ("amax_floor", amax_floor)):
+    for key, value in (("scale_fmt", o.scale_fmt), ("scale_dtype", o.scale_dtype), ("amax_floor", o.amax_floor)):
         if value is not None:
             settings[key] = value
     qs = QuantSettings(**settings)
     decisions = classify(ckpt.tensors, block_size=qs.block_size, reference_names=ref_names,
                          include=check_patterns(include, "--include"), exclude=check_patterns(exclude, "--exclude"),
-                         allow_mismatch=allow_mismatch)
+                         allow_mismatch=o.allow_mismatch)
     for name, d in decisions.items():
         info = ckpt.tensors[name]
         if d.decision == FP8 and info.dtype not in QUANTIZE_DTYPES:
@@ -245,6 +260,8 @@ def build_plan(
                             f"{', '.join(QUANTIZE_DTYPES)} weights (--exclude it to keep it as it is)")
     check_fp8_sources(ckpt, {n: next(n + s for s in SCALE_SUFFIXES if n + s in ckpt.tensors)
                              for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}, qs.block_size)
+    if o.allow_nonfinite:
+        decisions = _keep_nonfinite(ckpt, decisions)
     tensors = []
     for name, info in ckpt.tensors.items():
         d = decisions[name]
@@ -260,6 +277,23 @@ def build_plan(
     shards = lay_out_shards(tensors, repacked, max_shard_size)
     return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
                 None if reference is None else str(reference), ckpt, stats)
+
+
+NONFINITE_RULE = "nonfinite-kept"
+NONFINITE_FUSED_RULE = NONFINITE_RULE + ":fused-with-it"
+
+
+def _keep_nonfinite(ckpt: SourceCheckpoint, decisions: dict) -> dict:
+    bad = {n for n, d in decisions.items()
+           if d.decision == FP8 and not bool(torch.isfinite(read_tensor(ckpt.tensors[n])).all())}
+    groups = {fused_group_key(n) for n in bad} - {None}
+    out = dict(decisions)
+    for n, d in decisions.items():
+        if n in bad:
+            out[n] = Decision(KEEP, NONFINITE_RULE)
+        elif d.decision == FP8 and fused_group_key(n) in groups:
+            out[n] = Decision(KEEP, NONFINITE_FUSED_RULE)
+    return out
 
 
 def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:

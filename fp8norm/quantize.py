@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from . import schemes
-from .calibrate import CalibSettings
-from .plan import lay_out_shards
-from .st_io import OutEntry, read_tensor
-
-from .classify import FP8, KEEP, fused_group_key
+from .classify import FP8, KEEP
 from . import output
 from .output import PROVENANCE_NAME, json_text
 from .pipeline import RunSummary, execute_plan
-from .plan import Plan, build_plan
-from .sizes import parse_size
+from .plan import NONFINITE_FUSED_RULE, NONFINITE_RULE, Plan, PlanOptions, build_plan, lay_out_shards
 
 
 def quantization_config(plan: Plan) -> dict:
@@ -42,23 +36,20 @@ def _with_quantization_config(cfg: dict, plan: Plan) -> dict:
     return cfg
 
 
-def plan(src, *, reference=None, include=(), exclude=(), allow_mismatch=False, scale_fmt=None,
-         scale_dtype=None, amax_floor=None, max_shard_size="4GB", repack=True, calib="max", rms_factor=3.0,
-         percentile=99.9, mse_grid=50, activation_stats=None, scheme="fp8-block") -> Plan:
+def plan(src, options: PlanOptions | None = None, **kwargs) -> Plan:
     """The dry run: every tensor's decision and rule, and the output layout; nothing is written.
-    `scheme`: fp8-block (default), fp8-channel, mxfp8 or mxfp4 (see fp8norm.schemes)."""
-    if schemes.check_scheme(scheme) != schemes.BLOCK and (calib != "max" or activation_stats or scale_dtype
-                                                          or scale_fmt):
-        raise ValueError(f"--scheme {scheme}: --calib, --activation-stats, --scale-fmt and --scale-dtype apply "
+    `options` (a PlanOptions) and/or its fields as keyword arguments (reference, include, exclude,
+    scale_fmt, calib, max_shard_size, scheme, ...; keywords override `options`). `scheme`: fp8-block
+    (default), fp8-channel, mxfp8 or mxfp4 (see fp8norm.schemes)."""
+    o = replace(options, **kwargs) if options is not None else PlanOptions(**kwargs)
+    if schemes.check_scheme(o.scheme) == schemes.BLOCK:
+        return build_plan(src, o)
+    if o.calib != "max" or o.activation_stats or o.scale_dtype or o.scale_fmt:
+        raise ValueError(f"--scheme {o.scheme}: --calib, --activation-stats, --scale-fmt and --scale-dtype apply "
                          "to fp8-block only")
-    p = build_plan(src, reference=reference, include=tuple(include), exclude=tuple(exclude),
-                   allow_mismatch=allow_mismatch, scale_fmt=scale_fmt, scale_dtype=scale_dtype,
-                   amax_floor=amax_floor, max_shard_size=parse_size(max_shard_size), repack=repack,
-                   calib=CalibSettings(calib, rms_factor, percentile, mse_grid),
-                   activation_stats=activation_stats)
-    if scheme != schemes.BLOCK:
-        schemes.apply_to_plan(p, scheme)
-        p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
+    p = build_plan(src, o)
+    schemes.apply_to_plan(p, o.scheme)
+    p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
     return p
 
 
@@ -71,9 +62,7 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     (0: skip); the report is in the returned summary. `allow_nonfinite` first scans the tensors to
     quantize and keeps those holding NaN/Inf unquantized (listed in the summary) instead of failing.
     """
-    p = plan(src, **plan_kwargs)
-    if allow_nonfinite:
-        _keep_nonfinite(p)
+    p = plan(src, allow_nonfinite=allow_nonfinite, **plan_kwargs)
     if not any(t.decision == FP8 for t in p.tensors):
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
     block = p.scheme == schemes.BLOCK
@@ -85,24 +74,8 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     summary.notes.extend(f"non-finite {t.source_file}: tensor {t.name!r} holds NaN/Inf: kept unquantized"
                          for t in p.tensors if t.rule == NONFINITE_RULE)
     summary.notes.extend(f"non-finite kept {t.name!r} too (fused with a non-finite tensor)"
-                         for t in p.tensors if t.rule == NONFINITE_RULE + ":fused-with-it")
+                         for t in p.tensors if t.rule == NONFINITE_FUSED_RULE)
     return summary
-
-
-NONFINITE_RULE = "nonfinite-kept"
-
-
-def _keep_nonfinite(p: Plan) -> None:
-    """Re-plan FP8 tensors holding NaN or Inf as kept (one read of each), with the other members of
-    their fused module (q/k/v, gate/up stay all-or-none), then lay out shards again."""
-    bad = {t.name for t in p.tensors
-           if t.decision == FP8 and not bool(torch.isfinite(read_tensor(p.checkpoint.tensors[t.name])).all())}
-    bad_groups = {fused_group_key(n) for n in bad} - {None}
-    for t in p.tensors:
-        if t.name in bad or (t.decision == FP8 and fused_group_key(t.name) in bad_groups):
-            t.decision, t.outputs = KEEP, [OutEntry(t.name, t.dtype, t.shape)]
-            t.rule = NONFINITE_RULE if t.name in bad else NONFINITE_RULE + ":fused-with-it"
-    p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
 
 
 def provenance(p: Plan) -> str:
@@ -117,7 +90,7 @@ def provenance(p: Plan) -> str:
 
 def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:
     """Re-shard any safetensors directory into model-NNNNN-of-NNNNN files with an index; no quantization."""
-    p = build_plan(src, exclude=(".*",), max_shard_size=parse_size(max_shard_size), repack=True)
+    p = build_plan(src, exclude=(".*",), max_shard_size=max_shard_size, repack=True)
     for t in p.tensors:
         if t.decision == KEEP:
             t.rule = "repack"

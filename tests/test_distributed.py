@@ -103,3 +103,14 @@ def test_shard_under_torchrun_writes_the_same_files(tmp_path, layout_args):
     assert res.returncode == 0, res.stderr[-3000:]
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
     assert res.stdout.count("rank file(s)") == 1
+
+
+def test_unshard_and_repack_under_torchrun_write_the_same_files(tmp_path):
+    src = make_example(tmp_path / "src", "qwen3-moe", "sharded")
+    assert single("shard", src, tmp_path / "mc", "--layout", "mcore", "--pp", "2", "--ep", "2", "-q").returncode == 0
+    for args in (("unshard", tmp_path / "mc"), ("repack", src)):
+        one, two = tmp_path / f"{args[0]}-one", tmp_path / f"{args[0]}-two"
+        assert single(*args, one, "--max-shard-size", SHARD, "-q").returncode == 0
+        res = torchrun(2, *args, two, "--max-shard-size", SHARD, "-q")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert tree_bytes(two) == tree_bytes(one)

@@ -90,6 +90,61 @@ def test_kill9_at_many_points_then_resume(crash_src, tmp_path):
     print(f"\nkill -9 points survived: {len(points)} of {n} fault points")
 
 
+# every other writing command: killed at a few points (many with -m slow), resumed, byte-identical
+
+OTHER_WRITERS = {
+    "convert": ["convert", "{fp8}", "{dst}", "--to", "fp8-ue8m0", "--max-shard-size", "300KB"],
+    "repack": ["repack", "{src}", "{dst}", "--max-shard-size", "1MB"],
+    "shard": ["shard", "{src}", "{dst}", "--layout", "deepseek", "--mp", "2", "--n-experts", "4"],
+    "unshard": ["unshard", "{mcore}", "{dst}", "--max-shard-size", "1MB"],
+}
+
+
+@pytest.fixture(scope="module")
+def writer_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("writers")
+    src = make_example(root / "src", "qwen3-moe", "sharded")
+    cli("quantize", src, root / "fp8", "--max-shard-size", "1MB", "--skip-verify")
+    cli("shard", src, root / "mcore", "--layout", "mcore", "--pp", "2", "--ep", "2")
+    return {"src": src, "fp8": root / "fp8", "mcore": root / "mcore"}
+
+
+def _writer(command, inputs, dst, env=None, extra=()):
+    args = [a.format(dst=dst, **inputs) for a in OTHER_WRITERS[command]]
+    return subprocess.run([sys.executable, "-m", "fp8norm", *args, "-q", *extra], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})))
+
+
+def _sweep(command, inputs, tmp_path, k):
+    clean = tmp_path / "clean"
+    assert _writer(command, inputs, clean).returncode == 0
+    counter = tmp_path / "points"
+    assert _writer(command, inputs, tmp_path / "count", {"FP8NORM_COUNT_POINTS": str(counter)}).returncode == 0
+    points = _spread(int(counter.read_text()), k)
+    for i, kill_at in enumerate(points):
+        dst = tmp_path / f"o{i}"
+        res = _writer(command, inputs, dst, {"FP8NORM_KILL_AT": str(kill_at)})
+        assert res.returncode == -signal.SIGKILL, (command, kill_at, res.stderr[-1000:])
+        for p in dst.rglob("*.safetensors"):  # whatever stands under a final name is complete and right
+            assert p.read_bytes() == (clean / p.relative_to(dst)).read_bytes(), (command, kill_at, p)
+        res = _writer(command, inputs, dst, extra=("--resume",))
+        assert res.returncode == 0, (command, kill_at, res.stderr[-2000:])
+        assert tree_bytes(dst) == tree_bytes(clean), (command, kill_at)
+    return points
+
+
+@pytest.mark.parametrize("command", list(OTHER_WRITERS))
+def test_every_writer_killed_then_resumed(writer_inputs, tmp_path, command):
+    _sweep(command, writer_inputs, tmp_path, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(OTHER_WRITERS))
+def test_every_writer_killed_at_many_points(writer_inputs, tmp_path, command):
+    points = _sweep(command, writer_inputs, tmp_path, 12)
+    print(f"\n{command}: kill -9 points survived: {len(points)}")
+
+
 # ---------------------------------------------------------------- malformed safetensors files
 
 def _file(tmp_path, header: dict | bytes, data: bytes = b"", length_delta=0) -> Path:

@@ -320,3 +320,18 @@ def test_sizes():
     with pytest.raises(ValueError):
         parse_size("4 bananas")
     assert "not a size" in cli("quantize", ".", "x", "--max-shard-size", "lots", ok=False).output
+
+
+def test_one_options_object_from_cli_to_library(sources):
+    from fp8norm.plan import PlanOptions
+    from fp8norm.quantize import plan
+
+    src = sources[("llama", "sharded")]
+    opts = PlanOptions(exclude=("mlp",), scale_fmt="ue8m0", calib="rms", rms_factor=2.5, max_shard_size="1MB")
+    by_options, by_kwargs = plan(src, opts), plan(src, exclude=["mlp"], scale_fmt="ue8m0", calib="rms",
+                                                      rms_factor=2.5, max_shard_size="1MB")
+    by_cli = json.loads(cli("plan", src, "--exclude", "mlp", "--scale-fmt", "ue8m0", "--calib", "rms",
+                            "--rms-factor", "2.5", "--max-shard-size", "1MB", "--json").output)
+    assert by_options.fingerprint() == by_kwargs.fingerprint()
+    assert by_options.to_dict() == by_cli
+    assert plan(src, opts, scale_fmt="float").settings.scale_fmt == "float"  # keywords override the object

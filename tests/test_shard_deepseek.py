@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8norm.checkpoint import open_checkpoint
-from fp8norm.shard_deepseek import plan_deepseek
+from fp8norm.shard.deepseek import plan_deepseek
 from fp8norm import reference
 from fp8norm.cli import main
 from tests.memory_utils import JOBS_IN_FLIGHT, track_reads
@@ -165,7 +165,7 @@ def test_fp8_and_bf16_splits_follow_their_tiles(tmp_path):
     save_file(t2, str(src2 / "model.safetensors"))
     res = shard(src2, tmp_path / "o2", 4, 4, ok=False)
     assert res.exit_code == 1
-    assert "'model.layers.0.self_attn.o_proj.weight' [512, 384]" in res.output and "128-wide FP8 blocks" in res.output
+    assert "'model.layers.0.self_attn.o_proj.weight' [512, 384]" in res.output and "128-column FP8 block grid" in res.output
     assert "mp=4" in res.output and not (tmp_path / "o2").exists()
     shard(src2, tmp_path / "o3", 4, 4, "--requant")
     full = reference.dequant_fp8_block(q, s, out_dtype=torch.float32)
@@ -174,6 +174,46 @@ def test_fp8_and_bf16_splits_follow_their_tiles(tmp_path):
         q_i, s_i = reference.quant_fp8_block(full[:, i * 96:(i + 1) * 96].contiguous())
         assert torch.equal(r["layers.0.attn.wo.weight"].view(torch.uint8), q_i.view(torch.uint8))
         assert torch.equal(r["layers.0.attn.wo.scale"], s_i)
+
+
+def test_fp8_split_uses_the_checkpoints_block_size(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 256, generator=g) * 0.02
+    q, s = reference.quant_fp8_block(w, block_size=(64, 64))
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"model.layers.0.self_attn.o_proj.weight": q, "model.layers.0.self_attn.o_proj.weight_scale_inv": s},
+              str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+                                                                         "weight_block_size": [64, 64]}}))
+    shard(src, tmp_path / "o", 4, 4)  # 64-column pieces: on the 64x64 grid, so carried byte for byte
+    for i in range(4):
+        r = load(tmp_path / "o" / f"model{i}-mp4.safetensors")
+        assert torch.equal(r["layers.0.attn.wo.weight"].view(torch.uint8), q[:, i * 64:(i + 1) * 64].view(torch.uint8))
+        assert torch.equal(r["layers.0.attn.wo.scale"], s[:, i:i + 1])
+    (src / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [128, 128]}}))
+    res = shard(src, tmp_path / "o2", 4, 4, ok=False)  # the same pieces are mid-block on a 128 grid
+    assert res.exit_code == 1 and "128-column FP8 block grid" in res.output
+
+
+def test_requant_dequantizes_each_source_once(tmp_path, monkeypatch):
+    import fp8norm.dispatch
+
+    g = torch.Generator().manual_seed(2)
+    q, s = reference.quant_fp8_block(torch.randn(256, 384, generator=g) * 0.02)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"model.layers.0.self_attn.o_proj.weight": q, "model.layers.0.self_attn.o_proj.weight_scale_inv": s},
+              str(src / "model.safetensors"))
+    real, calls = fp8norm.dispatch.dequant_fp8_block, []
+    monkeypatch.setattr(fp8norm.dispatch, "dequant_fp8_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shard(src, tmp_path / "o", 4, 4, "--requant")  # 4 ranks x (weight, scale) outputs, one source
+    assert len(calls) == 1
+    full = reference.dequant_fp8_block(q, s, out_dtype=torch.float32)
+    r = load(tmp_path / "o" / "model3-mp4.safetensors")
+    q3, s3 = reference.quant_fp8_block(full[:, 288:].contiguous())
+    assert torch.equal(r["layers.0.attn.wo.weight"].view(torch.uint8), q3.view(torch.uint8))
+    assert torch.equal(r["layers.0.attn.wo.scale"], s3)
 
 
 @pytest.mark.parametrize("case,expected", [

@@ -1,4 +1,4 @@
-"""HF <-> Megatron-Core layout (fp8norm.shard_mcore): round trips, hand-checked rank contents, FP8 tiles,
+"""HF <-> Megatron-Core layout (fp8norm.shard.mcore): round trips, hand-checked rank contents, FP8 tiles,
 errors before writing, requantization and per-module memory."""
 
 import json
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from fp8norm import numerics as nx
 from fp8norm.reference import dequant_fp8_block, quant_fp8_block
-from fp8norm.shard_mcore import (ITER_DIR, LAYOUT_NAME, TRACKER_NAME, hf_to_mcore, mcore_to_hf, plan_mcore,
+from fp8norm.shard.mcore import (ITER_DIR, LAYOUT_NAME, TRACKER_NAME, hf_to_mcore, mcore_to_hf, plan_mcore,
                                  rank_file)
 from tests.ckpt_utils import read_dir, same_bytes
 from tests.memory_utils import JOBS_IN_FLIGHT, track_reads

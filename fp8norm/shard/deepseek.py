@@ -9,7 +9,8 @@ router are replicated, and the MTP block's copies of the embedding and head are 
 
 Split rules per storage format:
   bf16/fp16   the weight along its parallel dim
-  FP8 block   weight and `scale` together; each split point must fall on a 128 block boundary
+  FP8 block   weight and `scale` together; each split point must fall on a block boundary (the
+              checkpoint's quantization_config.weight_block_size, default 128x128)
               (or requant=True dequantizes, splits and requantizes the pieces)
   W4A16       qweight [in/8, out], qzeros [in/g, out/8], scales [in/g, out] (stored bf16), g_idx [in]:
               column: out/N and (out/N)/8 whole; row: (in/8)/N and (in/g)/N whole, g_idx rebased
@@ -21,16 +22,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from . import dispatch
-from . import numerics as nx
-from .checkpoint import open_checkpoint
-from .output import fingerprint, json_text
-from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
-from .st_io import DTYPE_NAMES, OutEntry, TensorInfo, read_tensor
+from .. import numerics as nx
+from ..checkpoint import open_checkpoint, read_json
+from ..output import fingerprint, json_text
+from ..plan import config_block_size
+from ..st_io import OutEntry, TensorInfo, read_tensor
+from .fp8 import Cut, QuantOpts, Spec, plan_out
+from .jobs import ShardJob, ShardSummary, SliceOut, write_rank_files
 
 COLUMN, ROW = 0, 1
 # HF projection name -> (DeepSeek name, parallel dim: 0 column, 1 row, None replicated)
@@ -46,7 +49,6 @@ MAPPING: dict[str, tuple[str, int | None]] = {
     "weights_proj": ("weights_proj", 0), "attn_sink": ("attn_sink", 0), "ape": ("ape", None),
 }
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
-FP8_BLOCK = 128
 LAYOUT_NAME = "fp8norm_parallel_layout.json"
 
 
@@ -131,6 +133,8 @@ def plan_deepseek(src, mp: int, n_experts: int, *, requant: bool = False) -> tup
     if n_experts % mp:
         raise ShardError(f"--n-experts {n_experts} is not divisible by --mp {mp}")
     ckpt = open_checkpoint(src)
+    cfg_path = ckpt.root / "config.json"
+    block = config_block_size(read_json(cfg_path, "config.json") if cfg_path.is_file() else {}, cfg_path)
     local = n_experts // mp
     files = [f"model{i}-mp{mp}.safetensors" for i in range(mp)]
     jobs = []
@@ -153,9 +157,11 @@ def plan_deepseek(src, mp: int, n_experts: int, *, requant: bool = False) -> tup
         else:
             ranks, dim = list(range(mp)), m.dim
         job = ShardJob(tuple(i.name for i in m.parts.values()))
-        make_outputs = {"plain": _plain_outputs, "fp8": _fp8_outputs, "gptq": _gptq_outputs}[m.kind]
+        make_outputs = {"plain": _plain_outputs, "fp8": partial(_fp8_outputs, block=block),
+                        "gptq": _gptq_outputs}[m.kind]
         for rank in ranks:
-            for entry, fn in make_outputs(m, dim, rank, mp, requant):
+            extra = {"file": files[rank]} if m.kind == "fp8" else {}
+            for entry, fn in make_outputs(m, dim, rank, mp, requant, **extra):
                 job.outputs.append(SliceOut(files[rank], entry, fn))
         jobs.append(job)
     layout = {"layout": "deepseek", "mp": mp, "n_experts": n_experts, "files": files,
@@ -184,7 +190,7 @@ def _plain_outputs(m: Module, dim, rank, mp, requant):
     yield OutEntry(m.name, info.dtype, shape), lambda s, n=info.name, d=dim, sl=sl: _narrow(s[n], d, sl)
 
 
-def _fp8_outputs(m: Module, dim, rank, mp, requant):
+def _fp8_outputs(m: Module, dim, rank, mp, requant, block=nx.DEFAULT_BLOCK_SIZE, file=None):
     w, sc = m.parts["weight"], m.parts["scale"]
     scale_name = m.name.removesuffix(".weight") + ".scale"
     if dim is None:
@@ -195,28 +201,16 @@ def _fp8_outputs(m: Module, dim, rank, mp, requant):
     if size % mp:
         raise _err(m, w, f"{'output' if dim == 0 else 'input'} dim {size} is not divisible by the "
                          "model-parallel size", mp)
-    piece = size // mp
     sl = _piece(size, mp, rank)
-    shape = tuple(piece if d == dim else s for d, s in enumerate(w.shape))
-    if piece % FP8_BLOCK == 0:  # split on block boundaries: bytes and scale tiles carried as they are
-        ssl = slice(sl.start // FP8_BLOCK, sl.stop // FP8_BLOCK)
-        sshape = tuple(ssl.stop - ssl.start if d == dim else s for d, s in enumerate(sc.shape))
-        yield OutEntry(m.name, w.dtype, shape), lambda s, n=w.name, d=dim, sl=sl: _narrow(s[n], d, sl)
-        yield OutEntry(scale_name, sc.dtype, sshape), lambda s, n=sc.name, d=dim, sl=ssl: _narrow(s[n], d, sl)
-        return
-    if not requant:
-        raise _err(m, w, f"splitting {'rows' if dim == 0 else 'columns'} into pieces of {piece} does not fall on "
-                         f"{FP8_BLOCK}-wide FP8 blocks (use --requant to dequantize and requantize)", mp)
-    sdtype = {"F32": torch.float32, "BF16": torch.bfloat16}.get(sc.dtype, torch.float32)
-
-    def requantized(s, which, n=w.name, ns=sc.name, d=dim, sl=sl):
-        full = dispatch.dequant_fp8_block(s[n], s[ns], out_dtype=torch.float32)
-        q, scale = dispatch.quant_fp8_block(_narrow(full, d, sl).contiguous(), scale_dtype=sdtype)
-        return q if which == "q" else scale
-
-    yield OutEntry(m.name, "F8_E4M3", shape), lambda s: requantized(s, "q")
-    yield (OutEntry(scale_name, DTYPE_NAMES[sdtype], nx.scale_inv_shape(shape, nx.DEFAULT_BLOCK_SIZE)),
-           lambda s: requantized(s, "s"))
+    # the FP8 engine carries block-aligned pieces byte for byte, requantizes the others (requant=True)
+    opts = QuantOpts(requant, nx.DEFAULT_AMAX_FLOOR, False, block, "use --requant to dequantize and requantize")
+    spec = {w.name: Spec(w.name, w.dtype, w.shape, sc.name, sc.dtype, sc.shape)}
+    try:
+        out = plan_out(file, m.name, [Cut(w.name, sl.start, sl.stop, 0, dim)], spec, f"split over mp={mp}", opts)
+    except ValueError as e:
+        raise ShardError(f"{w.file.name}: tensor {w.name!r} {list(w.shape)}: {e}") from None
+    yield OutEntry(m.name, out.dtype, out.shape), out.make
+    yield OutEntry(scale_name, out.scale[0], out.scale[1]), out.scale[2]
 
 
 def _gptq_outputs(m: Module, dim, rank, mp, requant):

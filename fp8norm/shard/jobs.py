@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SourceCheckpoint
-from .engine import Job, run_jobs
-from .st_io import OutEntry
+from ..checkpoint import SourceCheckpoint
+from ..engine import Job, run_jobs
+from ..st_io import OutEntry
 
 
 @dataclass

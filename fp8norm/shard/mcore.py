@@ -4,7 +4,7 @@
 (PP) and expert (EP) parallel ranks under Megatron-Core names; `mcore_to_hf` puts it back together.
 `plan_mcore` / `plan_mcore_to_hf` build the job lists and raise a ValueError for every divisibility or
 FP8 block-alignment problem before anything is written. Execution goes through
-`shard_io.write_rank_files`: every rank file is streamed at once and memory holds one module's source
+`shard.jobs.write_rank_files` (the output engine): every rank file is streamed at once and memory holds one module's source
 tensors (e.g. one layer's q, k and v) at a time.
 
 Folder layout written by `hf_to_mcore` (DST)::
@@ -73,21 +73,18 @@ pieces from the first replica (TP rank 0 / EP rank 0 where replicated).
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from . import numerics as nx
-from .checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
-from .plan import config_block_size
-from .output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
-from .shard_io import ShardJob, ShardSummary, SliceOut, write_rank_files
-from .sizes import parse_size
-from .st_io import DTYPES, FP8_DTYPES, OutEntry, read_header
+from .. import numerics as nx
+from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
+from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
+from ..plan import config_block_size
+from ..sizes import parse_size
+from ..st_io import read_header
+from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, scale_inv_name, specs_from_table
+from .jobs import ShardJob, ShardSummary, write_rank_files
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "plan_mcore", "plan_mcore_to_hf", "McorePlan", "LAYOUT_NAME",
            "LAYOUT_FORMAT", "ITER_DIR", "TRACKER_NAME", "rank_dir", "rank_file"]
@@ -98,7 +95,6 @@ LAYOUT_VERSION = 1
 ITERATION = 0
 ITER_DIR = f"iter_{ITERATION:07d}"
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
-SCALE_SUFFIX = "_scale_inv"
 KEY_SEP = "::"  # "<rank file>::<tensor name>": keys of MCore tensors read back by mcore_to_hf
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -398,197 +394,14 @@ class _Mapper:
         return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# From pieces to jobs (direction-independent): a destination tensor is the concatenation of cuts.
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """A source tensor as the planner sees it."""
-    name: str  # display name
-    dtype: str
-    shape: tuple
-    scale_key: str | None = None
-    scale_dtype: str | None = None
-    scale_shape: tuple | None = None
-
-
-@dataclass(frozen=True)
-class _Cut:
-    src: str  # key of the source tensor
-    lo: int
-    hi: int
-    at: int
-    axis: int
-
-
-@dataclass
-class _Out:
-    """A planned destination tensor (and its scale when FP8)."""
-    file: str | None
-    name: str
-    dtype: str
-    shape: tuple
-    make: Callable
-    scale: tuple[str, tuple, Callable] | None = None  # (dtype, shape, make)
-    requant: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        n = math.prod(self.shape) * DTYPES[self.dtype].itemsize
-        if self.scale:
-            n += math.prod(self.scale[1]) * DTYPES[self.scale[0]].itemsize
-        return n
-
-
-@dataclass
-class _QuantOpts:
-    requant: bool
-    amax_epsilon: float
-    pow2_scales: bool
-    block: tuple[int, int]
-    hint: str  # what to do about a misaligned piece
-
-
-def _cat(parts: list[torch.Tensor], axis: int) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, axis)
-
-
-def _grid(shape: tuple, block: tuple[int, int]) -> tuple:
-    return tuple(nx.scale_inv_shape(tuple(shape), block))
-
-
-def _plan_out(file: str | None, name: str, cuts: list[_Cut], specs: dict[str, _Spec], rule: str,
-              opts: _QuantOpts) -> _Out:
-    cuts = sorted(cuts, key=lambda c: c.at)
-    axis = cuts[0].axis
-    first = specs[cuts[0].src]
-    pos = 0
-    for c in cuts:
-        if c.at != pos or c.axis != axis:
-            raise RuntimeError(f"internal: {name}: pieces do not tile the tensor ({cuts})")
-        pos += c.hi - c.lo
-        sp = specs[c.src]
-        if sp.dtype != first.dtype:
-            raise ValueError(f"{name}: joins {first.name} ({first.dtype}) and {sp.name} ({sp.dtype}); {rule}, so "
-                             "they must have the same dtype")
-        if (sp.scale_key is None) != (first.scale_key is None):
-            raise ValueError(f"{name}: joins {first.name} and {sp.name}, of which only one has block scales "
-                             f"({SCALE_SUFFIX}); {rule}, so both must be FP8 or neither")
-        if len(sp.shape) != len(first.shape) or any(
-                a != b for d, (a, b) in enumerate(zip(sp.shape, first.shape)) if d != axis):
-            raise ValueError(f"{name}: joins {first.name} {list(first.shape)} and {sp.name} {list(sp.shape)} along "
-                             f"dim {axis}; their other dims differ")
-    shape = tuple(pos if d == axis else n for d, n in enumerate(first.shape))
-    if first.scale_key is None:
-        def make(srcs, cuts=cuts, axis=axis):
-            return _cat([srcs[c.src].narrow(axis, c.lo, c.hi - c.lo) for c in cuts], axis)
-        return _Out(file, name, first.dtype, shape, make)
-
-    # FP8: carry bytes and scale tiles when every cut is block-aligned, else requantize (if allowed).
-    b = opts.block[axis]
-    problems = []
-    for idx, c in enumerate(cuts):
-        sp = specs[c.src]
-        n = sp.shape[axis]
-        last = idx == len(cuts) - 1 and c.hi == n
-        if c.lo % b or c.at % b or ((c.hi - c.lo) % b and not last):
-            unit = "rows" if axis == 0 else "columns"
-            problems.append(f"{sp.name} {sp.dtype} {list(sp.shape)}: {rule}; its {unit} [{c.lo}, {c.hi}) go to "
-                            f"{unit} [{c.at}, {c.at + c.hi - c.lo}) of {name}, which is not on the {b}-{unit[:-1]} "
-                            "FP8 block grid")
-    scale_dtypes = {specs[c.src].scale_dtype for c in cuts}
-    if len(scale_dtypes) > 1 and not problems:
-        problems.append(f"{name}: joins FP8 tensors whose scales have different dtypes {sorted(scale_dtypes)}")
-    scale_dtype = first.scale_dtype
-    scale_shape = _grid(shape, opts.block)
-    if not problems:
-        def make_w(srcs, cuts=cuts, axis=axis):
-            return _cat([srcs[c.src].narrow(axis, c.lo, c.hi - c.lo) for c in cuts], axis)
-
-        def make_s(srcs, cuts=cuts, axis=axis, b=b):
-            return _cat([srcs[specs[c.src].scale_key].narrow(axis, c.lo // b, -(-c.hi // b) - c.lo // b)
-                         for c in cuts], axis)
-        return _Out(file, name, first.dtype, shape, make_w, (scale_dtype, scale_shape, make_s))
-    if not opts.requant:
-        raise ValueError("FP8 split not on a block boundary: " + problems[0] + ". " + opts.hint)
-    if first.dtype != "F8_E4M3" or any(DTYPES[specs[c.src].scale_dtype] not in nx.SCALE_DTYPES for c in cuts):
-        raise ValueError(f"{name}: needs requantization ({problems[0]}), which supports F8_E4M3 weights with "
-                         f"F32/BF16/F8_E8M0 scales only, not {first.dtype} with {sorted(scale_dtypes)} scales")
-    if DTYPES[scale_dtype] not in nx.SCALE_DTYPES:
-        scale_dtype = "F32"
-    fmt = "ue8m0" if (opts.pow2_scales or scale_dtype == "F8_E8M0") else "float"
-    key = ("requant", file, name)
-
-    def make_rq(srcs, cuts=cuts, axis=axis):
-        from .dispatch import dequant_fp8_block, quant_fp8_block
-
-        parts = []
-        for c in cuts:
-            dq = srcs.get(("dequant", c.src))
-            if dq is None:
-                dq = srcs[("dequant", c.src)] = dequant_fp8_block(
-                    srcs[c.src], srcs[specs[c.src].scale_key], block_size=opts.block, out_dtype=torch.float32)
-            parts.append(dq.narrow(axis, c.lo, c.hi - c.lo))
-        q, s = quant_fp8_block(_cat(parts, axis).contiguous(), block_size=opts.block, scale_fmt=fmt,
-                               scale_dtype=DTYPES[scale_dtype], amax_floor=opts.amax_epsilon)
-        srcs[key] = s
-        return q
-
-    def make_rs(srcs):
-        return srcs.pop(key)
-    return _Out(file, name, "F8_E4M3", shape, make_rq, (scale_dtype, scale_shape, make_rs), requant=True)
-
-
-def _specs_from_table(table: dict[str, tuple[str, tuple]], block, key=lambda n: n) -> tuple[
-        dict[str, tuple[str, tuple]], dict[str, _Spec]]:
-    """Split a {name: (dtype, shape)} table into weights and their scales; checks FP8 weight/scale pairs."""
-    weights, specs = {}, {}
-    for name, (dtype, shape) in table.items():
-        if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in table:
-            continue
-        weights[name] = (dtype, tuple(shape))
-    for name, (dtype, shape) in weights.items():
-        sname = name + SCALE_SUFFIX
-        if sname in table:
-            sdtype, sshape = table[sname][0], tuple(table[sname][1])
-            if dtype not in FP8_DTYPES:
-                raise ValueError(f"{sname} is a block scale of {name}, which is {dtype}, not FP8")
-            if len(shape) != 2 or sshape != _grid(shape, block):
-                want = list(_grid(shape, block)) if len(shape) == 2 else "a 2-D weight"
-                raise ValueError(f"{sname} {list(sshape)}: expected {want} for the FP8 weight {name} {list(shape)} "
-                                 f"with {block[0]}x{block[1]} blocks")
-            specs[key(name)] = _Spec(name, dtype, shape, key(sname), sdtype, sshape)
-        else:
-            if dtype in FP8_DTYPES:
-                raise ValueError(f"{name} is {dtype} but {sname} (its block scales) is missing")
-            specs[key(name)] = _Spec(name, dtype, shape)
-    return weights, specs
-
-
-def _forward_outs(groups: list[Group], specs: dict[str, _Spec], opts: _QuantOpts) -> list[tuple[Group, list[_Out]]]:
+def _forward_outs(groups: list[Group], specs: dict[str, Spec], opts: QuantOpts) -> list[tuple[Group, list[Out]]]:
     result = []
     for g in groups:
-        by_dst: dict[tuple[str, str], list[_Cut]] = {}
+        by_dst: dict[tuple[str, str], list[Cut]] = {}
         for p in g.pieces:
-            by_dst.setdefault((p.file, p.mc), []).append(_Cut(p.hf, p.start, p.stop, p.at, p.axis))
-        result.append((g, [_plan_out(f, mc, cuts, specs, g.rule, opts) for (f, mc), cuts in by_dst.items()]))
+            by_dst.setdefault((p.file, p.mc), []).append(Cut(p.hf, p.start, p.stop, p.at, p.axis))
+        result.append((g, [plan_out(f, mc, cuts, specs, g.rule, opts) for (f, mc), cuts in by_dst.items()]))
     return result
-
-
-def _scale_name(name: str) -> str:
-    return name + SCALE_SUFFIX
-
-
-def _job(sources: list[str], outs: list[_Out], specs: dict[str, _Spec]) -> ShardJob:
-    srcs = list(dict.fromkeys(sources))
-    scales = [specs[s].scale_key for s in srcs if specs[s].scale_key]
-    job = ShardJob(tuple(srcs + scales))
-    for o in outs:
-        job.outputs.append(SliceOut(o.file, OutEntry(o.name, o.dtype, o.shape), o.make))
-        if o.scale:
-            job.outputs.append(SliceOut(o.file, OutEntry(_scale_name(o.name), o.scale[0], o.scale[1]), o.scale[2]))
-    return job
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -624,13 +437,13 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
     cfg = _read_config(ckpt.root)
     block = config_block_size(cfg, ckpt.root / "config.json")
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
-    weights, specs = _specs_from_table(table, block)
+    weights, specs = specs_from_table(table, block)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
-    opts = _QuantOpts(requant, amax_epsilon, pow2_scales, block,
+    opts = QuantOpts(requant, amax_epsilon, pow2_scales, block,
                       "Pass requant=True (--requant) to dequantize and requantize the misaligned pieces, or "
                       f"choose a parallel size for which every piece is a multiple of {block[0]}x{block[1]}")
     planned = _forward_outs(mapper.groups, specs, opts)
-    jobs = [_job(g.hf, outs, specs) for g, outs in planned]
+    jobs = [job_of(g.hf, outs, specs) for g, outs in planned]
     requantized = [f"{o.file}{KEY_SEP}{o.name}" for _, outs in planned for o in outs if o.requant]
     layout = _layout(mapper, ckpt, cfg, table, specs, block, grouped_gemm, requantized, amax_epsilon, pow2_scales)
     copy = [p for p in ckpt.other_files if p.name not in (MANIFEST_NAME, LAYOUT_NAME, TRACKER_NAME)]
@@ -639,9 +452,9 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
                      after={LAYOUT_NAME: json_text(layout), TRACKER_NAME: f"{ITERATION}\n"})
 
 
-def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: dict[str, _Spec], block,
+def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: dict[str, Spec], block,
             grouped_gemm: bool, requantized: list[str], amax_epsilon: float, pow2_scales: bool) -> dict:
-    from . import __version__
+    from .. import __version__
 
     tp, pp, ep = m.tp, m.pp, m.ep
     experts = None
@@ -727,17 +540,17 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     cfg = layout["source"]["config"]
     block = tuple(layout["fp8"]["block_size"])
     table = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in layout["source"]["tensors"]}
-    weights, hf_specs = _specs_from_table(table, block)
+    weights, hf_specs = specs_from_table(table, block)
     mapper = _Mapper(weights, cfg, layout["tp"], layout["pp"], layout["ep"], layout["pipeline_layers"],
                      layout["grouped_gemm"])
     # What the rank files must hold: the forward plan (requantization allowed) of the stored source table.
     expected: dict[str, tuple[str, tuple]] = {}
-    fwd = _forward_outs(mapper.groups, hf_specs, _QuantOpts(True, amax_epsilon, False, block, ""))
+    fwd = _forward_outs(mapper.groups, hf_specs, QuantOpts(True, amax_epsilon, False, block, ""))
     for _, outs in fwd:
         for o in outs:
             expected[f"{o.file}{KEY_SEP}{o.name}"] = (o.dtype, o.shape)
             if o.scale:
-                expected[f"{o.file}{KEY_SEP}{_scale_name(o.name)}"] = (o.scale[0], o.scale[1])
+                expected[f"{o.file}{KEY_SEP}{scale_inv_name(o.name)}"] = (o.scale[0], o.scale[1])
     for key, (dtype, shape) in expected.items():
         info = ckpt.tensors.get(key)
         f, n = key.split(KEY_SEP)
@@ -751,10 +564,10 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
         raise ValueError(f"{root}: {len(extra)} tensor(s) in the rank files are not part of the layout, "
                          f"e.g. {extra[0].replace(KEY_SEP, ': ')}")
     mc_table = {k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}
-    _, mc_specs = _specs_from_table(mc_table, block)
-    mc_specs = {k: _Spec(k.replace(KEY_SEP, ": "), s.dtype, s.shape, s.scale_key, s.scale_dtype, s.scale_shape)
+    _, mc_specs = specs_from_table(mc_table, block)
+    mc_specs = {k: Spec(k.replace(KEY_SEP, ": "), s.dtype, s.shape, s.scale_key, s.scale_dtype, s.scale_shape)
                 for k, s in mc_specs.items()}
-    opts = _QuantOpts(requant, amax_epsilon, pow2_scales, block,
+    opts = QuantOpts(requant, amax_epsilon, pow2_scales, block,
                       "Pass requant=True to dequantize and requantize it"
                       + (" (this layout was written with requantization)" if layout["fp8"]["requantized"] else ""))
     planned = []
@@ -765,12 +578,12 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
             for p in sorted((p for p in g.pieces if p.hf == hf), key=lambda p: (p.start, p.stop, p.file)):
                 if p.start == covered and p.stop > covered:
                     key = f"{p.file}{KEY_SEP}{p.mc}"
-                    cuts.append(_Cut(key, p.at, p.at + p.stop - p.start, p.start, p.axis))
+                    cuts.append(Cut(key, p.at, p.at + p.stop - p.start, p.start, p.axis))
                     covered = p.stop
                     sources.append(key)
             if covered != (weights[hf][1][cuts[0].axis] if weights[hf][1] else 1):
                 raise RuntimeError(f"internal: {hf}: pieces cover {covered} of {list(weights[hf][1])}")
-            outs.append(_plan_out(None, hf, cuts, mc_specs, g.rule, opts))
+            outs.append(plan_out(None, hf, cuts, mc_specs, g.rule, opts))
         planned.append((sources, outs))
     # HF shards: source order of tensors, greedy up to max_shard_size.
     limit = parse_size(max_shard_size)
@@ -782,9 +595,9 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     for _, outs in planned:
         for o in outs:
             o.file = names[shard_of[o.name]]
-    jobs = [_job(sources, outs, mc_specs) for sources, outs in planned]
+    jobs = [job_of(sources, outs, mc_specs) for sources, outs in planned]
     requantized = [o.name for _, outs in planned for o in outs if o.requant]
-    from . import __version__
+    from .. import __version__
 
     # fp8norm.json: the source's own (copied into the MCore folder) with this step added, or a new one.
     copy = [p for p in ckpt.other_files if p != Path(PROVENANCE_NAME)]
@@ -799,7 +612,7 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     after: dict[str, str] = {}
     if n_shards > 1:
         weight_map = {n: names[shard_of[o.name]] for o in all_outs
-                      for n in ([o.name] + ([_scale_name(o.name)] if o.scale else []))}
+                      for n in ([o.name] + ([scale_inv_name(o.name)] if o.scale else []))}
         after[INDEX_NAME] = index_text(weight_map, sum(o.nbytes for o in all_outs))
     after[PROVENANCE_NAME] = json_text(prov)
     if Path("config.json") not in copy:
