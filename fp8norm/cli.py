@@ -186,6 +186,8 @@ RESUME = click.option("--resume", is_flag=True, callback=_not_with("overwrite"),
                       help="Continue an interrupted run into DST (finished shards are skipped).")
 DEVICE = click.option("--device", default="auto", show_default=True, callback=_device,
                       help="auto, cpu, cuda or cuda:N.")
+REVISION = click.option("--revision", default=None, metavar="R",
+                        help="With a Hub model id as SRC: its branch, tag or commit [default: main].")
 MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
                               help="Largest output shard: 4GB, 500MB, 4GiB.")
 
@@ -206,15 +208,21 @@ def selection_options(f):
                      help="Keep tensors whose name matches (wins over everything). Repeatable.")(f)
     f = click.option("--include", multiple=True, metavar="REGEX", callback=_patterns,
                      help="Quantize tensors whose name matches (wins over rules and reference). Repeatable.")(f)
-    f = click.option("--reference", type=click.Path(exists=True), metavar="REF",
-                     help="An FP8 checkpoint (dir or index json): quantize exactly the tensors it has scales "
-                          "for, with its block size, scale format and dtype.")(f)
+    f = click.option("--reference", metavar="REF",
+                     help="An FP8 checkpoint (dir, index json or Hub model id): quantize exactly the tensors it "
+                          "has scales for, with its block size, scale format and dtype.")(f)
+    f = REVISION(f)
     f = click.option("--scale-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
                      help="Stored scale dtype [default: float32, or the reference's].")(f)
     f = click.option("--scale-fmt", type=click.Choice(["float", "ue8m0"]), default=None,
                      help="ue8m0: power-of-two scales for Blackwell/DeepGEMM [default: float, or the "
                           "reference's].")(f)
     f = click.option("--amax-floor", type=float, default=None, help="Smallest tile amax [default: 1e-4].")(f)
+    f = click.option("--scheme", type=click.Choice(["fp8-block", "fp8-channel", "mxfp8", "mxfp4"]),
+                     default="fp8-block", show_default=True,
+                     help="fp8-block: 128x128 scales (DeepSeek layout); fp8-channel: one scale per row "
+                          "(compressed-tensors FP8_DYNAMIC); mxfp8/mxfp4: OCP MX, E8M0 scale per 32 "
+                          "(compressed-tensors).")(f)
     f = MAX_SHARD_SIZE(f)
     f = click.option("--no-repack", "no_repack", is_flag=True,
                      help="Keep the source's shard files (non-standard names are always repacked).")(f)
@@ -232,17 +240,26 @@ def selection_options(f):
     return f
 
 
+def _source(src: str, revision: str | None = None) -> str:
+    """SRC (or --reference) as a local directory: a local path as it is, a Hub model id (org/name) as its
+    snapshot in huggingface_hub's cache (fetched if needed)."""
+    from .hub import resolve
+
+    return str(resolve(src, revision))
+
+
 def _plan_options(kw):
     """The selection options of `plan` / `quantize` as the library's PlanOptions."""
     from dataclasses import fields
 
     from .plan import PlanOptions
 
+    kw = {**kw, "reference": kw["reference"] and _source(kw["reference"])}
     return PlanOptions(**{f.name: kw[f.name] for f in fields(PlanOptions) if f.name in kw}, repack=not kw["no_repack"])
 
 
 @main.command("plan")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(src, as_json, **kw):
@@ -257,12 +274,12 @@ def plan_cmd(src, as_json, **kw):
     from .plan import format_plan_table
     from .quantize import plan
 
-    p = plan(src, _plan_options(kw))
+    p = plan(_source(src, kw["revision"]), _plan_options(kw))
     click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_plan_table(p))
 
 
 @main.command("quantize")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @selection_options
 @DEVICE
@@ -284,6 +301,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     \b
     Examples:
       fp8norm quantize /models/Qwen3-8B /models/Qwen3-8B-FP8
+      fp8norm quantize Qwen/Qwen3-8B Qwen3-8B-FP8                # a Hub model id (cache, HF_HUB_OFFLINE)
       fp8norm quantize SRC DST --scale-fmt ue8m0                 # B200 / DeepGEMM
       fp8norm quantize SRC DST --reference /models/Qwen3-8B-FP8  # same tensors as an official release
       fp8norm quantize SRC DST --exclude 'mlp\\.gate\\.' --resume
@@ -291,7 +309,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     """
     from .quantize import quantize
 
-    summary = quantize(src, dst, device=device, resume=resume, overwrite=overwrite,
+    summary = quantize(_source(src, kw["revision"]), dst, device=device, resume=resume, overwrite=overwrite,
                        progress=None if not quiet else False,
                        verify_samples=0 if skip_verify else verify_samples, allow_nonfinite=allow_nonfinite,
                        options=_plan_options(kw))
@@ -321,21 +339,24 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 
 
 @main.command("convert")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--to", "to", required=True,
-              type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct"]),
+              type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct", "fp8-channel",
+                                 "mxfp8", "mxfp4"]),
               help="Target format (listed above).")
 @click.option("--keep-unaligned", is_flag=True,
               help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
 @MAX_SHARD_SIZE
 @click.option("--no-repack", "no_repack", is_flag=True, help="Keep the source's shard files.")
+@REVISION
 @DEVICE
 @RESUME
 @OVERWRITE
 @THREADS
 @QUIET
-def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device, resume, overwrite, quiet):
+def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revision, device, resume, overwrite,
+                quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
 
     \b
@@ -346,6 +367,8 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
       fp8-ct       block FP8 in the compressed-tensors layout
       nvfp4        NVFP4, ModelOpt layout (hf_quant_config.json)
       nvfp4-ct     NVFP4, compressed-tensors nvfp4-pack-quantized
+      fp8-channel  FP8, one scale per row (compressed-tensors FP8_DYNAMIC)
+      mxfp8, mxfp4 OCP MX, E8M0 scale per 32 (compressed-tensors); from bf16 or FP8
     \b
     Examples:
       fp8norm convert /models/DeepSeek-V3 /models/DeepSeek-V3-bf16 --to bf16
@@ -353,7 +376,7 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, device,
     """
     from .convert import convert
 
-    summary = convert(src, dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
+    summary = convert(_source(src, revision), dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                       repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
                       progress=None if not quiet else False)
     _report(summary, dst)

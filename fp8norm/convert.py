@@ -10,6 +10,9 @@ same streaming pipeline as `quantize` (reader, writer, resume, progress, plan).
                weight_scale_2)
   nvfp4-ct     NVFP4 in the compressed-tensors `nvfp4-pack-quantized` layout (weight_packed,
                weight_scale, weight_global_scale)
+  fp8-channel, mxfp8, mxfp4
+               per-channel FP8 / OCP MXFP8 / MXFP4 in compressed-tensors layouts (see fp8norm.schemes),
+               from bf16 or block FP8; `bf16`/`fp16` read them back
 
 NVFP4 sources may be bf16 (the quantize rule table picks the linears) or FP8 (fused dequant ->
 NVFP4). q/k/v, gate/up and w1/w3 of one module share one global scale (engines fuse them); a fused
@@ -20,14 +23,13 @@ of 16 are an error naming them, or stay as they are with `keep_unaligned`.
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__, dispatch
+from . import __version__, dispatch, schemes
 from . import numerics as nx
 from .checkpoint import open_checkpoint, read_json
 from .classify import FP8, KEEP, fused_group_key, heuristic_rule, quantizable
@@ -37,7 +39,7 @@ from .plan import Plan, QuantSettings, TensorPlan, check_fp8_sources, config_blo
 from .sizes import parse_size
 from .st_io import FP8_DTYPES, OutEntry, read_tensor
 
-TARGETS = ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct")
+TARGETS = ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct", *schemes.CT_SCHEMES)
 NVFP4_GROUP = 16
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
@@ -45,6 +47,7 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 DEQUANT, RELABEL, UE8M0, NVFP4 = "dequant", "relabel", "ue8m0", "nvfp4"
 DEQUANT_NVFP4 = "dequant-nvfp4"
 NVFP4_SOURCES = ("nvfp4", "nvfp4-ct")  # ModelOpt, compressed-tensors nvfp4-pack-quantized
+SCHEME = "scheme"  # to fp8-channel / mxfp8 / mxfp4 (fp8norm.schemes)
 
 
 class ConvertError(ValueError):
@@ -53,7 +56,7 @@ class ConvertError(ValueError):
 
 @dataclass(frozen=True)
 class SourceFormat:
-    kind: str  # "fp8-block" (weight_scale_inv), "fp8-ct" (weight_scale) or "unquantized"
+    kind: str  # "fp8-block" (weight_scale_inv), "fp8-ct" (weight_scale), "unquantized", or a CT scheme
     block_size: tuple[int, int]
     scale_suffix: str
 
@@ -68,6 +71,9 @@ def detect_source(tensors: dict, config: dict) -> SourceFormat:
     if qc.get("quant_method") == "compressed-tensors":
         groups = list((qc.get("config_groups") or {}).values())
         w = (groups[0].get("weights") or {}) if groups else {}
+        scheme = _ct_scheme_of(w)
+        if scheme:
+            return SourceFormat(scheme, nx.DEFAULT_BLOCK_SIZE, "_scale")
         if w.get("strategy") != "block" or w.get("num_bits") != 8:
             raise ConvertError(f"compressed-tensors source with weights {w}: only FP8 block is read here")
         return SourceFormat("fp8-ct", tuple(w.get("block_structure") or nx.DEFAULT_BLOCK_SIZE), "_scale")
@@ -76,6 +82,18 @@ def detect_source(tensors: dict, config: dict) -> SourceFormat:
         return SourceFormat("unquantized", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
     block = tuple(qc.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     return SourceFormat("fp8-block", block, "_scale_inv")
+
+
+def _ct_scheme_of(weights: dict) -> str | None:
+    """The fp8norm scheme a compressed-tensors weights config describes (None: not one of them)."""
+    if weights.get("type") != "float":
+        return None
+    if weights.get("num_bits") == 8 and weights.get("strategy") == "channel":
+        return schemes.CHANNEL
+    if weights.get("strategy") == "group" and weights.get("group_size") == 32 and \
+            str(weights.get("scale_dtype")) in ("torch.uint8", "uint8"):
+        return {8: schemes.MXFP8, 4: schemes.MXFP4}.get(weights.get("num_bits"))
+    return None
 
 
 def _module(name: str) -> str:
@@ -126,12 +144,20 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
     nvfp4_parts = {p for parts in nvfp4.values() for p in parts[:2]}
     scale_of = {n: n + fmt.scale_suffix for n, i in tensors.items()
                 if i.dtype in FP8_DTYPES and n + fmt.scale_suffix in tensors and n not in nvfp4_parts}
+    if fmt.kind == schemes.MXFP4:  # packed E2M1 bytes are U8: weight_packed -> weight_scale
+        scale_of = {n: _module_of_packed(n) + ".weight_scale" for n in tensors
+                    if n.endswith(".weight_packed") and _module_of_packed(n) + ".weight_scale" in tensors}
     missing = [n for n, i in tensors.items() if i.dtype in FP8_DTYPES and n not in scale_of and n not in nvfp4_parts]
     if missing:
         raise ConvertError(f"{tensors[missing[0]].file.name}: FP8 tensor {missing[0]!r} has no "
                            f"{missing[0]}{fmt.scale_suffix} ({len(missing)} such tensor(s))")
-    check_fp8_sources(ckpt, scale_of, fmt.block_size)
+    if fmt.kind in schemes.CT_SCHEMES:
+        schemes.check_sources(ckpt, scale_of, fmt.kind)
+    else:
+        check_fp8_sources(ckpt, scale_of, fmt.block_size)
     consumed = set(scale_of.values()) | nvfp4_parts
+    if fmt.kind in schemes.CT_SCHEMES and to not in ("bf16", "fp16"):
+        raise ConvertError(f"{src}: is {fmt.kind}; it converts to bf16 or fp16 only")
     if to in ("bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct") and not scale_of and not nvfp4:
         raise ConvertError(f"{src}: holds no FP8 weights to convert to {to} (use `fp8norm quantize` for bf16)")
     if to == "fp8" and fmt.kind != "fp8-ct":
@@ -154,8 +180,20 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
                                     inputs=(name, ws, gs), extra_in_bytes=tensors[ws].nbytes + tensors[gs].nbytes))
             continue
         if scale and to in ("bf16", "fp16"):
-            decision, rule = DEQUANT, f"fp8->{to}"
-            outputs = [OutEntry(name, "BF16" if to == "bf16" else "F16", info.shape)]
+            decision, rule = DEQUANT, f"{'fp8' if fmt.kind not in schemes.CT_SCHEMES else fmt.kind}->{to}"
+            out_name, shape = name, info.shape
+            if fmt.kind == schemes.MXFP4:
+                out_name, shape = _module_of_packed(name) + ".weight", (*info.shape[:-1], 2 * info.shape[-1])
+            outputs = [OutEntry(out_name, "BF16" if to == "bf16" else "F16", shape)]
+        elif to in schemes.CT_SCHEMES and (scale or (fmt.kind == "unquantized" and _nvfp4_candidate(name, info))):
+            kept = schemes.kept_reason(to, name, info.shape)
+            if kept:
+                decision, rule = KEEP, kept
+                if scale:
+                    outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
+            else:
+                decision, rule = SCHEME, f"{'fp8' if scale else 'bf16'}->{to}"
+                outputs = schemes.output_entries(name, info.shape, to)
         elif scale and to in ("fp8", "fp8-ct"):
             suffix = "_scale_inv" if to == "fp8" else "_scale"
             decision, rule = RELABEL, f"fp8-layout->{to}"
@@ -182,6 +220,13 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
             outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
         plans.append(TensorPlan(name, info.dtype, info.shape, decision, rule, info.file.name, outputs,
                                 inputs=inputs if scale else (), extra_in_bytes=extra))
+    if to in schemes.CT_SCHEMES:
+        def keep(t, reason):
+            t.decision, t.rule = KEEP, reason
+            t.outputs = [OutEntry(t.name, t.dtype, t.shape)] + (
+                [OutEntry(t.inputs[1], tensors[t.inputs[1]].dtype, tensors[t.inputs[1]].shape)] if t.inputs else [])
+        schemes.keep_fused_partners([t for t in plans if t.rule != "not-quantized"], lambda t: t.decision == SCHEME,
+                                    keep)
     if unaligned and not keep_unaligned:
         i = tensors[unaligned[0]]
         raise ConvertError(f"{i.file.name}: tensor {unaligned[0]!r} {list(i.shape)}: input dimension not a multiple "
@@ -238,9 +283,19 @@ def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: to
             wscale2 = torch.reciprocal(wscale2.float()).reshape(wscale2.shape[:-1])
         out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
         return [dispatch.dequant_nvfp4(packed, wscale, wscale2, out_dtype=out_dtype).cpu()]
+    if t.decision == SCHEME:
+        try:
+            outs = schemes.quantize_weight(plan.convert_to, xs[0].to(device),
+                                           src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
+                                           src_block_size=block, name=t.name)
+        except ValueError as e:
+            raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
+        return [o.cpu() for o in outs]
     q, scale = xs[0].to(device), xs[1].to(device)
     if t.decision == DEQUANT:
         out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
+        if plan.source_format.kind in schemes.CT_SCHEMES:
+            return [schemes.dequantize_weight(plan.source_format.kind, q, scale, out_dtype).cpu()]
         return [dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=out_dtype).cpu()]
     if t.decision == UE8M0:
         if nx.is_power_of_two(scale):
@@ -285,8 +340,22 @@ def _converted_modules(plan: Plan) -> list[str]:
     return sorted(_module(t.name) for t in plan.tensors if t.decision != KEEP or t.rule == "fp8-carried")
 
 
-def _ct_targets(plan: Plan) -> list[str]:
-    return [f"re:^{re.escape(m)}$" for m in _converted_modules(plan)]
+def _module_of_packed(name: str) -> str:
+    return name.removesuffix(".weight_packed")
+
+
+def _ct_ignore(plan: Plan) -> list[str]:
+    """Class targets (`Linear`) select every linear; the kept ones are ignored by collapsed patterns.
+    (One `re:^exact$` target per module made compressed-tensors' matching quadratic: minutes for a
+    few thousand linears.)"""
+    return schemes.ignore_patterns(_kept_weight_modules(plan), _converted_modules(plan))
+
+
+def _kept_weight_modules(plan: Plan) -> list[str]:
+    """Every module whose `.weight` stays unquantized, whatever its rank: compressed-tensors' name-based
+    readers take any `X.weight` (X not ending in "norm") for a Linear under a `Linear` target."""
+    return sorted(t.name.removesuffix(".weight") for t in plan.tensors
+                  if t.decision == KEEP and t.name.endswith(".weight") and t.dtype not in FP8_DTYPES)
 
 
 def target_config(cfg: dict, plan: Plan) -> dict:
@@ -313,6 +382,9 @@ def target_config(cfg: dict, plan: Plan) -> dict:
                 "dynamic": True}
         cfg["quantization_config"] = _ct_config("float-quantized", weights, acts, plan)
         return cfg
+    if to in schemes.CT_SCHEMES:
+        cfg["quantization_config"] = ct_quantization_config(to, plan)
+        return cfg
     if to == "nvfp4-ct":
         weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": NVFP4_GROUP,
                    "symmetric": True, "dynamic": False}
@@ -324,9 +396,15 @@ def target_config(cfg: dict, plan: Plan) -> dict:
 
 def _ct_config(fmt: str, weights: dict, acts: dict | None, plan: Plan) -> dict:
     return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": _ct_targets(plan), "weights": weights,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                           "input_activations": acts, "output_activations": None, "format": fmt}},
-            "ignore": plan.kept_linear_modules(), "kv_cache_scheme": None}
+            "ignore": _ct_ignore(plan), "kv_cache_scheme": None}
+
+
+def ct_quantization_config(scheme: str, plan: Plan) -> dict:
+    """quantization_config of a checkpoint in one of fp8norm.schemes' compressed-tensors layouts."""
+    weights, acts = schemes.ct_scheme_args(scheme)
+    return _ct_config(schemes.CT_FORMAT[scheme], weights, acts, plan)
 
 
 def modelopt_quantization(plan: Plan) -> dict:

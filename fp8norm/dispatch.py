@@ -84,3 +84,27 @@ def dequant_nvfp4(packed, weight_scale, weight_scale_2, *, out_dtype: torch.dtyp
 def nvfp4_amax(x: torch.Tensor, *, src_scale_inv=None, src_block_size=nx.DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """The amax quant_nvfp4 would use: fp32, 0-dim for 2D, [E] for 3D (for joint global scales)."""
     return _impl(x).nvfp4_amax(x, src_scale_inv=src_scale_inv, src_block_size=src_block_size)
+
+
+def quant_fp8_channel(x: torch.Tensor, *, scale_fmt: str = "float", scale_dtype: torch.dtype = torch.float32,
+                      amax_floor: float = nx.DEFAULT_AMAX_FLOOR, src_scale_inv=None,
+                      src_block_size=nx.DEFAULT_BLOCK_SIZE):
+    """Per-channel FP8 (one fp32 scale per row) on the backend chosen for x's device: `(q, scale [..., M, 1])`.
+    An FP8 x with its block scales `src_scale_inv` is requantized in one pass."""
+    return _impl(x).quant_fp8_channel(x, scale_fmt=scale_fmt, scale_dtype=scale_dtype, amax_floor=amax_floor,
+                                      src_scale_inv=src_scale_inv, src_block_size=src_block_size)
+
+
+def dequant_fp8_channel(q: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16):
+    return _impl(q).dequant_fp8_channel(q, scale, out_dtype=out_dtype)
+
+
+def quant_mx(x: torch.Tensor, *, fmt: str = "mxfp8", rule: str = "ocp", src_scale_inv=None,
+             src_block_size=nx.DEFAULT_BLOCK_SIZE):
+    """MXFP8/MXFP4 (blocks of 32, E8M0 scales) on the backend chosen for x's device: `(elements, scale codes)`."""
+    return _impl(x).quant_mx(x, fmt=fmt, rule=rule, src_scale_inv=src_scale_inv, src_block_size=src_block_size)
+
+
+def dequant_mx(stored: torch.Tensor, scale: torch.Tensor, *, fmt: str = "mxfp8",
+               out_dtype: torch.dtype = torch.bfloat16):
+    return _impl(stored).dequant_mx(stored, scale, fmt=fmt, out_dtype=out_dtype)

@@ -31,7 +31,8 @@ __all__ = ["execute_plan", "RunSummary", "resolve_device", "quantize_tensor", "O
 
 
 _VERBS = {"fp8": "quantized", "keep": "kept", "passthrough": "passed through", "dequant": "dequantized",
-          "relabel": "relabelled", "ue8m0": "to ue8m0 scales", "nvfp4": "to NVFP4"}
+          "relabel": "relabelled", "ue8m0": "to ue8m0 scales", "nvfp4": "to NVFP4",
+          "scheme": "quantized"}
 
 
 @dataclass

@@ -142,6 +142,7 @@ class Plan:
     source_format: object = None
     global_amax: dict | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.schemes)
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.shard == shard]
@@ -222,6 +223,7 @@ class PlanOptions:
     mse_grid: int = 50
     activation_stats: str | Path | None = None
     allow_nonfinite: bool = False
+    scheme: str = "fp8-block"  # applied by quantize.plan() (fp8norm.schemes)
 
 
 def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) -> Plan:
@@ -364,4 +366,6 @@ def format_plan_table(plan: Plan) -> str:
             f"scales: {s.scale_fmt}, {s.scale_dtype}, blocks {s.block_size[0]}x{s.block_size[1]}, "
             f"amax floor {s.amax_floor:g}, calibration {s.calib.describe()}"
             f"{' weighted by activation stats' if s.activation_stats_sha256 else ''}"]
+    if plan.scheme != "fp8-block":  # the scheme's own scales (fp8norm.schemes), not the block settings
+        out[-1] = f"scheme: {plan.scheme} (compressed-tensors layout; see fp8norm/schemes.py)"
     return "\n".join(out)

@@ -164,6 +164,14 @@ def dequant_fp8_block(
     return out
 
 
+# Public names of the chunking helpers, for the other twins' modules.
+ChunkBuffer, matrices = _ChunkBuffer, _matrices
+
 from .nvfp4 import dequant_nvfp4, nvfp4_amax, quant_nvfp4  # noqa: E402  (needs the helpers above)
 
 __all__ += ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax"]
+
+from .fp8_channel import dequant_fp8_channel, quant_fp8_channel  # noqa: E402
+from .mx import dequant_mx, quant_mx  # noqa: E402
+
+__all__ += ["quant_fp8_channel", "dequant_fp8_channel", "quant_mx", "dequant_mx"]

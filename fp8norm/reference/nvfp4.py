@@ -133,3 +133,7 @@ def dequant_nvfp4(
             d = w2[r0:r1].float().mul_(s2_all[e]).unsqueeze(2)
             o2[r0:r1] = (v * d).view(rows, n)
     return out
+
+
+# Public names of the row helpers, for the other twins' modules.
+row_ranges, src_scale_rows = _row_ranges, _src_scale_rows

@@ -1,0 +1,164 @@
+"""The numeric rules of MXFP8 and MXFP4 (OCP Microscaling), shared by the Triton kernels and the twins.
+
+OCP Microscaling Formats (MX) Specification v1.0 (Sept 2023), section 5 and 6.3: a block of k = 32
+consecutive elements along the input (last) dim shares one E8M0 scale X (a biased power of two,
+code 255 = NaN); elements are E4M3 (MXFP8) or E2M1 (MXFP4); value = X * element. The spec's
+conversion (6.3) picks
+
+    X = 2^(floor(log2(max_i |V_i|)) - emax_elem)       emax_elem = 8 (E4M3), 2 (E2M1)
+    P_i = quantize_to_element_format(V_i / X)            round to nearest even, saturating at the max normal
+
+so a block whose amax mantissa exceeds the element's max mantissa (E4M3 448 = 1.75 * 2^8, E2M1 6 = 1.5 * 2^2)
+saturates its largest elements. compressed-tensors / llm-compressor (`generate_mx_scales`,
+compressed_tensors/quantization/utils/mxfp_utils.py) instead round amax to a power of two first,
+up when its mantissa is >= 1.75 (`round_to_power_2` with the E2M1 mantissa width, for MXFP4 and MXFP8
+alike), then subtract emax_elem. Readers (compressed-tensors' `decompress_mx_scale`, vLLM) only
+decode X = 2^(code - 127): both rules are read the same. `rule="ocp"` (default) is the spec;
+`rule="ct"` gives llm-compressor's bytes.
+
+Stored layout (compressed-tensors `mxfp8-quantized` / `mxfp4-pack-quantized`, read by vLLM):
+  MXFP8: `weight` float8_e4m3fn [..., M, N],    `weight_scale` uint8 [..., M, N/32] (E8M0 codes)
+  MXFP4: `weight_packed` uint8 [..., M, N/2] (element 2k in the low nibble, as NVFP4),
+         `weight_scale` uint8 [..., M, N/32]
+Scale codes are clamped to [0, 254]: an all-zero block gets code 0 (2^-127), as compressed-tensors
+stores it; a block holding NaN/Inf gets 255 and the wrappers raise naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import numerics as nx
+from . import numerics_nvfp4 as n4
+
+MX_BLOCK = 32
+E8M0_BIAS = 127
+E8M0_NAN = 255
+SCALE_RULES = ("ocp", "ct")
+# compressed-tensors' round_to_power_2 on fp32 bits: + 1 << (23 - 1 - 1) bumps the exponent when the
+# top two mantissa bits are set (mantissa >= 1.75).
+CT_ROUND_ADD = 1 << 21
+
+
+@dataclass(frozen=True)
+class MXFormat:
+    name: str
+    emax: int  # exponent of the element format's largest normal
+    elem_bits: int
+
+    def packed_cols(self, n: int) -> int:
+        return n if self.elem_bits == 8 else n // 2
+
+
+MXFP8 = MXFormat("mxfp8", 8, 8)
+MXFP4 = MXFormat("mxfp4", 2, 4)
+FORMATS = {f.name: f for f in (MXFP8, MXFP4)}
+INPUT_DTYPES = nx.INPUT_DTYPES  # plus float8_e4m3fn with its block scales
+OUT_DTYPES = nx.OUT_DTYPES
+
+
+def mx_format(fmt) -> MXFormat:
+    if isinstance(fmt, MXFormat):
+        return fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
+    return FORMATS[fmt]
+
+
+def check_rule(rule: str) -> bool:
+    """True for the compressed-tensors rounding."""
+    if rule not in SCALE_RULES:
+        raise ValueError(f"rule must be one of {SCALE_RULES}, got {rule!r}")
+    return rule == "ct"
+
+
+def scale_codes(block_amax: torch.Tensor, fmt: MXFormat, round_up: bool) -> torch.Tensor:
+    """fp32 block amax -> int32 E8M0 codes: the amax's biased exponent (its floor(log2) + 127, 0 for
+    zero and fp32 subnormals) minus emax_elem, clamped to [0, 254]; 255 for a non-finite amax."""
+    bits = block_amax.float().contiguous().view(torch.int32)
+    if round_up:
+        bits = bits + CT_ROUND_ADD
+    code = (((bits >> 23) & 0xFF) - fmt.emax).clamp(0, 254)
+    return torch.where(torch.isfinite(block_amax), code, E8M0_NAN)
+
+
+def scale_value(codes: torch.Tensor) -> torch.Tensor:
+    """E8M0 codes (0..254) -> fp32 2^(code - 127), exactly (code 0 is the subnormal 2^-127)."""
+    c = codes.to(torch.int32)
+    bits = torch.where(c == 0, 1 << 22, c << 23)
+    return bits.view(torch.float32)
+
+
+def inverse_scale(codes: torch.Tensor) -> torch.Tensor:
+    """fp32 2^(127 - code) for codes 0..253 (a normal fp32 number), so `x * inverse == x / X`."""
+    return ((254 - codes.to(torch.int32).clamp(0, 253)) << 23).view(torch.float32)
+
+
+def encode_elements(v: torch.Tensor, fmt: MXFormat) -> torch.Tensor:
+    """fp32 values already divided by X -> stored elements: e4m3 (saturating RNE) or packed E2M1 bytes."""
+    if fmt.elem_bits == 8:
+        return nx.saturate_e4m3(v)
+    return n4.pack_codes(n4.e2m1_codes(v))
+
+
+def decode_elements(stored: torch.Tensor, fmt: MXFormat) -> torch.Tensor:
+    """Stored elements -> fp32 element values (E2M1 code 8 is -0.0)."""
+    if fmt.elem_bits == 8:
+        return stored.float()
+    return n4.e2m1_table(stored.device)[n4.unpack_codes(stored).long()]
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    *lead, m, n = shape
+    return (*lead, m, n // MX_BLOCK)
+
+
+def packed_shape(shape: tuple[int, ...], fmt: MXFormat) -> tuple[int, ...]:
+    *lead, m, n = shape
+    return (*lead, m, fmt.packed_cols(n))
+
+
+def check_quant_args(x, fmt, rule, src_scale_inv, src_block_size):
+    """Validate quant_mx's arguments (kernel and twin alike).
+
+    Returns (MXFormat, round_up, src scales as contiguous fp32 or None, src_block_size)."""
+    fmt = mx_format(fmt)
+    round_up = check_rule(rule)
+    src_sf, src_block_size = n4.check_amax_args(x, src_scale_inv, src_block_size)
+    if x.shape[-1] % MX_BLOCK:
+        raise ValueError(f"MX formats need the last dim to be a multiple of {MX_BLOCK}: x has shape "
+                         f"{tuple(x.shape)}")
+    return fmt, round_up, src_sf, src_block_size
+
+
+def check_dequant_args(stored, scale, fmt, out_dtype):
+    """Validate dequant_mx's arguments; returns (MXFormat, N)."""
+    fmt = mx_format(fmt)
+    want = torch.float8_e4m3fn if fmt.elem_bits == 8 else torch.uint8
+    if stored.dtype != want:
+        raise TypeError(f"{fmt.name} elements must be {want}, got {stored.dtype}")
+    if scale.dtype != torch.uint8:
+        raise TypeError(f"scale must be uint8 E8M0 codes, got {scale.dtype}")
+    if stored.dim() not in (2, 3):
+        raise ValueError(f"elements must be 2D or 3D, got shape {tuple(stored.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    *lead, m, cols = stored.shape
+    n = cols if fmt.elem_bits == 8 else 2 * cols
+    if tuple(scale.shape) != (*lead, m, n // MX_BLOCK) or n % MX_BLOCK:
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(*lead, m, n // MX_BLOCK)} for "
+                         f"{fmt.name} elements {tuple(stored.shape)}")
+    if scale.device != stored.device:
+        raise ValueError(f"scale is on {scale.device}, elements on {stored.device}")
+    return fmt, n
+
+
+def raise_if_nan_scales(scale: torch.Tensor) -> None:
+    """Blocks holding NaN/Inf input get the E8M0 NaN code; name the first such block."""
+    bad = scale == E8M0_NAN
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"input has non-finite values (NaN or Inf) in {int(bad.sum())} block(s) of "
+                         f"{MX_BLOCK}, first at scale index {first}; refusing to quantize")
