@@ -61,14 +61,19 @@ def check_block_scale(scale, x, block_size, what, min_value):
     return sf.contiguous()
 
 
-def check_dequant_args(q, scale_inv, block_size, out_dtype):
-    """Validate dequant_fp8_block's arguments; returns (block_size, scale_inv as fp32)."""
+def check_e4m3_operand(q, out_dtype) -> None:
+    """An FP8 weight to dequantize (2D or stacked 3D e4m3) and the float type asked of it."""
     if q.dtype != torch.float8_e4m3fn:
         raise TypeError(f"q must be float8_e4m3fn, got {q.dtype}")
     if q.dim() not in (2, 3):
         raise ValueError(f"q must be 2D [M, N] or 3D [E, M, N], got shape {tuple(q.shape)}")
     if out_dtype not in nx.OUT_DTYPES:
         raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+
+
+def check_dequant_args(q, scale_inv, block_size, out_dtype):
+    """Validate dequant_fp8_block's arguments; returns (block_size, scale_inv as fp32)."""
+    check_e4m3_operand(q, out_dtype)
     block_size = check_block_size(block_size)
     expected = nx.scale_inv_shape(tuple(q.shape), block_size)
     if tuple(scale_inv.shape) != expected:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import numerics as nx
+from ._args import check_e4m3_operand
 from . import numerics_nvfp4 as n4
 
 SCALE_FMTS = nx.SCALE_FMTS
@@ -46,12 +47,7 @@ def check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv, src_b
 
 def check_dequant_args(q, scale, out_dtype) -> torch.Tensor:
     """Validate dequant_fp8_channel's arguments; returns the scale as contiguous fp32."""
-    if q.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"q must be float8_e4m3fn, got {q.dtype}")
-    if q.dim() not in (2, 3):
-        raise ValueError(f"q must be 2D [M, N] or 3D [E, M, N], got shape {tuple(q.shape)}")
-    if out_dtype not in nx.OUT_DTYPES:
-        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    check_e4m3_operand(q, out_dtype)
     if tuple(scale.shape) != scale_shape(tuple(q.shape)):
         raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {scale_shape(tuple(q.shape))} "
                          f"for q {tuple(q.shape)}")

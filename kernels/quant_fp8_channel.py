@@ -17,7 +17,8 @@ from fp8norm import numerics as nx
 from fp8norm import numerics_fp8_channel as fc
 
 from ._launch import LAUNCH_OPTIONS, kernel
-from ._numerics import E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, to_e4m3
+from ._numerics import (E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords,
+                        to_e4m3)
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import load_source
 
@@ -85,12 +86,7 @@ def dequant_fp8_channel_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_e = tl.program_id(2).to(tl.int64)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    pid_e, _, _, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
     q = load_e4m3_as_f32(q_ptr + pid_e * stride_qe + rows[:, None] * stride_qm + cols[None, :] * stride_qn, mask,
                          INTERPRET)
     sf = tl.load(s_ptr + pid_e * stride_se + rows, mask=rows < M, other=0.0)
