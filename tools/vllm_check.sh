@@ -8,7 +8,9 @@
 # vllm.LLM; every checkpoint tensor must reach vLLM's loader, every parameter must be initialized from
 # the checkpoint (vLLM's strict weights tracking), and the weights vLLM holds must equal fp8norm's
 # dequantization bit for bit. On a CPU without AMX, vLLM's CPU FP8 GEMMs cannot run: the script then
-# replaces only those (linear and MoE) with a dequantize-then-matmul emulation and says so.
+# replaces only those (linear and MoE) with a dequantize-then-matmul emulation and says so. A scheme
+# whose config vLLM parses but for which its CPU build has no kernel (MXFP8/MXFP4 linears, per-channel
+# FP8 MoE in 0.32.0) is reported as NO-CPU; the exit code is 1 on any FAIL.
 #
 #   tools/vllm_check.sh                      # all schemes, both models
 #   tools/vllm_check.sh --schemes fp8-block  # a subset
