@@ -34,7 +34,7 @@ from . import numerics as nx
 from .checkpoint import open_checkpoint, read_json
 from .classify import FP8, KEEP, Decision, fused_group_key, heuristic_rule, quantizable
 from .output import PROVENANCE_NAME, json_text, provenance
-from .pipeline import RunSummary, Transform, execute_plan
+from .pipeline import RunSummary, Transform, execute_plan, resolve_device
 from .plan import Plan, QuantSettings, TensorPlan, check_fp8_sources, config_block_size, lay_out_shards
 from .sizes import parse_size
 from .st_io import FP8_DTYPES, OutEntry, read_tensor
@@ -140,8 +140,8 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
     scale_of = {n: n + fmt.scale_suffix for n, i in tensors.items()
                 if i.dtype in FP8_DTYPES and n + fmt.scale_suffix in tensors and n not in nvfp4_parts}
     if fmt.kind == schemes.MXFP4:  # packed E2M1 bytes are U8: weight_packed -> weight_scale
-        scale_of = {n: _module_of_packed(n) + ".weight_scale" for n in tensors
-                    if n.endswith(".weight_packed") and _module_of_packed(n) + ".weight_scale" in tensors}
+        scale_of = {n: n.removesuffix("_packed") + "_scale" for n in tensors
+                    if n.endswith(".weight_packed") and n.removesuffix("_packed") + "_scale" in tensors}
     missing = [n for n, i in tensors.items() if i.dtype in FP8_DTYPES and n not in scale_of and n not in nvfp4_parts]
     if missing:
         raise ConvertError(f"{tensors[missing[0]].file.name}: FP8 tensor {missing[0]!r} has no "
@@ -190,7 +190,7 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
                        extra_in_bytes=sum(tensors[n].nbytes for n in inputs[1:]))
         t.outputs = tf.outputs(t)
         plans.append(t)
-        if candidate and name not in nvfp4:
+        if candidate:
             candidates.append(t)
     if to in schemes.CT_SCHEMES:
         schemes.keep_fused_partners(candidates, SCHEME, tf)
@@ -233,96 +233,6 @@ def nvfp4_global_amax(plan: Plan, device: torch.device) -> dict[str, torch.Tenso
     return amax
 
 
-def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device,
-                   requant_errors: list | None = None) -> list[torch.Tensor]:
-    """The output tensors of one planned tensor; a requantized one's (name, relative L2 error, max abs
-    error) goes to `requant_errors` (None: a note per tensor in plan.notes)."""
-    block = plan.source_format.block_size
-    if t.decision == KEEP:
-        return xs
-    if t.decision == RELABEL:
-        return xs
-    if t.decision == NVFP4:
-        return _to_nvfp4(t, xs, plan, device)
-    if t.decision == DEQUANT_NVFP4:
-        packed, wscale, wscale2 = (x.to(device) for x in xs)
-        if plan.source_format.kind == "nvfp4-ct":  # compressed-tensors stores 1 / ModelOpt's scale_2
-            wscale2 = torch.reciprocal(wscale2.float()).reshape(wscale2.shape[:-1])
-        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
-        return [dispatch.dequant_nvfp4(packed, wscale, wscale2, out_dtype=out_dtype).cpu()]
-    if t.decision == SCHEME:
-        try:
-            outs = schemes.quantize_weight(plan.convert_to, xs[0].to(device),
-                                           src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
-                                           src_block_size=block, name=t.name)
-        except ValueError as e:
-            raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
-        return [o.cpu() for o in outs]
-    q, scale = xs[0].to(device), xs[1].to(device)
-    if t.decision == DEQUANT:
-        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
-        if plan.source_format.kind in schemes.CT_SCHEMES:
-            return [schemes.dequantize_weight(plan.source_format.kind, q, scale, out_dtype).cpu()]
-        return [dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=out_dtype).cpu()]
-    if t.decision == UE8M0:
-        if nx.is_power_of_two(scale):
-            return xs  # already powers of two: the bytes are relabelled, nothing is requantized
-        scale_dtype = scale.dtype if scale.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        q2, s2 = dispatch.quant_fp8_block(q, block_size=block, scale_fmt="ue8m0", scale_dtype=scale_dtype,
-                                          x_scale_inv=scale)
-        before = dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=torch.float32)
-        after = dispatch.dequant_fp8_block(q2, s2, block_size=block, out_dtype=torch.float32)
-        rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
-        max_abs = float((after - before).abs().max())
-        if requant_errors is None:
-            plan.notes.append(f"requant   {t.name}: relative L2 error {rel:.2e}, max abs {max_abs:.2e}")
-        else:
-            requant_errors.append((t.name, rel, max_abs))
-        return [q2.cpu(), s2.cpu()]
-    raise AssertionError(t.decision)
-
-
-class Convert(Transform):
-    """convert --to: each planned tensor by its decision, config.json and the files of the target format;
-    the requantization errors of every rank summed up in one note."""
-    skip_files = (PROVENANCE_NAME, HF_QUANT_CONFIG)
-
-    def __init__(self, to: str, tensors: dict):
-        super().__init__()
-        self.to, self.tensors = to, tensors
-
-    def outputs(self, t: TensorPlan) -> list[OutEntry]:
-        name, shape, to = t.name, t.shape, self.to
-        if t.decision in (DEQUANT, DEQUANT_NVFP4):  # a packed (U8) source holds two 4-bit values a byte
-            return [OutEntry(name.removesuffix("_packed"), "BF16" if to == "bf16" else "F16",
-                             (*shape[:-1], 2 * shape[-1]) if t.dtype == "U8" else shape)]
-        if t.decision == SCHEME:
-            return schemes.output_entries(name, shape, to)
-        if t.decision == NVFP4:
-            return _nvfp4_outputs(name, shape, to == "nvfp4-ct")
-        scales = [OutEntry(n, self.tensors[n].dtype, self.tensors[n].shape) for n in t.inputs[1:]]
-        if t.decision in (RELABEL, UE8M0):
-            scales = [OutEntry(name + ("_scale" if to == "fp8-ct" else "_scale_inv"), scales[0].dtype, scales[0].shape)]
-        return [OutEntry(name, t.dtype, shape), *scales]  # KEEP: with the scale of an FP8 weight
-
-    def apply(self, t, xs, plan, device):
-        return convert_tensor(t, xs, plan, device, self.records)
-
-    def config(self, cfg, plan):
-        return target_config(cfg, plan)
-
-    def extra_files(self, plan):
-        files = {PROVENANCE_NAME: json_text(provenance(converted_to=self.to, source_format=plan.source_format.kind,
-                                                       plan_fingerprint=plan.fingerprint()))}
-        if self.to == "nvfp4":
-            files[HF_QUANT_CONFIG] = json.dumps({"producer": {"name": "modelopt", "version": f"fp8norm-{__version__}"},
-                                                 "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
-        return files
-
-    def notes(self):
-        return [requant_summary(self.records)] if self.records else []
-
-
 def requant_summary(errors: list[tuple[str, float, float]]) -> str:
     """One line for every tensor requantized to power-of-two scales (thousands on a real MoE)."""
     rels = sorted(e[1] for e in errors)
@@ -346,10 +256,6 @@ def _to_nvfp4(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.d
 
 def _converted_modules(plan: Plan) -> list[str]:
     return sorted(schemes.module_of(t.name) for t in plan.tensors if t.decision != KEEP)
-
-
-def _module_of_packed(name: str) -> str:
-    return name.removesuffix(".weight_packed")
 
 
 def _ct_ignore(plan: Plan) -> list[str]:
@@ -418,14 +324,90 @@ def modelopt_quantization(plan: Plan) -> dict:
             "exclude_modules": plan.kept_linear_modules()}
 
 
+class Convert(Transform):
+    """convert --to: each planned tensor by its decision, config.json and the files of the target format;
+    the requantization errors of every rank summed up in one note."""
+    skip_files = (PROVENANCE_NAME, HF_QUANT_CONFIG)
+
+    def __init__(self, to: str, tensors: dict):
+        super().__init__()
+        self.to, self.tensors = to, tensors
+
+    def outputs(self, t: TensorPlan) -> list[OutEntry]:
+        name, shape, to = t.name, t.shape, self.to
+        if t.decision in (DEQUANT, DEQUANT_NVFP4):  # a packed (U8) source holds two 4-bit values a byte
+            return [OutEntry(name.removesuffix("_packed"), "BF16" if to == "bf16" else "F16",
+                             (*shape[:-1], 2 * shape[-1]) if t.dtype == "U8" else shape)]
+        if t.decision == SCHEME:
+            return schemes.output_entries(name, shape, to)
+        if t.decision == NVFP4:
+            return _nvfp4_outputs(name, shape, to == "nvfp4-ct")
+        scales = [OutEntry(n, self.tensors[n].dtype, self.tensors[n].shape) for n in t.inputs[1:]]
+        if t.decision in (RELABEL, UE8M0):
+            scales = [OutEntry(name + ("_scale" if to == "fp8-ct" else "_scale_inv"), scales[0].dtype, scales[0].shape)]
+        return [OutEntry(name, t.dtype, shape), *scales]  # KEEP: with the scale of an FP8 weight
+
+    def apply(self, t, xs, plan, device):
+        """A requantized tensor's (name, relative L2 error, max abs error) goes to `records`."""
+        block = plan.source_format.block_size
+        if t.decision in (KEEP, RELABEL):
+            return xs
+        if t.decision == NVFP4:
+            return _to_nvfp4(t, xs, plan, device)
+        if t.decision == DEQUANT_NVFP4:
+            packed, wscale, wscale2 = (x.to(device) for x in xs)
+            if plan.source_format.kind == "nvfp4-ct":  # compressed-tensors stores 1 / ModelOpt's scale_2
+                wscale2 = torch.reciprocal(wscale2.float()).reshape(wscale2.shape[:-1])
+            out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
+            return [dispatch.dequant_nvfp4(packed, wscale, wscale2, out_dtype=out_dtype).cpu()]
+        if t.decision == SCHEME:
+            try:
+                outs = schemes.quantize_weight(plan.convert_to, xs[0].to(device),
+                                               src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
+                                               src_block_size=block, name=t.name)
+            except ValueError as e:
+                raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
+            return [o.cpu() for o in outs]
+        q, scale = xs[0].to(device), xs[1].to(device)
+        if t.decision == DEQUANT:
+            out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
+            if plan.source_format.kind in schemes.CT_SCHEMES:
+                return [schemes.dequantize_weight(plan.source_format.kind, q, scale, out_dtype).cpu()]
+            return [dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=out_dtype).cpu()]
+        if t.decision == UE8M0:
+            if nx.is_power_of_two(scale):
+                return xs  # already powers of two: the bytes are relabelled, nothing is requantized
+            scale_dtype = scale.dtype if scale.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            q2, s2 = dispatch.quant_fp8_block(q, block_size=block, scale_fmt="ue8m0", scale_dtype=scale_dtype,
+                                              x_scale_inv=scale)
+            before = dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=torch.float32)
+            after = dispatch.dequant_fp8_block(q2, s2, block_size=block, out_dtype=torch.float32)
+            rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
+            max_abs = float((after - before).abs().max())
+            self.records.append((t.name, rel, max_abs))
+            return [q2.cpu(), s2.cpu()]
+        raise AssertionError(t.decision)
+
+    config = staticmethod(target_config)
+
+    def extra_files(self, plan):
+        files = {PROVENANCE_NAME: json_text(provenance(converted_to=self.to, source_format=plan.source_format.kind,
+                                                       plan_fingerprint=plan.fingerprint()))}
+        if self.to == "nvfp4":
+            files[HF_QUANT_CONFIG] = json.dumps({"producer": {"name": "modelopt", "version": f"fp8norm-{__version__}"},
+                                                 "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
+        return files
+
+    def notes(self):
+        return [requant_summary(self.records)] if self.records else []
+
+
 def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", repack=True, device="auto",
             resume=False, overwrite=False, progress=None) -> RunSummary:
     """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring)."""
     plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                               repack=repack)
     if to.startswith("nvfp4"):
-        from .pipeline import resolve_device
-
         plan.global_amax = nvfp4_global_amax(plan, resolve_device(device))
     return execute_plan(plan, Path(dst), transform=Convert(to, plan.checkpoint.tensors), device=device,
                         resume=resume, overwrite=overwrite, progress=progress)

@@ -99,10 +99,10 @@ def quantize_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: t
 
 
 class Transform:
-    """What a writing command makes of its plan, around the engine's reading and writing: the output
-    tensors of a planned tensor (`outputs`, when planning; `apply`, when running), config.json
-    (`config`), the files written beside it (`extra_files`; `skip_files`: source files not copied),
-    and lines for the summary (`notes`). This base copies every tensor as it is (repack)."""
+    """What a writing command makes of its plan: the output tensors of a planned tensor (`outputs` when
+    planning, `apply` when running: in the order of t.outputs), config.json (`config`), the files
+    written beside it (`extra_files`; `skip_files`: source files not copied) and summary lines from
+    `records` (`notes`). This base copies every tensor as it is (repack)."""
     skip_files: tuple[str, ...] = ()
 
     def __init__(self):
@@ -112,7 +112,6 @@ class Transform:
         return [OutEntry(t.name, t.dtype, t.shape)]
 
     def apply(self, t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
-        """The output tensors of `t` from its inputs `xs`, in the order of t.outputs."""
         return xs
 
     def config(self, cfg: dict, plan: Plan) -> dict:
@@ -122,12 +121,11 @@ class Transform:
         return {}
 
     def notes(self) -> list[str]:
-        """Summary lines from `records` (every rank's, once the run is over)."""
         return []
 
 
 class BlockQuantize(Transform):
-    """Block FP8 (fp8norm.numerics) for the tensors planned fp8, the others as they are."""
+    """Block FP8 for the tensors planned fp8, the others as they are."""
 
     def apply(self, t, xs, plan, device):
         return quantize_tensor(t, xs, plan, device)
@@ -138,13 +136,8 @@ class _Callables(BlockQuantize):
 
     def __init__(self, apply, config, extra_files, skip_files):
         super().__init__()
-        self.fn, self.config_fn, self.extra, self.skip_files = apply, config, dict(extra_files or {}), skip_files
-
-    def apply(self, t, xs, plan, device):
-        return self.fn(t, xs, plan, device) if self.fn else super().apply(t, xs, plan, device)
-
-    def config(self, cfg, plan):
-        return self.config_fn(cfg, plan) if self.config_fn else cfg
+        self.skip_files, self.extra = skip_files, dict(extra_files or {})
+        self.apply, self.config = apply or self.apply, config or self.config
 
     def extra_files(self, plan):
         return self.extra
