@@ -22,19 +22,12 @@ from .st_io import FLOAT_DTYPES, FP8_DTYPES, TensorInfo
 
 
 class Decision(str, enum.Enum):
-    """What is done to a tensor; a str, so plan JSON, tables and fingerprints read the value."""
-    FP8 = "fp8"
-    KEEP = "keep"
-    PASSTHROUGH = "passthrough"
-    # `fp8norm convert` (fp8norm.convert)
-    DEQUANT = "dequant"
-    DEQUANT_NVFP4 = "dequant-nvfp4"
-    RELABEL = "relabel"
-    UE8M0 = "ue8m0"
-    NVFP4 = "nvfp4"
-    SCHEME = "scheme"  # to fp8-channel / mxfp8 / mxfp4 (fp8norm.schemes)
-    __str__ = str.__str__
-    __format__ = str.__format__
+    """What is done to a tensor; a str, so plan JSON, tables and fingerprints show its value."""
+    FP8, KEEP, PASSTHROUGH = "fp8", "keep", "passthrough"
+    # `fp8norm convert`; SCHEME: to fp8-channel / mxfp8 / mxfp4 (fp8norm.schemes)
+    DEQUANT, DEQUANT_NVFP4, RELABEL = "dequant", "dequant-nvfp4", "relabel"
+    UE8M0, NVFP4, SCHEME = "ue8m0", "nvfp4", "scheme"
+    __str__, __format__ = str.__str__, str.__format__
 
 
 FP8, KEEP, PASSTHROUGH = Decision.FP8, Decision.KEEP, Decision.PASSTHROUGH

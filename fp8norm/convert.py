@@ -242,18 +242,6 @@ def requant_summary(errors: list[tuple[str, float, float]]) -> str:
             f"{max(e[2] for e in errors):.2e}")
 
 
-def _to_nvfp4(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
-    """bf16 or FP8 (+ its block scales, dequantized in the same pass) -> NVFP4 with the joint amax."""
-    x = xs[0].to(device)
-    src_scale = xs[1].to(device) if len(xs) > 1 else None
-    packed, wscale, wscale2 = dispatch.quant_nvfp4(x, global_amax=plan.global_amax[t.name].to(device),
-                                                   src_scale_inv=src_scale,
-                                                   src_block_size=plan.source_format.block_size)
-    if plan.convert_to == "nvfp4-ct":
-        wscale2 = torch.reciprocal(wscale2).reshape(t.outputs[2].shape)
-    return [packed.cpu(), wscale.cpu(), wscale2.cpu()]
-
-
 def _converted_modules(plan: Plan) -> list[str]:
     return sorted(schemes.module_of(t.name) for t in plan.tensors if t.decision != KEEP)
 
@@ -350,19 +338,24 @@ class Convert(Transform):
     def apply(self, t, xs, plan, device):
         """A requantized tensor's (name, relative L2 error, max abs error) goes to `records`."""
         block = plan.source_format.block_size
+        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16  # of a dequantized tensor
         if t.decision in (KEEP, RELABEL):
             return xs
-        if t.decision == NVFP4:
-            return _to_nvfp4(t, xs, plan, device)
+        if t.decision == NVFP4:  # bf16, or FP8 dequantized in the same pass, with the joint amax
+            packed, wscale, wscale2 = dispatch.quant_nvfp4(
+                xs[0].to(device), global_amax=plan.global_amax[t.name].to(device),
+                src_scale_inv=xs[1].to(device) if len(xs) > 1 else None, src_block_size=block)
+            if self.to == "nvfp4-ct":
+                wscale2 = torch.reciprocal(wscale2).reshape(t.outputs[2].shape)
+            return [packed.cpu(), wscale.cpu(), wscale2.cpu()]
         if t.decision == DEQUANT_NVFP4:
             packed, wscale, wscale2 = (x.to(device) for x in xs)
             if plan.source_format.kind == "nvfp4-ct":  # compressed-tensors stores 1 / ModelOpt's scale_2
                 wscale2 = torch.reciprocal(wscale2.float()).reshape(wscale2.shape[:-1])
-            out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
             return [dispatch.dequant_nvfp4(packed, wscale, wscale2, out_dtype=out_dtype).cpu()]
         if t.decision == SCHEME:
             try:
-                outs = schemes.quantize_weight(plan.convert_to, xs[0].to(device),
+                outs = schemes.quantize_weight(self.to, xs[0].to(device),
                                                src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
                                                src_block_size=block, name=t.name)
             except ValueError as e:
@@ -370,7 +363,6 @@ class Convert(Transform):
             return [o.cpu() for o in outs]
         q, scale = xs[0].to(device), xs[1].to(device)
         if t.decision == DEQUANT:
-            out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
             if plan.source_format.kind in schemes.CT_SCHEMES:
                 return [schemes.dequantize_weight(plan.source_format.kind, q, scale, out_dtype).cpu()]
             return [dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=out_dtype).cpu()]
