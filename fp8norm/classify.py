@@ -12,20 +12,32 @@ every fp8 decision. The rule that decided is recorded with each tensor and shown
 
 from __future__ import annotations
 
+import enum
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 from .st_io import FLOAT_DTYPES, FP8_DTYPES, TensorInfo
 
-FP8, KEEP, PASSTHROUGH = "fp8", "keep", "passthrough"
+
+
+class Decision(str, enum.Enum):
+    """What is done to a tensor; a str, so plan JSON, tables and fingerprints show its value."""
+    FP8, KEEP, PASSTHROUGH = "fp8", "keep", "passthrough"
+    # `fp8norm convert`; SCHEME: to fp8-channel / mxfp8 / mxfp4 (fp8norm.schemes)
+    DEQUANT, DEQUANT_NVFP4, RELABEL = "dequant", "dequant-nvfp4", "relabel"
+    UE8M0, NVFP4, SCHEME = "ue8m0", "nvfp4", "scheme"
+    __str__, __format__ = str.__str__, str.__format__
+
+
+FP8, KEEP, PASSTHROUGH = Decision.FP8, Decision.KEEP, Decision.PASSTHROUGH
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
 
 
 @dataclass(frozen=True)
 class Rule:
     name: str
-    decision: str
+    decision: Decision
     pattern: str  # re.search on the tensor name
     why: str
 
@@ -82,9 +94,9 @@ class ClassificationError(ValueError):
 
 
 @dataclass
-class Decision:
-    decision: str
-    rule: str
+class Choice:
+    decision: Decision
+    rule: str  # why, for display only
 
 
 def heuristic_rule(name: str) -> Rule:
@@ -124,7 +136,7 @@ def classify(
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     allow_mismatch: bool = False,
-) -> dict[str, Decision]:
+) -> dict[str, Choice]:
     """Decide every tensor; raises ClassificationError for reference mismatches and split fused modules."""
     include_rx = [(p, re.compile(p)) for p in include]
     exclude_rx = [(p, re.compile(p)) for p in exclude]
@@ -133,42 +145,42 @@ def classify(
         ref_quantized = {b for n in reference_names if (b := _scale_base(n)) is not None}
         _check_reference_names(tensors, reference_names, allow_mismatch)
 
-    out: dict[str, Decision] = {}
+    out: dict[str, Choice] = {}
     for name, info in tensors.items():
         if info.dtype in FP8_DTYPES:
             check_fp8_scale(name, info, tensors, block_size)
-            out[name] = Decision(PASSTHROUGH, "already-fp8")
+            out[name] = Choice(PASSTHROUGH, "already-fp8")
             continue
         base = _scale_base(name)
         if base is not None and base in tensors and tensors[base].dtype in FP8_DTYPES:
-            out[name] = Decision(PASSTHROUGH, "scale-of-fp8")
+            out[name] = Choice(PASSTHROUGH, "scale-of-fp8")
             continue
         hit = next((f"exclude:{p}" for p, rx in exclude_rx if rx.search(name)), None)
         if hit:
-            out[name] = Decision(KEEP, hit)
+            out[name] = Choice(KEEP, hit)
             continue
         hit = next((f"include:{p}" for p, rx in include_rx if rx.search(name)), None)
         if hit:
             why = quantizable(info, block_size)
             if why:
                 raise ClassificationError(f"tensor {name!r} matches {hit} but cannot be quantized: {why}")
-            out[name] = Decision(FP8, hit)
+            out[name] = Choice(FP8, hit)
             continue
         if ref_quantized is not None:
             if name in ref_quantized:
                 why = quantizable(info, block_size)
                 if why:
                     raise ClassificationError(f"tensor {name!r} is FP8 in the reference but here {why}")
-                out[name] = Decision(FP8, "reference")
+                out[name] = Choice(FP8, "reference")
             else:
-                out[name] = Decision(KEEP, "reference")
+                out[name] = Choice(KEEP, "reference")
             continue
         rule = heuristic_rule(name)
         if rule.decision == FP8 and quantizable(info, block_size):
-            out[name] = Decision(KEEP, f"{rule.name}:smaller-than-block" if len(info.shape) >= 2
+            out[name] = Choice(KEEP, f"{rule.name}:smaller-than-block" if len(info.shape) >= 2
                                  and info.dtype in FLOAT_DTYPES else f"{rule.name}:not-a-weight")
         else:
-            out[name] = Decision(rule.decision, rule.name)
+            out[name] = Choice(rule.decision, rule.name)
     check_fused_groups(out)
     return out
 
@@ -195,7 +207,7 @@ def fused_group_key(name: str) -> tuple[str, str] | None:
     return None
 
 
-def check_fused_groups(decisions: dict[str, Decision]) -> None:
+def check_fused_groups(decisions: dict[str, Choice]) -> None:
     """q/k/v, MLA q_a/kv_a, gate/up and w1/w3 of one module: all FP8 or none (engines fuse them)."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for name in decisions:

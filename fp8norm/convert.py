@@ -32,9 +32,9 @@ import torch
 from . import __version__, dispatch, schemes
 from . import numerics as nx
 from .checkpoint import open_checkpoint, read_json
-from .classify import FP8, KEEP, fused_group_key, heuristic_rule, quantizable
+from .classify import FP8, KEEP, Decision, fused_group_key, heuristic_rule, quantizable
 from .output import PROVENANCE_NAME, json_text, provenance
-from .pipeline import RunSummary, execute_plan
+from .pipeline import RunSummary, Transform, execute_plan, resolve_device
 from .plan import Plan, QuantSettings, TensorPlan, check_fp8_sources, config_block_size, lay_out_shards
 from .sizes import parse_size
 from .st_io import FP8_DTYPES, OutEntry, read_tensor
@@ -44,10 +44,9 @@ NVFP4_GROUP = 16
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
 # decisions of a convert plan
-DEQUANT, RELABEL, UE8M0, NVFP4 = "dequant", "relabel", "ue8m0", "nvfp4"
-DEQUANT_NVFP4 = "dequant-nvfp4"
+DEQUANT, DEQUANT_NVFP4, RELABEL, UE8M0, NVFP4, SCHEME = (Decision.DEQUANT, Decision.DEQUANT_NVFP4, Decision.RELABEL,
+                                                         Decision.UE8M0, Decision.NVFP4, Decision.SCHEME)
 NVFP4_SOURCES = ("nvfp4", "nvfp4-ct")  # ModelOpt, compressed-tensors nvfp4-pack-quantized
-SCHEME = "scheme"  # to fp8-channel / mxfp8 / mxfp4 (fp8norm.schemes)
 
 
 class ConvertError(ValueError):
@@ -96,16 +95,12 @@ def _ct_scheme_of(weights: dict) -> str | None:
     return None
 
 
-def _module(name: str) -> str:
-    return name[: -len(".weight")] if name.endswith(".weight") else name
-
-
 def _nvfp4_outputs(name: str, shape: tuple[int, ...], ct: bool) -> list[OutEntry]:
     packed_shape = (*shape[:-1], shape[-1] // 2)
     scale_shape = (*shape[:-1], shape[-1] // NVFP4_GROUP)
     global_shape = tuple(shape[:-2]) if len(shape) == 3 else (() if not ct else (1,))
     if ct:
-        m = _module(name)
+        m = schemes.module_of(name)
         return [OutEntry(f"{m}.weight_packed", "U8", packed_shape), OutEntry(f"{m}.weight_scale", "F8_E4M3", scale_shape),
                 OutEntry(f"{m}.weight_global_scale", "F32", global_shape)]
     return [OutEntry(name, "U8", packed_shape), OutEntry(name + "_scale", "F8_E4M3", scale_shape),
@@ -145,8 +140,8 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
     scale_of = {n: n + fmt.scale_suffix for n, i in tensors.items()
                 if i.dtype in FP8_DTYPES and n + fmt.scale_suffix in tensors and n not in nvfp4_parts}
     if fmt.kind == schemes.MXFP4:  # packed E2M1 bytes are U8: weight_packed -> weight_scale
-        scale_of = {n: _module_of_packed(n) + ".weight_scale" for n in tensors
-                    if n.endswith(".weight_packed") and _module_of_packed(n) + ".weight_scale" in tensors}
+        scale_of = {n: n.removesuffix("_packed") + "_scale" for n in tensors
+                    if n.endswith(".weight_packed") and n.removesuffix("_packed") + "_scale" in tensors}
     missing = [n for n, i in tensors.items() if i.dtype in FP8_DTYPES and n not in scale_of and n not in nvfp4_parts]
     if missing:
         raise ConvertError(f"{tensors[missing[0]].file.name}: FP8 tensor {missing[0]!r} has no "
@@ -162,71 +157,43 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
         raise ConvertError(f"{src}: holds no FP8 weights to convert to {to} (use `fp8norm quantize` for bf16)")
     if to == "fp8" and fmt.kind != "fp8-ct":
         raise ConvertError(f"{src}: is already block FP8 in the DeepSeek/transformers layout")
-    plans = []
-    unaligned = []
+    tf = Convert(to, tensors)
+    plans, candidates, unaligned = [], [], []
     for name, info in tensors.items():
         if name in consumed:
             continue
         scale = scale_of.get(name)
-        inputs, extra = (name,), 0
-        if scale:
-            inputs, extra = (name, scale), tensors[scale].nbytes
-        decision, rule, outputs = KEEP, "not-quantized", [OutEntry(name, info.dtype, info.shape)]
+        inputs = (name, *nvfp4[name][:2]) if name in nvfp4 else (name, scale) if scale else ()
+        candidate = bool(scale) or (fmt.kind == "unquantized" and _nvfp4_candidate(name, info))
         if name in nvfp4:
-            ws, gs, out_name = nvfp4[name]
-            plans.append(TensorPlan(name, info.dtype, info.shape, DEQUANT_NVFP4, f"nvfp4->{to}", info.file.name,
-                                    [OutEntry(out_name, "BF16" if to == "bf16" else "F16",
-                                              (*info.shape[:-1], 2 * info.shape[-1]))],
-                                    inputs=(name, ws, gs), extra_in_bytes=tensors[ws].nbytes + tensors[gs].nbytes))
-            continue
-        if scale and to in ("bf16", "fp16"):
+            decision, rule = DEQUANT_NVFP4, f"nvfp4->{to}"
+        elif scale and to in ("bf16", "fp16"):
             decision, rule = DEQUANT, f"{'fp8' if fmt.kind not in schemes.CT_SCHEMES else fmt.kind}->{to}"
-            out_name, shape = name, info.shape
-            if fmt.kind == schemes.MXFP4:
-                out_name, shape = _module_of_packed(name) + ".weight", (*info.shape[:-1], 2 * info.shape[-1])
-            outputs = [OutEntry(out_name, "BF16" if to == "bf16" else "F16", shape)]
-        elif to in schemes.CT_SCHEMES and (scale or (fmt.kind == "unquantized" and _nvfp4_candidate(name, info))):
+        elif candidate and to in schemes.CT_SCHEMES:
             kept = schemes.kept_reason(to, name, info.shape)
-            if kept:
-                decision, rule = KEEP, kept
-                if scale:
-                    outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
-            else:
-                decision, rule = SCHEME, f"{'fp8' if scale else 'bf16'}->{to}"
-                outputs = schemes.output_entries(name, info.shape, to)
+            decision, rule = (KEEP, kept) if kept else (SCHEME, f"{'fp8' if scale else 'bf16'}->{to}")
         elif scale and to in ("fp8", "fp8-ct"):
-            suffix = "_scale_inv" if to == "fp8" else "_scale"
             decision, rule = RELABEL, f"fp8-layout->{to}"
-            outputs = [OutEntry(name, info.dtype, info.shape), OutEntry(name + suffix, tensors[scale].dtype,
-                                                                         tensors[scale].shape)]
         elif scale and to == "fp8-ue8m0":
             decision, rule = UE8M0, "fp8->fp8-ue8m0"
-            outputs = [OutEntry(name, info.dtype, info.shape),
-                       OutEntry(name + "_scale_inv", tensors[scale].dtype, tensors[scale].shape)]
-        elif to.startswith("nvfp4") and (scale or (fmt.kind == "unquantized" and _nvfp4_candidate(name, info))):
-            if info.shape[-1] % NVFP4_GROUP or (to == "nvfp4-ct" and len(info.shape) == 3):
-                # compressed-tensors has no layout for fused 3D expert tensors: they stay as they are
-                if info.shape[-1] % NVFP4_GROUP:
-                    unaligned.append(name)
-                decision = KEEP
-                rule = "nvfp4:unaligned-kept" if info.shape[-1] % NVFP4_GROUP else "nvfp4-ct:fused-3d-kept"
-                if scale:
-                    outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
+        elif candidate and to.startswith("nvfp4"):
+            if info.shape[-1] % NVFP4_GROUP:
+                decision, rule = KEEP, "nvfp4:unaligned-kept"
+                unaligned.append(name)
+            elif to == "nvfp4-ct" and len(info.shape) == 3:  # compressed-tensors has no layout for fused 3D experts
+                decision, rule = KEEP, "nvfp4-ct:fused-3d-kept"
             else:
                 decision, rule = NVFP4, f"{'fp8' if scale else 'bf16'}->{to}"
-                outputs = _nvfp4_outputs(name, info.shape, to == "nvfp4-ct")
-        elif scale:  # FP8 weight the target does not touch: carried with its scale
-            decision, rule = KEEP, "fp8-carried"
-            outputs.append(OutEntry(scale, tensors[scale].dtype, tensors[scale].shape))
-        plans.append(TensorPlan(name, info.dtype, info.shape, decision, rule, info.file.name, outputs,
-                                inputs=inputs if scale else (), extra_in_bytes=extra))
+        else:  # every target takes an FP8 weight with its scale (above): this one is not quantized
+            decision, rule = KEEP, "not-quantized"
+        t = TensorPlan(name, info.dtype, info.shape, decision, rule, info.file.name, [], inputs=inputs,
+                       extra_in_bytes=sum(tensors[n].nbytes for n in inputs[1:]))
+        t.outputs = tf.outputs(t)
+        plans.append(t)
+        if candidate:
+            candidates.append(t)
     if to in schemes.CT_SCHEMES:
-        def keep(t, reason):
-            t.decision, t.rule = KEEP, reason
-            t.outputs = [OutEntry(t.name, t.dtype, t.shape)] + (
-                [OutEntry(t.inputs[1], tensors[t.inputs[1]].dtype, tensors[t.inputs[1]].shape)] if t.inputs else [])
-        schemes.keep_fused_partners([t for t in plans if t.rule != "not-quantized"], lambda t: t.decision == SCHEME,
-                                    keep)
+        schemes.keep_fused_partners(candidates, SCHEME, tf)
     if unaligned and not keep_unaligned:
         i = tensors[unaligned[0]]
         raise ConvertError(f"{i.file.name}: tensor {unaligned[0]!r} {list(i.shape)}: input dimension not a multiple "
@@ -266,55 +233,6 @@ def nvfp4_global_amax(plan: Plan, device: torch.device) -> dict[str, torch.Tenso
     return amax
 
 
-def convert_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device,
-                   requant_errors: list | None = None) -> list[torch.Tensor]:
-    """The output tensors of one planned tensor; a requantized one's (name, relative L2 error, max abs
-    error) goes to `requant_errors` (None: a note per tensor in plan.notes)."""
-    block = plan.source_format.block_size
-    if t.decision == KEEP:
-        return xs
-    if t.decision == RELABEL:
-        return xs
-    if t.decision == NVFP4:
-        return _to_nvfp4(t, xs, plan, device)
-    if t.decision == DEQUANT_NVFP4:
-        packed, wscale, wscale2 = (x.to(device) for x in xs)
-        if plan.source_format.kind == "nvfp4-ct":  # compressed-tensors stores 1 / ModelOpt's scale_2
-            wscale2 = torch.reciprocal(wscale2.float()).reshape(wscale2.shape[:-1])
-        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
-        return [dispatch.dequant_nvfp4(packed, wscale, wscale2, out_dtype=out_dtype).cpu()]
-    if t.decision == SCHEME:
-        try:
-            outs = schemes.quantize_weight(plan.convert_to, xs[0].to(device),
-                                           src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
-                                           src_block_size=block, name=t.name)
-        except ValueError as e:
-            raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
-        return [o.cpu() for o in outs]
-    q, scale = xs[0].to(device), xs[1].to(device)
-    if t.decision == DEQUANT:
-        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16
-        if plan.source_format.kind in schemes.CT_SCHEMES:
-            return [schemes.dequantize_weight(plan.source_format.kind, q, scale, out_dtype).cpu()]
-        return [dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=out_dtype).cpu()]
-    if t.decision == UE8M0:
-        if nx.is_power_of_two(scale):
-            return xs  # already powers of two: the bytes are relabelled, nothing is requantized
-        scale_dtype = scale.dtype if scale.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        q2, s2 = dispatch.quant_fp8_block(q, block_size=block, scale_fmt="ue8m0", scale_dtype=scale_dtype,
-                                          x_scale_inv=scale)
-        before = dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=torch.float32)
-        after = dispatch.dequant_fp8_block(q2, s2, block_size=block, out_dtype=torch.float32)
-        rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
-        max_abs = float((after - before).abs().max())
-        if requant_errors is None:
-            plan.notes.append(f"requant   {t.name}: relative L2 error {rel:.2e}, max abs {max_abs:.2e}")
-        else:
-            requant_errors.append((t.name, rel, max_abs))
-        return [q2.cpu(), s2.cpu()]
-    raise AssertionError(t.decision)
-
-
 def requant_summary(errors: list[tuple[str, float, float]]) -> str:
     """One line for every tensor requantized to power-of-two scales (thousands on a real MoE)."""
     rels = sorted(e[1] for e in errors)
@@ -324,24 +242,8 @@ def requant_summary(errors: list[tuple[str, float, float]]) -> str:
             f"{max(e[2] for e in errors):.2e}")
 
 
-def _to_nvfp4(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
-    """bf16 or FP8 (+ its block scales, dequantized in the same pass) -> NVFP4 with the joint amax."""
-    x = xs[0].to(device)
-    src_scale = xs[1].to(device) if len(xs) > 1 else None
-    packed, wscale, wscale2 = dispatch.quant_nvfp4(x, global_amax=plan.global_amax[t.name].to(device),
-                                                   src_scale_inv=src_scale,
-                                                   src_block_size=plan.source_format.block_size)
-    if plan.convert_to == "nvfp4-ct":
-        wscale2 = torch.reciprocal(wscale2).reshape(t.outputs[2].shape)
-    return [packed.cpu(), wscale.cpu(), wscale2.cpu()]
-
-
 def _converted_modules(plan: Plan) -> list[str]:
-    return sorted(_module(t.name) for t in plan.tensors if t.decision != KEEP or t.rule == "fp8-carried")
-
-
-def _module_of_packed(name: str) -> str:
-    return name.removesuffix(".weight_packed")
+    return sorted(schemes.module_of(t.name) for t in plan.tensors if t.decision != KEEP)
 
 
 def _ct_ignore(plan: Plan) -> list[str]:
@@ -362,11 +264,9 @@ def target_config(cfg: dict, plan: Plan) -> dict:
     """config.json for the target format."""
     cfg = dict(cfg)
     to = plan.convert_to
-    old = cfg.pop("quantization_config", None) or {}
+    cfg.pop("quantization_config", None)
     bm, bn = plan.source_format.block_size
     if to in ("bf16", "fp16"):
-        if plan.tensors and any(t.rule == "fp8-carried" for t in plan.tensors):
-            cfg["quantization_config"] = old
         return cfg
     if to in ("fp8", "fp8-ue8m0"):
         qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [bm, bn],
@@ -412,29 +312,94 @@ def modelopt_quantization(plan: Plan) -> dict:
             "exclude_modules": plan.kept_linear_modules()}
 
 
+class Convert(Transform):
+    """convert --to: each planned tensor by its decision, config.json and the files of the target format;
+    the requantization errors of every rank summed up in one note."""
+    skip_files = (PROVENANCE_NAME, HF_QUANT_CONFIG)
+
+    def __init__(self, to: str, tensors: dict):
+        super().__init__()
+        self.to, self.tensors = to, tensors
+
+    def outputs(self, t: TensorPlan) -> list[OutEntry]:
+        name, shape, to = t.name, t.shape, self.to
+        if t.decision in (DEQUANT, DEQUANT_NVFP4):  # a packed (U8) source holds two 4-bit values a byte
+            return [OutEntry(name.removesuffix("_packed"), "BF16" if to == "bf16" else "F16",
+                             (*shape[:-1], 2 * shape[-1]) if t.dtype == "U8" else shape)]
+        if t.decision == SCHEME:
+            return schemes.output_entries(name, shape, to)
+        if t.decision == NVFP4:
+            return _nvfp4_outputs(name, shape, to == "nvfp4-ct")
+        scales = [OutEntry(n, self.tensors[n].dtype, self.tensors[n].shape) for n in t.inputs[1:]]
+        if t.decision in (RELABEL, UE8M0):
+            scales = [OutEntry(name + ("_scale" if to == "fp8-ct" else "_scale_inv"), scales[0].dtype, scales[0].shape)]
+        return [OutEntry(name, t.dtype, shape), *scales]  # KEEP: with the scale of an FP8 weight
+
+    def apply(self, t, xs, plan, device):
+        """A requantized tensor's (name, relative L2 error, max abs error) goes to `records`."""
+        block = plan.source_format.block_size
+        out_dtype = torch.bfloat16 if t.outputs[0].dtype == "BF16" else torch.float16  # of a dequantized tensor
+        if t.decision in (KEEP, RELABEL):
+            return xs
+        if t.decision == NVFP4:  # bf16, or FP8 dequantized in the same pass, with the joint amax
+            packed, wscale, wscale2 = dispatch.quant_nvfp4(
+                xs[0].to(device), global_amax=plan.global_amax[t.name].to(device),
+                src_scale_inv=xs[1].to(device) if len(xs) > 1 else None, src_block_size=block)
+            if self.to == "nvfp4-ct":
+                wscale2 = torch.reciprocal(wscale2).reshape(t.outputs[2].shape)
+            return [packed.cpu(), wscale.cpu(), wscale2.cpu()]
+        if t.decision == DEQUANT_NVFP4:
+            packed, wscale, wscale2 = (x.to(device) for x in xs)
+            if plan.source_format.kind == "nvfp4-ct":  # compressed-tensors stores 1 / ModelOpt's scale_2
+                wscale2 = torch.reciprocal(wscale2.float()).reshape(wscale2.shape[:-1])
+            return [dispatch.dequant_nvfp4(packed, wscale, wscale2, out_dtype=out_dtype).cpu()]
+        if t.decision == SCHEME:
+            try:
+                outs = schemes.quantize_weight(self.to, xs[0].to(device),
+                                               src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
+                                               src_block_size=block, name=t.name)
+            except ValueError as e:
+                raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
+            return [o.cpu() for o in outs]
+        q, scale = xs[0].to(device), xs[1].to(device)
+        if t.decision == DEQUANT:
+            if plan.source_format.kind in schemes.CT_SCHEMES:
+                return [schemes.dequantize_weight(plan.source_format.kind, q, scale, out_dtype).cpu()]
+            return [dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=out_dtype).cpu()]
+        if t.decision == UE8M0:
+            if nx.is_power_of_two(scale):
+                return xs  # already powers of two: the bytes are relabelled, nothing is requantized
+            scale_dtype = scale.dtype if scale.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            q2, s2 = dispatch.quant_fp8_block(q, block_size=block, scale_fmt="ue8m0", scale_dtype=scale_dtype,
+                                              x_scale_inv=scale)
+            before = dispatch.dequant_fp8_block(q, scale, block_size=block, out_dtype=torch.float32)
+            after = dispatch.dequant_fp8_block(q2, s2, block_size=block, out_dtype=torch.float32)
+            rel = float((after - before).norm() / before.norm().clamp_min(1e-30))
+            max_abs = float((after - before).abs().max())
+            self.records.append((t.name, rel, max_abs))
+            return [q2.cpu(), s2.cpu()]
+        raise AssertionError(t.decision)
+
+    config = staticmethod(target_config)
+
+    def extra_files(self, plan):
+        files = {PROVENANCE_NAME: json_text(provenance(converted_to=self.to, source_format=plan.source_format.kind,
+                                                       plan_fingerprint=plan.fingerprint()))}
+        if self.to == "nvfp4":
+            files[HF_QUANT_CONFIG] = json.dumps({"producer": {"name": "modelopt", "version": f"fp8norm-{__version__}"},
+                                                 "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
+        return files
+
+    def notes(self):
+        return [requant_summary(self.records)] if self.records else []
+
+
 def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", repack=True, device="auto",
             resume=False, overwrite=False, progress=None) -> RunSummary:
     """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring)."""
     plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                               repack=repack)
-    extra = {PROVENANCE_NAME: json_text(provenance(converted_to=to, source_format=plan.source_format.kind,
-                                                   plan_fingerprint=plan.fingerprint()))}
     if to.startswith("nvfp4"):
-        from .pipeline import resolve_device
-
         plan.global_amax = nvfp4_global_amax(plan, resolve_device(device))
-        if to == "nvfp4":
-            extra[HF_QUANT_CONFIG] = json.dumps({"producer": {"name": "modelopt", "version": f"fp8norm-{__version__}"},
-                                                 "quantization": modelopt_quantization(plan)}, indent=2) + "\n"
-    requant_errors: list[tuple[str, float, float]] = []
-
-    def transform(t, xs, p, dev):
-        return convert_tensor(t, xs, p, dev, requant_errors)
-
-    summary = execute_plan(plan, Path(dst), transform=transform, finalize_config=target_config, device=device,
-                           resume=resume, overwrite=overwrite, progress=progress, extra_files=extra,
-                           skip_files=(PROVENANCE_NAME, HF_QUANT_CONFIG))
-    summary.notes.extend(plan.notes)
-    if requant_errors:
-        summary.notes.append(requant_summary(requant_errors))
-    return summary
+    return execute_plan(plan, Path(dst), transform=Convert(to, plan.checkpoint.tensors), device=device,
+                        resume=resume, overwrite=overwrite, progress=progress)

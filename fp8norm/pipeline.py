@@ -2,8 +2,9 @@
 
 One job per planned tensor, written shard after shard; the engine overlaps reading, computing and
 writing, keeps memory within about two half-shard buffers, and makes DST safe and resumable
-(fp8norm.output). Index, config.json and the extra files are rendered, and so checked, before DST is
-touched, and written once every shard is complete.
+(fp8norm.output). What each command makes of the plan is a Transform (output tensors, config.json,
+extra files, notes). Index, config.json and the extra files are rendered, and so checked, before DST
+is touched, and written once every shard is complete.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from .activation_stats import weights_for
 from .calibrate import calibrated_quant
 from . import distributed
 from .checkpoint import INDEX_NAME, read_json
-from .classify import FP8
+from .classify import FP8, Decision as D
 from .engine import Job, run_jobs
 from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
-from .st_io import read_header, read_tensor
+from .st_io import OutEntry, read_header, read_tensor
 from .verify import FAIL, Bands, VerifyReport, compare, mark_failed
 
-__all__ = ["execute_plan", "RunSummary", "resolve_device", "quantize_tensor", "OutputError", "MANIFEST_NAME"]
+__all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
+           "OutputError", "MANIFEST_NAME"]
 
 
-_VERBS = {"fp8": "quantized", "keep": "kept", "passthrough": "passed through", "dequant": "dequantized",
-          "relabel": "relabelled", "ue8m0": "to ue8m0 scales", "nvfp4": "to NVFP4",
-          "scheme": "quantized"}
+_VERBS = {D.FP8: "quantized", D.KEEP: "kept", D.PASSTHROUGH: "passed through", D.DEQUANT: "dequantized",
+          D.RELABEL: "relabelled", D.UE8M0: "to ue8m0 scales", D.NVFP4: "to NVFP4", D.SCHEME: "quantized"}
 
 
 @dataclass
@@ -54,7 +55,7 @@ class RunSummary:
         rate = self.bytes_in / max(self.wall_s, 1e-9)
         speed = f"{rate / 1e9:.2f} GB/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MB/s"  # no "0.00 GB/s"
         counts = ", ".join(f"{n} {_VERBS.get(d, d)}" for d, n in self.tensors.items()
-                           if d in _VERBS and (n or d == "keep"))
+                           if d in _VERBS and (n or d == D.KEEP))
         lines = [
             f"tensors   {counts}",
             f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out "
@@ -97,11 +98,57 @@ def quantize_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: t
     return [q.cpu(), scale_inv.cpu()]
 
 
+class Transform:
+    """What a writing command makes of its plan: the output tensors of a planned tensor (`outputs` when
+    planning, `apply` when running: in the order of t.outputs), config.json (`config`), the files
+    written beside it (`extra_files`; `skip_files`: source files not copied) and summary lines from
+    `records` (`notes`). This base copies every tensor as it is (repack)."""
+    skip_files: tuple[str, ...] = ()
+
+    def __init__(self):
+        self.records: list = []  # what `apply` notes, on any rank; the engine gathers every rank's
+
+    def outputs(self, t: TensorPlan) -> list[OutEntry]:
+        return [OutEntry(t.name, t.dtype, t.shape)]
+
+    def apply(self, t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
+        return xs
+
+    def config(self, cfg: dict, plan: Plan) -> dict:
+        return cfg
+
+    def extra_files(self, plan: Plan) -> dict[str, str]:
+        return {}
+
+    def notes(self) -> list[str]:
+        return []
+
+
+class BlockQuantize(Transform):
+    """Block FP8 for the tensors planned fp8, the others as they are."""
+
+    def apply(self, t, xs, plan, device):
+        return quantize_tensor(t, xs, plan, device)
+
+
+class _Callables(BlockQuantize):
+    """execute_plan's loose callables of earlier versions, as a Transform."""
+
+    def __init__(self, apply, config, extra_files, skip_files):
+        super().__init__()
+        self.skip_files, self.extra = skip_files, dict(extra_files or {})
+        self.apply, self.config = apply or self.apply, config or self.config
+
+    def extra_files(self, plan):
+        return self.extra
+
+
 def execute_plan(
     plan: Plan,
     dst: str | Path,
     *,
-    transform: Callable[[TensorPlan, list[torch.Tensor], Plan, torch.device], list[torch.Tensor]] | None = None,
+    transform: Transform | Callable[[TensorPlan, list[torch.Tensor], Plan, torch.device], list[torch.Tensor]]
+    | None = None,
     finalize_config: Callable[[dict, Plan], dict] | None = None,
     device: str = "auto",
     resume: bool = False,
@@ -113,24 +160,27 @@ def execute_plan(
 ) -> RunSummary:
     """Write `plan`'s output into `dst`.
 
-    `transform` maps each source tensor to its output tensors; `finalize_config` edits config.json
-    (None: copy it unchanged); `extra_files` {name: text} are written beside it (`skip_files`: source
-    files not to copy); `verify_samples` FP8 tensors of each shard written are re-read from disk once
-    all shards are complete and compared with the source (summary.verify holds the report). Under
-    torchrun the shards are shared out between the ranks (see fp8norm.distributed). Everything that
-    can be checked (device, config.json, the output texts) is checked before DST is touched.
+    `transform` (a Transform; None: BlockQuantize) makes each planned tensor's output tensors,
+    config.json, the files beside it and the summary's notes. (Or, as in earlier versions, a function
+    for its `apply`, with `finalize_config`, `extra_files` and `skip_files` for the rest.)
+    `verify_samples` FP8 tensors of each shard written are re-read from disk once all shards are
+    complete and compared with the source (summary.verify holds the report). Under torchrun the shards
+    are shared out between the ranks (see fp8norm.distributed). Everything that can be checked
+    (device, config.json, the output texts) is checked before DST is touched.
     """
-    transform = transform or quantize_tensor
+    if not isinstance(transform, Transform):
+        transform = _Callables(transform, finalize_config, extra_files, skip_files)
     if verify_samples < 0:
         raise OutputError(f"verify_samples must be >= 0, got {verify_samples}")
     dst = Path(dst)
     dev = resolve_device(device, distributed.context())
-    texts, copies = _output_texts(plan, finalize_config, extra_files, skip_files)
+    texts, copies = _output_texts(plan, transform)
     by_shard: dict[str, list[TensorPlan]] = {s: [] for s in plan.shards}
     for t in plan.tensors:
         by_shard[t.shard].append(t)
     jobs = [Job(t.input_names, [(t.shard, o) for o in t.outputs],
-                lambda xs, _which, t=t: transform(t, xs, plan, dev)) for s in plan.shards for t in by_shard[s]]
+                lambda xs, _which, t=t: transform.apply(t, xs, plan, dev))
+            for s in plan.shards for t in by_shard[s]]
     summary = RunSummary(plan.totals(), device=str(dev),
                          verify=_new_report(plan) if verify_samples else None)
 
@@ -144,7 +194,7 @@ def execute_plan(
 
     stats = run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
                      device=dev, progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts,
-                     copies=copies, before_finish=verify if verify_samples else None, notes=plan.notes)
+                     copies=copies, before_finish=verify if verify_samples else None, notes=transform.records)
     summary.bytes_in, summary.bytes_out = stats.bytes_in, stats.bytes_out
     summary.shards_written, summary.shards_skipped = stats.files_written, stats.files_skipped
     summary.wall_s, summary.read_s, summary.compute_s, summary.write_s = (stats.wall_s, stats.read_s,
@@ -152,21 +202,19 @@ def execute_plan(
     summary.notes.extend(stats.notes)
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
+    summary.notes += plan.notes + transform.notes()
     return summary
 
 
-def _output_texts(plan: Plan, finalize_config, extra_files, skip_files) -> tuple[dict[str, str], list[Path]]:
+def _output_texts(plan: Plan, transform: Transform) -> tuple[dict[str, str], list[Path]]:
     """The index, config.json and extra files (in writing order), and the source files to copy."""
     weight_map = {o.name: t.shard for t in plan.tensors for o in t.outputs}
     texts = {INDEX_NAME: index_text(weight_map, sum(t.nbytes_out for t in plan.tensors))}
     cfg_path = plan.source / "config.json"
     if cfg_path.exists():
-        cfg = read_json(cfg_path, "config.json")
-        if finalize_config is not None:
-            cfg = finalize_config(cfg, plan)
-        texts["config.json"] = json.dumps(cfg, indent=2) + "\n"
-    texts.update(extra_files or {})
-    skip = {*texts, *skip_files, MANIFEST_NAME}
+        texts["config.json"] = json.dumps(transform.config(read_json(cfg_path, "config.json"), plan), indent=2) + "\n"
+    texts.update(transform.extra_files(plan))
+    skip = {*texts, *transform.skip_files, MANIFEST_NAME}
     copies = [rel for rel in plan.checkpoint.other_files if str(rel) not in skip and rel.name != MANIFEST_NAME]
     return texts, copies
 

@@ -16,7 +16,7 @@ from . import numerics as nx
 from .calibrate import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
-from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Decision, classify, fused_group_key, scale_name
+from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision, classify, fused_group_key, scale_name
 from .output import fingerprint
 from .sizes import parse_size
 from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
@@ -103,8 +103,8 @@ class TensorPlan:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    decision: str
-    rule: str
+    decision: Decision
+    rule: str  # why, for display only
     source_file: str
     outputs: list[OutEntry]
     shard: str = ""
@@ -116,6 +116,11 @@ class TensorPlan:
     @property
     def input_names(self) -> tuple[str, ...]:
         return self.inputs or (self.name,)
+
+    @property
+    def is_fp8_scale(self) -> bool:
+        """A passed-through scale of an FP8 weight (it goes with its weight, into the same shard)."""
+        return self.decision == PASSTHROUGH and self.dtype not in FP8_DTYPES
 
     @property
     def nbytes_in(self) -> int:
@@ -137,11 +142,11 @@ class Plan:
     reference: str | None = None
     checkpoint: SourceCheckpoint | None = field(default=None, repr=False)
     activation_stats: dict | None = field(default=None, repr=False)  # module name -> per-channel weights
-    # `fp8norm convert` only: the target, the detected source format, NVFP4 joint amaxes, notes
+    # `fp8norm convert` only: the target, the detected source format, NVFP4 joint amaxes
     convert_to: str | None = None
     source_format: object = None
     global_amax: dict | None = field(default=None, repr=False)
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # planning's lines for the summary
     scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.schemes)
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
@@ -230,7 +235,7 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
     """Decide every tensor and lay out the output (`options`, or PlanOptions(**kwargs), or both: the
     keyword arguments then override). `allow_nonfinite`: tensors that would be quantized but hold
     NaN/Inf (one read of each) are kept instead, with the other members of their fused module (q/k/v,
-    gate/up stay all-or-none); their rule says so (NONFINITE_RULE)."""
+    gate/up stay all-or-none); the plan's notes list them."""
     o = replace(options, **kwargs) if options is not None else PlanOptions(**kwargs)
     reference, include, exclude, repack = o.reference, tuple(o.include), tuple(o.exclude), o.repack
     max_shard_size = parse_size(o.max_shard_size)
@@ -263,8 +268,9 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
                             f"{', '.join(QUANTIZE_DTYPES)} weights (--exclude it to keep it as it is)")
     check_fp8_sources(ckpt, {n: next(n + s for s in SCALE_SUFFIXES if n + s in ckpt.tensors)
                              for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}, qs.block_size)
+    notes: list[str] = []
     if o.allow_nonfinite:
-        decisions = _keep_nonfinite(ckpt, decisions)
+        decisions = _keep_nonfinite(ckpt, decisions, notes)
     tensors = []
     for name, info in ckpt.tensors.items():
         d = decisions[name]
@@ -279,24 +285,22 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
     repacked = repack or not ckpt.standard_names
     shards = lay_out_shards(tensors, repacked, max_shard_size)
     return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
-                None if reference is None else str(reference), ckpt, stats)
+                None if reference is None else str(reference), ckpt, stats, notes=notes)
 
 
 NONFINITE_RULE = "nonfinite-kept"
 NONFINITE_FUSED_RULE = NONFINITE_RULE + ":fused-with-it"
 
 
-def _keep_nonfinite(ckpt: SourceCheckpoint, decisions: dict) -> dict:
-    bad = {n for n, d in decisions.items()
-           if d.decision == FP8 and not bool(torch.isfinite(read_tensor(ckpt.tensors[n])).all())}
+def _keep_nonfinite(ckpt: SourceCheckpoint, decisions: dict, notes: list[str]) -> dict:
+    bad = [n for n, d in decisions.items()
+           if d.decision == FP8 and not bool(torch.isfinite(read_tensor(ckpt.tensors[n])).all())]
     groups = {fused_group_key(n) for n in bad} - {None}
-    out = dict(decisions)
-    for n, d in decisions.items():
-        if n in bad:
-            out[n] = Decision(KEEP, NONFINITE_RULE)
-        elif d.decision == FP8 and fused_group_key(n) in groups:
-            out[n] = Decision(KEEP, NONFINITE_FUSED_RULE)
-    return out
+    fused = [n for n, d in decisions.items() if d.decision == FP8 and n not in bad and fused_group_key(n) in groups]
+    notes += [f"non-finite {ckpt.tensors[n].file.name}: tensor {n!r} holds NaN/Inf: kept unquantized" for n in bad]
+    notes += [f"non-finite kept {n!r} too (fused with a non-finite tensor)" for n in fused]
+    return {**decisions, **{n: Choice(KEEP, NONFINITE_RULE) for n in bad},
+            **{n: Choice(KEEP, NONFINITE_FUSED_RULE) for n in fused}}
 
 
 def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:
@@ -304,12 +308,12 @@ def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:
     by_name = {t.name: t for t in tensors}
     follows = {}
     for t in tensors:
-        if t.rule == "scale-of-fp8":
+        if t.is_fp8_scale:
             base = t.name.rsplit("_scale", 1)[0]
             follows.setdefault(base, []).append(t)
     out = []
     for t in tensors:
-        if t.rule == "scale-of-fp8" and t.name.rsplit("_scale", 1)[0] in by_name:
+        if t.is_fp8_scale and t.name.rsplit("_scale", 1)[0] in by_name:
             continue
         out.append(t)
         out.extend(follows.get(t.name, []))
@@ -319,7 +323,7 @@ def _scales_after_weights(tensors: list[TensorPlan]) -> list[TensorPlan]:
 def _units(tensors: list[TensorPlan]) -> list[list[TensorPlan]]:
     units: list[list[TensorPlan]] = []
     for t in tensors:
-        if t.rule == "scale-of-fp8" and units:
+        if t.is_fp8_scale and units:
             units[-1].append(t)
         else:
             units.append([t])

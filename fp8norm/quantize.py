@@ -9,8 +9,8 @@ from . import schemes
 from .classify import FP8, KEEP
 from . import output
 from .output import PROVENANCE_NAME, json_text
-from .pipeline import RunSummary, execute_plan
-from .plan import NONFINITE_FUSED_RULE, NONFINITE_RULE, Plan, PlanOptions, build_plan, lay_out_shards
+from .pipeline import BlockQuantize, RunSummary, Transform, execute_plan
+from .plan import Plan, PlanOptions, build_plan, lay_out_shards
 
 
 def quantization_config(plan: Plan) -> dict:
@@ -25,15 +25,39 @@ def quantization_config(plan: Plan) -> dict:
     return qc
 
 
-def _with_quantization_config(cfg: dict, plan: Plan) -> dict:
-    cfg = dict(cfg)
-    if plan.scheme != schemes.BLOCK:
+class Quantize(BlockQuantize):
+    """quantize: block FP8, config.json's quantization_config, fp8norm.json."""
+
+    def config(self, cfg, plan):
+        return {**cfg, "quantization_config": quantization_config(plan)}
+
+    def extra_files(self, plan):
+        return {PROVENANCE_NAME: provenance(plan)}
+
+
+class SchemeQuantize(Quantize):
+    """quantize --scheme: the tensors planned fp8 in one of fp8norm.schemes' compressed-tensors layouts."""
+
+    def __init__(self, scheme: str):
+        super().__init__()
+        self.scheme = scheme
+
+    def outputs(self, t):
+        return schemes.output_entries(t.name, t.shape, self.scheme) if t.decision == FP8 else super().outputs(t)
+
+    def apply(self, t, xs, plan, device):
+        if t.decision != FP8:
+            return xs
+        try:
+            outs = schemes.quantize_weight(self.scheme, xs[0].to(device), name=t.name)
+        except ValueError as e:
+            raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
+        return [o.cpu() for o in outs]
+
+    def config(self, cfg, plan):
         from .convert import ct_quantization_config
 
-        cfg["quantization_config"] = ct_quantization_config(plan.scheme, plan)
-        return cfg
-    cfg["quantization_config"] = quantization_config(plan)
-    return cfg
+        return {**cfg, "quantization_config": ct_quantization_config(self.scheme, plan)}
 
 
 def plan(src, options: PlanOptions | None = None, **kwargs) -> Plan:
@@ -48,7 +72,7 @@ def plan(src, options: PlanOptions | None = None, **kwargs) -> Plan:
         raise ValueError(f"--scheme {o.scheme}: --calib, --activation-stats, --scale-fmt and --scale-dtype apply "
                          "to fp8-block only")
     p = build_plan(src, o)
-    schemes.apply_to_plan(p, o.scheme)
+    schemes.apply_to_plan(p, SchemeQuantize(o.scheme))
     p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
     return p
 
@@ -67,16 +91,9 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     if not any(t.decision == FP8 for t in p.tensors):
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
     block = p.scheme == schemes.BLOCK
-    summary = execute_plan(p, Path(dst), transform=None if block else schemes.quantize_tensor,
-                           finalize_config=_with_quantization_config, device=device,
-                           resume=resume, overwrite=overwrite, progress=progress,
-                           extra_files={PROVENANCE_NAME: provenance(p)},
-                           verify_samples=verify_samples if block else 0)
-    summary.notes.extend(f"non-finite {t.source_file}: tensor {t.name!r} holds NaN/Inf: kept unquantized"
-                         for t in p.tensors if t.rule == NONFINITE_RULE)
-    summary.notes.extend(f"non-finite kept {t.name!r} too (fused with a non-finite tensor)"
-                         for t in p.tensors if t.rule == NONFINITE_FUSED_RULE)
-    return summary
+    return execute_plan(p, Path(dst), transform=Quantize() if block else SchemeQuantize(p.scheme), device=device,
+                        resume=resume, overwrite=overwrite, progress=progress,
+                        verify_samples=verify_samples if block else 0)
 
 
 def provenance(p: Plan) -> str:
@@ -95,4 +112,5 @@ def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, pro
     for t in p.tensors:
         if t.decision == KEEP:
             t.rule = "repack"
-    return execute_plan(p, Path(dst), device="cpu", resume=resume, overwrite=overwrite, progress=progress)
+    return execute_plan(p, Path(dst), transform=Transform(), device="cpu", resume=resume, overwrite=overwrite,
+                        progress=progress)

@@ -89,30 +89,28 @@ def kept_reason(scheme: str, name: str, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def keep_fused_partners(tensors, is_quantized, keep) -> None:
-    """q/k/v, gate/up and w1/w3 are one layer in the engines: when one member is kept, keep all."""
-    kept_groups = {fused_group_key(t.name) for t in tensors if not is_quantized(t)} - {None}
+def keep_fused_partners(tensors, quantized, transform) -> None:
+    """q/k/v, gate/up and w1/w3 are one layer in the engines: when one member is kept, keep all (their
+    outputs then as `transform` makes a kept tensor's)."""
+    kept_groups = {fused_group_key(t.name) for t in tensors if t.decision != quantized} - {None}
     for t in tensors:
-        if is_quantized(t) and fused_group_key(t.name) in kept_groups:
-            keep(t, FUSED_KEPT)
+        if t.decision == quantized and fused_group_key(t.name) in kept_groups:
+            t.decision, t.rule = KEEP, FUSED_KEPT
+            t.outputs = transform.outputs(t)
 
 
-def apply_to_plan(plan, scheme: str) -> None:
-    """Rewrite a quantize plan's FP8 entries into `scheme`'s outputs (rules get `->scheme`); weights with
-    no readable layout are kept, with the reason as their rule."""
-    def keep(t, reason):
-        t.decision, t.rule, t.outputs = KEEP, reason, [OutEntry(t.name, t.dtype, t.shape)]
-
+def apply_to_plan(plan, transform) -> None:
+    """Rewrite a quantize plan's FP8 entries into the outputs of `transform` (quantize's SchemeQuantize;
+    rules get `->scheme`); weights with no readable layout are kept, with the reason as their rule."""
+    scheme = transform.scheme
     for t in plan.tensors:
-        if t.decision == FP8:
-            reason = kept_reason(scheme, t.name, t.shape)
-            if reason:
-                keep(t, reason)
-    keep_fused_partners(plan.tensors, lambda t: t.decision == FP8, keep)
+        if t.decision == FP8 and (reason := kept_reason(scheme, t.name, t.shape)):
+            t.decision, t.rule = KEEP, reason
+    keep_fused_partners(plan.tensors, FP8, transform)
     for t in plan.tensors:
         if t.decision == FP8:
             t.rule = f"{t.rule}->{scheme}"
-            t.outputs = output_entries(t.name, t.shape, scheme)
+        t.outputs = transform.outputs(t)
     plan.scheme = scheme
 
 
@@ -169,17 +167,6 @@ def dequantize_weight(scheme: str, stored: torch.Tensor, scale: torch.Tensor, ou
     if scheme == CHANNEL:
         return dispatch.dequant_fp8_channel(stored, scale, out_dtype=out_dtype)
     return dispatch.dequant_mx(stored, scale, fmt=scheme, out_dtype=out_dtype)
-
-
-def quantize_tensor(t, xs: list[torch.Tensor], plan, device: torch.device) -> list[torch.Tensor]:
-    """pipeline transform for `quantize --scheme`: planned weights to their scheme, the rest as they are."""
-    if t.decision != FP8:
-        return xs
-    try:
-        outs = quantize_weight(plan.scheme, xs[0].to(device), name=t.name)
-    except ValueError as e:
-        raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
-    return [o.cpu() for o in outs]
 
 
 # --------------------------------------------------------------------------- compressed-tensors config

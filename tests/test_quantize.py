@@ -335,3 +335,51 @@ def test_one_options_object_from_cli_to_library(sources):
     assert by_options.fingerprint() == by_kwargs.fingerprint()
     assert by_options.to_dict() == by_cli
     assert plan(src, opts, scale_fmt="float").settings.scale_fmt == "float"  # keywords override the object
+
+
+def test_a_transform_makes_outputs_config_extra_files_and_notes(sources, tmp_path):
+    """execute_plan takes any Transform; the loose callables of earlier versions still work, byte for byte."""
+    from fp8norm.classify import Decision
+    from fp8norm.pipeline import BlockQuantize, execute_plan
+    from fp8norm.quantize import plan as make_plan
+
+    src = sources[("llama", "sharded")]
+    p = make_plan(src, max_shard_size=MAX_SHARD)
+    assert {t.decision for t in p.tensors} == {Decision.FP8, Decision.KEEP}
+    assert json.loads(json.dumps(p.to_dict()))["tensors"][0]["decision"] in ("fp8", "keep")  # plain strings
+
+    class Negate(BlockQuantize):  # a toy transform: block FP8, every kept tensor negated
+        def apply(self, t, xs, plan, device):
+            self.records.append(t.name)
+            return [-xs[0]] if t.decision == Decision.KEEP else super().apply(t, xs, plan, device)
+
+        def config(self, cfg, plan):
+            return {**cfg, "negated": True}
+
+        def extra_files(self, plan):
+            return {"NOTE.txt": "negated\n"}
+
+        def notes(self):
+            return [f"negated   {len(self.records)} tensor(s)"]
+
+    summary = execute_plan(p, tmp_path / "neg", transform=Negate(), device="cpu", progress=False)
+    assert f"negated   {len(p.tensors)} tensor(s)" in summary.format()
+    out, source = read_dir(tmp_path / "neg"), read_dir(src)
+    norm = "model.norm.weight"
+    assert torch.equal(out[norm], -source[norm])
+    assert json.loads((tmp_path / "neg" / "config.json").read_text())["negated"] is True
+    assert (tmp_path / "neg" / "NOTE.txt").read_text() == "negated\n"
+
+    def legacy_config(cfg, plan):
+        return {**cfg, "legacy": 1}
+
+    execute_plan(p, tmp_path / "legacy", finalize_config=legacy_config, extra_files={"x.txt": "x"}, device="cpu",
+                 progress=False)
+    execute_plan(p, tmp_path / "block", device="cpu", progress=False)
+    legacy, block = tree_bytes(tmp_path / "legacy"), tree_bytes(tmp_path / "block")
+    assert {k: v for k, v in legacy.items() if k.endswith(".safetensors")} == \
+        {k: v for k, v in block.items() if k.endswith(".safetensors")}
+    assert legacy["x.txt"] == b"x" and json.loads(legacy["config.json"])["legacy"] == 1
+    neg = tree_bytes(tmp_path / "neg")
+    fp8 = next(t for t in p.tensors if t.decision == Decision.FP8)
+    assert same_bytes(out[fp8.name], read_dir(tmp_path / "block")[fp8.name]) and neg != block
