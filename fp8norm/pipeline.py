@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from .calibrate import calibrated_quant
 from . import distributed
 from .checkpoint import INDEX_NAME, read_json
 from .classify import FP8, Decision as D
-from .engine import Job, run_jobs
+from .engine import Job, RunStats, run_jobs
 from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
@@ -37,18 +37,10 @@ _VERBS = {D.FP8: "quantized", D.KEEP: "kept", D.PASSTHROUGH: "passed through", D
 
 
 @dataclass
-class RunSummary:
-    tensors: dict
-    bytes_in: int = 0
-    bytes_out: int = 0
-    shards_written: int = 0
-    shards_skipped: int = 0
-    wall_s: float = 0.0
-    read_s: float = 0.0
-    compute_s: float = 0.0
-    write_s: float = 0.0
+class RunSummary(RunStats):
+    """The engine's figures for a plan's run (files = shards), with the plan's tensor counts."""
+    tensors: dict = field(default_factory=dict)
     device: str = "cpu"
-    notes: list[str] = field(default_factory=list)
     verify: VerifyReport | None = None
 
     def format(self) -> str:
@@ -59,7 +51,7 @@ class RunSummary:
         lines = [
             f"tensors   {counts}",
             f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out "
-            f"({self.shards_written} shard(s) written, {self.shards_skipped} already done)",
+            f"({self.files_written} shard(s) written, {self.files_skipped} already done)",
             f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
             f"({self.device}), write {self.write_s:.2f} s; {speed}",
         ]
@@ -181,25 +173,21 @@ def execute_plan(
     jobs = [Job(t.input_names, [(t.shard, o) for o in t.outputs],
                 lambda xs, _which, t=t: transform.apply(t, xs, plan, dev))
             for s in plan.shards for t in by_shard[s]]
-    summary = RunSummary(plan.totals(), device=str(dev),
-                         verify=_new_report(plan) if verify_samples else None)
+    report = _new_report(plan) if verify_samples else None
 
     def verify(written: list[str]) -> None:
         # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
         for shard in written:
-            _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, summary.verify)
-        if summary.verify.status == FAIL and PROVENANCE_NAME in texts:
+            _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, report)
+        if report.status == FAIL and PROVENANCE_NAME in texts:
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
-            texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], summary.verify)
+            texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], report)
 
     stats = run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
                      device=dev, progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts,
                      copies=copies, before_finish=verify if verify_samples else None, notes=transform.records)
-    summary.bytes_in, summary.bytes_out = stats.bytes_in, stats.bytes_out
-    summary.shards_written, summary.shards_skipped = stats.files_written, stats.files_skipped
-    summary.wall_s, summary.read_s, summary.compute_s, summary.write_s = (stats.wall_s, stats.read_s,
-                                                                          stats.compute_s, stats.write_s)
-    summary.notes.extend(stats.notes)
+    summary = RunSummary(**{f.name: getattr(stats, f.name) for f in fields(RunStats)}, tensors=plan.totals(),
+                         device=str(dev), verify=report)
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
     summary.notes += plan.notes + transform.notes()
