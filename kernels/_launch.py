@@ -109,3 +109,15 @@ def capture_compiles(hook: Callable) -> Iterator[None]:
         yield
     finally:
         _compile_hook = previous
+
+
+def aot_specimens():
+    """CPU tensors of real weight shapes for the kernel modules' `aot_cases()`: a bf16 weight
+    [512, 7168], stacked bf16 experts [4, 512, 2048], an e4m3 weight [512, 7168] and its 128x128
+    block scales (values do not matter: the AOT tool compiles, it never runs them)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(weight=torch.zeros(512, 7168, dtype=torch.bfloat16),
+                           experts=torch.zeros(4, 512, 2048, dtype=torch.bfloat16),
+                           fp8=torch.zeros(512, 7168, dtype=torch.float8_e4m3fn),
+                           fp8_scale_inv=torch.ones(4, 56))

@@ -16,7 +16,7 @@ import triton.language as tl
 from fp8norm import numerics as nx
 from fp8norm import numerics_fp8_channel as fc
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, aot_specimens, kernel
 from ._numerics import (E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords,
                         to_e4m3)
 from .quant_fp8_block import as_3d
@@ -158,9 +158,8 @@ def dequant_fp8_channel(q: torch.Tensor, scale: torch.Tensor, *, out_dtype: torc
 def aot_cases() -> dict:
     """{variant: zero-arg callable} launching each compiled variant once on CPU tensors of a realistic
     shape (the AOT tool and GPU checks discover kernels through this)."""
-    w = torch.zeros(512, 7168, dtype=torch.bfloat16)
-    experts = torch.zeros(4, 512, 2048, dtype=torch.bfloat16)
-    fp8, fp8_scale = torch.zeros(512, 7168, dtype=torch.float8_e4m3fn), torch.ones(4, 56)
+    t = aot_specimens()
+    w, experts, fp8, fp8_scale = t.weight, t.experts, t.fp8, t.fp8_scale_inv
     return {
         "quant_fp8_channel[bf16]": lambda: quant_fp8_channel(w),
         "quant_fp8_channel[bf16,ue8m0]": lambda: quant_fp8_channel(w, scale_fmt="ue8m0"),

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fp8norm import numerics_mx as mx
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, aot_specimens, kernel
 from ._numerics import amax_nan, cast_rne, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import e2m1_code, e2m1_value, load_source
@@ -173,9 +173,8 @@ def dequant_mx(stored: torch.Tensor, scale: torch.Tensor, *, fmt: str = "mxfp8",
 def aot_cases() -> dict:
     """{variant: zero-arg callable} launching each compiled variant once on CPU tensors of a realistic
     shape (the AOT tool and GPU checks discover kernels through this)."""
-    w = torch.zeros(512, 7168, dtype=torch.bfloat16)
-    experts = torch.zeros(4, 512, 2048, dtype=torch.bfloat16)
-    fp8, fp8_scale = torch.zeros(512, 7168, dtype=torch.float8_e4m3fn), torch.ones(4, 56)
+    t = aot_specimens()
+    w, experts, fp8, fp8_scale = t.weight, t.experts, t.fp8, t.fp8_scale_inv
     e8 = torch.full((512, 7168 // mx.MX_BLOCK), 127, dtype=torch.uint8)
     packed = torch.zeros(512, 7168 // 2, dtype=torch.uint8)
     return {
