@@ -140,6 +140,26 @@ def check_sources(ckpt, scale_of: dict[str, str], scheme: str) -> None:
                             f"<= 0); its weight cannot be read")
 
 
+def output_modules(name: str, shape: tuple[int, ...]) -> list[str]:
+    """The quantized modules a source weight becomes, in output_entries' order: its own module, or per
+    expert and projection for a fused 3D expert tensor."""
+    fused = _fused_experts(name, shape)
+    if not fused:
+        return [module_of(name)]
+    prefix, parts = fused
+    return [f"{prefix}.{e}.{p}" for e in range(shape[0]) for p in parts]
+
+
+def split_source(name: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """A source weight as the matrices its output modules hold (output_modules' order): [x], or per
+    expert and projection for a fused 3D expert tensor (gate rows first)."""
+    fused = _fused_experts(name, tuple(x.shape))
+    if not fused:
+        return [x]
+    n_parts = len(fused[1])
+    return [x[e].chunk(n_parts, dim=0)[p] for e in range(x.shape[0]) for p in range(n_parts)]
+
+
 def quantize_weight(scheme: str, x: torch.Tensor, *, src_scale_inv=None, src_block_size=(128, 128),
                     rule: str = "ocp", name: str = "") -> list[torch.Tensor]:
     """One weight `name` (bf16, or FP8 with its block scales) -> its outputs in `scheme`, in
@@ -148,9 +168,7 @@ def quantize_weight(scheme: str, x: torch.Tensor, *, src_scale_inv=None, src_blo
     fused = _fused_experts(name, tuple(x.shape))
     if not fused:
         return outs
-    n_parts = len(fused[1])
-    return [o[e].chunk(n_parts, dim=0)[p].contiguous() for e in range(x.shape[0]) for p in range(n_parts)
-            for o in outs]
+    return [part.contiguous() for pieces in zip(*(split_source(name, o) for o in outs)) for part in pieces]
 
 
 def _quantize(scheme, x, src_scale_inv, src_block_size, rule) -> list[torch.Tensor]:
