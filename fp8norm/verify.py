@@ -686,8 +686,10 @@ def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report:
     for n, info in qt.items():
         if info.dtype in FP8_DTYPES and n not in owned:
             report.problems.append(f"{info.file.name}: tensor {n!r} is FP8 but has no {schemes.module_of(n)}.weight_scale")
-    consumed = {src_of[m][0] for m in modules if m in src_of}
-    for n in sorted(consumed):
+    quantized_src = {src_of[m][0] for m in modules if m in src_of}
+    # an FP8 source's scales are read with its weights, not kept
+    consumed = quantized_src | {s for n in quantized_src if (s := _scale_of(n, st))}
+    for n in sorted(quantized_src):
         absent = [m for m in schemes.output_modules(n, tuple(st[n].shape)) if m not in modules]
         if absent:
             report.problems.append(f"source tensor {n!r} is quantized but {len(absent)} of its modules are not in "

@@ -151,3 +151,40 @@ def test_mxfp4_bands_bound_correct_rounding():
     g = (torch.randn(256, 512, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16()
     c = compare_scheme("mxfp4", "w", "s", *reference.quant_mx(g, fmt="mxfp4"), g, Bands.for_scheme("mxfp4", "max"))
     assert c.status == GOOD and abs(c.rel_rms / E2M1.floor_rel_rms - 1) < 0.05
+
+
+@pytest.fixture(scope="module")
+def from_fp8(outputs, tmp_path_factory):
+    src, _ = outputs
+    root = tmp_path_factory.mktemp("verify_schemes_fp8")
+    cli("quantize", src, root / "fp8")
+    return src, root / "fp8", root
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_converted_from_block_fp8_is_checked_against_the_dequantized_source(from_fp8, scheme):
+    bf16, fp8, root = from_fp8
+    cli("convert", fp8, root / scheme, "--to", scheme)
+    report = verify(fp8, root / scheme, samples=None)
+    assert report.status == GOOD and not report.problems and len(report.checks) == 17 + 3 * 4 * 3
+    # against the bf16 model: not the values it was rounded from (FP8's), so not a correct rounding
+    assert verify(bf16, root / scheme, samples=None).status == FAIL
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_missing_scale_is_a_structure_problem_naming_it(outputs, tmp_path, scheme):
+    src, outs = outputs
+    bad = tmp_path / "bad"
+    shutil.copytree(outs[scheme], bad)
+    index_path = bad / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = EXPERT + ".weight_scale"
+    shard = bad / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    removed = tensors.pop(name)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["metadata"]["total_size"] -= removed.numel() * removed.element_size()
+    index_path.write_text(json.dumps(index))
+    res = cli("verify", src, bad, "--all", ok=False)
+    assert res.exit_code == EXIT_VERIFY_FAILED and "Structure problems  : 0" not in res.output
+    assert "FAIL  " in res.output and EXPERT in res.output
