@@ -40,6 +40,28 @@ UNALIGNED_KEPT = "mx:unaligned-kept"
 FUSED_KEPT = "ct:fused-with-kept"
 
 
+def ct_scheme(qcfg: dict) -> str | None:
+    """The scheme of a compressed-tensors quantization_config (fp8-channel, mxfp8, mxfp4), None for any
+    other (block FP8 in compressed-tensors' layout included)."""
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "compressed-tensors":
+        return None
+    groups = list((qcfg.get("config_groups") or {}).values())
+    strategy = (groups[0].get("weights") or {}).get("strategy") if groups and isinstance(groups[0], dict) else None
+    for scheme in CT_SCHEMES:
+        if qcfg.get("format") == CT_FORMAT[scheme] and (scheme != CHANNEL or strategy == "channel"):
+            return scheme
+    return None
+
+
+def refuse_unsupported(cfg: dict, src, what: str) -> None:
+    """One line (ValueError) when `cfg` (a config.json) describes a checkpoint in one of these schemes,
+    which `what` cannot handle yet."""
+    scheme = ct_scheme((cfg or {}).get("quantization_config"))
+    if scheme is not None:
+        raise ValueError(f"{src}: {scheme} checkpoint (compressed-tensors): {what} does not handle this scheme's "
+                         f"scales yet; use the bf16 or fp8-block model (or `fp8norm convert --to bf16` first)")
+
+
 def check_scheme(scheme: str) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")

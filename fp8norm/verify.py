@@ -580,7 +580,7 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     s_ckpt = open_checkpoint(src)
     cfg = _read_json(quant / "config.json")
     qcfg = (cfg or {}).get("quantization_config") or {}
-    scheme = ct_scheme(qcfg)
+    scheme = schemes.ct_scheme(qcfg)
     if scheme is not None:
         report.scheme = scheme
         report.bands = bands or Bands.for_scheme(scheme, mode, **(band_overrides or {}))
@@ -628,19 +628,6 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
             report.checks.append(compare(n, shard, read_tensor(qt[n]), read_tensor(qt[s]), read_tensor(st[n]),
                                          block, report.bands, rounding_steps=steps))
     return report
-
-
-def ct_scheme(qcfg: dict) -> str | None:
-    """The fp8norm.schemes scheme of a compressed-tensors quantization_config (fp8-channel, mxfp8,
-    mxfp4), None for any other (block FP8 in compressed-tensors' layout included)."""
-    if qcfg.get("quant_method") != "compressed-tensors":
-        return None
-    groups = list((qcfg.get("config_groups") or {}).values())
-    strategy = (groups[0].get("weights") or {}).get("strategy") if groups and isinstance(groups[0], dict) else None
-    for scheme in schemes.CT_SCHEMES:
-        if qcfg.get("format") == schemes.CT_FORMAT[scheme] and (scheme != schemes.CHANNEL or strategy == "channel"):
-            return scheme
-    return None
 
 
 def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
