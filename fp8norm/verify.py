@@ -331,7 +331,7 @@ def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, sca
     mxf = mx.mx_format(scheme)
     check = compare(name, shard, stored, scale, src, (1, mx.MX_BLOCK), bands, fmt=fmt,
                     decode=lambda q, s: (mx.decode_elements(q, mxf), mx.scale_value(s)))
-    amax = src.float().abs().reshape(*src.shape[:-1], -1, mx.MX_BLOCK).amax(-1)
+    amax = src.abs().reshape(*src.shape[:-1], -1, mx.MX_BLOCK).amax(-1).float()  # exact in src's dtype
     codes = scale.to(torch.int32)
     spec, ct = mx.scale_codes(amax, mxf, False), mx.scale_codes(amax, mxf, True)
     wrong = (codes != spec) & (codes != ct)
