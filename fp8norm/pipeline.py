@@ -26,7 +26,8 @@ from .engine import Job, RunStats, run_jobs
 from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
-from .verify import FAIL, Bands, VerifyReport, compare, mark_failed
+from . import schemes
+from .verify import FAIL, Bands, VerifyReport, compare, compare_scheme, mark_failed
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -210,7 +211,7 @@ def _output_texts(plan: Plan, transform: Transform) -> tuple[dict[str, str], lis
 def _new_report(plan: Plan) -> VerifyReport:
     mode = plan.settings.calib.mode
     return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
-                        bands=Bands.for_calibration(mode))
+                        bands=Bands.for_scheme(plan.scheme, mode), scheme=plan.scheme)
 
 
 def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,
@@ -220,9 +221,15 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
     fp8 = [t for t in tensors if t.decision == FP8]
     rng = random.Random(shard_path.name)
     for t in sorted(rng.sample(fp8, min(samples, len(fp8))), key=lambda t: t.name):
+        src = read_tensor(plan.checkpoint.tensors[t.name])
+        if plan.scheme in schemes.CT_SCHEMES:  # (weight, weight_scale) per module, fused experts per expert
+            pairs = zip(t.outputs[::2], t.outputs[1::2], schemes.split_source(t.name, src))
+            report.checks.extend(compare_scheme(plan.scheme, schemes.module_of(w.name.removesuffix("_packed")),
+                                                shard_path.name, read_tensor(infos[w.name]),
+                                                read_tensor(infos[sc.name]), x, report.bands) for w, sc, x in pairs)
+            continue
         q = read_tensor(infos[t.outputs[0].name])
         scale_inv = read_tensor(infos[t.outputs[1].name])
-        src = read_tensor(plan.checkpoint.tensors[t.name])
         report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, plan.settings.block_size,
                                      report.bands))
     report.fp8_tensors += len(fp8)

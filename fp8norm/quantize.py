@@ -92,8 +92,7 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
     block = p.scheme == schemes.BLOCK
     return execute_plan(p, Path(dst), transform=Quantize() if block else SchemeQuantize(p.scheme), device=device,
-                        resume=resume, overwrite=overwrite, progress=progress,
-                        verify_samples=verify_samples if block else 0)
+                        resume=resume, overwrite=overwrite, progress=progress, verify_samples=verify_samples)
 
 
 def provenance(p: Plan) -> str:

@@ -40,6 +40,28 @@ UNALIGNED_KEPT = "mx:unaligned-kept"
 FUSED_KEPT = "ct:fused-with-kept"
 
 
+def ct_scheme(qcfg: dict) -> str | None:
+    """The scheme of a compressed-tensors quantization_config (fp8-channel, mxfp8, mxfp4), None for any
+    other (block FP8 in compressed-tensors' layout included)."""
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "compressed-tensors":
+        return None
+    groups = list((qcfg.get("config_groups") or {}).values())
+    strategy = (groups[0].get("weights") or {}).get("strategy") if groups and isinstance(groups[0], dict) else None
+    for scheme in CT_SCHEMES:
+        if qcfg.get("format") == CT_FORMAT[scheme] and (scheme != CHANNEL or strategy == "channel"):
+            return scheme
+    return None
+
+
+def refuse_unsupported(cfg: dict, src, what: str) -> None:
+    """One line (ValueError) when `cfg` (a config.json) describes a checkpoint in one of these schemes,
+    which `what` cannot handle yet."""
+    scheme = ct_scheme((cfg or {}).get("quantization_config"))
+    if scheme is not None:
+        raise ValueError(f"{src}: {scheme} checkpoint (compressed-tensors): {what} does not handle this scheme's "
+                         f"scales yet; use the bf16 or fp8-block model (or `fp8norm convert --to bf16` first)")
+
+
 def check_scheme(scheme: str) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
@@ -140,6 +162,26 @@ def check_sources(ckpt, scale_of: dict[str, str], scheme: str) -> None:
                             f"<= 0); its weight cannot be read")
 
 
+def output_modules(name: str, shape: tuple[int, ...]) -> list[str]:
+    """The quantized modules a source weight becomes, in output_entries' order: its own module, or per
+    expert and projection for a fused 3D expert tensor."""
+    fused = _fused_experts(name, shape)
+    if not fused:
+        return [module_of(name)]
+    prefix, parts = fused
+    return [f"{prefix}.{e}.{p}" for e in range(shape[0]) for p in parts]
+
+
+def split_source(name: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """A source weight as the matrices its output modules hold (output_modules' order): [x], or per
+    expert and projection for a fused 3D expert tensor (gate rows first)."""
+    fused = _fused_experts(name, tuple(x.shape))
+    if not fused:
+        return [x]
+    n_parts = len(fused[1])
+    return [x[e].chunk(n_parts, dim=0)[p] for e in range(x.shape[0]) for p in range(n_parts)]
+
+
 def quantize_weight(scheme: str, x: torch.Tensor, *, src_scale_inv=None, src_block_size=(128, 128),
                     rule: str = "ocp", name: str = "") -> list[torch.Tensor]:
     """One weight `name` (bf16, or FP8 with its block scales) -> its outputs in `scheme`, in
@@ -148,9 +190,7 @@ def quantize_weight(scheme: str, x: torch.Tensor, *, src_scale_inv=None, src_blo
     fused = _fused_experts(name, tuple(x.shape))
     if not fused:
         return outs
-    n_parts = len(fused[1])
-    return [o[e].chunk(n_parts, dim=0)[p].contiguous() for e in range(x.shape[0]) for p in range(n_parts)
-            for o in outs]
+    return [part.contiguous() for pieces in zip(*(split_source(name, o) for o in outs)) for part in pieces]
 
 
 def _quantize(scheme, x, src_scale_inv, src_block_size, rule) -> list[torch.Tensor]:

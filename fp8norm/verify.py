@@ -38,6 +38,38 @@ Two questions per FP8 tensor, answered separately:
    unknown one, more is WARN (the SQNR band judges what clipping costs). The seed tool's absolute
    bands (cosine, mean and max absolute error) may be added with `--cos-bands` etc.
 
+Other schemes (`quantize --scheme` / `convert --to`, compressed-tensors layouts, fused 3D experts
+written per expert and projection; the scheme is read off config.json's quantization_config):
+
+- **fp8-channel**: the same e4m3 check with the row's scale (`weight_scale` [N, 1]) as the tile, and
+  e4m3's floor and bands (a row is a tile of one row; measured 0.0246-0.0265 on Gaussian, Laplace,
+  Student-t and uniform weights).
+- **mxfp8 / mxfp4**: every element RNE(x / X) in e4m3 / e2m1 with saturation at 448 / 6, X = 2^(code
+  - 127) the block's E8M0 scale (exact: x / X only moves the exponent), and every scale code the one
+  the OCP rule or compressed-tensors' rule gives for its block's amax (fp8norm.numerics_mx); either
+  is accepted, so a changed scale is a FAIL naming the block even where its elements are zeros.
+  The cost of MX depends on the distribution inside each block of 32 (power-of-two scales, saturation
+  under the OCP rule, e2m1's two binades), so the bands are bounds of correct rounding rather than
+  spreads around one floor. In units of X the block amax is in [2^emax, 2^(emax+1)) (OCP; [1.75, 3.5)
+  x 2^emax for the compressed-tensors rule).
+  * E2M1 (1 mantissa bit): a normal value m 2^e is rounded to a step of 2^(e-1), so mean square
+    relative error 2^-2 / (12 m^2), 16x e4m3's 2^-6 / (12 m^2): 4x the relative RMS, 4 x 0.0265 =
+    0.106, plus the block's elements below 1 (units of X) on the subnormal step 0.5, and saturation
+    of amax in [6, 8): measured 0.114 on Gaussian weights (18.9 dB; 0.126 Laplace, 0.141
+    Student-t(3); 0.16 on the examples' heavy-tailed weights with outlier columns). GOOD >= 13.9 dB,
+    i.e. rel RMS <= 1/5, the most rounding a normal e2m1 number can cost (half a step 2^-2 over
+    1 + 2^-2); WARN down to 6.5 dB: every element errs at most 1/4 of itself (|v| >= 1: half steps
+    0.25/1, 0.5/2, 1/4, clipping 2/8) or 0.25 (|v| < 1), and each block holds its amax >= 3.5, so
+    err^2 <= 1/16 (E + 31) <= 1/16 E (1 + 31/12.25): rel RMS <= 0.47 = 6.56 dB for any correct
+    output. Below that is a FAIL.
+  * MXFP8 (e4m3 elements): e4m3's floor plus the OCP saturation of amax in [448, 512): measured
+    0.0292 (30.7 dB) on Gaussian weights (0.0267 with compressed-tensors' rule, 0.0335 Student-t(3)).
+    GOOD >= 24.6 dB (rel RMS 1/17, the most rounding a normal e4m3 number costs); FAIL below 18.0 dB
+    (0.125 = 64/512, the most saturation costs; subnormals, |v| < 2^-6 beside an amax >= 256, add
+    under 2^-20 relative): no correct output gets there.
+  Clipping (saturation) is the format's own under the OCP rule: not judged apart, the SQNR band
+  judges what it costs.
+
 Structure: every FP8 weight has a scale of the right shape and every scale a weight, kept tensors
 are byte-identical to the source, the index covers every tensor exactly once, config.json's
 quantization_config agrees with the tensors.
@@ -55,6 +87,9 @@ from pathlib import Path
 import torch
 
 from . import numerics as nx
+from . import numerics_mx as mx
+from . import numerics_nvfp4 as n4
+from . import schemes
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
 from .reference import e4m3_to_float32
 from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_tensor
@@ -70,8 +105,35 @@ FLOOR_REL_RMS = 0.0265  # e4m3's rounding error on normal numbers (module docstr
 FLOOR_SQNR_DB = -20 * math.log10(FLOOR_REL_RMS)  # 31.5 dB
 CLIPPING_CALIBRATIONS = ("rms", "percentile", "mse")
 
-# e4m3: largest value, exponent of the smallest normal, mantissa bits
-_E4M3_MIN_EXP, _E4M3_MANT = -6, 3
+
+
+@dataclass(frozen=True)
+class ElementFormat:
+    """An element format as verify judges it: largest value (saturation), exponent of the smallest
+    normal, mantissa bits; the rounding floor (relative RMS error) of the scheme storing it, and the
+    relative RMS error beyond which rounding alone cannot explain the cost (WARN -> FAIL)."""
+    name: str
+    max: float
+    min_exp: int
+    mant: int
+    floor_rel_rms: float
+    sqnr_good: float
+    sqnr_warn: float
+
+    def rne(self, v: torch.Tensor) -> torch.Tensor:
+        """fp32 v -> its saturating round-to-nearest-even value in this format, as fp32."""
+        if self.name == "e2m1":
+            return n4.e2m1_table(v.device)[n4.e2m1_codes(v.float().reshape(-1)).long()].reshape(v.shape)
+        return nx.saturate_e4m3(v.float()).float()
+
+
+E4M3 = ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, FLOOR_REL_RMS, round(FLOOR_SQNR_DB - 2.0, 1), 20.0)
+# The per-scheme floors and bands of the compressed-tensors schemes (module docstring, "Other schemes").
+MXFP8_FLOOR_REL_RMS = 0.0292
+MXFP4_FLOOR_REL_RMS = 0.114
+SCHEME_FORMATS = {"fp8-block": E4M3, "fp8-channel": E4M3,
+                  "mxfp8": ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, MXFP8_FLOOR_REL_RMS, 24.6, 18.0),
+                  "mxfp4": ElementFormat("e2m1", 6.0, 0, 1, MXFP4_FLOOR_REL_RMS, 13.9, 6.5)}
 
 
 @dataclass(frozen=True)
@@ -90,6 +152,16 @@ class Bands:
     def for_calibration(cls, mode: str | None, **overrides) -> Bands:
         """Max calibration clips nothing by construction; clipping ones (and unknown) may clip 1%."""
         return cls(**{"clipped_good": 0.0 if mode == "max" else 0.01, **overrides})
+
+    @classmethod
+    def for_scheme(cls, scheme: str, mode: str | None, **overrides) -> Bands:
+        """The bands of `scheme` (module docstring, "Other schemes"). MX scales are powers of two that the OCP rule lets saturate the block's largest
+        elements: clipping is the format's there, judged by the SQNR band alone."""
+        fmt = SCHEME_FORMATS[scheme]
+        base = {"sqnr_good": fmt.sqnr_good, "sqnr_warn": fmt.sqnr_warn}
+        if scheme in (schemes.MXFP8, schemes.MXFP4):
+            base["clipped_good"] = 1.0
+        return cls.for_calibration(mode, **{**base, **overrides})
 
     def judge(self, c: TensorCheck) -> dict[str, str]:
         b = {"sqnr": GOOD if c.sqnr_db >= self.sqnr_good else WARN if c.sqnr_db >= self.sqnr_warn else FAIL,
@@ -124,6 +196,8 @@ class TensorCheck:
     first_wrong: str | None
     bands: dict
     status: str
+    wrong_scales: int = 0    # MX: E8M0 codes neither rule gives for the block's amax
+    first_wrong_scale: str | None = None
 
 
 def _expand_tiles(t: torch.Tensor, shape, block_size) -> torch.Tensor:
@@ -133,25 +207,30 @@ def _expand_tiles(t: torch.Tensor, shape, block_size) -> torch.Tensor:
     return t.repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
 
 
-def e4m3_half_step(v: torch.Tensor) -> torch.Tensor:
-    """Half the distance between e4m3 neighbours around v >= 0 (fp32): 2^(floor(log2 v) - 4) read
-    off v's exponent bits, at least 2^-10 (half the subnormal step)."""
+def half_step(v: torch.Tensor, fmt: ElementFormat = E4M3) -> torch.Tensor:
+    """Half the distance between `fmt` neighbours around v >= 0 (fp32): 2^(floor(log2 v) - mant - 1)
+    read off v's exponent bits, at least half the subnormal step (e4m3: 2^-10, e2m1: 2^-2)."""
     pow2 = (v.contiguous().view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 v), 0 for 0
-    return (pow2 * 2.0 ** -(_E4M3_MANT + 1)).clamp_min_(2.0 ** (_E4M3_MIN_EXP - _E4M3_MANT - 1))
+    return (pow2 * 2.0 ** -(fmt.mant + 1)).clamp_min_(2.0 ** (fmt.min_exp - fmt.mant - 1))
 
 
-def rne_mismatch(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, steps: float = 0.5) -> torch.Tensor:
-    """Elements where fp32 q is not the saturating RNE e4m3 value of x / scale (all per element, fp32;
+def e4m3_half_step(v: torch.Tensor) -> torch.Tensor:
+    return half_step(v, E4M3)
+
+
+def rne_mismatch(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, steps: float = 0.5,
+                 fmt: ElementFormat = E4M3) -> torch.Tensor:
+    """Elements where fp32 q is not the saturating RNE `fmt` value of x / scale (all per element, fp32;
     x * (1/scale) as the kernel computes it, with 2^-21 relative slack for the order of operations).
 
-    `steps`: allowed error in e4m3 steps (0.5: one rounding; 1.5: rounded twice, see the module doc)."""
+    `steps`: allowed error in steps of the format (0.5: one rounding; 1.5: rounded twice, see the module doc)."""
     y = x.float() * torch.reciprocal(scale.float())
-    return _mismatch(q.float(), y, y.abs(), steps)
+    return _mismatch(q.float(), y, y.abs(), steps, fmt)
 
 
-def _mismatch(q, y, ay, steps: float) -> torch.Tensor:
-    bound = e4m3_half_step(torch.minimum(ay, q.abs())).mul_(2 * steps).add_(ay * 2.0 ** -21)
-    ok = torch.where(ay >= nx.E4M3_MAX, q == torch.sign(y) * nx.E4M3_MAX, (q - y).abs_() <= bound)
+def _mismatch(q, y, ay, steps: float, fmt: ElementFormat = E4M3) -> torch.Tensor:
+    bound = half_step(torch.minimum(ay, q.abs()), fmt).mul_(2 * steps).add_(ay * 2.0 ** -21)
+    ok = torch.where(ay >= fmt.max, q == torch.sign(y) * fmt.max, (q - y).abs_() <= bound)
     return ~(ok & torch.isfinite(q))
 
 
@@ -174,23 +253,23 @@ class _Sums:
         self.n = self.clipped = self.flushed = self.wrong = 0
         self.first_wrong: str | None = None
 
-    def add(self, q, s_tiles, x, block_size, where: str, row0: int, steps: float) -> None:
+    def add(self, q, s_tiles, x, block_size, where: str, row0: int, steps: float, fmt: ElementFormat = E4M3) -> None:
         qf = e4m3_to_float32(q, torch.empty(q.shape, dtype=torch.float32)) if q.dtype == torch.float8_e4m3fn \
             else q.float()
         xf = x.float()
-        s = _expand_tiles(s_tiles.float(), q.shape, block_size)
+        s = _expand_tiles(s_tiles.float(), qf.shape, block_size)
         y = xf * torch.reciprocal(s)
         ay = y.abs()
-        bad = _mismatch(qf, y, ay, steps)
+        bad = _mismatch(qf, y, ay, steps, fmt)
         n_bad = int(bad.sum())
         if n_bad and self.first_wrong is None:
             r, c = (int(v) for v in bad.nonzero()[0])
-            want = float(nx.saturate_e4m3(xf[r, c] / s[r, c]).float())
+            want = float(fmt.rne(xf[r, c] / s[r, c]))
             self.first_wrong = (f"element {where}[{row0 + r}, {c}]: x {float(xf[r, c]):.6g}, scale {float(s[r, c]):.6g}, "
                                 f"stored {float(qf[r, c]):g}, RNE(x/scale) {want:g}")
         self.wrong += n_bad
         self.n += q.numel()
-        self.clipped += int((ay > nx.E4M3_MAX * (1 + 2.0 ** -20)).sum())
+        self.clipped += int((ay > fmt.max * (1 + 2.0 ** -20)).sum())
         self.flushed += int(((qf == 0) & (xf != 0)).sum())
         deq = qf.mul_(s)
         self.nq += float(deq.square().sum())
@@ -207,9 +286,12 @@ class _Sums:
 
 def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src: torch.Tensor,
             block_size, bands: Bands | None = None, chunk_elems: int = 1 << 18,
-            rounding_steps: float = 0.5) -> TensorCheck:
+            rounding_steps: float = 0.5, fmt: ElementFormat = E4M3, decode=None) -> TensorCheck:
     """Check q (with its stored scales) against the source tensor, element by element, and measure
-    what the format costs on it; a few row blocks at a time, so a large tensor costs little memory."""
+    what the format costs on it; a few row blocks at a time, so a large tensor costs little memory.
+
+    `decode(q_rows, scale_rows)` -> (fp32 elements, fp32 scales per tile) reads stored forms other
+    than e4m3 with float scales (MX: E8M0 codes, packed E2M1)."""
     bands = bands or Bands()
     bm = block_size[0]
     sums = _Sums()
@@ -217,8 +299,10 @@ def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src
     for e, (q2, s2, x2) in enumerate(mats):
         rows = max(bm, chunk_elems // max(1, q2.shape[1]) // bm * bm)
         for r0 in range(0, q2.shape[0], rows):
-            sums.add(q2[r0:r0 + rows], s2[r0 // bm:nx.ceil_div(r0 + rows, bm)], x2[r0:r0 + rows], block_size,
-                     f"[{e}]" if q.dim() == 3 else "", r0, rounding_steps)
+            qc, sc = q2[r0:r0 + rows], s2[r0 // bm:nx.ceil_div(r0 + rows, bm)]
+            if decode is not None:
+                qc, sc = decode(qc, sc)
+            sums.add(qc, sc, x2[r0:r0 + rows], block_size, f"[{e}]" if q.dim() == 3 else "", r0, rounding_steps, fmt)
     denom = (sums.nq * sums.nr) ** 0.5
     # <deq, x> from ||deq - x||^2 = |deq|^2 + |x|^2 - 2<deq, x>: exact where 1 - cos is tiny
     cos = (sums.nq + sums.nr - sums.err_sq) / (2 * denom) if denom > 0 else float(sums.nq == sums.nr)
@@ -231,6 +315,32 @@ def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src
     if sums.wrong:
         check.bands["rounding"] = FAIL
     check.status = worst(*check.bands.values())
+    return check
+
+
+def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, scale: torch.Tensor,
+                   src: torch.Tensor, bands: Bands | None = None) -> TensorCheck:
+    """One module of a compressed-tensors scheme output (fp8norm.schemes: fp8-channel, mxfp8, mxfp4)
+    against its source matrix (fp32 or the source dtype): every element RNE(x / scale) in the scheme's
+    element format (the row's scale, or the block's E8M0 scale), and for MX every scale code the one
+    the OCP rule or compressed-tensors' rule gives for its block's amax."""
+    fmt = SCHEME_FORMATS[scheme]
+    bands = bands or Bands.for_scheme(scheme, None)
+    if scheme == schemes.CHANNEL:
+        return compare(name, shard, stored, scale, src, (1, src.shape[-1]), bands, fmt=fmt)
+    mxf = mx.mx_format(scheme)
+    check = compare(name, shard, stored, scale, src, (1, mx.MX_BLOCK), bands, fmt=fmt,
+                    decode=lambda q, s: (mx.decode_elements(q, mxf), mx.scale_value(s)))
+    amax = src.abs().reshape(*src.shape[:-1], -1, mx.MX_BLOCK).amax(-1).float()  # exact in src's dtype
+    codes = scale.to(torch.int32)
+    spec, ct = mx.scale_codes(amax, mxf, False), mx.scale_codes(amax, mxf, True)
+    wrong = (codes != spec) & (codes != ct)
+    if bool(wrong.any()):
+        i = tuple(int(v) for v in wrong.nonzero()[0])
+        check.wrong_scales = int(wrong.sum())
+        check.first_wrong_scale = (f"scale block {list(i)}: code {int(codes[i])}, block amax {float(amax[i]):.6g} "
+                                   f"gives {int(spec[i])} (OCP) or {int(ct[i])} (compressed-tensors)")
+        check.bands["scale"] = check.status = FAIL
     return check
 
 
@@ -284,6 +394,11 @@ class VerifyReport:
     calibration: str | None = None       # as described, e.g. "rms(k=3)"; None: unknown producer
     calibration_mode: str | None = None  # "max", "rms", ...
     bands: Bands = field(default_factory=Bands)
+    scheme: str = "fp8-block"
+
+    @property
+    def element_format(self) -> ElementFormat:
+        return SCHEME_FORMATS[self.scheme]
 
     @property
     def status(self) -> str:
@@ -292,7 +407,8 @@ class VerifyReport:
     def to_dict(self) -> dict:
         return {"status": self.status, "fp8_tensors": self.fp8_tensors, "kept_tensors": self.kept_tensors,
                 "checked": len(self.checks), "problems": self.problems, "calibration": self.calibration,
-                "floor": {"rel_rms": FLOOR_REL_RMS, "sqnr_db": round(FLOOR_SQNR_DB, 2)},
+                "scheme": self.scheme, "floor": {"rel_rms": self.element_format.floor_rel_rms,
+                                                 "sqnr_db": round(-20 * math.log10(self.element_format.floor_rel_rms), 2)},
                 "bands": asdict(self.bands), "sqnr_db_by_kind_and_layer": per_layer_sqnr(self.checks),
                 "tensors": [asdict(c) for c in self.checks]}
 
@@ -308,8 +424,11 @@ class VerifyReport:
                   f"  Checked             : {len(self.checks)}  (GOOD {n[GOOD]}  WARN {n[WARN]}  FAIL {n[FAIL]})",
                   f"  Structure problems  : {len(self.problems)}"]
         if self.checks:
-            right = sum(not c.wrong_elements for c in self.checks)
-            lines.append(f"  Correctly rounded   : {right} of {len(self.checks)} (every element RNE(x / scale) in e4m3)")
+            fmt = self.element_format
+            floor_rel, floor_db = fmt.floor_rel_rms, -20 * math.log10(fmt.floor_rel_rms)
+            right = sum(not c.wrong_elements and not c.wrong_scales for c in self.checks)
+            lines.append(f"  Correctly rounded   : {right} of {len(self.checks)} (every element RNE(x / scale) in "
+                         f"{fmt.name}{', every scale by the MX rule' if self.scheme.startswith('mx') else ''})")
             pooled = sum(c.rel_rms ** 2 for c in self.checks) / len(self.checks)
             mean_rel = pooled ** 0.5
             mean_sqnr = -10 * math.log10(pooled) if pooled > 0 else math.inf
@@ -319,14 +438,14 @@ class VerifyReport:
             sqnr_band = GOOD if worst_sqnr >= b.sqnr_good else WARN if worst_sqnr >= b.sqnr_warn else FAIL
             clip_note = "none expected (max)" if b.clipped_good == 0 else f"GOOD <= {100 * b.clipped_good:g}%"
             lines += ["-" * 72,
-                      f"  {'cost of the format':<22}{'worst':>9}{'mean':>10}   {'band':<6} e4m3 floor / bands",
+                      f"  {'cost of the format':<22}{'worst':>9}{'mean':>10}   {'band':<6} {fmt.name} floor / bands",
                       f"  {'SQNR (dB)':<22}{worst_sqnr:>9.2f}{mean_sqnr:>10.2f}   {sqnr_band:<6} "
-                      f"{FLOOR_SQNR_DB:.1f}; GOOD >= {b.sqnr_good:g}, FAIL < {b.sqnr_warn:g}",
+                      f"{floor_db:.1f}; GOOD >= {b.sqnr_good:g}, FAIL < {b.sqnr_warn:g}",
                       f"  {'relative RMS error':<22}{max(c.rel_rms for c in self.checks):>9.4f}{mean_rel:>10.4f}"
-                      f"   {'':<6} {FLOOR_REL_RMS}",
+                      f"   {'':<6} {floor_rel}",
                       f"  {'1 - cosine':<22}{max(1 - c.cos for c in self.checks):>9.1e}"
                       f"{sum(1 - c.cos for c in self.checks) / len(self.checks):>10.1e}   {'':<6} "
-                      f"{FLOOR_REL_RMS ** 2 / 2:.1e}",
+                      f"{floor_rel ** 2 / 2:.1e}",
                       f"  {'max err / tile amax':<22}{max(c.max_err_rel_amax for c in self.checks):>9.4f}",
                       f"  {'clipped':<22}{100 * worst_clip:>8.2f}%"
                       f"{100 * sum(c.clipped_frac for c in self.checks) / len(self.checks):>9.2f}%   "
@@ -346,7 +465,9 @@ class VerifyReport:
             lines += [f"  FAIL  {p}" for p in self.problems[:20]]
             for c in sorted(bad, key=lambda c: -_RANK[c.status])[:20]:
                 which = ", ".join(f"{k} {v}" for k, v in c.bands.items() if v != GOOD)
-                if c.wrong_elements:
+                if c.wrong_scales:
+                    what = f"{c.wrong_scales} scale(s) not the MX rule's, e.g. {c.first_wrong_scale}"
+                elif c.wrong_elements:
                     what = f"{c.wrong_elements} of {c.elements} element(s) not RNE(x / scale), e.g. {c.first_wrong}"
                 else:
                     what = (f"SQNR {c.sqnr_db:.1f} dB, rel RMS {c.rel_rms:.4f}, clipped {100 * c.clipped_frac:.2f}%, "
@@ -370,16 +491,16 @@ CALIB_COST_VS_MAX = {"rms": "~6x", "percentile": "~23x", "mse": "~150x"}
 def recommendations(report: VerifyReport) -> list[str]:
     """Only what would help, with what it costs."""
     out = []
-    wrong = [c for c in report.checks if c.wrong_elements]
+    wrong = [c for c in report.checks if c.wrong_elements or c.wrong_scales]
     if wrong:
         out.append(f"{len(wrong)} tensor(s) are not a correct rounding of the source ({wrong[0].name}: "
-                   f"{wrong[0].first_wrong}): bytes or scales changed after quantization, tensors swapped, or "
+                   f"{wrong[0].first_wrong_scale or wrong[0].first_wrong}): bytes or scales changed after quantization, tensors swapped, or "
                    "SRC is not the model this was made from. Quantize again (fp8norm quantize --overwrite); "
                    "if a fresh output fails too, report a bug.")
     if report.problems:
         out.append("Structure problems mean a broken or incomplete checkpoint: quantize again "
                    "(fp8norm quantize --overwrite, or --resume after an interruption).")
-    right = [c for c in report.checks if not c.wrong_elements]
+    right = [c for c in report.checks if not c.wrong_elements and not c.wrong_scales]
     clipped = [c for c in right if c.bands.get("clipped") != GOOD]
     costly = [c for c in right if c.bands.get("sqnr") != GOOD]
     mode = report.calibration_mode
@@ -459,6 +580,12 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     s_ckpt = open_checkpoint(src)
     cfg = _read_json(quant / "config.json")
     qcfg = (cfg or {}).get("quantization_config") or {}
+    scheme = schemes.ct_scheme(qcfg)
+    if scheme is not None:
+        report.scheme = scheme
+        report.bands = bands or Bands.for_scheme(scheme, mode, **(band_overrides or {}))
+        _verify_scheme(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed)
+        return report
     block = tuple(qcfg.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     qt, st = q_ckpt.tensors, s_ckpt.tensors
     fp8 = [n for n, i in qt.items() if i.dtype in FP8_DTYPES]
@@ -501,6 +628,93 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
             report.checks.append(compare(n, shard, read_tensor(qt[n]), read_tensor(qt[s]), read_tensor(st[n]),
                                          block, report.bands, rounding_steps=steps))
     return report
+
+
+def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
+    """A source weight as quantization read it: as stored, or an FP8 block weight dequantized to fp32."""
+    info = s_ckpt.tensors[name]
+    x = read_tensor(info)
+    if info.dtype in FP8_DTYPES and (s := _scale_of(name, s_ckpt.tensors)):
+        from .reference import dequant_fp8_block
+
+        x = dequant_fp8_block(x, read_tensor(s_ckpt.tensors[s]), block_size=src_block, out_dtype=torch.float32)
+    return x
+
+
+def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
+                   samples: int | None, seed: int) -> None:
+    """verify() for a compressed-tensors scheme output: per module `weight` (or `weight_packed`) and
+    `weight_scale`, fused 3D source experts written per expert and projection (fp8norm.schemes)."""
+    from .plan import PlanError
+
+    qt, st = q_ckpt.tensors, s_ckpt.tensors
+    elem = ".weight_packed" if scheme == schemes.MXFP4 else ".weight"
+    modules = sorted(n.removesuffix(".weight_scale") for n in qt if n.endswith(".weight_scale"))
+    src_of: dict[str, tuple[str, int]] = {}  # module -> (source tensor, index in schemes.split_source)
+    for n, info in st.items():
+        for i, m in enumerate(schemes.output_modules(n, tuple(info.shape))):
+            src_of.setdefault(m, (n, i))
+    report.fp8_tensors = len(modules)
+    _check_index(quant, q_ckpt, report)
+    owned = {m + suffix for m in modules for suffix in (".weight", ".weight_packed", ".weight_scale")}
+    valid = []
+    for m in modules:
+        try:
+            if m + elem not in qt:
+                raise PlanError(f"{qt[m + '.weight_scale'].file.name}: scale {m + '.weight_scale'!r} has no "
+                                f"{scheme} weight {m + elem!r}")
+            schemes.check_sources(q_ckpt, {m + elem: m + ".weight_scale"}, scheme)
+            if m not in src_of:
+                raise PlanError(f"{qt[m + elem].file.name}: quantized module {m!r} has no source weight")
+        except PlanError as e:
+            report.problems.append(str(e))
+            continue
+        valid.append(m)
+    for n, info in qt.items():
+        if info.dtype in FP8_DTYPES and n not in owned:
+            report.problems.append(f"{info.file.name}: tensor {n!r} is FP8 but has no {schemes.module_of(n)}.weight_scale")
+    quantized_src = {src_of[m][0] for m in modules if m in src_of}
+    # an FP8 source's scales are read with its weights, not kept
+    consumed = quantized_src | {s for n in quantized_src if (s := _scale_of(n, st))}
+    for n in sorted(quantized_src):
+        absent = [m for m in schemes.output_modules(n, tuple(st[n].shape)) if m not in modules]
+        if absent:
+            report.problems.append(f"source tensor {n!r} is quantized but {len(absent)} of its modules are not in "
+                                   f"the output, e.g. {absent[0]!r}")
+    missing = [n for n in st if n not in qt and n not in consumed]
+    if missing:
+        report.problems.append(f"{len(missing)} source tensor(s) missing from the output, e.g. {missing[0]!r}")
+    extra = [n for n in qt if n not in st and n not in owned]
+    if extra:
+        report.problems.append(f"{len(extra)} output tensor(s) not in the source, e.g. {extra[0]!r}")
+    kept = [n for n in qt if n in st and n not in owned]
+    report.kept_tensors = len(kept)
+    for n in kept:
+        if qt[n].dtype != st[n].dtype or qt[n].shape != st[n].shape or not _same_bytes(qt[n], st[n]):
+            report.problems.append(f"{qt[n].file.name}: kept tensor {n!r} differs from the source")
+    _check_config(qcfg, [m + elem for m in modules], qt, report)
+    src_cfg = _read_json(s_ckpt.root / "config.json") or {}
+    src_block = tuple((src_cfg.get("quantization_config") or {}).get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
+    rng = random.Random(seed)
+    by_shard: dict[str, list[str]] = {}
+    for m in valid:
+        by_shard.setdefault(qt[m + elem].file.name, []).append(m)
+    for shard, names in sorted(by_shard.items()):
+        pick = names if samples is None or samples >= len(names) else sorted(rng.sample(names, samples))
+        cache: dict[str, list[torch.Tensor]] = {}
+        for m in pick:
+            n, i = src_of[m]
+            if n not in cache:
+                cache.clear()  # one source tensor at a time (picks sorted: a fused tensor's experts together)
+                cache[n] = schemes.split_source(n, source_matrix(n, s_ckpt, src_block))
+            x = cache[n][i]
+            *lead, cols = qt[m + elem].shape
+            if tuple(x.shape) != (*lead, 2 * cols if scheme == schemes.MXFP4 else cols):
+                report.problems.append(f"{qt[m + elem].file.name}: {m + elem!r} has shape {list(qt[m + elem].shape)}, "
+                                       f"its source {list(x.shape)}")
+                continue
+            report.checks.append(compare_scheme(scheme, m, shard, read_tensor(qt[m + elem]),
+                                                read_tensor(qt[m + ".weight_scale"]), x, report.bands))
 
 
 def plot_report(report: VerifyReport, path: str | Path) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .. import numerics as nx
+from .. import schemes
 from ..checkpoint import open_checkpoint, read_json
 from ..output import fingerprint, json_text
 from ..plan import config_block_size
@@ -156,7 +157,12 @@ def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool =
         raise ShardError(f"--n-experts {n_experts} is not divisible by --mp {mp}")
     ckpt = open_checkpoint(src)
     cfg_path = ckpt.root / "config.json"
-    block = config_block_size(read_json(cfg_path, "config.json") if cfg_path.is_file() else {}, cfg_path)
+    cfg = read_json(cfg_path, "config.json") if cfg_path.is_file() else {}
+    try:
+        schemes.refuse_unsupported(cfg, ckpt.root, "shard")
+    except ValueError as e:
+        raise ShardError(str(e)) from None
+    block = config_block_size(cfg, cfg_path)
     local = n_experts // mp
     files = [f"model{i}-mp{mp}.safetensors" for i in range(mp)]
     jobs = []

@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import numerics as nx
+from .. import schemes
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
 from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
 from ..plan import config_block_size
@@ -435,6 +436,7 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
         raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
     ckpt = open_checkpoint(src)
     cfg = _read_config(ckpt.root)
+    schemes.refuse_unsupported(cfg, ckpt.root, "shard")
     block = config_block_size(cfg, ckpt.root / "config.json")
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
     weights, specs = specs_from_table(table, block)
