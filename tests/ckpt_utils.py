@@ -52,3 +52,15 @@ def one_line_error(res, *needles, exit_code=1):
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def save_tiny_qwen3(path) -> Path:
+    """A tiny random Qwen3 (2 layers, hidden 256) saved in bf16 by transformers itself, seed 0."""
+    import transformers
+
+    cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return Path(path)

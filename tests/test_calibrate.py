@@ -13,7 +13,7 @@ from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.cli import main
 from fp8norm.examples import make_example
 from fp8norm.verify import EXIT_VERIFY_FAILED
-from tests.ckpt_utils import read_dir, same_bytes
+from tests.ckpt_utils import read_dir, same_bytes, save_tiny_qwen3
 
 F32 = torch.float32
 
@@ -160,11 +160,7 @@ def _tiny_qwen3_with_tokenizer(path):
     words = ["the", "cat", "sat", "on", "a", "mat", "fp8", "scales", "<unk>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    save_tiny_qwen3(path)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
     return path
 

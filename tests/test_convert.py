@@ -8,7 +8,7 @@ import torch
 from fp8norm import numerics as nx
 from fp8norm import reference
 from fp8norm.examples import make_example
-from tests.ckpt_utils import cli, read_dir, same_bytes, tree_bytes
+from tests.ckpt_utils import cli, read_dir, same_bytes, save_tiny_qwen3, tree_bytes
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,7 @@ def test_compressed_tensors_reads_our_fp8_ct(fp8_ckpt, tmp_path):
 
 def test_transformers_loads_converted_bf16(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    save_tiny_qwen3(tmp_path / "bf16")
     cli("quantize", tmp_path / "bf16", tmp_path / "fp8", "--skip-verify")
     cli("convert", tmp_path / "fp8", tmp_path / "back", "--to", "bf16")
     from_fp8 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)

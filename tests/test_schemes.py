@@ -8,7 +8,7 @@ import torch
 
 from fp8norm import reference
 from fp8norm.examples import make_example
-from tests.ckpt_utils import cli, read_dir, same_bytes
+from tests.ckpt_utils import cli, read_dir, same_bytes, save_tiny_qwen3
 
 SCHEMES = ["fp8-channel", "mxfp8", "mxfp4"]
 
@@ -141,11 +141,7 @@ def test_transformers_loads_on_cpu(tmp_path, scheme):
     """transformers' compressed-tensors integration loads the output on CPU and its decompressed
     weights equal our dequantization; logits stay close to the bf16 model's."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    save_tiny_qwen3(tmp_path / "bf16")
     cli("quantize", tmp_path / "bf16", tmp_path / "q", "--scheme", scheme)
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
