@@ -186,6 +186,10 @@ RESUME = click.option("--resume", is_flag=True, callback=_not_with("overwrite"),
                       help="Continue an interrupted run into DST (finished shards are skipped).")
 DEVICE = click.option("--device", default="auto", show_default=True, callback=_device,
                       help="auto, cpu, cuda or cuda:N.")
+VERIFY_SAMPLES = click.option("--verify-samples", type=click.IntRange(min=0), default=5, show_default=True,
+                              help="Newly rounded tensors per shard re-read from disk and checked against the "
+                                   "source.")
+SKIP_VERIFY = click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 REVISION = click.option("--revision", default=None, metavar="R",
                         help="With a Hub model id as SRC: its branch, tag or commit [default: main].")
 MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
@@ -285,9 +289,8 @@ def plan_cmd(src, as_json, **kw):
 @DEVICE
 @RESUME
 @OVERWRITE
-@click.option("--verify-samples", type=click.IntRange(min=0), default=5, show_default=True,
-              help="FP8 tensors per shard re-read from disk and compared with the source.")
-@click.option("--skip-verify", is_flag=True, help="No verification after writing.")
+@VERIFY_SAMPLES
+@SKIP_VERIFY
 @click.option("--allow-nonfinite", is_flag=True,
               help="Keep tensors holding NaN/Inf unquantized (reported) instead of stopping.")
 @THREADS
@@ -353,11 +356,17 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 @DEVICE
 @RESUME
 @OVERWRITE
+@VERIFY_SAMPLES
+@SKIP_VERIFY
 @THREADS
 @QUIET
 def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revision, device, resume, overwrite,
-                quiet):
+                verify_samples, skip_verify, quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
+
+    Requantized tensors (fp8-ue8m0 from float scales; fp8-channel, mxfp8, mxfp4) are re-read after
+    writing and checked as `fp8norm verify` does; exit code 3 when that check FAILs (the output stays,
+    marked in DST/fp8norm.json).
 
     \b
     Targets:
@@ -378,7 +387,7 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revisio
 
     summary = convert(_source(src, revision), dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                       repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
-                      progress=None if not quiet else False)
+                      progress=None if not quiet else False, verify_samples=0 if skip_verify else verify_samples)
     _report(summary, dst)
 
 

@@ -395,11 +395,17 @@ class Convert(Transform):
 
 
 def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", repack=True, device="auto",
-            resume=False, overwrite=False, progress=None) -> RunSummary:
-    """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring)."""
+            resume=False, overwrite=False, progress=None, verify_samples=5) -> RunSummary:
+    """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring).
+
+    `verify_samples` requantized tensors (to ue8m0 scales or to a scheme) of each shard are re-read
+    from disk and checked against the dequantized source, as `fp8norm verify` does (summary.verify;
+    0 = no check); a FAIL is recorded in DST/fp8norm.json."""
     plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                               repack=repack)
     if to.startswith("nvfp4"):
         plan.global_amax = nvfp4_global_amax(plan, resolve_device(device))
+    if not any(t.decision in (UE8M0, SCHEME) for t in plan.tensors):
+        verify_samples = 0  # nothing rounded anew (dequantized, relabelled; NVFP4 is not checked yet)
     return execute_plan(plan, Path(dst), transform=Convert(to, plan.checkpoint.tensors), device=device,
-                        resume=resume, overwrite=overwrite, progress=progress)
+                        resume=resume, overwrite=overwrite, progress=progress, verify_samples=verify_samples)

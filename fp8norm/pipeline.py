@@ -27,7 +27,7 @@ from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
 from . import schemes
-from .verify import FAIL, Bands, VerifyReport, compare, compare_scheme, mark_failed
+from .verify import FAIL, Bands, VerifyReport, compare, compare_scheme, mark_failed, source_matrix
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -208,29 +208,42 @@ def _output_texts(plan: Plan, transform: Transform) -> tuple[dict[str, str], lis
     return texts, copies
 
 
+# Decisions whose outputs are freshly rounded, so checked after writing: quantize's FP8 (block or a
+# scheme), convert's requantization to ue8m0 scales and its conversion to a scheme.
+_VERIFIED = (D.FP8, D.UE8M0, D.SCHEME)
+
+
+def _scheme_of(plan: Plan) -> str | None:
+    """The compressed-tensors scheme the plan writes: quantize --scheme, or convert --to one."""
+    return next((s for s in (plan.scheme, plan.convert_to) if s in schemes.CT_SCHEMES), None)
+
+
 def _new_report(plan: Plan) -> VerifyReport:
-    mode = plan.settings.calib.mode
+    mode, scheme = plan.settings.calib.mode, _scheme_of(plan) or "fp8-block"
     return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
-                        bands=Bands.for_scheme(plan.scheme, mode), scheme=plan.scheme)
+                        bands=Bands.for_scheme(scheme, mode), scheme=scheme)
 
 
 def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,
                   report: VerifyReport) -> None:
-    """Re-read `samples` FP8 tensors of a finished shard from disk and compare them with the source."""
+    """Re-read `samples` freshly rounded tensors of a finished shard from disk and compare them with the
+    values they were made from (the source tensor, or an FP8 source dequantized with its scales)."""
     infos, _ = read_header(shard_path)
-    fp8 = [t for t in tensors if t.decision == FP8]
+    rounded = [t for t in tensors if t.decision in _VERIFIED]
     rng = random.Random(shard_path.name)
-    for t in sorted(rng.sample(fp8, min(samples, len(fp8))), key=lambda t: t.name):
-        src = read_tensor(plan.checkpoint.tensors[t.name])
-        if plan.scheme in schemes.CT_SCHEMES:  # (weight, weight_scale) per module, fused experts per expert
+    scheme = _scheme_of(plan)
+    # block FP8 outputs keep the source's blocks when converted, else the plan's
+    block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
+    for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name):
+        src = source_matrix(t.name, plan.checkpoint, block)
+        if scheme is not None:  # (weight, weight_scale) per module, fused experts per expert
             pairs = zip(t.outputs[::2], t.outputs[1::2], schemes.split_source(t.name, src))
-            report.checks.extend(compare_scheme(plan.scheme, schemes.module_of(w.name.removesuffix("_packed")),
+            report.checks.extend(compare_scheme(scheme, schemes.module_of(w.name.removesuffix("_packed")),
                                                 shard_path.name, read_tensor(infos[w.name]),
                                                 read_tensor(infos[sc.name]), x, report.bands) for w, sc, x in pairs)
             continue
         q = read_tensor(infos[t.outputs[0].name])
         scale_inv = read_tensor(infos[t.outputs[1].name])
-        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, plan.settings.block_size,
-                                     report.bands))
-    report.fp8_tensors += len(fp8)
-    report.kept_tensors += len(tensors) - len(fp8)
+        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, block, report.bands))
+    report.fp8_tensors += len(rounded)
+    report.kept_tensors += len(tensors) - len(rounded)

@@ -240,3 +240,45 @@ def test_nvfp4_unaligned_is_an_error_or_kept(tmp_path):
     out = read_dir(tmp_path / "o")
     assert same_bytes(out["model.layers.0.self_attn.o_proj.weight"], t["model.layers.0.self_attn.o_proj.weight"])
     assert out["model.layers.0.mlp.down_proj.weight"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("to", ["fp8-ue8m0", "fp8-channel", "mxfp8", "mxfp4"])
+def test_convert_verifies_what_it_requantized(fp8_ckpt, tmp_path, to):
+    """Requantized outputs are re-read and checked against the dequantized FP8 source (every element
+    correctly rounded, cost within the target format's bands); the summary says so."""
+    _, fp8 = fp8_ckpt
+    res = cli("convert", fp8, tmp_path / "o", "--to", to, "--verify-samples", "100")
+    assert "QUANTIZATION VERIFICATION SUMMARY" in res.output and "FAIL 0" in res.output, res.output
+    checked = int(res.output.split("Checked             : ")[1].split()[0])
+    assert checked >= 23  # every requantized tensor (per expert for the schemes), none skipped
+    assert "verification" not in json.loads((tmp_path / "o" / "fp8norm.json").read_text())
+    res = cli("convert", fp8, tmp_path / "s", "--to", to, "--skip-verify")
+    assert "VERIFICATION SUMMARY" not in res.output
+
+
+def test_convert_needs_no_check_where_nothing_is_rounded(fp8_ckpt, tmp_path):
+    res = cli("convert", fp8_ckpt[1], tmp_path / "o", "--to", "bf16")
+    assert "VERIFICATION SUMMARY" not in res.output
+
+
+def test_convert_exits_3_when_its_verification_fails(fp8_ckpt, tmp_path, monkeypatch):
+    """A requantization that writes wrong bytes (here: one weight negated) is caught by convert's own
+    check: exit 3, the tensor named, the output kept and marked failed in fp8norm.json."""
+    from fp8norm import convert as conv
+    from fp8norm.verify import EXIT_VERIFY_FAILED, FAIL
+
+    victim = fp8_weights(read_dir(fp8_ckpt[1]))[0]
+    apply = conv.Convert.apply
+
+    def negate_victim(self, t, xs, plan, device):
+        outs = apply(self, t, xs, plan, device)
+        if t.name == victim:
+            outs[0] = (-outs[0].float()).to(outs[0].dtype)
+        return outs
+
+    monkeypatch.setattr(conv.Convert, "apply", negate_victim)
+    res = cli("convert", fp8_ckpt[1], tmp_path / "o", "--to", "fp8-ue8m0", "--verify-samples", "100", ok=False)
+    assert res.exit_code == EXIT_VERIFY_FAILED, res.output
+    assert victim in res.output
+    prov = json.loads((tmp_path / "o" / "fp8norm.json").read_text())
+    assert prov["verification"]["status"] == FAIL and victim in prov["verification"]["failed_tensors"]
