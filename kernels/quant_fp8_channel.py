@@ -16,7 +16,7 @@ import triton.language as tl
 from fp8norm import numerics as nx
 from fp8norm import numerics_fp8_channel as fc
 
-from ._launch import LAUNCH_OPTIONS, aot_specimens, kernel
+from ._launch import LAUNCH_OPTIONS, aot_specimens, finite_e4m3_codes, kernel, row_scaled_bf16
 from ._numerics import (E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords,
                         to_e4m3)
 from .quant_fp8_block import as_3d
@@ -177,12 +177,10 @@ def gpu_check_ops() -> list:
     def make_quant(shape, device, gen):
         if gen is None:  # timing: values do not matter
             return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {}
-        rows = torch.exp2(torch.randint(-12, 12, (*shape[:-1], 1), generator=gen).float())
-        return ((torch.randn(shape, generator=gen) * rows).to(torch.bfloat16).to(device),), {}
+        return (row_scaled_bf16(shape, gen).to(device),), {}
 
     def make_dequant(shape, device, gen):
-        codes = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-        codes[(codes & 0x7F) == 0x7F] = 0x7E
+        codes = finite_e4m3_codes(shape, gen)
         scale = torch.rand((*shape[:-1], 1), generator=gen) + 1e-3
         return (codes.view(torch.float8_e4m3fn).to(device), scale.to(device)), {}
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fp8norm import numerics_mx as mx
 
-from ._launch import LAUNCH_OPTIONS, aot_specimens, kernel
+from ._launch import LAUNCH_OPTIONS, aot_specimens, finite_e4m3_codes, kernel, row_scaled_bf16
 from ._numerics import amax_nan, cast_rne, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import e2m1_code, e2m1_value, load_source
@@ -202,18 +202,17 @@ def gpu_check_ops() -> list:
             shape = blocks(shape)
             if gen is None:
                 return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {"fmt": fmt}
-            rows = torch.exp2(torch.randint(-12, 12, (*shape[:-1], 1), generator=gen).float())
-            return ((torch.randn(shape, generator=gen) * rows).to(torch.bfloat16).to(device),), {"fmt": fmt}
+            return (row_scaled_bf16(shape, gen).to(device),), {"fmt": fmt}
         return make
 
     def make_dequant(fmt):
         def make(shape, device, gen):
             *lead, m, n = blocks(shape)
             cols = n if fmt == "mxfp8" else n // 2
-            codes = torch.randint(0, 256, (*lead, m, cols), dtype=torch.uint8, generator=gen)
             if fmt == "mxfp8":
-                codes[(codes & 0x7F) == 0x7F] = 0x7E
-                codes = codes.view(torch.float8_e4m3fn)
+                codes = finite_e4m3_codes((*lead, m, cols), gen).view(torch.float8_e4m3fn)
+            else:  # packed E2M1 pairs: every byte is a value
+                codes = torch.randint(0, 256, (*lead, m, cols), dtype=torch.uint8, generator=gen)
             scale = torch.randint(100, 150, (*lead, m, n // mx.MX_BLOCK), dtype=torch.uint8, generator=gen)
             return (codes.to(device), scale.to(device)), {"fmt": fmt}
         return make
