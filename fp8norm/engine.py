@@ -80,15 +80,6 @@ def on_rank0(ctx, fn):
     return shared
 
 
-def file_entries(jobs: list[Job]) -> dict[str, list[OutEntry]]:
-    """Every output file's tensors, in the order the jobs make them (the order they are written)."""
-    files: dict[str, list[OutEntry]] = {}
-    for job in jobs:
-        for f, e in job.outputs:
-            files.setdefault(f, []).append(e)
-    return files
-
-
 class InputDigests:
     """Per output file and source file: sha256 over the digests of the source tensors read for it."""
 
@@ -125,24 +116,29 @@ def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict
 
 
 def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, fingerprint: str, resume: bool = False,
-             overwrite: bool = False, device: torch.device = torch.device("cpu"), progress: bool | None = None,
-             buffer_bytes: int, texts: dict[str, str] | None = None,
-             copies: tuple[Path, ...] = (), before_finish: Callable[[list[str]], None] | None = None,
-             desc: str = "fp8norm", notes: list[str] | None = None) -> RunStats:
+             overwrite: bool = False, progress: bool | None = None, buffer_bytes: int,
+             texts: dict[str, str] | None = None, copies: tuple[Path, ...] = (),
+             before_finish: Callable[[list[str]], None] | None = None, desc: str = "fp8norm",
+             notes: list[str] | None = None, stats: RunStats | None = None) -> RunStats:
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
     `texts` {name: text} in order, then the final manifest. `before_finish(files written)` runs on rank 0
     once every file is on disk (e.g. to re-read samples). `notes`: a list the jobs' computations append
-    to; under torchrun rank 0's list ends up holding every rank's notes. Returns the run's statistics."""
+    to; under torchrun rank 0's list ends up holding every rank's notes. Returns the run's statistics
+    (in `stats` when given)."""
     pin_mmap_threshold()
     dst = Path(dst)
     ctx = distributed.context()
     rank0 = ctx is None or ctx.rank == 0
     out = OutputDir(ckpt.root, dst, fingerprint, resume=resume, overwrite=overwrite)
-    files = file_entries(jobs)
+    files: dict[str, list[OutEntry]] = {}  # every output file's tensors, in the order they are written
+    for job in jobs:
+        for f, e in job.outputs:
+            files.setdefault(f, []).append(e)
     sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items()}
     total = sum(sizes.values())
     sources = source_identity(ckpt.root, ckpt.files)
-    stats = RunStats(files=len(files))
+    stats = stats or RunStats()
+    stats.files = len(files)
     finished: dict[str, dict] = {}
     t_start = time.perf_counter()
 
@@ -172,8 +168,8 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         try:
             try:
                 record = ManifestRecord(dst, fingerprint, sources, ctx, done if rank0 else None)
-                _stream(ckpt, jobs, dst, files, mine, pending, record, finished, device, ctx, progress,
-                        buffer_bytes, stats, desc)
+                _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes,
+                        stats, desc)
             except OSError as e:
                 raise io_error(e, dst, still_needed(), sum(sizes.get(f, 0) for f in finished)) from None
         except BaseException as e:  # noqa: BLE001 - decided below, after the other ranks are told
@@ -255,8 +251,8 @@ class _ByteBudget:
 _DONE = object()
 
 
-def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, device, ctx, progress, buffer_bytes, stats,
-            desc) -> None:
+def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes, stats, desc
+            ) -> None:
     """Read, compute and write the files in `mine` with overlapping reader / compute / writer stages."""
     work = []
     for job in jobs:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -124,45 +123,19 @@ class BlockQuantize(Transform):
         return quantize_tensor(t, xs, plan, device)
 
 
-class _Callables(BlockQuantize):
-    """execute_plan's loose callables of earlier versions, as a Transform."""
-
-    def __init__(self, apply, config, extra_files, skip_files):
-        super().__init__()
-        self.skip_files, self.extra = skip_files, dict(extra_files or {})
-        self.apply, self.config = apply or self.apply, config or self.config
-
-    def extra_files(self, plan):
-        return self.extra
-
-
-def execute_plan(
-    plan: Plan,
-    dst: str | Path,
-    *,
-    transform: Transform | Callable[[TensorPlan, list[torch.Tensor], Plan, torch.device], list[torch.Tensor]]
-    | None = None,
-    finalize_config: Callable[[dict, Plan], dict] | None = None,
-    device: str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool | None = None,
-    extra_files: dict[str, str] | None = None,
-    verify_samples: int = 0,
-    skip_files: tuple[str, ...] = (),
-) -> RunSummary:
+def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = None, device: str = "auto",
+                 resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+                 verify_samples: int = 0) -> RunSummary:
     """Write `plan`'s output into `dst`.
 
     `transform` (a Transform; None: BlockQuantize) makes each planned tensor's output tensors,
-    config.json, the files beside it and the summary's notes. (Or, as in earlier versions, a function
-    for its `apply`, with `finalize_config`, `extra_files` and `skip_files` for the rest.)
-    `verify_samples` FP8 tensors of each shard written are re-read from disk once all shards are
-    complete and compared with the source (summary.verify holds the report). Under torchrun the shards
-    are shared out between the ranks (see fp8norm.distributed). Everything that can be checked
-    (device, config.json, the output texts) is checked before DST is touched.
+    config.json, the files beside it and the summary's notes. `verify_samples` freshly rounded tensors
+    of each shard written are re-read from disk once all shards are complete and compared with the
+    source (summary.verify holds the report). Under torchrun the shards are shared out between the
+    ranks (see fp8norm.distributed). Everything that can be checked (device, config.json, the output
+    texts) is checked before DST is touched.
     """
-    if not isinstance(transform, Transform):
-        transform = _Callables(transform, finalize_config, extra_files, skip_files)
+    transform = transform or BlockQuantize()
     if verify_samples < 0:
         raise OutputError(f"verify_samples must be >= 0, got {verify_samples}")
     dst = Path(dst)
@@ -184,11 +157,10 @@ def execute_plan(
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
             texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], report)
 
-    stats = run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
-                     device=dev, progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts,
-                     copies=copies, before_finish=verify if verify_samples else None, notes=transform.records)
-    summary = RunSummary(**{f.name: getattr(stats, f.name) for f in fields(RunStats)}, tensors=plan.totals(),
-                         device=str(dev), verify=report)
+    summary = RunSummary(tensors=plan.totals(), device=str(dev), verify=report)
+    run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
+             progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
+             before_finish=verify if verify_samples else None, notes=transform.records, stats=summary)
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
     summary.notes += plan.notes + transform.notes()

@@ -338,7 +338,7 @@ def test_one_options_object_from_cli_to_library(sources):
 
 
 def test_a_transform_makes_outputs_config_extra_files_and_notes(sources, tmp_path):
-    """execute_plan takes any Transform; the loose callables of earlier versions still work, byte for byte."""
+    """execute_plan takes any Transform: its outputs, config, extra files and notes all reach DST and the summary."""
     from fp8norm.classify import Decision
     from fp8norm.pipeline import BlockQuantize, execute_plan
     from fp8norm.quantize import plan as make_plan
@@ -370,16 +370,8 @@ def test_a_transform_makes_outputs_config_extra_files_and_notes(sources, tmp_pat
     assert json.loads((tmp_path / "neg" / "config.json").read_text())["negated"] is True
     assert (tmp_path / "neg" / "NOTE.txt").read_text() == "negated\n"
 
-    def legacy_config(cfg, plan):
-        return {**cfg, "legacy": 1}
-
-    execute_plan(p, tmp_path / "legacy", finalize_config=legacy_config, extra_files={"x.txt": "x"}, device="cpu",
-                 progress=False)
     execute_plan(p, tmp_path / "block", device="cpu", progress=False)
-    legacy, block = tree_bytes(tmp_path / "legacy"), tree_bytes(tmp_path / "block")
-    assert {k: v for k, v in legacy.items() if k.endswith(".safetensors")} == \
-        {k: v for k, v in block.items() if k.endswith(".safetensors")}
-    assert legacy["x.txt"] == b"x" and json.loads(legacy["config.json"])["legacy"] == 1
+    block = tree_bytes(tmp_path / "block")
     neg = tree_bytes(tmp_path / "neg")
     fp8 = next(t for t in p.tensors if t.decision == Decision.FP8)
     assert same_bytes(out[fp8.name], read_dir(tmp_path / "block")[fp8.name]) and neg != block
