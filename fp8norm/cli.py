@@ -192,6 +192,13 @@ VERIFY_SAMPLES = click.option("--verify-samples", type=click.IntRange(min=0), de
 SKIP_VERIFY = click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 REVISION = click.option("--revision", default=None, metavar="R",
                         help="With a Hub model id as SRC: its branch, tag or commit [default: main].")
+def run_options(f):
+    """--resume, --overwrite, --threads and --quiet: every command that writes a DST."""
+    for option in (QUIET, THREADS, OVERWRITE, RESUME):
+        f = option(f)
+    return f
+
+
 MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
                               help="Largest output shard: 4GB, 500MB, 4GiB.")
 
@@ -287,14 +294,11 @@ def plan_cmd(src, as_json, **kw):
 @click.argument("dst", type=click.Path(file_okay=False))
 @selection_options
 @DEVICE
-@RESUME
-@OVERWRITE
 @VERIFY_SAMPLES
 @SKIP_VERIFY
 @click.option("--allow-nonfinite", is_flag=True,
               help="Keep tensors holding NaN/Inf unquantized (reported) instead of stopping.")
-@THREADS
-@QUIET
+@run_options
 def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, skip_verify, allow_nonfinite, **kw):
     """Quantize the bf16/fp16 checkpoint SRC into an FP8 block-scaled checkpoint DST.
 
@@ -323,10 +327,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @MAX_SHARD_SIZE
-@RESUME
-@OVERWRITE
-@THREADS
-@QUIET
+@run_options
 def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
     """Re-shard any safetensors directory SRC into standard shards and an index in DST; no quantization.
 
@@ -354,12 +355,9 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 @click.option("--no-repack", "no_repack", is_flag=True, help="Keep the source's shard files.")
 @REVISION
 @DEVICE
-@RESUME
-@OVERWRITE
 @VERIFY_SAMPLES
 @SKIP_VERIFY
-@THREADS
-@QUIET
+@run_options
 def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revision, device, resume, overwrite,
                 verify_samples, skip_verify, quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
@@ -405,10 +403,7 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revisio
 @click.option("--pipeline-layers", default=None, metavar="8,7,...", help="mcore: layers per pipeline stage.")
 @click.option("--grouped-gemm", is_flag=True, help="mcore: experts.linear_fc1.weightK naming.")
 @requant_options
-@RESUME
-@OVERWRITE
-@THREADS
-@QUIET
+@run_options
 def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grouped_gemm, requant, amax_epsilon,
               pow2_scales, resume, overwrite, quiet):
     """Split checkpoint SRC into one file per model-parallel rank in DST (streaming, one module at a time).
@@ -448,10 +443,7 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
 @click.argument("dst", type=click.Path(file_okay=False))
 @requant_options
 @MAX_SHARD_SIZE
-@RESUME
-@OVERWRITE
-@THREADS
-@QUIET
+@run_options
 def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, resume, overwrite, quiet):
     """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
 
