@@ -213,31 +213,35 @@ def source_identity(root: Path, files) -> dict:
 
 # ------------------------------------------------------------------ the directory
 
-def atomic_write_text(path: Path, text: str) -> None:
+def write_atomically(path: Path, write, label: str | None = None) -> None:
+    """`write(tmp)` into `.NAME.partial` beside `path`, then rename it to `path`, so a file under its final
+    name is always complete. An OSError drops the partial file and names `path` (or the file it concerns).
+    `label`: the fault points around the rename (see fp8norm._faults)."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
+        write(tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise with_file(e, path if e.filename in (None, str(tmp)) else e.filename) from None
+    if label:
+        _faults.point(f"{label}-before-rename")
+    os.replace(tmp, path)
+    if label:
+        _faults.point(f"{label}-renamed")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise with_file(e, path) from None
-    _faults.point("text-before-rename")
-    os.replace(tmp, path)
-    _faults.point("text-renamed")
+    write_atomically(path, write, "text")
 
 
 def copy_file(src: Path, out: Path) -> None:
-    """Copy `src` to `out` under a temporary name first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        shutil.copyfile(src, tmp)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise with_file(e, out if e.filename in (None, str(tmp)) else e.filename) from None
-    os.replace(tmp, out)
+    write_atomically(out, lambda tmp: shutil.copyfile(src, tmp))
 
 
 class OutputDir:
