@@ -266,10 +266,9 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
         progress = sys.stderr.isatty()
     from tqdm import tqdm
 
-    all_in = sum(nbytes_in.values())
-    if ctx is not None:  # rank 0's bar counts the whole job (every rank's bytes)
-        all_in = sum(sum(ckpt.tensors[n].nbytes for n in job.sources) for job in jobs
-                     if any(f in pending for f, _ in job.outputs))
+    # rank 0's bar counts the whole job (every rank's bytes)
+    all_in = sum(sum(ckpt.tensors[n].nbytes for n in job.sources) for job in jobs
+                 if any(f in pending for f, _ in job.outputs))
     bar = tqdm(total=all_in, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True,
                disable=not progress or (ctx is not None and ctx.rank != 0))
     share = distributed.ProgressShare(dst, ctx, bar) if ctx is not None else None
