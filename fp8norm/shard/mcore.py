@@ -74,17 +74,16 @@ pieces from the first replica (TP rank 0 / EP rank 0 where replicated).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import numerics as nx
-from .. import schemes
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
 from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
-from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, scale_inv_name, specs_from_table
+from .fp8 import Cut, Format, Out, QuantOpts, Spec, job_of, plan_out, scheme_format, specs_from_table, storage_format
 from .jobs import ShardJob, ShardSummary, write_rank_files
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "plan_mcore", "plan_mcore_to_hf", "McorePlan", "LAYOUT_NAME",
@@ -436,26 +435,25 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
         raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
     ckpt = open_checkpoint(src)
     cfg = _read_config(ckpt.root)
-    schemes.refuse_unsupported(cfg, ckpt.root, "shard")
     block = config_block_size(cfg, ckpt.root / "config.json")
+    fmt = storage_format(cfg, block)
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
-    weights, specs = specs_from_table(table, block)
+    weights, specs = specs_from_table(table, fmt)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
-    opts = QuantOpts(requant, amax_epsilon, pow2_scales, block,
+    opts = QuantOpts(requant, amax_epsilon, pow2_scales,
                       "Pass requant=True (--requant) to dequantize and requantize the misaligned pieces, or "
                       f"choose a parallel size for which every piece is a multiple of {block[0]}x{block[1]}")
     planned = _forward_outs(mapper.groups, specs, opts)
     jobs = [job_of(g.hf, outs, specs) for g, outs in planned]
     requantized = [f"{o.file}{KEY_SEP}{o.name}" for _, outs in planned for o in outs if o.requant]
-    layout = _layout(mapper, ckpt, cfg, table, specs, block, grouped_gemm, requantized, amax_epsilon, pow2_scales)
+    layout = _layout(mapper, cfg, table, specs, fmt, block, grouped_gemm, requantized, amax_epsilon, pow2_scales)
     copy = [p for p in ckpt.other_files if p.name not in (MANIFEST_NAME, LAYOUT_NAME, TRACKER_NAME)]
     fp = fingerprint({k: v for k, v in layout.items() if k != "producer"})
     return McorePlan(ckpt, jobs, layout, fp, copy, requantized,
                      after={LAYOUT_NAME: json_text(layout), TRACKER_NAME: f"{ITERATION}\n"})
 
 
-def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: dict[str, Spec], block,
-            grouped_gemm: bool, requantized: list[str], amax_epsilon: float, pow2_scales: bool) -> dict:
+def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: Format, block, grouped_gemm: bool, requantized: list[str], amax_epsilon: float, pow2_scales: bool) -> dict:
     from .. import __version__
 
     tp, pp, ep = m.tp, m.pp, m.ep
@@ -477,6 +475,7 @@ def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: d
                       "head_dim": m.dims.head_dim, "hidden_size": m.dims.hidden},
         "ranks": [{"tp": t, "pp": s, "ep": e, "file": rank_file(t, s, e, ep)}
                   for t in range(tp) for s in range(pp) for e in range(ep)],
+        "scheme": fmt.scheme,
         "fp8": {"block_size": list(block), "weights": [sp.name for sp in specs.values() if sp.scale_key],
                 "requantized": requantized, "amax_epsilon": amax_epsilon,
                 "scale_fmt": "ue8m0" if pow2_scales else "float"},
@@ -546,56 +545,48 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     layout = _read_layout(root)
     ckpt = _mcore_checkpoint(root, layout)
     cfg = layout["source"]["config"]
-    block = tuple(layout["fp8"]["block_size"])
+    # layouts written before schemes were recorded are block FP8 or bf16
+    fmt = scheme_format(layout.get("scheme", "fp8-block"), tuple(layout["fp8"]["block_size"]))
     table = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in layout["source"]["tensors"]}
-    weights, hf_specs = specs_from_table(table, block)
+    weights, hf_specs = specs_from_table(table, fmt)
     mapper = _Mapper(weights, cfg, layout["tp"], layout["pp"], layout["ep"], layout["pipeline_layers"],
                      layout["grouped_gemm"])
     # What the rank files must hold: the forward plan (requantization allowed) of the stored source table.
-    expected: dict[str, tuple[str, tuple]] = {}
-    fwd = _forward_outs(mapper.groups, hf_specs, QuantOpts(True, amax_epsilon, False, block, ""))
-    for _, outs in fwd:
-        for o in outs:
-            expected[f"{o.file}{KEY_SEP}{o.name}"] = (o.dtype, o.shape)
-            if o.scale:
-                expected[f"{o.file}{KEY_SEP}{scale_inv_name(o.name)}"] = (o.scale[0], o.scale[1])
-    for key, (dtype, shape) in expected.items():
+    expected = {f"{o.file}{KEY_SEP}{e.name}": e for _, outs in _forward_outs(mapper.groups, hf_specs, QuantOpts(
+        True, amax_epsilon, False, "")) for o in outs for e, _ in o.tensors}
+    for key, e in expected.items():
         info = ckpt.tensors.get(key)
         f, n = key.split(KEY_SEP)
         if info is None:
             raise ValueError(f"{root / f}: tensor {n} is missing (the layout in {LAYOUT_NAME} expects it)")
-        if info.dtype != dtype or tuple(info.shape) != tuple(shape):
+        if info.dtype != e.dtype or tuple(info.shape) != tuple(e.shape):
             raise ValueError(f"{root / f}: tensor {n} is {info.dtype} {list(info.shape)}, the layout expects "
-                             f"{dtype} {list(shape)}")
+                             f"{e.dtype} {list(e.shape)}")
     extra = [k for k in ckpt.tensors if k not in expected and not k.endswith("._extra_state")]
     if extra:
         raise ValueError(f"{root}: {len(extra)} tensor(s) in the rank files are not part of the layout, "
                          f"e.g. {extra[0].replace(KEY_SEP, ': ')}")
-    mc_table = {k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}
-    _, mc_specs = specs_from_table(mc_table, block)
-    mc_specs = {k: Spec(k.replace(KEY_SEP, ": "), s.dtype, s.shape, s.scale_key, s.scale_dtype, s.scale_shape)
-                for k, s in mc_specs.items()}
-    opts = QuantOpts(requant, amax_epsilon, pow2_scales, block,
-                      "Pass requant=True to dequantize and requantize it"
-                      + (" (this layout was written with requantization)" if layout["fp8"]["requantized"] else ""))
+    _, mc_specs = specs_from_table({k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}, fmt)
+    mc_specs = {k: replace(s, name=s.name.replace(KEY_SEP, ": ")) for k, s in mc_specs.items()}
+    opts = QuantOpts(requant, amax_epsilon, pow2_scales, "Pass requant=True to dequantize and requantize it"
+                     + (" (this layout was written with requantization)" if layout["fp8"]["requantized"] else ""))
     planned = []
     for g in mapper.groups:
         outs, sources = [], []
-        for hf in g.hf:
+        for hf in g.hf:  # each HF row/column range from its first replica
             cuts, covered = [], 0
             for p in sorted((p for p in g.pieces if p.hf == hf), key=lambda p: (p.start, p.stop, p.file)):
                 if p.start == covered and p.stop > covered:
-                    key = f"{p.file}{KEY_SEP}{p.mc}"
-                    cuts.append(Cut(key, p.at, p.at + p.stop - p.start, p.start, p.axis))
+                    cuts.append(Cut(f"{p.file}{KEY_SEP}{p.mc}", p.at, p.at + p.stop - p.start, p.start, p.axis))
                     covered = p.stop
-                    sources.append(key)
             if covered != (weights[hf][1][cuts[0].axis] if weights[hf][1] else 1):
                 raise RuntimeError(f"internal: {hf}: pieces cover {covered} of {list(weights[hf][1])}")
             outs.append(plan_out(None, hf, cuts, mc_specs, g.rule, opts))
+            sources += [c.src for c in cuts]
         planned.append((sources, outs))
     # HF shards: source order of tensors, greedy up to max_shard_size.
     limit = parse_size(max_shard_size)
-    order = {n: i for i, n in enumerate(table)}
+    order = {n: i for i, n in enumerate(weights)}
     all_outs = sorted((o for _, outs in planned for o in outs), key=lambda o: order[o.name])
     shard_of = dict(zip((o.name for o in all_outs), pack_greedy([o.nbytes for o in all_outs], limit)))
     n_shards = max(shard_of.values(), default=0) + 1
@@ -619,8 +610,7 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
                            "requantized": requantized, "plan_fingerprint": fp}
     after: dict[str, str] = {}
     if n_shards > 1:
-        weight_map = {n: names[shard_of[o.name]] for o in all_outs
-                      for n in ([o.name] + ([scale_inv_name(o.name)] if o.scale else []))}
+        weight_map = {e.name: names[shard_of[o.name]] for o in all_outs for e, _ in o.tensors}
         after[INDEX_NAME] = index_text(weight_map, sum(o.nbytes for o in all_outs))
     after[PROVENANCE_NAME] = json_text(prov)
     if Path("config.json") not in copy:
