@@ -22,7 +22,8 @@ SCHEMES = ["fp8-channel", "mxfp8", "mxfp4"]
 # the qwen3-moe example: 2 layers, 16 q heads / 8 kv heads of 128, hidden 256, 4 experts
 LAYERS, GROUPS, HEAD_DIM, Q_PER_GROUP, EXPERTS = 2, 8, 128, 2, 4
 LAYOUTS = {"deepseek-mp2": ["--layout", "deepseek", "--mp", "2"], "mcore-tp2": ["--layout", "mcore", "--tp", "2"],
-           "mcore-tp2-ep2": ["--layout", "mcore", "--tp", "2", "--ep", "2"], "mcore-pp2": ["--layout", "mcore", "--pp", "2"]}
+           "mcore-tp2-ep2": ["--layout", "mcore", "--tp", "2", "--ep", "2"],
+           "mcore-pp2": ["--layout", "mcore", "--pp", "2"]}
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +90,14 @@ def expected_mcore(hf, scheme, tp, pp, ep, t, s, e) -> dict:
         for g in range(t * gpr, (t + 1) * gpr):  # per query group: its q heads, then k, then v
             qn = Q_PER_GROUP * HEAD_DIM
             qkv += [piece(hf, scheme, f"{h}.self_attn.q_proj.weight", 0, g * qn, (g + 1) * qn)]
-            qkv += [piece(hf, scheme, f"{h}.self_attn.{x}_proj.weight", 0, g * HEAD_DIM, (g + 1) * HEAD_DIM) for x in "kv"]
+            qkv += [piece(hf, scheme, f"{h}.self_attn.{x}_proj.weight", 0, g * HEAD_DIM, (g + 1) * HEAD_DIM)
+                    for x in "kv"]
         put(f"{att}.linear_qkv.weight", rows(*qkv))
         put(f"{att}.q_layernorm.weight", {"": hf[f"{h}.self_attn.q_norm.weight"]})
         put(f"{att}.k_layernorm.weight", {"": hf[f"{h}.self_attn.k_norm.weight"]})
         k = GROUPS * Q_PER_GROUP * HEAD_DIM
-        put(f"{att}.linear_proj.weight", piece(hf, scheme, f"{h}.self_attn.o_proj.weight", 1, t * k // tp, (t + 1) * k // tp))
+        put(f"{att}.linear_proj.weight",
+            piece(hf, scheme, f"{h}.self_attn.o_proj.weight", 1, t * k // tp, (t + 1) * k // tp))
         put(f"{m}.pre_mlp_layernorm.weight", {"": hf[f"{h}.post_attention_layernorm.weight"]})
         put(f"{m}.mlp.router.weight", {"": hf[f"{h}.mlp.gate.weight"]})
         for local in range(per_rank):
@@ -208,7 +211,8 @@ def test_a_rank_dequantizes_to_its_piece_of_the_source(runs, scheme):
     first_group = torch.cat([full["q"][1024:1280], full["k"][512:640], full["v"][512:640]])  # group 4 of 8
     assert torch.equal(qkv[:512], first_group)
     wo = _file(runs(scheme, "deepseek-mp2") / "model1-mp2.safetensors")
-    assert torch.equal(dequant(scheme, wo["layers.1.attn.wo.weight"], wo["layers.1.attn.wo.scale"]), full["o"][:, 1024:])
+    wo_1 = dequant(scheme, wo["layers.1.attn.wo.weight"], wo["layers.1.attn.wo.scale"])
+    assert torch.equal(wo_1, full["o"][:, 1024:])
 
 
 @pytest.fixture(scope="module")

@@ -50,10 +50,11 @@ def storage_format(cfg: dict, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
 
 
 def scheme_format(scheme: str, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
+    schemes.check_scheme(scheme)
     return {schemes.BLOCK: Format(scheme, "", "_scale_inv", tuple(block), FP8_DTYPES),
             schemes.CHANNEL: Format(scheme, "", "_scale", (1, None), ("F8_E4M3",)),
             schemes.MXFP8: Format(scheme, "", "_scale", (1, MX_BLOCK), ("F8_E4M3",)),
-            schemes.MXFP4: Format(scheme, "_packed", "_scale", (1, MX_BLOCK), ("U8",), pack=2)}[schemes.check_scheme(scheme)]
+            schemes.MXFP4: Format(scheme, "_packed", "_scale", (1, MX_BLOCK), ("U8",), pack=2)}[scheme]
 
 
 @dataclass(frozen=True)
@@ -123,16 +124,10 @@ def plan_out(file: str | None, name: str, cuts: list[Cut], specs: dict[str, Spec
             raise RuntimeError(f"internal: {name}: pieces do not tile the tensor ({cuts})")
         pos += c.hi - c.lo
         sp = specs[c.src]
-        if sp.dtype != first.dtype:
-            raise ValueError(f"{name}: joins {first.name} ({first.dtype}) and {sp.name} ({sp.dtype}); {rule}, so "
-                             "they must have the same dtype")
-        if sp.fmt != fmt:
-            raise ValueError(f"{name}: joins {first.name} and {sp.name}, of which only one has scales; {rule}, so "
-                             "both must be scaled or neither")
-        if len(sp.shape) != len(first.shape) or any(
+        if (sp.dtype, sp.fmt, len(sp.shape)) != (first.dtype, fmt, len(first.shape)) or any(
                 a != b for d, (a, b) in enumerate(zip(sp.shape, first.shape)) if d != axis):
-            raise ValueError(f"{name}: joins {first.name} {list(first.shape)} and {sp.name} {list(sp.shape)} along "
-                             f"dim {axis}; their other dims differ")
+            raise ValueError(f"{name}: joins {first.describe()} and {sp.describe()} along dim {axis}; {rule}, so they "
+                             "must have the same dtype, the same scales (or none) and the same other dims")
     shape = tuple(pos if d == axis else n for d, n in enumerate(first.shape))
     pack = fmt.pack if fmt and axis == len(shape) - 1 else 1
 
@@ -167,9 +162,7 @@ def plan_out(file: str | None, name: str, cuts: list[Cut], specs: dict[str, Spec
     scale_dtypes = {specs[c.src].scale_dtype for c in cuts}
     if len(scale_dtypes) > 1 and not problems:
         raise ValueError(f"{name}: joins scaled tensors whose scales have different dtypes {sorted(scale_dtypes)}")
-    scale_dtype = first.scale_dtype
-    scale_name = name + fmt.scale_suffix
-    scale_shape = fmt.scale_shape(shape)
+    scale_dtype, scale_name, scale_shape = first.scale_dtype, name + fmt.scale_suffix, fmt.scale_shape(shape)
     if not problems:
         def make_s(srcs):
             parts = [srcs[specs[c.src].scale_key] for c in cuts]

@@ -1,9 +1,9 @@
-"""Hugging Face <-> Megatron-Core (MCore) model-parallel layout, bf16 or block-FP8, in one streaming pass.
+"""Hugging Face <-> Megatron-Core (MCore) model-parallel layout, bf16 or scaled, in one streaming pass.
 
 `hf_to_mcore` splits a Llama/Qwen3-style dense or Qwen3-MoE-style checkpoint over tensor (TP), pipeline
 (PP) and expert (EP) parallel ranks under Megatron-Core names; `mcore_to_hf` puts it back together.
 `plan_mcore` / `plan_mcore_to_hf` build the job lists and raise a ValueError for every divisibility or
-FP8 block-alignment problem before anything is written. Execution goes through
+scale-grid problem before anything is written. Execution goes through
 `shard.jobs.write_rank_files` (the output engine): every rank file is streamed at once and memory holds one module's source
 tensors (e.g. one layer's q, k and v) at a time.
 
@@ -42,14 +42,16 @@ Names (L = layer index local to the stage, K = expert index local to the EP rank
 Layers go to stages in order (an even split, or `pipeline_layers` counts) and are renumbered from 0 in
 each stage; global experts [e*E/ep, (e+1)*E/ep) go to EP rank e as local experts 0..E/ep-1.
 
-FP8 sources (`X` F8_E4M3 with `X_scale_inv` [ceil(M/bm), ceil(N/bn)], block from config
-`quantization_config.weight_block_size`, default 128x128) are carried as they are: every split and
-concatenation must fall on block boundaries, and the FP8 bytes and their scale tiles are cut and joined
-together (MCore scale name `<mcore weight name>_scale_inv`). A piece that does not fall on block
-boundaries is an error unless `requant=True`, which dequantizes the sources of that output tensor only,
-assembles it and quantizes it again (amax floor `amax_epsilon`, power-of-two scales with
-`pow2_scales=True`, scale dtype of the source). Tensors that need no requantization are never touched,
-so HF -> MCore -> HF is byte-identical for bf16 and for block-aligned FP8.
+Scaled weights (shard/fp8.py) are carried as they are, bytes and scale tiles cut and joined together,
+under the MCore weight name plus the source's suffixes: block FP8 (`X` + `X_scale_inv`, blocks from
+config `quantization_config.weight_block_size`, default 128x128) and the compressed-tensors schemes of
+`quantize --scheme` (fp8-channel `X` + `X_scale` [M, 1]; mxfp8 `X` + `X_scale` [M, N/32]; mxfp4
+`X_packed` [M, N/2] + `X_scale`). Every cut must fall on the scale grid: block FP8 on block boundaries,
+MX columns on multiples of 32, per-channel rows anywhere (a row-parallel rank keeps the whole [M, 1]
+scale). Block FP8 off the grid is an error unless `requant=True`, which dequantizes the sources of that
+output tensor only, assembles it and quantizes it again (amax floor `amax_epsilon`, power-of-two scales
+with `pow2_scales=True`, scale dtype of the source); the other schemes are never requantized. So HF ->
+MCore -> HF is byte-identical for bf16, grid-aligned block FP8 and the three schemes.
 
 fp8norm_parallel_layout.json::
 
@@ -62,7 +64,8 @@ fp8norm_parallel_layout.json::
                         "ownership": [{"ep_rank": e, "first_expert": a, "num_experts": n}]},
      "attention": {"num_attention_heads", "num_query_groups", "head_dim", "hidden_size"},
      "ranks": [{"tp", "pp", "ep", "file": "iter_0000000/mp_rank_.../model.safetensors"}],
-     "fp8": {"block_size": [bm, bn], "weights": [HF names of FP8 weights], "requantized":
+     "scheme": "fp8-block" | "fp8-channel" | "mxfp8" | "mxfp4" (config's quantization_config),
+     "fp8": {"block_size": [bm, bn], "weights": [HF names of scaled weights], "requantized":
              ["<file>::<mcore name>"], "amax_epsilon", "scale_fmt"},
      "source": {"config": {config.json}, "tensors": [{"name", "dtype", "shape"}] (source order)}}
 
@@ -446,14 +449,15 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
     planned = _forward_outs(mapper.groups, specs, opts)
     jobs = [job_of(g.hf, outs, specs) for g, outs in planned]
     requantized = [f"{o.file}{KEY_SEP}{o.name}" for _, outs in planned for o in outs if o.requant]
-    layout = _layout(mapper, cfg, table, specs, fmt, block, grouped_gemm, requantized, amax_epsilon, pow2_scales)
+    layout = _layout(mapper, cfg, table, specs, fmt, block, requantized, opts)
     copy = [p for p in ckpt.other_files if p.name not in (MANIFEST_NAME, LAYOUT_NAME, TRACKER_NAME)]
     fp = fingerprint({k: v for k, v in layout.items() if k != "producer"})
     return McorePlan(ckpt, jobs, layout, fp, copy, requantized,
                      after={LAYOUT_NAME: json_text(layout), TRACKER_NAME: f"{ITERATION}\n"})
 
 
-def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: Format, block, grouped_gemm: bool, requantized: list[str], amax_epsilon: float, pow2_scales: bool) -> dict:
+def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: Format, block, requantized: list[str],
+            opts: QuantOpts) -> dict:
     from .. import __version__
 
     tp, pp, ep = m.tp, m.pp, m.ep
@@ -466,7 +470,7 @@ def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: For
         "format": LAYOUT_FORMAT, "version": LAYOUT_VERSION,
         "producer": {"name": "fp8norm", "version": __version__},
         "iteration": ITERATION, "iter_dir": ITER_DIR,
-        "tp": tp, "pp": pp, "ep": ep, "expert_tensor_parallel": 1, "grouped_gemm": bool(grouped_gemm),
+        "tp": tp, "pp": pp, "ep": ep, "expert_tensor_parallel": 1, "grouped_gemm": bool(m.gg),
         "num_layers": m.dims.layers, "pipeline_layers": m.counts,
         "stages": [{"pp_rank": s, "first_layer": m.first[s], "num_layers": m.counts[s], "embedding": s == 0,
                     "output": s == pp - 1} for s in range(pp)],
@@ -477,8 +481,8 @@ def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: For
                   for t in range(tp) for s in range(pp) for e in range(ep)],
         "scheme": fmt.scheme,
         "fp8": {"block_size": list(block), "weights": [sp.name for sp in specs.values() if sp.scale_key],
-                "requantized": requantized, "amax_epsilon": amax_epsilon,
-                "scale_fmt": "ue8m0" if pow2_scales else "float"},
+                "requantized": requantized, "amax_epsilon": opts.amax_epsilon,
+                "scale_fmt": "ue8m0" if opts.pow2_scales else "float"},
         "source": {"config": cfg,
                    "tensors": [{"name": n, "dtype": d, "shape": list(s)} for n, (d, s) in table.items()]},
     }
