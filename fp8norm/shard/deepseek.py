@@ -79,12 +79,7 @@ def rename(hf_name: str) -> tuple[str, int | None] | None:
         return None  # the MTP block shares the main embedding and head
     name = name.replace("self_attn", "attn").replace("mlp", "ffn").replace("e_score_correction_bias", "bias")
     parts = name.split(".")
-    if parts[-1] in GPTQ_PARTS:
-        key_at = len(parts) - 2
-    elif parts[-1] in ("attn_sink", "ape"):
-        key_at = len(parts) - 1
-    else:
-        key_at = len(parts) - 2
+    key_at = len(parts) - (1 if parts[-1] in ("attn_sink", "ape") else 2)  # the module's name, or the tensor's
     key = parts[key_at] if key_at >= 0 else parts[-1]
     dim = None
     if key in MAPPING:

@@ -559,13 +559,11 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     expected = {f"{o.file}{KEY_SEP}{e.name}": e for _, outs in _forward_outs(mapper.groups, hf_specs, QuantOpts(
         True, amax_epsilon, False, "")) for o in outs for e, _ in o.tensors}
     for key, e in expected.items():
-        info = ckpt.tensors.get(key)
-        f, n = key.split(KEY_SEP)
-        if info is None:
-            raise ValueError(f"{root / f}: tensor {n} is missing (the layout in {LAYOUT_NAME} expects it)")
-        if info.dtype != e.dtype or tuple(info.shape) != tuple(e.shape):
-            raise ValueError(f"{root / f}: tensor {n} is {info.dtype} {list(info.shape)}, the layout expects "
-                             f"{e.dtype} {list(e.shape)}")
+        info, (f, n) = ckpt.tensors.get(key), key.split(KEY_SEP)
+        if info is None or (info.dtype, tuple(info.shape)) != (e.dtype, tuple(e.shape)):
+            got = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
+            raise ValueError(f"{root / f}: tensor {n} is {got}; the layout in {LAYOUT_NAME} expects {e.dtype} "
+                             f"{list(e.shape)}")
     extra = [k for k in ckpt.tensors if k not in expected and not k.endswith("._extra_state")]
     if extra:
         raise ValueError(f"{root}: {len(extra)} tensor(s) in the rank files are not part of the layout, "
