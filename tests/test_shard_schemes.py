@@ -235,7 +235,7 @@ def test_mx_column_split_off_the_grid_is_refused_in_one_line(ragged, tmp_path, s
     (tmp_path / "hand").mkdir()
     save_file(t, str(tmp_path / "hand" / "model.safetensors"))
     shutil.copy(tmp_path / "q" / "config.json", tmp_path / "hand" / "config.json")
-    for layout in (["--layout", "mcore", "--tp", "2"], ["--layout", "deepseek", "--mp", "2"]):
+    for layout in (["--layout", "mcore", "--tp", "2", "--requant"], ["--layout", "deepseek", "--mp", "2"]):
         res = cli("shard", tmp_path / "hand", tmp_path / "out", *layout, ok=False)
         line = one_line_error(res, f"model.layers.0.mlp.down_proj.{ws}", "32-column", "not requantized")
         assert "=2" in line and not (tmp_path / "out").exists()
@@ -250,3 +250,24 @@ def test_block_fp8_still_splits(bf16, tmp_path):
     cli("unshard", tmp_path / "out", tmp_path / "back")
     assert_same(read_dir(tmp_path / "back"), read_dir(tmp_path / "q"))
     assert json.loads((tmp_path / "out" / "fp8norm_parallel_layout.json").read_text())["scheme"] == "fp8-block"
+
+
+@pytest.mark.parametrize("scheme", ["fp8-channel", "mxfp4"])
+def test_unshard_checks_the_schemes_tensors(runs, tmp_path, scheme):
+    """A rank file missing a scale is refused before writing; row-parallel per-channel scales that differ
+    between ranks are not joined (the scale is taken from one rank only when all ranks agree)."""
+    mc = tmp_path / "mc"
+    shutil.copytree(runs(scheme, "mcore-tp2"), mc)
+    f = mc / rank_file(1, 0, 0, 1)
+    t = _file(f)
+    name = "decoder.layers.1.self_attention.linear_proj.weight_scale"
+    if scheme == "mxfp4":
+        del t[name]
+        save_file(t, str(f))
+        one_line_error(cli("unshard", mc, tmp_path / "back", ok=False), f"tensor {name} is missing")
+        assert not (tmp_path / "back").exists()
+        return
+    t[name] = t[name] * 2
+    save_file(t, str(f))
+    one_line_error(cli("unshard", mc, tmp_path / "back", ok=False), f"1_000/model.safetensors: {name}", "differ")
+    assert not (tmp_path / "back" / "model.safetensors").exists()

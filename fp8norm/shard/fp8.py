@@ -168,8 +168,8 @@ def plan_out(file: str | None, name: str, cuts: list[Cut], specs: dict[str, Spec
             parts = [srcs[specs[c.src].scale_key] for c in cuts]
             if b is None:  # every piece holds the whole scale along this axis: they must agree
                 if any(not torch.equal(p, parts[0]) for p in parts[1:]):
-                    raise ValueError(f"{scale_name}: its pieces {[specs[c.src].name for c in cuts]} hold "
-                                     "different scales, so they cannot be joined")
+                    pieces = [specs[c.src].name.removesuffix(fmt.weight_suffix) + fmt.scale_suffix for c in cuts]
+                    raise ValueError(f"{scale_name}: its pieces {pieces} differ, so they cannot be joined")
                 return parts[0]
             return cat([p.narrow(axis, c.lo // b, -(-c.hi // b) - c.lo // b) for p, c in zip(parts, cuts)], axis)
         return Out(file, name, [(entry, make_w), (OutEntry(scale_name, scale_dtype, scale_shape), make_s)])
