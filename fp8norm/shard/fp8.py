@@ -199,7 +199,7 @@ def plan_out(file: str | None, name: str, cuts: list[Cut], specs: dict[str, Spec
 
     def make_rs(srcs):
         return srcs.pop(key)
-    return Out(file, name, [(OutEntry(name, "F8_E4M3", shape), make_rq),
+    return Out(file, name, [(entry, make_rq),
                             (OutEntry(scale_name, scale_dtype, scale_shape), make_rs)], requant=True)
 
 
