@@ -53,15 +53,6 @@ def ct_scheme(qcfg: dict) -> str | None:
     return None
 
 
-def refuse_unsupported(cfg: dict, src, what: str) -> None:
-    """One line (ValueError) when `cfg` (a config.json) describes a checkpoint in one of these schemes,
-    which `what` cannot handle yet."""
-    scheme = ct_scheme((cfg or {}).get("quantization_config"))
-    if scheme is not None:
-        raise ValueError(f"{src}: {scheme} checkpoint (compressed-tensors): {what} does not handle this scheme's "
-                         f"scales yet; use the bf16 or fp8-block model (or `fp8norm convert --to bf16` first)")
-
-
 def check_scheme(scheme: str) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")

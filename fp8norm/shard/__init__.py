@@ -1,7 +1,7 @@
 """Model-parallel layouts: one file per rank, written in one streaming pass on the output engine.
 
     jobs      ShardJob / SliceOut: what a layout plans (sources -> rank-file tensors), and its execution
-    fp8       the FP8 cut / join / requantize engine both layouts use
+    fp8       the cut / join / requantize engine both layouts use, for plain and scaled weights
     deepseek  `model{i}-mp{N}.safetensors` for DeepSeek's reference inference code
     mcore     Megatron-Core TP/PP/EP rank folders, and back to Hugging Face layout
 """

@@ -1,8 +1,11 @@
 """DeepSeek model-parallel layout: `model{i}-mp{N}.safetensors` for the reference `model.py` /
 `generate.py` (DeepSeek-V3/V3.2/V4), from bf16, block-FP8 or GPTQ/auto-round W4A16 checkpoints.
 
-Names: `model.` dropped, self_attn -> attn, mlp -> ffn, weight_scale_inv -> scale,
-e_score_correction_bias -> bias, and the projection mapping below (q_a_proj -> wq_a, ...). Each
+Names: `model.` dropped, self_attn -> attn, mlp -> ffn, e_score_correction_bias -> bias, the
+projection mapping below (q_a_proj -> wq_a, ...), and a scaled weight's scale (`weight_scale_inv`, or
+compressed-tensors' `weight_scale`) -> `scale`, mxfp4's `weight_packed` -> `weight`: DeepSeek's Linear
+holds `weight` + `scale`, the dtypes telling the format (e4m3 + fp32 block / per-row scales, e4m3 or
+packed e2m1 bytes + E8M0 per-32 scales; the scheme is recorded in the layout JSON). Each
 mapped module is column-parallel (output dim 0 split), row-parallel (input dim 1 split) or
 replicated; routed experts live only on their owner rank (E/N per rank), shared experts and the
 router are replicated, and the MTP block's copies of the embedding and head are dropped.
@@ -12,6 +15,9 @@ Split rules per storage format:
   FP8 block   weight and `scale` together; each split point must fall on a block boundary (the
               checkpoint's quantization_config.weight_block_size, default 128x128)
               (or requant=True dequantizes, splits and requantizes the pieces)
+  fp8-channel rows with their scale rows; a column split keeps the whole [N, 1] scale on every rank
+  mxfp8/4     rows with their scale rows; columns on multiples of 32 (their scale columns cut at /32,
+              mxfp4's bytes at /2), never requantized
   W4A16       qweight [in/8, out], qzeros [in/g, out/8], scales [in/g, out] (stored bf16), g_idx [in]:
               column: out/N and (out/N)/8 whole; row: (in/8)/N and (in/g)/N whole, g_idx rebased
 Every rule is checked while planning, before any file is written; errors name the tensor, its
@@ -22,19 +28,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .. import numerics as nx
-from .. import schemes
 from ..checkpoint import open_checkpoint, read_json
 from ..output import fingerprint, json_text
 from ..plan import config_block_size
 from ..st_io import OutEntry, TensorInfo, read_tensor
-from .fp8 import Cut, QuantOpts, Spec, plan_out
+from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, specs_from_table, storage_format
 from .jobs import ShardJob, ShardSummary, SliceOut, write_rank_files
 
 COLUMN, ROW = 0, 1
@@ -63,9 +67,9 @@ class Module:
     """One logical tensor to place: its DeepSeek name, parallel dim and storage parts."""
     name: str  # DeepSeek name of the weight (for GPTQ: the linear's base name)
     dim: int | None
-    kind: str  # "plain", "fp8" or "gptq"
-    parts: dict[str, TensorInfo]  # role -> source tensor
+    parts: dict[str, TensorInfo]  # role (weight, scale; GPTQ: qweight, ...) -> source tensor
     expert: int | None = None
+    spec: Spec | None = None  # None: GPTQ parts
 
 
 def rename(hf_name: str) -> tuple[str, int | None] | None:
@@ -73,15 +77,9 @@ def rename(hf_name: str) -> tuple[str, int | None] | None:
     name = hf_name.removeprefix("model.")
     if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
         return None  # the MTP block shares the main embedding and head
-    name = (name.replace("self_attn", "attn").replace("mlp", "ffn").replace("weight_scale_inv", "scale")
-            .replace("e_score_correction_bias", "bias"))
+    name = name.replace("self_attn", "attn").replace("mlp", "ffn").replace("e_score_correction_bias", "bias")
     parts = name.split(".")
-    if parts[-1] in GPTQ_PARTS:
-        key_at = len(parts) - 2
-    elif parts[-1] in ("attn_sink", "ape"):
-        key_at = len(parts) - 1
-    else:
-        key_at = len(parts) - 2
+    key_at = len(parts) - (1 if parts[-1] in ("attn_sink", "ape") else 2)  # the module's name, or the tensor's
     key = parts[key_at] if key_at >= 0 else parts[-1]
     dim = None
     if key in MAPPING:
@@ -96,32 +94,22 @@ def _expert_index(name: str) -> int | None:
     return int(m[1]) if m and "shared_experts" not in name else None
 
 
-def collect_modules(tensors: dict[str, TensorInfo]) -> list[Module]:
-    """Group source tensors into modules (FP8 weight + scale, GPTQ parts), in source order."""
+def collect_modules(tensors: dict[str, TensorInfo], fmt) -> list[Module]:
+    """Group source tensors into modules (a weight with its scale in `fmt`, GPTQ parts), in source order."""
+    _, specs = specs_from_table({n: (i.dtype, i.shape) for n, i in tensors.items()}, fmt)
     modules: dict[str, Module] = {}
-    order = []
-    for hf_name, info in tensors.items():
-        r = rename(hf_name)
+    for key, sp in specs.items():
+        r = rename(key)
         if r is None:
             continue
         name, dim = r
         base, _, last = name.rpartition(".")
         if last in GPTQ_PARTS:
-            key, role, kind, mname = base, last, "gptq", base
-        elif last == "scale" and hf_name.endswith("weight_scale_inv"):
-            key, role, kind, mname = base + ".weight", "scale", "fp8", base + ".weight"
-        elif info.dtype == "F8_E4M3":
-            key, role, kind, mname = name, "weight", "fp8", name
+            modules.setdefault(base, Module(base, dim, {}, _expert_index(name))).parts[last] = tensors[key]
         else:
-            key, role, kind, mname = name, "weight", "plain", name
-        m = modules.get(key)
-        if m is None:
-            m = modules[key] = Module(mname, dim, kind, {}, _expert_index(name))
-            order.append(key)
-        if kind != "plain":
-            m.kind = kind
-        m.parts[role] = info
-    return [modules[k] for k in order]
+            parts = {"weight": tensors[sp.key], **({"scale": tensors[sp.scale_key]} if sp.scale_key else {})}
+            modules[name] = Module(name, dim, parts, _expert_index(name), sp)
+    return list(modules.values())
 
 
 def _err(m: Module, info: TensorInfo, rule: str, mp: int) -> ShardError:
@@ -158,28 +146,25 @@ def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool =
     ckpt = open_checkpoint(src)
     cfg_path = ckpt.root / "config.json"
     cfg = read_json(cfg_path, "config.json") if cfg_path.is_file() else {}
-    try:
-        schemes.refuse_unsupported(cfg, ckpt.root, "shard")
-    except ValueError as e:
-        raise ShardError(str(e)) from None
-    block = config_block_size(cfg, cfg_path)
+    fmt = storage_format(cfg, config_block_size(cfg, cfg_path))
+    # the engine carries pieces on the scale grid byte for byte, requantizes off-grid block FP8 (requant=True)
+    opts = QuantOpts(requant, nx.DEFAULT_AMAX_FLOOR, False, "use --requant to dequantize and requantize")
     local = n_experts // mp
     files = [f"model{i}-mp{mp}.safetensors" for i in range(mp)]
     jobs = []
-    for m in collect_modules(ckpt.tensors):
-        if m.kind == "gptq":
+    try:
+        modules = collect_modules(ckpt.tensors, fmt)
+    except ValueError as e:
+        raise ShardError(f"{ckpt.root}: {e}") from None
+    for m in modules:
+        info = next(iter(m.parts.values()))
+        if m.spec is None:
             missing = [p for p in ("qweight", "qzeros", "scales") if p not in m.parts]
             if missing:
-                any_info = next(iter(m.parts.values()))
-                raise ShardError(f"{any_info.file.name}: W4A16 linear {m.name!r} has no {', '.join(missing)} "
+                raise ShardError(f"{info.file.name}: W4A16 linear {m.name!r} has no {', '.join(missing)} "
                                  f"(a qweight/qzeros/scales triple is needed to split it; mp={mp})")
-        if m.kind == "fp8" and set(m.parts) != {"weight", "scale"}:
-            info = next(iter(m.parts.values()))
-            raise ShardError(f"{info.file.name}: FP8 tensor {info.name!r} has no matching "
-                             f"{'weight_scale_inv' if 'weight' in m.parts else 'weight'}")
         if m.expert is not None:
             if m.expert >= n_experts:
-                info = next(iter(m.parts.values()))
                 if not n_experts:
                     raise ShardError(f"{info.file.name}: tensor {info.name!r} is a routed expert, but config.json "
                                      f"gives no expert count ({' / '.join(_EXPERT_COUNT_KEYS)}): pass "
@@ -188,15 +173,12 @@ def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool =
             ranks, dim = [m.expert // local], None
         else:
             ranks, dim = list(range(mp)), m.dim
-        job = ShardJob(tuple(i.name for i in m.parts.values()))
-        make_outputs = {"plain": _plain_outputs, "fp8": partial(_fp8_outputs, block=block),
-                        "gptq": _gptq_outputs}[m.kind]
-        for rank in ranks:
-            extra = {"file": files[rank]} if m.kind == "fp8" else {}
-            for entry, fn in make_outputs(m, dim, rank, mp, requant, **extra):
-                job.outputs.append(SliceOut(files[rank], entry, fn))
-        jobs.append(job)
-    layout = {"layout": "deepseek", "mp": mp, "n_experts": n_experts, "files": files,
+        if m.spec is None:
+            jobs.append(ShardJob(tuple(i.name for i in m.parts.values()), [
+                SliceOut(files[r], entry, fn) for r in ranks for entry, fn in _gptq_outputs(m, dim, r, mp)]))
+        else:
+            jobs.append(job_of([m.name], [_split(m, dim, r, mp, files[r], opts) for r in ranks], {m.name: m.spec}))
+    layout = {"layout": "deepseek", "mp": mp, "n_experts": n_experts, "scheme": fmt.scheme, "files": files,
               "expert_owner": {str(e): e // local for e in range(n_experts)}}
     return jobs, layout
 
@@ -210,42 +192,26 @@ def _narrow(t: torch.Tensor, dim: int, sl: slice) -> torch.Tensor:
     return t.narrow(dim, sl.start, sl.stop - sl.start)
 
 
-def _plain_outputs(m: Module, dim, rank, mp, requant):
-    info = m.parts["weight"]
-    if dim is None or (dim >= len(info.shape)):
-        yield OutEntry(m.name, info.dtype, info.shape), lambda s, n=info.name: s[n]
-        return
-    if info.shape[dim] % mp:
-        raise _err(m, info, f"dim {dim} ({info.shape[dim]}) is not divisible by the model-parallel size", mp)
-    sl = _piece(info.shape[dim], mp, rank)
-    shape = tuple(sl.stop - sl.start if d == dim else s for d, s in enumerate(info.shape))
-    yield OutEntry(m.name, info.dtype, shape), lambda s, n=info.name, d=dim, sl=sl: _narrow(s[n], d, sl)
-
-
-def _fp8_outputs(m: Module, dim, rank, mp, requant, block=nx.DEFAULT_BLOCK_SIZE, file=None):
-    w, sc = m.parts["weight"], m.parts["scale"]
-    scale_name = m.name.removesuffix(".weight") + ".scale"
-    if dim is None:
-        yield OutEntry(m.name, w.dtype, w.shape), lambda s, n=w.name: s[n]
-        yield OutEntry(scale_name, sc.dtype, sc.shape), lambda s, n=sc.name: s[n]
-        return
-    size = w.shape[dim]
-    if size % mp:
-        raise _err(m, w, f"{'output' if dim == 0 else 'input'} dim {size} is not divisible by the "
-                         "model-parallel size", mp)
-    sl = _piece(size, mp, rank)
-    # the FP8 engine carries block-aligned pieces byte for byte, requantizes the others (requant=True)
-    opts = QuantOpts(requant, nx.DEFAULT_AMAX_FLOOR, False, block, "use --requant to dequantize and requantize")
-    spec = {w.name: Spec(w.name, w.dtype, w.shape, sc.name, sc.dtype, sc.shape)}
+def _split(m: Module, dim, rank, mp, file: str, opts: QuantOpts) -> Out:
+    """Rank `rank`'s piece of a plain or scaled weight (whole when `dim` is None), under DeepSeek's names."""
+    sp, w = m.spec, m.parts["weight"]
+    names = {"weight": m.name, "scale": m.name.removesuffix(".weight") + ".scale"}
+    if dim is None or dim >= len(sp.shape):
+        return Out(file, m.name, [(OutEntry(names[role], i.dtype, i.shape), lambda s, n=i.name: s[n])
+                                  for role, i in m.parts.items()])
+    if sp.shape[dim] % mp:
+        raise _err(m, w, f"dim {dim} ({sp.shape[dim]}) is not divisible by the model-parallel size", mp)
+    sl = _piece(sp.shape[dim], mp, rank)
     try:
-        out = plan_out(file, m.name, [Cut(w.name, sl.start, sl.stop, 0, dim)], spec, f"split over mp={mp}", opts)
+        out = plan_out(file, m.name, [Cut(m.name, sl.start, sl.stop, 0, dim)], {m.name: sp}, f"split over mp={mp}",
+                       opts)
     except ValueError as e:
         raise ShardError(f"{w.file.name}: tensor {w.name!r} {list(w.shape)}: {e}") from None
-    yield OutEntry(m.name, out.dtype, out.shape), out.make
-    yield OutEntry(scale_name, out.scale[0], out.scale[1]), out.scale[2]
+    out.tensors = [(replace(e, name=n), make) for n, (e, make) in zip(names.values(), out.tensors)]
+    return out
 
 
-def _gptq_outputs(m: Module, dim, rank, mp, requant):
+def _gptq_outputs(m: Module, dim, rank, mp):
     qw, qz, sc = m.parts["qweight"], m.parts["qzeros"], m.parts["scales"]
     gi = m.parts.get("g_idx")
     in_packed, out = qw.shape

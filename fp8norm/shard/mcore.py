@@ -1,9 +1,9 @@
-"""Hugging Face <-> Megatron-Core (MCore) model-parallel layout, bf16 or block-FP8, in one streaming pass.
+"""Hugging Face <-> Megatron-Core (MCore) model-parallel layout, bf16 or scaled, in one streaming pass.
 
 `hf_to_mcore` splits a Llama/Qwen3-style dense or Qwen3-MoE-style checkpoint over tensor (TP), pipeline
 (PP) and expert (EP) parallel ranks under Megatron-Core names; `mcore_to_hf` puts it back together.
 `plan_mcore` / `plan_mcore_to_hf` build the job lists and raise a ValueError for every divisibility or
-FP8 block-alignment problem before anything is written. Execution goes through
+scale-grid problem before anything is written. Execution goes through
 `shard.jobs.write_rank_files` (the output engine): every rank file is streamed at once and memory holds one module's source
 tensors (e.g. one layer's q, k and v) at a time.
 
@@ -42,14 +42,16 @@ Names (L = layer index local to the stage, K = expert index local to the EP rank
 Layers go to stages in order (an even split, or `pipeline_layers` counts) and are renumbered from 0 in
 each stage; global experts [e*E/ep, (e+1)*E/ep) go to EP rank e as local experts 0..E/ep-1.
 
-FP8 sources (`X` F8_E4M3 with `X_scale_inv` [ceil(M/bm), ceil(N/bn)], block from config
-`quantization_config.weight_block_size`, default 128x128) are carried as they are: every split and
-concatenation must fall on block boundaries, and the FP8 bytes and their scale tiles are cut and joined
-together (MCore scale name `<mcore weight name>_scale_inv`). A piece that does not fall on block
-boundaries is an error unless `requant=True`, which dequantizes the sources of that output tensor only,
-assembles it and quantizes it again (amax floor `amax_epsilon`, power-of-two scales with
-`pow2_scales=True`, scale dtype of the source). Tensors that need no requantization are never touched,
-so HF -> MCore -> HF is byte-identical for bf16 and for block-aligned FP8.
+Scaled weights (shard/fp8.py) are carried as they are, bytes and scale tiles cut and joined together,
+under the MCore weight name plus the source's suffixes: block FP8 (`X` + `X_scale_inv`, blocks from
+config `quantization_config.weight_block_size`, default 128x128) and the compressed-tensors schemes of
+`quantize --scheme` (fp8-channel `X` + `X_scale` [M, 1]; mxfp8 `X` + `X_scale` [M, N/32]; mxfp4
+`X_packed` [M, N/2] + `X_scale`). Every cut must fall on the scale grid: block FP8 on block boundaries,
+MX columns on multiples of 32, per-channel rows anywhere (a row-parallel rank keeps the whole [M, 1]
+scale). Block FP8 off the grid is an error unless `requant=True`, which dequantizes the sources of that
+output tensor only, assembles it and quantizes it again (amax floor `amax_epsilon`, power-of-two scales
+with `pow2_scales=True`, scale dtype of the source); the other schemes are never requantized. So HF ->
+MCore -> HF is byte-identical for bf16, grid-aligned block FP8 and the three schemes.
 
 fp8norm_parallel_layout.json::
 
@@ -62,7 +64,8 @@ fp8norm_parallel_layout.json::
                         "ownership": [{"ep_rank": e, "first_expert": a, "num_experts": n}]},
      "attention": {"num_attention_heads", "num_query_groups", "head_dim", "hidden_size"},
      "ranks": [{"tp", "pp", "ep", "file": "iter_0000000/mp_rank_.../model.safetensors"}],
-     "fp8": {"block_size": [bm, bn], "weights": [HF names of FP8 weights], "requantized":
+     "scheme": "fp8-block" | "fp8-channel" | "mxfp8" | "mxfp4" (config's quantization_config),
+     "fp8": {"block_size": [bm, bn], "weights": [HF names of scaled weights], "requantized":
              ["<file>::<mcore name>"], "amax_epsilon", "scale_fmt"},
      "source": {"config": {config.json}, "tensors": [{"name", "dtype", "shape"}] (source order)}}
 
@@ -74,17 +77,16 @@ pieces from the first replica (TP rank 0 / EP rank 0 where replicated).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import numerics as nx
-from .. import schemes
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
 from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
-from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, scale_inv_name, specs_from_table
+from .fp8 import Cut, Format, Out, QuantOpts, Spec, job_of, plan_out, scheme_format, specs_from_table, storage_format
 from .jobs import ShardJob, ShardSummary, write_rank_files
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "plan_mcore", "plan_mcore_to_hf", "McorePlan", "LAYOUT_NAME",
@@ -436,26 +438,26 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
         raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
     ckpt = open_checkpoint(src)
     cfg = _read_config(ckpt.root)
-    schemes.refuse_unsupported(cfg, ckpt.root, "shard")
     block = config_block_size(cfg, ckpt.root / "config.json")
+    fmt = storage_format(cfg, block)
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
-    weights, specs = specs_from_table(table, block)
+    weights, specs = specs_from_table(table, fmt)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
-    opts = QuantOpts(requant, amax_epsilon, pow2_scales, block,
+    opts = QuantOpts(requant, amax_epsilon, pow2_scales,
                       "Pass requant=True (--requant) to dequantize and requantize the misaligned pieces, or "
                       f"choose a parallel size for which every piece is a multiple of {block[0]}x{block[1]}")
     planned = _forward_outs(mapper.groups, specs, opts)
     jobs = [job_of(g.hf, outs, specs) for g, outs in planned]
     requantized = [f"{o.file}{KEY_SEP}{o.name}" for _, outs in planned for o in outs if o.requant]
-    layout = _layout(mapper, ckpt, cfg, table, specs, block, grouped_gemm, requantized, amax_epsilon, pow2_scales)
+    layout = _layout(mapper, cfg, table, specs, fmt, block, requantized, opts)
     copy = [p for p in ckpt.other_files if p.name not in (MANIFEST_NAME, LAYOUT_NAME, TRACKER_NAME)]
     fp = fingerprint({k: v for k, v in layout.items() if k != "producer"})
     return McorePlan(ckpt, jobs, layout, fp, copy, requantized,
                      after={LAYOUT_NAME: json_text(layout), TRACKER_NAME: f"{ITERATION}\n"})
 
 
-def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: dict[str, Spec], block,
-            grouped_gemm: bool, requantized: list[str], amax_epsilon: float, pow2_scales: bool) -> dict:
+def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: Format, block, requantized: list[str],
+            opts: QuantOpts) -> dict:
     from .. import __version__
 
     tp, pp, ep = m.tp, m.pp, m.ep
@@ -468,7 +470,7 @@ def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: d
         "format": LAYOUT_FORMAT, "version": LAYOUT_VERSION,
         "producer": {"name": "fp8norm", "version": __version__},
         "iteration": ITERATION, "iter_dir": ITER_DIR,
-        "tp": tp, "pp": pp, "ep": ep, "expert_tensor_parallel": 1, "grouped_gemm": bool(grouped_gemm),
+        "tp": tp, "pp": pp, "ep": ep, "expert_tensor_parallel": 1, "grouped_gemm": bool(m.gg),
         "num_layers": m.dims.layers, "pipeline_layers": m.counts,
         "stages": [{"pp_rank": s, "first_layer": m.first[s], "num_layers": m.counts[s], "embedding": s == 0,
                     "output": s == pp - 1} for s in range(pp)],
@@ -477,9 +479,10 @@ def _layout(m: _Mapper, ckpt: SourceCheckpoint, cfg: dict, table: dict, specs: d
                       "head_dim": m.dims.head_dim, "hidden_size": m.dims.hidden},
         "ranks": [{"tp": t, "pp": s, "ep": e, "file": rank_file(t, s, e, ep)}
                   for t in range(tp) for s in range(pp) for e in range(ep)],
+        "scheme": fmt.scheme,
         "fp8": {"block_size": list(block), "weights": [sp.name for sp in specs.values() if sp.scale_key],
-                "requantized": requantized, "amax_epsilon": amax_epsilon,
-                "scale_fmt": "ue8m0" if pow2_scales else "float"},
+                "requantized": requantized, "amax_epsilon": opts.amax_epsilon,
+                "scale_fmt": "ue8m0" if opts.pow2_scales else "float"},
         "source": {"config": cfg,
                    "tensors": [{"name": n, "dtype": d, "shape": list(s)} for n, (d, s) in table.items()]},
     }
@@ -546,56 +549,46 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     layout = _read_layout(root)
     ckpt = _mcore_checkpoint(root, layout)
     cfg = layout["source"]["config"]
-    block = tuple(layout["fp8"]["block_size"])
+    # layouts written before schemes were recorded are block FP8 or bf16
+    fmt = scheme_format(layout.get("scheme", "fp8-block"), tuple(layout["fp8"]["block_size"]))
     table = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in layout["source"]["tensors"]}
-    weights, hf_specs = specs_from_table(table, block)
+    weights, hf_specs = specs_from_table(table, fmt)
     mapper = _Mapper(weights, cfg, layout["tp"], layout["pp"], layout["ep"], layout["pipeline_layers"],
                      layout["grouped_gemm"])
     # What the rank files must hold: the forward plan (requantization allowed) of the stored source table.
-    expected: dict[str, tuple[str, tuple]] = {}
-    fwd = _forward_outs(mapper.groups, hf_specs, QuantOpts(True, amax_epsilon, False, block, ""))
-    for _, outs in fwd:
-        for o in outs:
-            expected[f"{o.file}{KEY_SEP}{o.name}"] = (o.dtype, o.shape)
-            if o.scale:
-                expected[f"{o.file}{KEY_SEP}{scale_inv_name(o.name)}"] = (o.scale[0], o.scale[1])
-    for key, (dtype, shape) in expected.items():
-        info = ckpt.tensors.get(key)
-        f, n = key.split(KEY_SEP)
-        if info is None:
-            raise ValueError(f"{root / f}: tensor {n} is missing (the layout in {LAYOUT_NAME} expects it)")
-        if info.dtype != dtype or tuple(info.shape) != tuple(shape):
-            raise ValueError(f"{root / f}: tensor {n} is {info.dtype} {list(info.shape)}, the layout expects "
-                             f"{dtype} {list(shape)}")
+    expected = {f"{o.file}{KEY_SEP}{e.name}": e for _, outs in _forward_outs(mapper.groups, hf_specs, QuantOpts(
+        True, amax_epsilon, False, "")) for o in outs for e, _ in o.tensors}
+    for key, e in expected.items():
+        info, (f, n) = ckpt.tensors.get(key), key.split(KEY_SEP)
+        if info is None or (info.dtype, tuple(info.shape)) != (e.dtype, tuple(e.shape)):
+            got = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
+            raise ValueError(f"{root / f}: tensor {n} is {got}; the layout in {LAYOUT_NAME} expects {e.dtype} "
+                             f"{list(e.shape)}")
     extra = [k for k in ckpt.tensors if k not in expected and not k.endswith("._extra_state")]
     if extra:
         raise ValueError(f"{root}: {len(extra)} tensor(s) in the rank files are not part of the layout, "
                          f"e.g. {extra[0].replace(KEY_SEP, ': ')}")
-    mc_table = {k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}
-    _, mc_specs = specs_from_table(mc_table, block)
-    mc_specs = {k: Spec(k.replace(KEY_SEP, ": "), s.dtype, s.shape, s.scale_key, s.scale_dtype, s.scale_shape)
-                for k, s in mc_specs.items()}
-    opts = QuantOpts(requant, amax_epsilon, pow2_scales, block,
-                      "Pass requant=True to dequantize and requantize it"
-                      + (" (this layout was written with requantization)" if layout["fp8"]["requantized"] else ""))
+    _, mc_specs = specs_from_table({k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}, fmt)
+    mc_specs = {k: replace(s, name=s.name.replace(KEY_SEP, ": ")) for k, s in mc_specs.items()}
+    opts = QuantOpts(requant, amax_epsilon, pow2_scales, "Pass requant=True to dequantize and requantize it"
+                     + (" (this layout was written with requantization)" if layout["fp8"]["requantized"] else ""))
     planned = []
     for g in mapper.groups:
         outs, sources = [], []
-        for hf in g.hf:
+        for hf in g.hf:  # each HF row/column range from its first replica
             cuts, covered = [], 0
             for p in sorted((p for p in g.pieces if p.hf == hf), key=lambda p: (p.start, p.stop, p.file)):
                 if p.start == covered and p.stop > covered:
-                    key = f"{p.file}{KEY_SEP}{p.mc}"
-                    cuts.append(Cut(key, p.at, p.at + p.stop - p.start, p.start, p.axis))
+                    cuts.append(Cut(f"{p.file}{KEY_SEP}{p.mc}", p.at, p.at + p.stop - p.start, p.start, p.axis))
                     covered = p.stop
-                    sources.append(key)
             if covered != (weights[hf][1][cuts[0].axis] if weights[hf][1] else 1):
                 raise RuntimeError(f"internal: {hf}: pieces cover {covered} of {list(weights[hf][1])}")
             outs.append(plan_out(None, hf, cuts, mc_specs, g.rule, opts))
+            sources += [c.src for c in cuts]
         planned.append((sources, outs))
     # HF shards: source order of tensors, greedy up to max_shard_size.
     limit = parse_size(max_shard_size)
-    order = {n: i for i, n in enumerate(table)}
+    order = {n: i for i, n in enumerate(weights)}
     all_outs = sorted((o for _, outs in planned for o in outs), key=lambda o: order[o.name])
     shard_of = dict(zip((o.name for o in all_outs), pack_greedy([o.nbytes for o in all_outs], limit)))
     n_shards = max(shard_of.values(), default=0) + 1
@@ -619,8 +612,7 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
                            "requantized": requantized, "plan_fingerprint": fp}
     after: dict[str, str] = {}
     if n_shards > 1:
-        weight_map = {n: names[shard_of[o.name]] for o in all_outs
-                      for n in ([o.name] + ([scale_inv_name(o.name)] if o.scale else []))}
+        weight_map = {e.name: names[shard_of[o.name]] for o in all_outs for e, _ in o.tensors}
         after[INDEX_NAME] = index_text(weight_map, sum(o.nbytes for o in all_outs))
     after[PROVENANCE_NAME] = json_text(prov)
     if Path("config.json") not in copy:
