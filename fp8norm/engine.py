@@ -49,6 +49,8 @@ class Job:
 
 @dataclass
 class RunStats:
+    """A run's figures (rank 0's count the whole torchrun job); `format` is the shard commands' summary."""
+    tensors_in: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     tensors_out: int = 0
@@ -60,6 +62,11 @@ class RunStats:
     compute_s: float = 0.0
     write_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        return "\n".join([f"tensors   {self.tensors_in} read -> {self.tensors_out} written in {self.files} rank file(s)",
+                          f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out",
+                          f"time      {self.wall_s:.2f} s", *self.notes])
 
 
 def on_rank0(ctx, fn):
@@ -180,12 +187,12 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         if ctx is not None:
             # every rank has stopped streaming; rank 0's statistics count the whole job
             gathered = ctx.gather((stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out,
-                                   list(notes or [])))
+                                   stats.tensors_in, list(notes or [])))
             if rank0:
-                stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out = (
-                    sum(x[i] for x in gathered) for i in range(4))
+                (stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out,
+                 stats.tensors_in) = (sum(x[i] for x in gathered) for i in range(5))
                 if notes is not None:
-                    notes[:] = [n for x in gathered for n in x[4]]
+                    notes[:] = [n for x in gathered for n in x[5]]
                 stats.notes.append(f"ranks     {ctx.world} (torchrun), files written per rank: "
                                    f"{', '.join(str(x[2]) for x in gathered)}")
             failed = distributed.failure(dst)
@@ -303,6 +310,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                     xs.append(x)
                     ds.append(_digest(x))
                 stats.read_s += time.perf_counter() - t0
+                stats.tensors_in += len(xs)
                 q_in.put((job, which, xs, ds))
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             fail(e)

@@ -125,7 +125,11 @@ def test_round_trip(sources, tmp_path, kind, gg, tp, pp, ep):
     src = sources[kind]
     mc, back = tmp_path / "mcore", tmp_path / "hf"
     s1 = hf_to_mcore(src, mc, tp=tp, pp=pp, ep=ep, grouped_gemm=gg, progress=False)
-    assert s1.files == tp * pp * ep
+    assert s1.files == s1.files_written == tp * pp * ep
+    n_src = sum(len(safe_open(f, "pt").keys()) for f in src.glob("*.safetensors"))
+    n_out = sum(len(safe_open(f, "pt").keys()) for f in mc.rglob("*.safetensors"))
+    assert (s1.tensors_in, s1.tensors_out) == (n_src, n_out)  # what the summary prints
+    assert f"{n_src} read -> {n_out} written in {tp * pp * ep} rank file(s)" in s1.format()
     dirs = sorted(p.name for p in (mc / ITER_DIR).iterdir())
     suffix = ep > 1
     assert dirs == sorted(f"mp_rank_{t:02d}_{s:03d}" + (f"_{e:03d}" if suffix else "")

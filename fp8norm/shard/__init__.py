@@ -1,6 +1,6 @@
 """Model-parallel layouts: one file per rank, written in one streaming pass on the output engine.
 
-    jobs      ShardJob / SliceOut: what a layout plans (sources -> rank-file tensors), and its execution
+    jobs      SliceOut / shard_job: what a layout plans (sources -> rank-file tensors), and its execution
     fp8       the cut / join / requantize engine both layouts use, for plain and scaled weights
     deepseek  `model{i}-mp{N}.safetensors` for DeepSeek's reference inference code
     mcore     Megatron-Core TP/PP/EP rank folders, and back to Hugging Face layout

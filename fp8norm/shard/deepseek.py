@@ -39,7 +39,8 @@ from ..output import fingerprint, json_text
 from ..plan import config_block_size
 from ..st_io import OutEntry, TensorInfo, read_tensor
 from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, specs_from_table, storage_format
-from .jobs import ShardJob, ShardSummary, SliceOut, write_rank_files
+from ..engine import Job, RunStats
+from .jobs import SliceOut, shard_job, write_rank_files
 
 COLUMN, ROW = 0, 1
 # HF projection name -> (DeepSeek name, parallel dim: 0 column, 1 row, None replicated)
@@ -134,7 +135,7 @@ def routed_experts_in_config(src) -> int | None:
     return None
 
 
-def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool = False) -> tuple[list[ShardJob], dict]:
+def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool = False) -> tuple[list[Job], dict]:
     """All jobs and the layout description; raises ShardError before anything is written.
     `n_experts` None: from config.json (see routed_experts_in_config)."""
     if mp < 1:
@@ -174,7 +175,7 @@ def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool =
         else:
             ranks, dim = list(range(mp)), m.dim
         if m.spec is None:
-            jobs.append(ShardJob(tuple(i.name for i in m.parts.values()), [
+            jobs.append(shard_job([i.name for i in m.parts.values()], [
                 SliceOut(files[r], entry, fn) for r in ranks for entry, fn in _gptq_outputs(m, dim, r, mp)]))
         else:
             jobs.append(job_of([m.name], [_split(m, dim, r, mp, files[r], opts) for r in ranks], {m.name: m.spec}))
@@ -265,7 +266,7 @@ def _gptq_outputs(m: Module, dim, rank, mp):
 
 
 def shard_deepseek(src, dst, *, mp: int, n_experts: int | None = None, requant: bool = False,
-                   overwrite: bool = False, progress=None, resume: bool = False) -> ShardSummary:
+                   overwrite: bool = False, progress=None, resume: bool = False) -> RunStats:
     """Write DST/model{i}-mp{mp}.safetensors for i in 0..mp-1 (see the module docstring);
     `n_experts` None: config.json's routed-expert count."""
     jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant)

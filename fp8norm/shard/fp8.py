@@ -25,7 +25,8 @@ from .. import numerics as nx
 from .. import schemes
 from ..numerics_mx import MX_BLOCK
 from ..st_io import DTYPES, FP8_DTYPES, OutEntry
-from .jobs import ShardJob, SliceOut
+from ..engine import Job
+from .jobs import SliceOut, shard_job
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,8 @@ def specs_from_table(table: dict[str, tuple[str, tuple]], fmt: Format) -> tuple[
     return weights, specs
 
 
-def job_of(sources: list[str], outs: list[Out], specs: dict[str, Spec]) -> ShardJob:
+def job_of(sources: list[str], outs: list[Out], specs: dict[str, Spec]) -> Job:
     """One job reading the stored tensors (and scales) of the `sources` Specs and writing `outs`."""
     srcs = [specs[s] for s in dict.fromkeys(sources)]
-    job = ShardJob(tuple([s.key for s in srcs] + [s.scale_key for s in srcs if s.scale_key]))
-    for o in outs:
-        job.outputs += [SliceOut(o.file, entry, make) for entry, make in o.tensors]
-    return job
+    return shard_job([s.key for s in srcs] + [s.scale_key for s in srcs if s.scale_key],
+                     [SliceOut(o.file, entry, make) for o in outs for entry, make in o.tensors])

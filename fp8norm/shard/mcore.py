@@ -87,7 +87,8 @@ from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
 from .fp8 import Cut, Format, Out, QuantOpts, Spec, job_of, plan_out, scheme_format, specs_from_table, storage_format
-from .jobs import ShardJob, ShardSummary, write_rank_files
+from ..engine import Job, RunStats
+from .jobs import write_rank_files
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "plan_mcore", "plan_mcore_to_hf", "McorePlan", "LAYOUT_NAME",
            "LAYOUT_FORMAT", "ITER_DIR", "TRACKER_NAME", "rank_dir", "rank_file"]
@@ -415,7 +416,7 @@ def _forward_outs(groups: list[Group], specs: dict[str, Spec], opts: QuantOpts) 
 class McorePlan:
     """Everything decided before a byte is written."""
     ckpt: SourceCheckpoint
-    jobs: list[ShardJob]
+    jobs: list[Job]
     layout: dict  # fp8norm_parallel_layout.json (HF -> MCore) or fp8norm.json (MCore -> HF)
     fingerprint: str
     copy_files: list[Path]  # relative to ckpt.root
@@ -488,14 +489,14 @@ def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: For
     }
 
 
-def _execute(plan: McorePlan, dst, overwrite: bool, progress, resume: bool = False) -> ShardSummary:
+def _execute(plan: McorePlan, dst, overwrite: bool, progress, resume: bool = False) -> RunStats:
     return write_rank_files(plan.ckpt, plan.jobs, Path(dst), fingerprint=plan.fingerprint, overwrite=overwrite,
                             progress=progress, resume=resume, copy_files=tuple(plan.copy_files), texts=plan.after)
 
 
 def hf_to_mcore(src, dst, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, grouped_gemm: bool = False,
                 requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR, pow2_scales: bool = False,
-                overwrite: bool = False, progress: bool | None = None, resume: bool = False) -> ShardSummary:
+                overwrite: bool = False, progress: bool | None = None, resume: bool = False) -> RunStats:
     """Write the HF checkpoint `src` as Megatron-Core rank files under `dst` (see the module docstring)."""
     plan = plan_mcore(src, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers, grouped_gemm=grouped_gemm,
                       requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales)
@@ -622,7 +623,7 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
 
 def mcore_to_hf(src, dst, *, requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR,
                 pow2_scales: bool = False, max_shard_size="4GB", overwrite: bool = False,
-                progress: bool | None = None, resume: bool = False) -> ShardSummary:
+                progress: bool | None = None, resume: bool = False) -> RunStats:
     """Reassemble the Megatron-Core rank files under `src` (written by hf_to_mcore) as an HF checkpoint."""
     plan = plan_mcore_to_hf(src, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
                             max_shard_size=max_shard_size)
