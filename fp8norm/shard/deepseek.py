@@ -37,9 +37,9 @@ from .. import numerics as nx
 from ..checkpoint import open_checkpoint, read_json
 from ..output import fingerprint, json_text
 from ..plan import config_block_size
-from ..st_io import OutEntry, TensorInfo, read_tensor
-from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, specs_from_table, storage_format
 from ..engine import Job, RunStats
+from ..st_io import DTYPES, OutEntry, TensorInfo, read_tensor
+from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, specs_from_table, storage_format
 from .jobs import SliceOut, shard_job, write_rank_files
 
 COLUMN, ROW = 0, 1
@@ -213,56 +213,41 @@ def _split(m: Module, dim, rank, mp, file: str, opts: QuantOpts) -> Out:
 
 
 def _gptq_outputs(m: Module, dim, rank, mp):
+    """qweight, qzeros and scales each cut into mp pieces along `dim`'s axis of their own (column-parallel:
+    out, out/8 and out columns; row-parallel: in/8 rows and groups), scales stored bf16; g_idx whole for
+    column-parallel, cut and rebased to the rank's own groups for row-parallel."""
     qw, qz, sc = m.parts["qweight"], m.parts["qzeros"], m.parts["scales"]
     gi = m.parts.get("g_idx")
-    in_packed, out = qw.shape
-    n_groups = sc.shape[0]
-    as_bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731 - scales are stored bf16
-    name = m.name
-    if dim is None:
-        yield OutEntry(f"{name}.qweight", qw.dtype, qw.shape), lambda s, n=qw.name: s[n]
-        yield OutEntry(f"{name}.qzeros", qz.dtype, qz.shape), lambda s, n=qz.name: s[n]
-        yield OutEntry(f"{name}.scales", "BF16", sc.shape), lambda s, n=sc.name: as_bf16(s[n])
-        if gi is not None:
-            yield OutEntry(f"{name}.g_idx", gi.dtype, gi.shape), lambda s, n=gi.name: s[n]
-        return
-    if dim == COLUMN:
-        if out % mp:
-            raise _err(m, qw, f"column-parallel: out_features {out} is not divisible by the model-parallel size", mp)
-        if (out // mp) % 8:
-            raise _err(m, qz, f"column-parallel: each rank's {out // mp} output columns are not a multiple of 8, "
-                              "so qzeros (8 outputs per int32) cannot be split", mp)
-        sl, zsl = _piece(out, mp, rank), _piece(qz.shape[1], mp, rank)
-        yield (OutEntry(f"{name}.qweight", qw.dtype, (in_packed, out // mp)),
-               lambda s, n=qw.name, sl=sl: _narrow(s[n], 1, sl))
-        yield (OutEntry(f"{name}.qzeros", qz.dtype, (qz.shape[0], qz.shape[1] // mp)),
-               lambda s, n=qz.name, sl=zsl: _narrow(s[n], 1, sl))
-        yield (OutEntry(f"{name}.scales", "BF16", (n_groups, out // mp)),
-               lambda s, n=sc.name, sl=sl: as_bf16(_narrow(s[n], 1, sl)))
-        if gi is not None:
-            yield OutEntry(f"{name}.g_idx", gi.dtype, gi.shape), lambda s, n=gi.name: s[n]
-        return
-    if in_packed % mp:
+    (in_packed, out), n_groups = qw.shape, sc.shape[0]
+    if dim == COLUMN and out % mp:
+        raise _err(m, qw, f"column-parallel: out_features {out} is not divisible by the model-parallel size", mp)
+    if dim == COLUMN and (out // mp) % 8:
+        raise _err(m, qz, f"column-parallel: each rank's {out // mp} output columns are not a multiple of 8, "
+                          "so qzeros (8 outputs per int32) cannot be split", mp)
+    if dim == ROW and in_packed % mp:
         raise _err(m, qw, f"row-parallel: qweight's {in_packed} packed input rows (in_features/8) are not "
                           "divisible by the model-parallel size", mp)
-    if n_groups % mp:
+    if dim == ROW and n_groups % mp:
         raise _err(m, sc, f"row-parallel: {n_groups} quantization groups (in_features/group_size) are not "
                           "divisible by the model-parallel size", mp)
-    sl, gsl = _piece(in_packed, mp, rank), _piece(n_groups, mp, rank)
-    yield (OutEntry(f"{name}.qweight", qw.dtype, (in_packed // mp, out)),
-           lambda s, n=qw.name, sl=sl: _narrow(s[n], 0, sl))
-    yield (OutEntry(f"{name}.qzeros", qz.dtype, (n_groups // mp, qz.shape[1])),
-           lambda s, n=qz.name, sl=gsl: _narrow(s[n], 0, sl))
-    yield (OutEntry(f"{name}.scales", "BF16", (n_groups // mp, out)),
-           lambda s, n=sc.name, sl=gsl: as_bf16(_narrow(s[n], 0, sl)))
-    if gi is not None:
-        isl = _piece(gi.shape[0], mp, rank)
-        local = _narrow(read_tensor(gi), 0, isl).long() - gsl.start  # checked now, before any write
-        if bool(((local < 0) | (local >= gsl.stop - gsl.start)).any()):
-            raise _err(m, gi, f"row-parallel: g_idx maps rank {rank}'s inputs to other ranks' groups (act-order), "
-                              "so it cannot be split", mp)
-        yield (OutEntry(f"{name}.g_idx", gi.dtype, (gi.shape[0] // mp,)),
-               lambda s, n=gi.name, isl=isl, off=gsl.start: (_narrow(s[n], 0, isl) - off).to(s[n].dtype))
+    axis = {COLUMN: 1, ROW: 0}.get(dim)
+    for part, dtype in ((qw, qw.dtype), (qz, qz.dtype), (sc, "BF16")):
+        sl = slice(0, part.shape[0]) if axis is None else _piece(part.shape[axis], mp, rank)
+        shape = tuple(sl.stop - sl.start if d == axis else n for d, n in enumerate(part.shape))
+        yield (OutEntry(f"{m.name}.{part.name.rpartition('.')[2]}", dtype, shape),
+               lambda s, n=part.name, d=axis or 0, sl=sl, t=DTYPES[dtype]: _narrow(s[n], d, sl).to(t))
+    if gi is None:
+        return
+    if dim != ROW:
+        yield OutEntry(f"{m.name}.g_idx", gi.dtype, gi.shape), lambda s, n=gi.name: s[n]
+        return
+    isl, gsl = _piece(gi.shape[0], mp, rank), _piece(n_groups, mp, rank)
+    local = _narrow(read_tensor(gi), 0, isl).long() - gsl.start  # checked now, before any write
+    if bool(((local < 0) | (local >= gsl.stop - gsl.start)).any()):
+        raise _err(m, gi, f"row-parallel: g_idx maps rank {rank}'s inputs to other ranks' groups (act-order), "
+                          "so it cannot be split", mp)
+    yield (OutEntry(f"{m.name}.g_idx", gi.dtype, (gi.shape[0] // mp,)),
+           lambda s, n=gi.name, isl=isl, off=gsl.start: (_narrow(s[n], 0, isl) - off).to(s[n].dtype))
 
 
 def shard_deepseek(src, dst, *, mp: int, n_experts: int | None = None, requant: bool = False,

@@ -81,13 +81,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import numerics as nx
+from ..engine import Job, RunStats
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
 from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
 from .fp8 import Cut, Format, Out, QuantOpts, Spec, job_of, plan_out, scheme_format, specs_from_table, storage_format
-from ..engine import Job, RunStats
 from .jobs import write_rank_files
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "plan_mcore", "plan_mcore_to_hf", "McorePlan", "LAYOUT_NAME",
