@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from fp8norm import reference
 from fp8norm.examples import make_example
 from fp8norm.shard.mcore import rank_file
-from tests.ckpt_utils import cli, one_line_error, read_dir, same_bytes
+from tests.ckpt_utils import cli, one_line_error, read_dir, same_bytes, tree_bytes
 from tests.test_shard_mcore import make_ckpt
 
 SCHEMES = ["fp8-channel", "mxfp8", "mxfp4"]
@@ -271,3 +271,19 @@ def test_unshard_checks_the_schemes_tensors(runs, tmp_path, scheme):
     save_file(t, str(f))
     one_line_error(cli("unshard", mc, tmp_path / "back", ok=False), f"1_000/model.safetensors: {name}", "differ")
     assert not (tmp_path / "back" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("layout", ["deepseek-mp2", "mcore-tp2-ep2"])
+def test_resume_redoes_a_lost_rank_file_byte_identical(runs, tmp_path, layout):
+    """Resume works for the schemes as for block FP8: a rank file lost from a finished shard run is written
+    again, the others are kept, and DST ends byte-identical to the uninterrupted run."""
+    whole = runs("mxfp4", layout)
+    dst = tmp_path / "dst"
+    shutil.copytree(whole, dst)
+    manifest = json.loads((dst / "fp8norm-manifest.json").read_text())
+    lost = sorted(manifest["done"])[1]
+    (dst / lost).unlink()
+    kept = {f: (dst / f).stat().st_mtime_ns for f in manifest["done"] if f != lost}
+    cli("shard", runs("mxfp4"), dst, *LAYOUTS[layout], "--resume")
+    assert tree_bytes(dst) == tree_bytes(whole)
+    assert {f: (dst / f).stat().st_mtime_ns for f in kept} == kept  # not rewritten
