@@ -20,7 +20,7 @@ __all__ = ["quant_fp8_block", "dequant_fp8_block", "CHUNK_ELEMS"]
 CHUNK_ELEMS = 1 << 20
 
 
-def _row_chunks(m: int, n: int, bm: int) -> Iterator[tuple[int, int, int]]:
+def row_chunks(m: int, n: int, bm: int) -> Iterator[tuple[int, int, int]]:
     """(first row block, number of row blocks k, rows per block) covering m rows.
 
     Whole row blocks are grouped k at a time; a ragged last block comes alone, so every chunk views
@@ -34,7 +34,7 @@ def _row_chunks(m: int, n: int, bm: int) -> Iterator[tuple[int, int, int]]:
         yield full, 1, m % bm
 
 
-def _block_amax_cols(t: torch.Tensor, bn: int) -> torch.Tensor:
+def block_amax_cols(t: torch.Tensor, bn: int) -> torch.Tensor:
     """[k, n] -> [k, ceil(n/bn)]: max over column blocks, the ragged tail as its own block."""
     n = t.shape[1]
     full = n // bn * bn
@@ -51,7 +51,7 @@ def _expand_cols(t: torch.Tensor, bn: int, n: int) -> torch.Tensor:
     return t.repeat_interleave(bn, dim=1)[:, :n]
 
 
-class _ChunkBuffer:
+class ChunkBuffer:
     """One fp32 working buffer reused for every chunk (no allocation or page faults per chunk)."""
 
     def __init__(self, device):
@@ -91,7 +91,7 @@ def e4m3_to_float32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _matrices(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+def matrices(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield matching 2D slices: the tensors themselves, or expert e of each for 3D inputs."""
     if tensors[0].dim() == 2:
         yield tensors
@@ -117,18 +117,18 @@ def quant_fp8_block(
     # Scales are built in fp32 (already rounded to what the stored dtype holds exactly).
     sf_all = given.clone() if given is not None else torch.empty(
         nx.scale_inv_shape(tuple(x.shape), (bm, bn)), dtype=torch.float32, device=x.device)
-    buf = _ChunkBuffer(x.device)
+    buf = ChunkBuffer(x.device)
     xs_all = x_sf if x_sf is not None else sf_all  # placeholder when x is not FP8
-    for x2, q2, s2, xs2 in _matrices(x, q, sf_all, xs_all):
+    for x2, q2, s2, xs2 in matrices(x, q, sf_all, xs_all):
         m, n = x2.shape
-        for b0, k, rows in _row_chunks(m, n, bm):
+        for b0, k, rows in row_chunks(m, n, bm):
             r0 = b0 * bm
             chunk = buf.load(x2[r0:r0 + k * rows], k, rows)
             if x_sf is not None:  # FP8 input: dequantize the chunk first, as the kernel does per tile
                 chunk.mul_(_expand_cols(xs2[b0:b0 + k], bn, n).unsqueeze(1))
             # amax and amin as two reductions: aminmax and abs() are ~10x slower here. NaN propagates.
             col_absmax = torch.maximum(chunk.amax(1), chunk.amin(1).neg_())
-            tile_amax = _block_amax_cols(col_absmax, bn)
+            tile_amax = block_amax_cols(col_absmax, bn)
             if given is None:
                 sf = nx.round_scale(nx.sf_from_amax(tile_amax, amax_floor), scale_fmt, scale_dtype)
             else:
@@ -153,10 +153,10 @@ def dequant_fp8_block(
     """Torch twin of fp8norm.kernels.dequant_fp8_block (bit-exact): `q * scale_inv` per tile."""
     (bm, bn), sf_all = check_dequant_args(q, scale_inv, block_size, out_dtype)
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    buf = _ChunkBuffer(q.device)
-    for q2, s2, o2 in _matrices(q, sf_all, out):
+    buf = ChunkBuffer(q.device)
+    for q2, s2, o2 in matrices(q, sf_all, out):
         m, n = q2.shape
-        for b0, k, rows in _row_chunks(m, n, bm):
+        for b0, k, rows in row_chunks(m, n, bm):
             r0 = b0 * bm
             chunk = buf.load(q2[r0:r0 + k * rows], k, rows)
             chunk.mul_(_expand_cols(s2[b0:b0 + k], bn, n).unsqueeze(1))
@@ -164,9 +164,7 @@ def dequant_fp8_block(
     return out
 
 
-# Public names of the chunking helpers, for the other twins' modules.
-ChunkBuffer, matrices = _ChunkBuffer, _matrices
-
+# The other twins, which use the chunking helpers above.
 from .nvfp4 import dequant_nvfp4, nvfp4_amax, quant_nvfp4  # noqa: E402  (needs the helpers above)
 
 __all__ += ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax"]

@@ -11,7 +11,7 @@ import torch
 
 from fp8norm import numerics_nvfp4 as n4
 
-from . import CHUNK_ELEMS, _block_amax_cols, _ChunkBuffer, _matrices, _row_chunks
+from . import CHUNK_ELEMS, block_amax_cols, ChunkBuffer, matrices, row_chunks
 
 __all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax"]
 
@@ -37,8 +37,8 @@ def amax_per_expert(x: torch.Tensor, src_sf: torch.Tensor | None, src_block_size
     since rounding the product is monotonic in |q|.
     """
     amaxes = []
-    buf = _ChunkBuffer(x.device)
-    for mats in _matrices(*((x,) if src_sf is None else (x, src_sf))):
+    buf = ChunkBuffer(x.device)
+    for mats in matrices(*((x,) if src_sf is None else (x, src_sf))):
         x2 = mats[0]
         m, n = x2.shape
         amax = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -50,10 +50,10 @@ def amax_per_expert(x: torch.Tensor, src_sf: torch.Tensor | None, src_block_size
                     amax = torch.maximum(amax, torch.maximum(part.amax(), part.amin().neg()).float())
         elif x2.numel():
             bm, bn = src_block_size
-            for b0, k, rows in _row_chunks(m, n, bm):
+            for b0, k, rows in row_chunks(m, n, bm):
                 chunk = buf.load(x2[b0 * bm:b0 * bm + k * rows], k, rows)
                 col_absmax = torch.maximum(chunk.amax(1), chunk.amin(1).neg_())
-                tile = _block_amax_cols(col_absmax, bn) * mats[1][b0:b0 + k].abs()
+                tile = block_amax_cols(col_absmax, bn) * mats[1][b0:b0 + k].abs()
                 amax = torch.maximum(amax, tile.amax())
         amaxes.append(amax)
     if not amaxes:  # 3D with zero experts
@@ -93,9 +93,9 @@ def quant_nvfp4(
     packed = torch.empty((*lead, m, n // 2), dtype=torch.uint8, device=x.device)
     weight_scale = torch.empty((*lead, m, n // g), dtype=torch.float8_e4m3fn, device=x.device)
     s2_all = scale_2.reshape(-1)
-    buf = _ChunkBuffer(x.device)
+    buf = ChunkBuffer(x.device)
     mats = (x, packed, weight_scale) + ((src_sf,) if src_sf is not None else ())
-    for e, (x2, p2, w2, *src) in enumerate(_matrices(*mats)):
+    for e, (x2, p2, w2, *src) in enumerate(matrices(*mats)):
         s2 = s2_all[e]
         for r0, r1 in _row_ranges(m, n):
             rows = r1 - r0
@@ -126,7 +126,7 @@ def dequant_nvfp4(
     n = 2 * half
     out = torch.empty((*lead, m, n), dtype=out_dtype, device=packed.device)
     table = n4.e2m1_table(packed.device)
-    for e, (p2, w2, o2) in enumerate(_matrices(packed, weight_scale, out)):
+    for e, (p2, w2, o2) in enumerate(matrices(packed, weight_scale, out)):
         for r0, r1 in _row_ranges(m, n):
             rows = r1 - r0
             v = table[n4.unpack_codes(p2[r0:r1]).long()].view(rows, n // g, g)
