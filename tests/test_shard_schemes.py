@@ -287,3 +287,45 @@ def test_resume_redoes_a_lost_rank_file_byte_identical(runs, tmp_path, layout):
     cli("shard", runs("mxfp4"), dst, *LAYOUTS[layout], "--resume")
     assert tree_bytes(dst) == tree_bytes(whole)
     assert {f: (dst / f).stat().st_mtime_ns for f in kept} == kept  # not rewritten
+
+
+
+@pytest.fixture(scope="module")
+def converted(bf16, tmp_path_factory):
+    """The block-FP8 quantization of the example, converted `--to target` once per module."""
+    root = tmp_path_factory.mktemp("converted")
+    cli("quantize", bf16, root / "fp8", "--skip-verify")
+
+    def get(target):
+        if not (root / target).exists():
+            cli("convert", root / "fp8", root / target, "--to", target, "--skip-verify")
+        return root / target
+    return get
+
+
+def test_block_fp8_in_the_compressed_tensors_layout_round_trips(converted, tmp_path):
+    """fp8-ct (`X` + `X_scale` on the 128x128 grid) splits like block FP8: a row-parallel rank holds its
+    columns and scale columns, and HF -> MCore -> HF is byte-identical."""
+    src = converted("fp8-ct")
+    cli("shard", src, tmp_path / "mc", "--layout", "mcore", "--tp", "2")
+    hf = read_dir(src)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    k = hf[name].shape[1]
+    for t in range(2):
+        rank = _file(tmp_path / "mc" / rank_file(t, 0, 0, 1))
+        proj = "decoder.layers.0.self_attention.linear_proj.weight"
+        assert same_bytes(rank[proj], hf[name][:, t * k // 2:(t + 1) * k // 2])
+        assert same_bytes(rank[proj + "_scale"], hf[name + "_scale"][:, t * k // 256:(t + 1) * k // 256])
+    cli("unshard", tmp_path / "mc", tmp_path / "back")
+    assert_same(read_dir(tmp_path / "back"), hf)
+    cli("shard", src, tmp_path / "ds", "--layout", "deepseek", "--mp", "2")
+    rank = _file(tmp_path / "ds" / "model1-mp2.safetensors")
+    assert same_bytes(rank["layers.0.attn.wo.scale"], hf[name + "_scale"][:, k // 256:])
+
+
+@pytest.mark.parametrize("target", ["nvfp4", "nvfp4-ct"])
+@pytest.mark.parametrize("layout", ["deepseek-mp2", "mcore-tp2"])
+def test_nvfp4_checkpoints_are_refused_in_one_line(converted, tmp_path, target, layout):
+    res = cli("shard", converted(target), tmp_path / "out", *LAYOUTS[layout], ok=False)
+    one_line_error(res, "NVFP4 checkpoint", "shard does not split NVFP4")
+    assert not (tmp_path / "out").exists()

@@ -39,23 +39,45 @@ class Format:
     weight_dtypes: tuple
     pack: int = 1  # logical columns per stored element (mxfp4: two e2m1 codes a byte)
 
+    @property
+    def requantizable(self) -> bool:  # block FP8, in either layout
+        return self.scheme in (schemes.BLOCK, FP8_CT)
+
     def scale_shape(self, shape: tuple) -> tuple:
         return tuple(1 if b is None else -(-n // b) for n, b in zip(shape, self.block))
 
 
-def storage_format(cfg: dict, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
-    """The Format of a checkpoint's config.json: a compressed-tensors scheme (schemes.ct_scheme), else
-    block FP8 with `block` (its weight_block_size)."""
-    scheme = schemes.ct_scheme((cfg or {}).get("quantization_config")) or schemes.BLOCK
-    return scheme_format(scheme, block)
+FP8_CT = "fp8-ct"  # block FP8 in compressed-tensors' layout (`X` + `X_scale` on the block grid)
+
+
+def storage_format(cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
+    """The Format of a checkpoint, from its config.json and tensors as convert reads them
+    (convert.detect_source): a compressed-tensors layout, else block FP8 with `block` (its
+    weight_block_size). NVFP4 and other layouts are refused in one line."""
+    from ..convert import NVFP4_SOURCES, detect_source
+
+    try:
+        source = detect_source(tensors, cfg or {})
+    except ValueError as e:
+        raise ValueError(f"{e}; shard splits bf16, block FP8 (either layout), {', '.join(schemes.CT_SCHEMES)}") from None
+    if source.kind in NVFP4_SOURCES:
+        raise ValueError("NVFP4 checkpoint: shard does not split NVFP4 weights (16-element groups under a "
+                         "per-tensor global scale) yet; shard the FP8 or bf16 model (or `fp8norm convert --to "
+                         "bf16` first)")
+    if source.kind in (FP8_CT, *schemes.CT_SCHEMES):
+        return scheme_format(source.kind, source.block_size)
+    return scheme_format(schemes.BLOCK, block)
 
 
 def scheme_format(scheme: str, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
-    schemes.check_scheme(scheme)
-    return {schemes.BLOCK: Format(scheme, "", "_scale_inv", tuple(block), FP8_DTYPES),
-            schemes.CHANNEL: Format(scheme, "", "_scale", (1, None), ("F8_E4M3",)),
-            schemes.MXFP8: Format(scheme, "", "_scale", (1, MX_BLOCK), ("F8_E4M3",)),
-            schemes.MXFP4: Format(scheme, "_packed", "_scale", (1, MX_BLOCK), ("U8",), pack=2)}[scheme]
+    formats = {schemes.BLOCK: Format(scheme, "", "_scale_inv", tuple(block), FP8_DTYPES),
+               FP8_CT: Format(scheme, "", "_scale", tuple(block), FP8_DTYPES),
+               schemes.CHANNEL: Format(scheme, "", "_scale", (1, None), ("F8_E4M3",)),
+               schemes.MXFP8: Format(scheme, "", "_scale", (1, MX_BLOCK), ("F8_E4M3",)),
+               schemes.MXFP4: Format(scheme, "_packed", "_scale", (1, MX_BLOCK), ("U8",), pack=2)}
+    if scheme not in formats:
+        raise ValueError(f"weight format {scheme!r}: expected one of {', '.join(formats)}")
+    return formats[scheme]
 
 
 @dataclass(frozen=True)
@@ -146,11 +168,11 @@ def plan_out(file: str | None, name: str, cuts: list[Cut], specs: dict[str, Spec
         last = idx == len(cuts) - 1 and c.hi == sp.shape[axis]
         if b and (c.lo % b or c.at % b or ((c.hi - c.lo) % b and not last)):
             unit = "rows" if axis == 0 else "columns"
-            grid_name = "FP8 block" if fmt.scheme == schemes.BLOCK else f"{fmt.scheme} scale"
+            grid_name = "FP8 block" if fmt.requantizable else f"{fmt.scheme} scale"
             problems.append(f"{sp.describe()}: {rule}; its {unit} [{c.lo}, {c.hi}) "
                             f"go to {unit} [{c.at}, {c.at + c.hi - c.lo}) of {name}, which is not on the "
                             f"{b}-{unit[:-1]} {grid_name} grid")
-    if problems and fmt.scheme != schemes.BLOCK:
+    if problems and not fmt.requantizable:
         raise ValueError(f"{fmt.scheme} split not on its scale grid: {problems[0]}. {fmt.scheme} weights are not "
                          f"requantized: choose a parallel size for which every piece is a multiple of {b} columns")
     if problems and not opts.requant:

@@ -44,14 +44,16 @@ each stage; global experts [e*E/ep, (e+1)*E/ep) go to EP rank e as local experts
 
 Scaled weights (shard/fp8.py) are carried as they are, bytes and scale tiles cut and joined together,
 under the MCore weight name plus the source's suffixes: block FP8 (`X` + `X_scale_inv`, blocks from
-config `quantization_config.weight_block_size`, default 128x128) and the compressed-tensors schemes of
+config `quantization_config.weight_block_size`, default 128x128; or compressed-tensors' `X` + `X_scale`,
+blocks from its `block_structure`) and the compressed-tensors schemes of
 `quantize --scheme` (fp8-channel `X` + `X_scale` [M, 1]; mxfp8 `X` + `X_scale` [M, N/32]; mxfp4
 `X_packed` [M, N/2] + `X_scale`). Every cut must fall on the scale grid: block FP8 on block boundaries,
 MX columns on multiples of 32, per-channel rows anywhere (a row-parallel rank keeps the whole [M, 1]
 scale). Block FP8 off the grid is an error unless `requant=True`, which dequantizes the sources of that
 output tensor only, assembles it and quantizes it again (amax floor `amax_epsilon`, power-of-two scales
 with `pow2_scales=True`, scale dtype of the source); the other schemes are never requantized. So HF ->
-MCore -> HF is byte-identical for bf16, grid-aligned block FP8 and the three schemes.
+MCore -> HF is byte-identical for bf16, grid-aligned block FP8 and the three schemes. NVFP4 checkpoints
+are refused in one line.
 
 fp8norm_parallel_layout.json::
 
@@ -439,8 +441,8 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
         raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
     ckpt = open_checkpoint(src)
     cfg = _read_config(ckpt.root)
-    block = config_block_size(cfg, ckpt.root / "config.json")
-    fmt = storage_format(cfg, block)
+    fmt = storage_format(cfg, ckpt.tensors, config_block_size(cfg, ckpt.root / "config.json"))
+    block = fmt.block if fmt.requantizable else nx.DEFAULT_BLOCK_SIZE
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
     weights, specs = specs_from_table(table, fmt)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
