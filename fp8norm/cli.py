@@ -408,10 +408,14 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
               pow2_scales, resume, overwrite, quiet):
     """Split checkpoint SRC into one file per model-parallel rank in DST (streaming, one module at a time).
 
+    SRC may be bf16/fp16, block FP8 (either layout), fp8-channel, mxfp8, mxfp4 or GPTQ W4A16 (deepseek);
+    scales are cut with their weights.
+
     \b
     Examples:
       fp8norm shard /models/DeepSeek-V3-W4A16 /ckpt/mp8 --layout deepseek --mp 8 --n-experts 256
       fp8norm shard /models/Qwen3-30B-A3B /ckpt/mcore --layout mcore --tp 2 --pp 2 --ep 4 --grouped-gemm
+      fp8norm shard /ckpt/qwen3-mxfp4 /ckpt/mcore-mx --layout mcore --tp 4
     """
     progress = None if not quiet else False
     wrong = ([("--mp", mp)] if layout == "mcore" else
