@@ -327,5 +327,5 @@ def test_block_fp8_in_the_compressed_tensors_layout_round_trips(converted, tmp_p
 @pytest.mark.parametrize("layout", ["deepseek-mp2", "mcore-tp2"])
 def test_nvfp4_checkpoints_are_refused_in_one_line(converted, tmp_path, target, layout):
     res = cli("shard", converted(target), tmp_path / "out", *LAYOUTS[layout], ok=False)
-    one_line_error(res, "NVFP4 checkpoint", "shard does not split NVFP4")
+    one_line_error(res, f"{converted(target)}: NVFP4 checkpoint", "shard does not split NVFP4")
     assert not (tmp_path / "out").exists()

@@ -147,7 +147,7 @@ def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool =
     ckpt = open_checkpoint(src)
     cfg_path = ckpt.root / "config.json"
     cfg = read_json(cfg_path, "config.json") if cfg_path.is_file() else {}
-    fmt = storage_format(cfg, ckpt.tensors, config_block_size(cfg, cfg_path))
+    fmt = storage_format(ckpt.root, cfg, ckpt.tensors, config_block_size(cfg, cfg_path))
     # the engine carries pieces on the scale grid byte for byte, requantizes off-grid block FP8 (requant=True)
     opts = QuantOpts(requant, nx.DEFAULT_AMAX_FLOOR, False, "use --requant to dequantize and requantize")
     local = n_experts // mp

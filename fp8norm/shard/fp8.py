@@ -50,8 +50,8 @@ class Format:
 FP8_CT = "fp8-ct"  # block FP8 in compressed-tensors' layout (`X` + `X_scale` on the block grid)
 
 
-def storage_format(cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
-    """The Format of a checkpoint, from its config.json and tensors as convert reads them
+def storage_format(root, cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
+    """The Format of the checkpoint in `root`, from its config.json and tensors as convert reads them
     (convert.detect_source): a compressed-tensors layout, else block FP8 with `block` (its
     weight_block_size). NVFP4 and other layouts are refused in one line."""
     from ..convert import NVFP4_SOURCES, detect_source
@@ -59,9 +59,10 @@ def storage_format(cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) -> For
     try:
         source = detect_source(tensors, cfg or {})
     except ValueError as e:
-        raise ValueError(f"{e}; shard splits bf16, block FP8 (either layout), {', '.join(schemes.CT_SCHEMES)}") from None
+        raise ValueError(f"{root}: {e}; shard splits bf16, block FP8 (either layout), "
+                         f"{', '.join(schemes.CT_SCHEMES)}") from None
     if source.kind in NVFP4_SOURCES:
-        raise ValueError("NVFP4 checkpoint: shard does not split NVFP4 weights (16-element groups under a "
+        raise ValueError(f"{root}: NVFP4 checkpoint: shard does not split NVFP4 weights (16-element groups under a "
                          "per-tensor global scale) yet; shard the FP8 or bf16 model (or `fp8norm convert --to "
                          "bf16` first)")
     if source.kind in (FP8_CT, *schemes.CT_SCHEMES):

@@ -3,9 +3,9 @@
 `hf_to_mcore` splits a Llama/Qwen3-style dense or Qwen3-MoE-style checkpoint over tensor (TP), pipeline
 (PP) and expert (EP) parallel ranks under Megatron-Core names; `mcore_to_hf` puts it back together.
 `plan_mcore` / `plan_mcore_to_hf` build the job lists and raise a ValueError for every divisibility or
-scale-grid problem before anything is written. Execution goes through
-`shard.jobs.write_rank_files` (the output engine): every rank file is streamed at once and memory holds one module's source
-tensors (e.g. one layer's q, k and v) at a time.
+scale-grid problem before anything is written. Execution goes through `shard.jobs.write_rank_files`
+(the output engine): every rank file is streamed at once and memory holds one module's source tensors
+(e.g. one layer's q, k and v) at a time.
 
 Folder layout written by `hf_to_mcore` (DST)::
 
@@ -441,7 +441,7 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
         raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
     ckpt = open_checkpoint(src)
     cfg = _read_config(ckpt.root)
-    fmt = storage_format(cfg, ckpt.tensors, config_block_size(cfg, ckpt.root / "config.json"))
+    fmt = storage_format(ckpt.root, cfg, ckpt.tensors, config_block_size(cfg, ckpt.root / "config.json"))
     block = fmt.block if fmt.requantizable else nx.DEFAULT_BLOCK_SIZE
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
     weights, specs = specs_from_table(table, fmt)
