@@ -66,7 +66,7 @@ fp8norm_parallel_layout.json::
                         "ownership": [{"ep_rank": e, "first_expert": a, "num_experts": n}]},
      "attention": {"num_attention_heads", "num_query_groups", "head_dim", "hidden_size"},
      "ranks": [{"tp", "pp", "ep", "file": "iter_0000000/mp_rank_.../model.safetensors"}],
-     "scheme": "fp8-block" | "fp8-channel" | "mxfp8" | "mxfp4" (config's quantization_config),
+     "scheme": "fp8-block" | "fp8-ct" | "fp8-channel" | "mxfp8" | "mxfp4" (from the source checkpoint),
      "fp8": {"block_size": [bm, bn], "weights": [HF names of scaled weights], "requantized":
              ["<file>::<mcore name>"], "amax_epsilon", "scale_fmt"},
      "source": {"config": {config.json}, "tensors": [{"name", "dtype", "shape"}] (source order)}}
