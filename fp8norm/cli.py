@@ -192,15 +192,15 @@ VERIFY_SAMPLES = click.option("--verify-samples", type=click.IntRange(min=0), de
 SKIP_VERIFY = click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 REVISION = click.option("--revision", default=None, metavar="R",
                         help="With a Hub model id as SRC: its branch, tag or commit [default: main].")
+MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
+                              help="Largest output shard: 4GB, 500MB, 4GiB.")
+
+
 def run_options(f):
     """--resume, --overwrite, --threads and --quiet: every command that writes a DST."""
     for option in (QUIET, THREADS, OVERWRITE, RESUME):
         f = option(f)
     return f
-
-
-MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=True, callback=_size,
-                              help="Largest output shard: 4GB, 500MB, 4GiB.")
 
 
 def requant_options(f):

@@ -68,11 +68,11 @@ def detect_source(tensors: dict, config: dict) -> SourceFormat:
     if qc.get("quant_method") == "modelopt" or any(n.endswith("_scale_2") for n in tensors):
         return SourceFormat("nvfp4", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
     if qc.get("quant_method") == "compressed-tensors":
-        groups = list((qc.get("config_groups") or {}).values())
-        w = (groups[0].get("weights") or {}) if groups else {}
-        scheme = _ct_scheme_of(w)
+        scheme = schemes.ct_scheme(qc)
         if scheme:
             return SourceFormat(scheme, nx.DEFAULT_BLOCK_SIZE, "_scale")
+        groups = list((qc.get("config_groups") or {}).values())
+        w = (groups[0].get("weights") or {}) if groups else {}
         if w.get("strategy") != "block" or w.get("num_bits") != 8:
             raise ConvertError(f"compressed-tensors source with weights {w}: only FP8 block is read here")
         return SourceFormat("fp8-ct", tuple(w.get("block_structure") or nx.DEFAULT_BLOCK_SIZE), "_scale")
@@ -81,18 +81,6 @@ def detect_source(tensors: dict, config: dict) -> SourceFormat:
         return SourceFormat("unquantized", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
     block = tuple(qc.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     return SourceFormat("fp8-block", block, "_scale_inv")
-
-
-def _ct_scheme_of(weights: dict) -> str | None:
-    """The fp8norm scheme a compressed-tensors weights config describes (None: not one of them)."""
-    if weights.get("type") != "float":
-        return None
-    if weights.get("num_bits") == 8 and weights.get("strategy") == "channel":
-        return schemes.CHANNEL
-    if weights.get("strategy") == "group" and weights.get("group_size") == 32 and \
-            str(weights.get("scale_dtype")) in ("torch.uint8", "uint8"):
-        return {8: schemes.MXFP8, 4: schemes.MXFP4}.get(weights.get("num_bits"))
-    return None
 
 
 def _nvfp4_outputs(name: str, shape: tuple[int, ...], ct: bool) -> list[OutEntry]:

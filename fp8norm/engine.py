@@ -64,9 +64,10 @@ class RunStats:
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
-        return "\n".join([f"tensors   {self.tensors_in} read -> {self.tensors_out} written in {self.files} rank file(s)",
-                          f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out",
-                          f"time      {self.wall_s:.2f} s", *self.notes])
+        return "\n".join([
+            f"tensors   {self.tensors_in} read -> {self.tensors_out} written in {self.files} rank file(s)",
+            f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out",
+            f"time      {self.wall_s:.2f} s", *self.notes])
 
 
 def on_rank0(ctx, fn):
