@@ -19,13 +19,45 @@ listed as uncovered there. Kernels are decorated with `_launch.kernel` (not `tri
 `INTERPRET` constexpr that the launch fills in.
 """
 
-from ._launch import capture_compiles, kernel
-from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel
-from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel
-from .quant_nvfp4 import (dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, nvfp4_amax_kernel, quant_nvfp4,
-                          quant_nvfp4_kernel)
-from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
-from .quant_mx import dequant_mx, quant_mx
+
+
+def _hand_over_the_name() -> None:
+    """This folder imported as the top-level `kernels`: only because a checkout root is on sys.path
+    (`python -m pytest`, `python -m fp8norm`, `torchrun -m fp8norm` started from it). That name
+    belongs to Hugging Face's `kernels`, which transformers imports: put the installed package of
+    that name in our place (the import system returns whatever sys.modules holds once this module
+    has run), or fail exactly as if the name did not exist."""
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.realpath(__file__)
+    root = os.path.dirname(os.path.dirname(here))
+    others = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec(__name__, others)
+    if spec is None or os.path.realpath(spec.origin or "") == here:
+        raise ModuleNotFoundError(f"No module named {__name__!r} ({os.path.dirname(__file__)} is "
+                                  "fp8norm.kernels, not a top-level package)", name=__name__)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[__name__] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[__name__]
+        raise
+
+
+if __name__ != "fp8norm.kernels":
+    _hand_over_the_name()
+else:
+    from ._launch import capture_compiles, kernel
+    from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel
+    from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel
+    from .quant_nvfp4 import (dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, nvfp4_amax_kernel, quant_nvfp4,
+                              quant_nvfp4_kernel)
+    from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
+    from .quant_mx import dequant_mx, quant_mx
 
 __all__ = ["quant_fp8_block", "dequant_fp8_block", "quant_fp8_block_kernel", "dequant_fp8_block_kernel",
            "quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",

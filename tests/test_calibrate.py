@@ -14,6 +14,7 @@ from fp8norm.cli import main
 from fp8norm.examples import make_example
 from fp8norm.verify import EXIT_VERIFY_FAILED
 from tests.ckpt_utils import read_dir, same_bytes, save_tiny_qwen3
+from tests.readers import reader
 
 F32 = torch.float32
 
@@ -154,7 +155,7 @@ def test_quantize_records_and_applies_calibration(tmp_path):
 
 
 def _tiny_qwen3_with_tokenizer(path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reader("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = ["the", "cat", "sat", "on", "a", "mat", "fp8", "scales", "<unk>"]

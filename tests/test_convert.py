@@ -9,6 +9,7 @@ from fp8norm import numerics as nx
 from fp8norm import reference
 from fp8norm.examples import make_example
 from tests.ckpt_utils import cli, read_dir, same_bytes, save_tiny_qwen3, tree_bytes
+from tests.readers import reader
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_fp8_to_ct_and_back_is_byte_identical(fp8_ckpt, tmp_path):
 def test_compressed_tensors_reads_our_fp8_ct(fp8_ckpt, tmp_path):
     """compressed-tensors' own dequantizer gives exactly our dequantized weights (per-module 2D linears;
     it has no convention for fused 3D expert tensors, which it leaves alone)."""
-    ct_convert = pytest.importorskip("compressed_tensors.entrypoints.convert")
+    ct_convert = reader("compressed_tensors.entrypoints.convert")
     _, fp8 = fp8_ckpt
     cli("convert", fp8, tmp_path / "ct", "--to", "fp8-ct")
     theirs = ct_convert.CompressedTensorsDequantizer(tmp_path / "ct", dtype=torch.float32).validate(
@@ -114,7 +115,7 @@ def test_compressed_tensors_reads_our_fp8_ct(fp8_ckpt, tmp_path):
 
 
 def test_transformers_loads_converted_bf16(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reader("transformers")
     save_tiny_qwen3(tmp_path / "bf16")
     cli("quantize", tmp_path / "bf16", tmp_path / "fp8", "--skip-verify")
     cli("convert", tmp_path / "fp8", tmp_path / "back", "--to", "bf16")
@@ -197,7 +198,7 @@ def test_nvfp4_modelopt_layout_and_joint_scales(fp8_ckpt, tmp_path, source):
 def test_nvfp4_ct_read_by_compressed_tensors(fp8_ckpt, tmp_path):
     """compressed-tensors' dequantizer (which decompresses NVFP4 in bf16) gives exactly our bf16
     dequantization; its config model accepts ours. It has no layout for fused 3D experts: kept."""
-    ct = pytest.importorskip("compressed_tensors")
+    ct = reader("compressed_tensors")
     from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
 
     from fp8norm.reference import dequant_nvfp4

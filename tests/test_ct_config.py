@@ -13,6 +13,7 @@ from fp8norm.classify import FP8, KEEP
 from fp8norm.convert import ct_quantization_config
 from fp8norm.plan import Plan, QuantSettings, TensorPlan
 from fp8norm.schemes import ignore_patterns
+from tests.readers import reader
 
 N_LAYERS, N_DENSE, N_EXPERTS = 68, 3, 256  # DeepSeek-V3 has 61 layers: ~47,000 linears
 ATTN = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -69,7 +70,7 @@ def deepseek():
 
 
 def test_config_is_small_and_parses(deepseek):
-    ct = pytest.importorskip("compressed_tensors")
+    ct = reader("compressed_tensors")
     quantized, kept, qc = deepseek
     assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
     assert len(qc["ignore"]) <= 12, qc["ignore"]
@@ -81,7 +82,7 @@ def test_config_is_small_and_parses(deepseek):
 def test_compressed_tensors_matches_exactly_our_modules_quickly(deepseek, record_property):
     """match_named_modules (what transformers / llm-compressor apply) on the module tree selects
     exactly the quantized linears; routers (`mlp.gate`, Linear too) and lm_head are ignored."""
-    pytest.importorskip("compressed_tensors")
+    reader("compressed_tensors")
     from compressed_tensors.utils.match import match_named_modules
 
     quantized, kept, qc = deepseek
@@ -98,7 +99,7 @@ def test_compressed_tensors_matches_exactly_our_modules_quickly(deepseek, record
 def test_compressed_tensors_name_based_matcher_agrees(deepseek):
     """The checkpoint-level matcher (compressed-tensors' convert/dequantize entry points) takes every
     `X.weight` not ending in "norm" for a Linear: the ignore list must cover every kept module."""
-    pytest.importorskip("compressed_tensors")
+    reader("compressed_tensors")
     from compressed_tensors.utils.match import match_quantizable_tensors
 
     quantized, kept, qc = deepseek

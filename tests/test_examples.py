@@ -11,11 +11,12 @@ from click.testing import CliRunner
 from fp8norm.cli import main
 from fp8norm.examples import FAMILIES, family_tensors, make_example
 from tests.ckpt_utils import cli, read_dir
+from tests.readers import reader
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_collect_stats_on_every_example(family, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reader("transformers")
     src = make_example(tmp_path / "src", family, "sharded")
     tok = transformers.AutoTokenizer.from_pretrained(src)
     ids = tok("The quick brown fox").input_ids
@@ -38,7 +39,7 @@ def test_collect_stats_on_every_example(family, tmp_path):
 
 
 def test_transformers_reads_the_examples_weights(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reader("transformers")
     src = make_example(tmp_path / "src", "llama", "single")
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     t = read_dir(src)

@@ -26,6 +26,7 @@ from fp8norm.cli import main
 from fp8norm.examples import family_tensors, make_example
 from fp8norm.st_io import SafetensorsError, read_header
 from tests.ckpt_utils import cli, one_line_error, tree_bytes
+from tests.readers import reader
 
 SHARD = "2MB"
 
@@ -319,7 +320,7 @@ def test_sources_are_read_only_for_every_command(tmp_path):
 
 # ---------------------------------------------------------------- fuzzing the header reader
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = reader("hypothesis")
 st = hypothesis.strategies
 
 _json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),

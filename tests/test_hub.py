@@ -13,8 +13,9 @@ import pytest
 from fp8norm.examples import make_example
 from fp8norm.hub import is_repo_id
 from tests.ckpt_utils import read_dir, same_bytes
+from tests.readers import reader
 
-pytest.importorskip("huggingface_hub")
+reader("huggingface_hub")
 REPO = Path(__file__).resolve().parents[1]
 
 

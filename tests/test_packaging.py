@@ -63,7 +63,8 @@ def test_installed_wheel_imports_fp8norm_kernels(wheel, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout.split("\n")
     assert Path(out[0]).is_relative_to(target / "fp8norm" / "kernels")
-    assert out[1] == "None"  # no top-level `kernels` came with the wheel
+    # no top-level `kernels` came with the wheel (Hugging Face's, installed beside transformers, may be found)
+    assert target.as_posix() not in out[1]
 
 
 def test_wheel_ships_every_subpackage_and_data(wheel, tmp_path):
@@ -102,3 +103,54 @@ def test_no_code_imports_bare_kernels():
     pattern = r"^\s*(from|import) kernels(\.|\s|$)"
     out = subprocess.run(["git", "grep", "-nE", pattern, "--", "*.py"], cwd=REPO, capture_output=True, text=True)
     assert out.stdout == ""
+
+
+HF_KERNELS_PROBE = ("import kernels, importlib.metadata; print(kernels.__file__); "
+                    "print(importlib.metadata.version('kernels')); "
+                    "from kernels import get_kernel, LayerRepository; "
+                    "import transformers.integrations.hub_kernels; print('transformers ok')")
+
+
+def test_checkout_root_on_sys_path_leaves_hugging_faces_kernels_alone():
+    """`python -m pytest`, `python -m fp8norm` and `torchrun -m fp8norm` started from the checkout root
+    put the root on sys.path, where kernels/ looks like a top-level `kernels`: Hugging Face's `kernels`
+    (a dependency of transformers >= 5.25) must still be the one imported, and fp8norm must still work."""
+    hf = importlib.util.find_spec("kernels", None)
+    assert hf is not None, "Hugging Face's kernels is installed with the test extra (transformers needs it)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", HF_KERNELS_PROBE], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    assert Path(out[0]).parent != REPO / "kernels"
+    assert out[1] == importlib.metadata.version("kernels")
+    assert out[2] == "transformers ok"
+    # `python -m` from the root: the same sys.path[0]
+    res = subprocess.run([sys.executable, "-m", "fp8norm", "--version"], cwd=REPO, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and res.stdout.startswith("fp8norm, version"), res.stderr
+    code = ("import sys, kernels, fp8norm.kernels; print(kernels.__file__); print(fp8norm.kernels.__file__); "
+            "print(sys.modules['kernels'] is not fp8norm.kernels)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True,
+                         text=True).stdout.split("\n")
+    assert Path(out[0]).parent != REPO / "kernels"
+    assert Path(out[1]).resolve() == REPO / "kernels" / "__init__.py"
+    assert out[2] == "True"
+
+
+def test_checkout_root_hands_the_name_to_whichever_kernels_comes_next(tmp_path):
+    """The hand-over follows sys.path: a `kernels` package later on the path (here a stand-in) is imported,
+    submodules included; with none, `import kernels` fails as if the name did not exist."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("WHO = 'stand-in'\n")
+    (fake / "layer.py").write_text("NAME = 'stand-in layer'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import sys; sys.path.insert(1, sys.argv[1]); import kernels.layer, kernels; "
+            "print(kernels.WHO, kernels.layer.NAME)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "stand-in stand-in layer"
+    # without any other `kernels` (no site-packages: -S), the name does not exist
+    res = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=REPO, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("ModuleNotFoundError: No module named 'kernels'")

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from fp8norm.cli import main
 from fp8norm.examples import make_example
 from tests.ckpt_utils import cli
+from tests.readers import reader
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_activation_stats_with_max_calibration_is_refused(tmp_path):
 
 
 def test_collect_stats_on_a_stub_tokenizer_is_one_clear_line(tmp_path):
-    pytest.importorskip("transformers")
+    reader("transformers")
     src = make_example(tmp_path / "src", "llama", "single")
     (src / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
     (tmp_path / "p.txt").write_text("hello\n")

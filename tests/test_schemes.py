@@ -9,6 +9,7 @@ import torch
 from fp8norm import reference
 from fp8norm.examples import make_example
 from tests.ckpt_utils import cli, read_dir, same_bytes, save_tiny_qwen3
+from tests.readers import reader
 
 SCHEMES = ["fp8-channel", "mxfp8", "mxfp4"]
 
@@ -44,7 +45,7 @@ def quantized_modules(out):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantize_scheme_is_read_by_compressed_tensors(moe, tmp_path, scheme):
-    ct = pytest.importorskip("compressed_tensors")
+    ct = reader("compressed_tensors")
     from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
 
     res = cli("quantize", moe, tmp_path / "q", "--scheme", scheme, "--max-shard-size", "2MB")
@@ -140,7 +141,7 @@ def test_plan_shows_the_scheme_and_mx_keeps_unaligned_with_fused_partners(tmp_pa
 def test_transformers_loads_on_cpu(tmp_path, scheme):
     """transformers' compressed-tensors integration loads the output on CPU and its decompressed
     weights equal our dequantization; logits stay close to the bf16 model's."""
-    transformers = pytest.importorskip("transformers")
+    transformers = reader("transformers")
     save_tiny_qwen3(tmp_path / "bf16")
     cli("quantize", tmp_path / "bf16", tmp_path / "q", "--scheme", scheme)
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from fp8norm import reference
 from fp8norm.cli import main
 from tests.ckpt_utils import read_dir
+from tests.readers import reader
 
-transformers = pytest.importorskip("transformers")
+transformers = reader("transformers")
 
 
 def _tiny(kind):

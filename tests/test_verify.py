@@ -18,6 +18,7 @@ from fp8norm.examples import heavy_tailed, make_example
 from fp8norm.verify import (EXIT_VERIFY_FAILED, FAIL, FLOOR_REL_RMS, GOOD, WARN, Bands, compare, per_layer_sqnr,
                             rne_mismatch, tensor_kind, verify)
 from tests.ckpt_utils import read_dir
+from tests.readers import reader
 
 SHARD = "model-00001-of-00001.safetensors"
 BLOCK = (128, 128)
@@ -259,7 +260,7 @@ def test_quantize_exits_3_when_its_verification_fails(tmp_path):
 
 
 def test_plot_and_json_hold_the_same_numbers(clean, tmp_path):
-    pytest.importorskip("matplotlib")
+    reader("matplotlib")
     res = run(*clean, "--all", "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import Backend
+from tests.readers import reader
 
 E4M3 = torch.float8_e4m3fn
 E2M1_GRID = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
@@ -178,7 +179,7 @@ def test_dequant_out_dtypes_match_twin():
 def test_ct_rule_matches_compressed_tensors_quantizer(backend, fmt):
     """rule="ct" gives compressed-tensors' own MX scales and elements, bit for bit (its observer takes
     the per-group min/max; calculate_qparams -> generate_mx_scales; quantize)."""
-    pytest.importorskip("compressed_tensors")
+    reader("compressed_tensors")
     from compressed_tensors.quantization.lifecycle.forward import quantize
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
     from compressed_tensors.quantization.utils.helpers import calculate_qparams

@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import Backend
 from tests.oracle import ceil_bf16, ceil_pow2
+from tests.readers import reader
 
 E4M3 = torch.float8_e4m3fn
 
@@ -95,7 +96,7 @@ def test_dequant_dtypes_match_twin():
 def test_compressed_tensors_channel_dequantization_gives_our_values():
     """compressed-tensors' own dequantize for `strategy: channel` (FP8_DYNAMIC weights) reads our q and
     weight_scale [M, 1] and gives float(q) * scale."""
-    pytest.importorskip("compressed_tensors")
+    reader("compressed_tensors")
     from compressed_tensors.quantization.lifecycle.forward import dequantize
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 
