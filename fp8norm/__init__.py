@@ -7,7 +7,15 @@
 Kernels: `fp8norm.kernels` (Triton); their torch twins: `fp8norm.reference`.
 """
 
-from .dispatch import backend_for, dequant_fp8_block, quant_fp8_block
-
 __version__ = "0.1.0"
 __all__ = ["quant_fp8_block", "dequant_fp8_block", "backend_for", "__version__"]
+
+
+def __getattr__(name: str):
+    # The dispatchers import torch (seconds): loaded on first use, so `fp8norm --help` / `--version`
+    # and `import fp8norm` stay fast.
+    if name in ("quant_fp8_block", "dequant_fp8_block", "backend_for"):
+        from . import dispatch
+
+        return getattr(dispatch, name)
+    raise AttributeError(f"module 'fp8norm' has no attribute {name!r}")

@@ -44,7 +44,7 @@ def weights_for(stats: dict[str, torch.Tensor] | None, tensor_name: str) -> torc
 
 
 def collect_activation_stats(model_dir: str | Path, prompts: list[str], *, max_tokens: int = 512,
-                             device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+                             device: str = "auto", dtype: torch.dtype = torch.float32) -> dict:
     """Run `prompts` through the model in `model_dir` and return the stats document (see module doc).
 
     Hooks every nn.Linear (and transformers' fused expert modules are skipped: their inputs differ
@@ -58,6 +58,9 @@ def collect_activation_stats(model_dir: str | Path, prompts: list[str], *, max_t
         raise ValueError(f"{model_dir}: its tokenizer cannot be loaded by transformers ({type(e).__name__}: {e}); "
                          "collect-stats needs the model's real tokenizer files (tokenizer.json, "
                          "tokenizer_config.json)") from None
+    from .pipeline import resolve_device
+
+    device = resolve_device(device)  # auto: the GPU when there is one
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

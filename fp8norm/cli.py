@@ -2,17 +2,70 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from . import distributed
 from .distributed import RankAborted
 
 
+class Command(click.Command):
+    """A command whose renamed options still work: each old spelling (a hidden option, or a value alias
+    of a Choices option) takes effect as its new one and prints the new name once."""
+
+    def invoke(self, ctx):
+        for old, spelled, values in ctx.meta.pop(ALIASES, []):
+            given = [name for name in values if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+            if given:
+                raise click.UsageError(f"{old} is the old spelling of {spelled}: give only one of them")
+            click.echo(f"fp8norm: {old} is now spelled {spelled}", err=True)
+            ctx.params.update(values)
+        return super().invoke(ctx)
+
+
+ALIASES = "fp8norm.aliases"
+
+
+def _remember_alias(ctx, old: str, spelled: str, values: dict) -> None:
+    ctx.meta.setdefault(ALIASES, []).append((old, spelled, values))
+
+
+def renamed(old: str, new: str, param: str, *, value=None, check=None, **option_kwargs):
+    """A hidden option `old` that stands for the option `new` (parameter `param`): its value (or `value`,
+    for a flag) is used as that option's, after `check` (the new option's callback), with a note."""
+    def remember(ctx, p, v):
+        if v not in (None, False, ()):
+            if check is not None:
+                v = check(ctx, p, v)
+            _remember_alias(ctx, old, new if value is None else f"{new} {value}", {param: v if value is None else value})
+        return v
+    return click.option(old, hidden=True, expose_value=False, callback=remember, **option_kwargs)
+
+
+class Choices(click.Choice):
+    """A Choice with hidden value aliases: {old value: (new value, {other parameter: value})}."""
+
+    def __init__(self, choices, aliases: dict | None = None):
+        super().__init__(choices)
+        self.aliases = aliases or {}
+
+    def convert(self, value, param, ctx):
+        if value in self.aliases and ctx is not None:
+            new, extra = self.aliases[value]
+            spelled = " ".join([f"{param.opts[0]} {new}", *(f"--{k.replace('_', '-')} {v}" for k, v in extra.items())])
+            _remember_alias(ctx, f"{param.opts[0]} {value}", spelled, extra)
+            value = new
+        return super().convert(value, param, ctx)
+
+
 class _Group(click.Group):
     """Every failure is one line on stderr and exit code 1; --debug shows the traceback instead."""
+
+    command_class = Command
 
     def invoke(self, ctx):
         try:
@@ -26,6 +79,10 @@ class _Group(click.Group):
                 raise
             if isinstance(e, (ValueError, OSError)):  # the expected failures: their message says it all
                 raise click.ClickException(str(e)) from None
+            if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
+                raise click.ClickException("could not start another thread: the system's limit on threads or "
+                                           "processes is reached (ulimit -u, the cgroup's pids.max); try fewer "
+                                           "--threads or torchrun ranks") from None
             raise click.ClickException(f"internal error: {type(e).__name__}: {e} "
                                        "(run with --debug for the traceback)") from None
         finally:
@@ -34,7 +91,7 @@ class _Group(click.Group):
                 _report_peak_rss()
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="fp8norm")
 @click.option("--debug", is_flag=True, envvar="FP8NORM_DEBUG", help="Show tracebacks instead of one-line errors.")
 def main(debug):
@@ -62,7 +119,7 @@ def _parse_shape(_ctx, _param, value: str) -> tuple[int, ...]:
     return shape
 
 
-@main.command()
+@main.command(short_help="Run the kernels and their torch twins on a random tensor.")
 @click.option("--shape", default="3x200x130", show_default=True, callback=_parse_shape,
               help="MxN or ExMxN (stacked experts).")
 @click.option("--scale-fmt", type=click.Choice(["float", "ue8m0"]), default="float", show_default=True)
@@ -139,7 +196,8 @@ def threads_option(io_threads: int = 2):
             raise click.BadParameter(str(e)) from None
         return value
 
-    return click.option("--threads", type=int, default=None, expose_value=False, callback=apply,
+    return click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), default=None, expose_value=False,
+                        callback=apply,
                         help="CPU threads for torch [default: the CPUs this process may use (affinity, cgroup "
                              "quota), per torchrun rank, minus the reader and writer threads].")
 
@@ -166,6 +224,12 @@ def _device(_ctx, _param, value: str) -> str:
     return value
 
 
+def _positive_finite(_ctx, _param, value):
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value!r}: expected a finite number > 0")
+    return value
+
+
 def _patterns(_ctx, param, value):
     import re
 
@@ -185,10 +249,24 @@ QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 RESUME = click.option("--resume", is_flag=True, callback=_not_with("overwrite"),
                       help="Continue an interrupted run into DST (finished shards are skipped).")
 DEVICE = click.option("--device", default="auto", show_default=True, callback=_device,
-                      help="auto, cpu, cuda or cuda:N.")
+                      help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N.")
 VERIFY_SAMPLES = click.option("--verify-samples", type=click.IntRange(min=0), default=5, show_default=True,
                               help="Newly rounded tensors per shard re-read from disk and checked against the "
                                    "source.")
+AMAX_FLOOR = click.option("--amax-floor", type=float, default=None, callback=_positive_finite,
+                          help="Smallest tile amax (a finite number > 0) [default: 1e-4].")
+AMAX_EPSILON = renamed("--amax-epsilon", "--amax-floor", "amax_floor", type=float, check=_positive_finite)
+
+
+def scale_fmt_option(help_text: str):
+    return click.option("--scale-fmt", type=click.Choice(["float", "ue8m0"]), default=None, help=help_text)
+
+
+def json_option(what: str):
+    """--json FILE (`-` or no value: standard output): one meaning in every command."""
+    return click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="FILE",
+                        help=f"Write {what} as JSON to FILE (--json alone or --json -: standard output).")
+
 SKIP_VERIFY = click.option("--skip-verify", is_flag=True, help="No verification after writing.")
 REVISION = click.option("--revision", default=None, metavar="R",
                         help="With a Hub model id as SRC: its branch, tag or commit [default: main].")
@@ -204,9 +282,12 @@ def run_options(f):
 
 
 def requant_options(f):
-    f = click.option("--pow2-scales", is_flag=True, help="Requant: power-of-two scales (TE force_pow_2_scales).")(f)
-    f = click.option("--amax-epsilon", type=float, default=1e-4, show_default=True,
-                     help="Requant: smallest tile amax.")(f)
+    f = renamed("--pow2-scales", "--scale-fmt", "scale_fmt", value="ue8m0", is_flag=True)(f)
+    f = scale_fmt_option("Requant: ue8m0 = power-of-two scales (TE force_pow_2_scales) [default: float, or "
+                         "ue8m0 where the source's scales are E8M0].")(f)
+    f = AMAX_EPSILON(f)
+    f = click.option("--amax-floor", type=float, default=None, callback=_positive_finite,
+                     help="Requant: smallest tile amax (a finite number > 0) [default: 1e-4].")(f)
     return click.option("--requant", is_flag=True,
                         help="Dequantize and requantize FP8 tensors whose split is not on the block grid.")(f)
 
@@ -225,15 +306,15 @@ def selection_options(f):
     f = REVISION(f)
     f = click.option("--scale-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
                      help="Stored scale dtype [default: float32, or the reference's].")(f)
-    f = click.option("--scale-fmt", type=click.Choice(["float", "ue8m0"]), default=None,
-                     help="ue8m0: power-of-two scales for Blackwell/DeepGEMM [default: float, or the "
-                          "reference's].")(f)
-    f = click.option("--amax-floor", type=float, default=None, help="Smallest tile amax [default: 1e-4].")(f)
-    f = click.option("--scheme", type=click.Choice(["fp8-block", "fp8-channel", "mxfp8", "mxfp4"]),
-                     default="fp8-block", show_default=True,
-                     help="fp8-block: 128x128 scales (DeepSeek layout); fp8-channel: one scale per row "
+    f = scale_fmt_option("ue8m0: power-of-two scales for Blackwell/DeepGEMM [default: float, or the "
+                         "reference's].")(f)
+    f = AMAX_EPSILON(f)
+    f = AMAX_FLOOR(f)
+    f = renamed("--scheme", "--to", "to", type=Choices(QUANTIZE_FORMATS, FORMAT_ALIASES))(f)
+    f = click.option("--to", type=Choices(QUANTIZE_FORMATS, FORMAT_ALIASES), default="fp8", show_default=True,
+                     help="fp8: block FP8, 128x128 scales (DeepSeek layout); fp8-channel: one scale per row "
                           "(compressed-tensors FP8_DYNAMIC); mxfp8/mxfp4: OCP MX, E8M0 scale per 32 "
-                          "(compressed-tensors).")(f)
+                          "(compressed-tensors). The names `convert --to` uses.")(f)
     f = MAX_SHARD_SIZE(f)
     f = click.option("--no-repack", "no_repack", is_flag=True,
                      help="Keep the source's shard files (non-standard names are always repacked).")(f)
@@ -245,10 +326,27 @@ def selection_options(f):
                      help="percentile: clip each tile at this percentile of |x|.")(f)
     f = click.option("--rms-factor", type=float, default=3.0, show_default=True,
                      help="rms: threshold = k * rms(tile).")(f)
-    f = click.option("--calib", type=click.Choice(["max", "rms", "percentile", "mse"]), default="max",
-                     show_default=True, help="How each tile's scale is chosen (max is bit-compatible with "
-                                             "official releases and DeepGEMM).")(f)
+    f = click.option("--calib", type=click.Choice(list(CALIB_COSTS)), default="max", show_default=True,
+                     help="How each tile's scale is chosen; SQNR on realistic (heavy-tailed, outlier-channel) "
+                          "weights, 1024x2048: " + "; ".join(f"{k}: {v}" for k, v in CALIB_COSTS.items())
+                          + ". verify FAILs (exit 3) below 20 dB.")(f)
     return f
+
+
+# The format names every command uses (`quantize --to`, `convert --to`); old spellings still work.
+QUANTIZE_FORMATS = ["fp8", "fp8-channel", "mxfp8", "mxfp4"]
+CONVERT_FORMATS = ["bf16", "fp16", "fp8", "fp8-ct", "fp8-channel", "mxfp8", "mxfp4", "nvfp4", "nvfp4-ct"]
+FORMAT_ALIASES = {"fp8-block": ("fp8", {}), "fp8-ue8m0": ("fp8", {"scale_fmt": "ue8m0"})}
+# the library's name of `--to fp8` when quantizing (fp8norm.schemes)
+LIBRARY_SCHEME = {"fp8": "fp8-block"}
+
+# What each --calib mode costs (benchmarks/test_bench_calibrate.py, README "Calibration and verification").
+CALIB_COSTS = {
+    "max": "31.6-32.0 dB, e4m3's floor, no clipping (bit-compatible with official releases and DeepGEMM)",
+    "rms": "3.4 dB: clips outlier channels flat, not for real checkpoints",
+    "percentile": "12.3 dB: clips outlier channels, not for real checkpoints",
+    "mse": "32.2 dB, never below max, about 150x slower",
+}
 
 
 def _source(src: str, revision: str | None = None) -> str:
@@ -265,31 +363,32 @@ def _plan_options(kw):
 
     from .plan import PlanOptions
 
-    kw = {**kw, "reference": kw["reference"] and _source(kw["reference"])}
+    kw = {**kw, "reference": kw["reference"] and _source(kw["reference"]), "scheme": LIBRARY_SCHEME.get(kw["to"], kw["to"])}
     return PlanOptions(**{f.name: kw[f.name] for f in fields(PlanOptions) if f.name in kw}, repack=not kw["no_repack"])
 
 
-@main.command("plan")
+@main.command("plan", short_help="Show what quantize would do to each tensor, and why.")
 @click.argument("src")
 @selection_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(src, as_json, **kw):
+@json_option("the plan")
+def plan_cmd(src, json_path, **kw):
     """Show what `quantize` would do to every tensor of SRC, and why; writes nothing.
 
     \b
     Example:
-      fp8norm plan /models/Qwen3-8B --json > plan.json
+      fp8norm plan /models/Qwen3-8B --json plan.json
     """
-    import json
-
     from .plan import format_plan_table
     from .quantize import plan
 
     p = plan(_source(src, kw["revision"]), _plan_options(kw))
-    click.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_plan_table(p))
+    if json_path is None:
+        click.echo(format_plan_table(p))
+    else:
+        _write_json(p.to_dict(), json_path)
 
 
-@main.command("quantize")
+@main.command("quantize", short_help="Quantize a bf16/fp16 checkpoint (block FP8 by default).")
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @selection_options
@@ -310,6 +409,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
       fp8norm quantize /models/Qwen3-8B /models/Qwen3-8B-FP8
       fp8norm quantize Qwen/Qwen3-8B Qwen3-8B-FP8                # a Hub model id (cache, HF_HUB_OFFLINE)
       fp8norm quantize SRC DST --scale-fmt ue8m0                 # B200 / DeepGEMM
+      fp8norm quantize SRC DST --to mxfp4                        # the formats of `convert --to`
       fp8norm quantize SRC DST --reference /models/Qwen3-8B-FP8  # same tensors as an official release
       fp8norm quantize SRC DST --exclude 'mlp\\.gate\\.' --resume
       fp8norm quantize SRC DST --calib mse --activation-stats stats.json
@@ -323,7 +423,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
     _report(summary, dst)
 
 
-@main.command("repack")
+@main.command("repack", short_help="Re-shard a safetensors directory; no quantization.")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @MAX_SHARD_SIZE
@@ -342,13 +442,13 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
     _report(summary, dst)
 
 
-@main.command("convert")
+@main.command("convert", short_help="Convert a checkpoint to another format (--to).")
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--to", "to", required=True,
-              type=click.Choice(["bf16", "fp16", "fp8", "fp8-ue8m0", "fp8-ct", "nvfp4", "nvfp4-ct", "fp8-channel",
-                                 "mxfp8", "mxfp4"]),
+@click.option("--to", "to", required=True, type=Choices(CONVERT_FORMATS, FORMAT_ALIASES),
               help="Target format (listed above).")
+@scale_fmt_option("With --to fp8: ue8m0 = power-of-two scales for B200/DeepGEMM (relabel or one-pass requant) "
+                  "[default: float].")
 @click.option("--keep-unaligned", is_flag=True,
               help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
 @MAX_SHARD_SIZE
@@ -358,19 +458,19 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 @VERIFY_SAMPLES
 @SKIP_VERIFY
 @run_options
-def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revision, device, resume, overwrite,
-                verify_samples, skip_verify, quiet):
+def convert_cmd(src, dst, to, scale_fmt, keep_unaligned, max_shard_size, no_repack, revision, device, resume,
+                overwrite, verify_samples, skip_verify, quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
 
-    Requantized tensors (fp8-ue8m0 from float scales; fp8-channel, mxfp8, mxfp4) are re-read after
+    Requantized tensors (fp8 --scale-fmt ue8m0 from float scales; fp8-channel, mxfp8, mxfp4) are re-read after
     writing and checked as `fp8norm verify` does; exit code 3 when that check FAILs (the output stays,
     marked in DST/fp8norm.json).
 
     \b
     Targets:
       bf16, fp16   dequantize FP8 block weights (quantization_config removed)
-      fp8          block FP8, DeepSeek/transformers layout (from compressed-tensors FP8)
-      fp8-ue8m0    power-of-two scales for B200/DeepGEMM (relabel or one-pass requant)
+      fp8          block FP8, DeepSeek/transformers layout (from compressed-tensors FP8);
+                   --scale-fmt ue8m0: power-of-two scales for B200/DeepGEMM
       fp8-ct       block FP8 in the compressed-tensors layout
       nvfp4        NVFP4, ModelOpt layout (hf_quant_config.json)
       nvfp4-ct     NVFP4, compressed-tensors nvfp4-pack-quantized
@@ -383,13 +483,14 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revisio
     """
     from .convert import convert
 
-    summary = convert(_source(src, revision), dst, to=to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
+    summary = convert(_source(src, revision), dst, to=to, scale_fmt=scale_fmt, keep_unaligned=keep_unaligned,
+                      max_shard_size=max_shard_size,
                       repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
                       progress=None if not quiet else False, verify_samples=0 if skip_verify else verify_samples)
     _report(summary, dst)
 
 
-@main.command("shard")
+@main.command("shard", short_help="Split a checkpoint into model-parallel rank files.")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--layout", type=click.Choice(["deepseek", "mcore"]), required=True,
@@ -404,8 +505,8 @@ def convert_cmd(src, dst, to, keep_unaligned, max_shard_size, no_repack, revisio
 @click.option("--grouped-gemm", is_flag=True, help="mcore: experts.linear_fc1.weightK naming.")
 @requant_options
 @run_options
-def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grouped_gemm, requant, amax_epsilon,
-              pow2_scales, resume, overwrite, quiet):
+def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grouped_gemm, requant, amax_floor,
+              scale_fmt, resume, overwrite, quiet):
     """Split checkpoint SRC into one file per model-parallel rank in DST (streaming, one module at a time).
 
     SRC may be bf16/fp16, block FP8 (either layout), fp8-channel, mxfp8, mxfp4 or GPTQ W4A16 (deepseek);
@@ -418,12 +519,12 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
       fp8norm shard /ckpt/qwen3-mxfp4 /ckpt/mcore-mx --layout mcore --tp 4
     """
     progress = None if not quiet else False
-    wrong = ([("--mp", mp)] if layout == "mcore" else
+    wrong = ([("--mp", mp), ("--n-experts", n_experts)] if layout == "mcore" else
              [("--tp", tp != 1), ("--pp", pp != 1), ("--ep", ep != 1), ("--pipeline-layers", pipeline_layers),
               ("--grouped-gemm", grouped_gemm)])
     wrong = [opt for opt, given in wrong if given]
     if wrong:
-        other = "--tp/--pp/--ep" if layout == "mcore" else "--mp"
+        other = "--tp/--pp/--ep" if layout == "mcore" else "--mp/--n-experts"
         raise click.BadParameter(f"{', '.join(wrong)} does not apply to --layout {layout} (it takes {other})",
                                  param_hint=wrong[0])
     if layout == "deepseek":
@@ -431,24 +532,24 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
 
         if not mp:
             raise click.BadParameter("--layout deepseek needs --mp N", param_hint="--mp")
-        summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, overwrite=overwrite,
-                                 progress=progress, resume=resume)
+        summary = shard_deepseek(src, dst, mp=mp, n_experts=n_experts, requant=requant, amax_floor=amax_floor,
+                                 scale_fmt=scale_fmt, overwrite=overwrite, progress=progress, resume=resume)
     else:
         from .shard import hf_to_mcore
 
         summary = hf_to_mcore(src, dst, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers,
-                              grouped_gemm=grouped_gemm, requant=requant, amax_epsilon=amax_epsilon,
-                              pow2_scales=pow2_scales, overwrite=overwrite, progress=progress, resume=resume)
+                              grouped_gemm=grouped_gemm, requant=requant, amax_floor=amax_floor,
+                              scale_fmt=scale_fmt, overwrite=overwrite, progress=progress, resume=resume)
     _report(summary, dst)
 
 
-@main.command("unshard")
+@main.command("unshard", short_help="Join a Megatron-Core checkpoint back into HF layout.")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @requant_options
 @MAX_SHARD_SIZE
 @run_options
-def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, resume, overwrite, quiet):
+def unshard_cmd(src, dst, requant, amax_floor, scale_fmt, max_shard_size, resume, overwrite, quiet):
     """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
 
     \b
@@ -457,18 +558,20 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, re
     """
     from .shard import mcore_to_hf
 
-    summary = mcore_to_hf(src, dst, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
+    summary = mcore_to_hf(src, dst, requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt,
                           max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,
                           resume=resume)
     _report(summary, dst)
 
 
-@main.command("verify")
+@main.command("verify", short_help="Check a quantized checkpoint against its source.")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("quant", type=click.Path(exists=True, file_okay=False))
-@click.option("--samples", type=int, default=5, show_default=True, help="FP8 tensors checked per shard.")
-@click.option("--all", "check_all", is_flag=True, help="Check every FP8 tensor.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@click.option("--verify-samples", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Quantized tensors checked per shard.")
+@renamed("--samples", "--verify-samples", "verify_samples", type=click.IntRange(min=0))
+@click.option("--all", "check_all", is_flag=True, help="Check every quantized tensor.")
+@json_option("the report (the text report then goes to standard error)")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Draw SQNR per layer and tensor kind (needs matplotlib: the `plot` extra).")
 @click.option("--sqnr-bands", default=None, metavar="GOOD,WARN",
@@ -476,7 +579,8 @@ def unshard_cmd(src, dst, requant, amax_epsilon, pow2_scales, max_shard_size, re
 @click.option("--cos-bands", default=None, metavar="GOOD,WARN", help="Also judge cosine (absolute lower bounds).")
 @click.option("--mae-bands", default=None, metavar="GOOD,WARN", help="Also judge mean abs error (absolute upper bounds).")
 @click.option("--maxae-bands", default=None, metavar="GOOD,WARN", help="Also judge max abs error (absolute upper bounds).")
-def verify_cmd(src, quant, samples, check_all, json_path, plot_path, sqnr_bands, cos_bands, mae_bands, maxae_bands):
+def verify_cmd(src, quant, verify_samples, check_all, json_path, plot_path, sqnr_bands, cos_bands, mae_bands,
+               maxae_bands):
     """Check that the FP8 checkpoint QUANT is a correct quantization of SRC and what FP8 costs on it.
 
     Every element checked must be the round-to-nearest-even e4m3 value of x / scale (else FAIL,
@@ -488,23 +592,31 @@ def verify_cmd(src, quant, samples, check_all, json_path, plot_path, sqnr_bands,
     Example:
       fp8norm verify /models/Qwen3-8B /models/Qwen3-8B-FP8 --all --json report.json --plot report.png
     """
-    import json
-
     from .verify import EXIT_VERIFY_FAILED, FAIL, plot_report, verify
 
     overrides = {k: v for k, v in (("cos", _two(cos_bands, "--cos-bands")), ("mae", _two(mae_bands, "--mae-bands")),
                                    ("maxae", _two(maxae_bands, "--maxae-bands"))) if v is not None}
     if sqnr_bands is not None:
         overrides["sqnr_good"], overrides["sqnr_warn"] = _two(sqnr_bands, "--sqnr-bands")
-    report = verify(src, quant, samples=None if check_all else samples, band_overrides=overrides)
-    click.echo(report.format())
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report.to_dict(), f, indent=1)
+    report = verify(src, quant, samples=None if check_all else verify_samples, band_overrides=overrides)
+    click.echo(report.format(), err=json_path == "-")
+    if json_path is not None:
+        _write_json(report.to_dict(), json_path)
     if plot_path:
         click.echo(f"plot      {plot_report(report, plot_path)}")
     if report.status == FAIL:
         raise SystemExit(EXIT_VERIFY_FAILED)
+
+
+def _write_json(doc, path: str) -> None:
+    import json
+
+    text = json.dumps(doc, indent=1)
+    if path == "-":
+        click.echo(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
 
 
 def _two(text: str | None, opt: str) -> tuple[float, float] | None:
@@ -517,13 +629,14 @@ def _two(text: str | None, opt: str) -> tuple[float, float] | None:
     return a, b
 
 
-@main.command("collect-stats")
+@main.command("collect-stats", short_help="Per-input-channel activation statistics (for --calib).")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), required=True,
               help="Text file, one prompt per line.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the stats JSON.")
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens per prompt at most.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens per prompt at most.")
+@DEVICE
 def collect_stats_cmd(model_dir, prompts, out, max_tokens, device):
     """Collect per-input-channel activation statistics of MODEL_DIR (a bf16 transformers model).
 
@@ -538,12 +651,11 @@ def collect_stats_cmd(model_dir, prompts, out, max_tokens, device):
 
     lines = [line.strip() for line in open(prompts) if line.strip()]
     doc = collect_activation_stats(model_dir, lines, max_tokens=max_tokens, device=device)
-    with open(out, "w") as f:
-        json.dump(doc, f)
+    _write_json(doc, out)
     click.echo(f"wrote stats of {len(doc['modules'])} linear modules over {doc['tokens']} tokens to {out}")
 
 
-@main.command("make-example")
+@main.command("make-example", short_help="Write a tiny synthetic bf16 checkpoint.")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--family", type=click.Choice(["llama", "qwen3-moe", "qwen3.5-moe", "deepseek-v3"]),
               default="qwen3.5-moe", show_default=True)

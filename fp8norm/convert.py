@@ -382,13 +382,27 @@ class Convert(Transform):
         return [requant_summary(self.records)] if self.records else []
 
 
-def convert(src, dst, *, to: str, keep_unaligned=False, max_shard_size="4GB", repack=True, device="auto",
-            resume=False, overwrite=False, progress=None, verify_samples=5) -> RunSummary:
+def target_of(to: str, scale_fmt: str | None) -> str:
+    """`to` with `scale_fmt` folded in: fp8 + ue8m0 is the target fp8-ue8m0; ue8m0 applies to fp8 only."""
+    if scale_fmt in (None, "float") or to == "fp8-ue8m0":
+        return to
+    if scale_fmt != "ue8m0":
+        raise ConvertError(f"--scale-fmt {scale_fmt!r}: expected float or ue8m0")
+    if to != "fp8":
+        raise ConvertError(f"--scale-fmt ue8m0 applies to --to fp8 (block FP8 with power-of-two scales), not --to {to}")
+    return "fp8-ue8m0"
+
+
+def convert(src, dst, *, to: str, scale_fmt: str | None = None, keep_unaligned=False, max_shard_size="4GB",
+            repack=True, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5) -> RunSummary:
     """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring).
+
+    `scale_fmt="ue8m0"` with `to="fp8"`: power-of-two scales (the same as `to="fp8-ue8m0"`).
 
     `verify_samples` requantized tensors (to ue8m0 scales or to a scheme) of each shard are re-read
     from disk and checked against the dequantized source, as `fp8norm verify` does (summary.verify;
     0 = no check); a FAIL is recorded in DST/fp8norm.json."""
+    to = target_of(to, scale_fmt)
     plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                               repack=repack)
     if to.startswith("nvfp4"):

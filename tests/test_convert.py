@@ -55,7 +55,7 @@ def test_to_ue8m0_relabels_pow2_scales(fp8_ckpt, tmp_path):
     cfg = json.loads((tmp_path / "pow2" / "config.json").read_text())
     del cfg["quantization_config"]["scale_fmt"]  # an FP8 checkpoint with pow2 scales but no claim of it
     (tmp_path / "pow2" / "config.json").write_text(json.dumps(cfg))
-    res = cli("convert", tmp_path / "pow2", tmp_path / "o", "--to", "fp8-ue8m0")
+    res = cli("convert", tmp_path / "pow2", tmp_path / "o", "--to", "fp8", "--scale-fmt", "ue8m0")
     assert "requant" not in res.output  # nothing requantized
     a, b = read_dir(tmp_path / "pow2"), read_dir(tmp_path / "o")
     assert set(a) == set(b) and all(same_bytes(a[k], b[k]) for k in a)
@@ -64,7 +64,7 @@ def test_to_ue8m0_relabels_pow2_scales(fp8_ckpt, tmp_path):
 
 def test_to_ue8m0_requantizes_float_scales_in_one_pass(fp8_ckpt, tmp_path):
     _, fp8 = fp8_ckpt
-    res = cli("convert", fp8, tmp_path / "o", "--to", "fp8-ue8m0")
+    res = cli("convert", fp8, tmp_path / "o", "--to", "fp8", "--scale-fmt", "ue8m0")
     # one summary line, not a line per tensor
     assert res.output.count("requant   ") == 1 and "23 tensor(s) requantized to power-of-two scales" in res.output
     q, out = read_dir(fp8), read_dir(tmp_path / "o")
@@ -278,7 +278,7 @@ def test_convert_exits_3_when_its_verification_fails(fp8_ckpt, tmp_path, monkeyp
         return outs
 
     monkeypatch.setattr(conv.Convert, "apply", negate_victim)
-    res = cli("convert", fp8_ckpt[1], tmp_path / "o", "--to", "fp8-ue8m0", "--verify-samples", "100", ok=False)
+    res = cli("convert", fp8_ckpt[1], tmp_path / "o", "--to", "fp8", "--scale-fmt", "ue8m0", "--verify-samples", "100", ok=False)
     assert res.exit_code == EXIT_VERIFY_FAILED, res.output
     assert victim in res.output
     prov = json.loads((tmp_path / "o" / "fp8norm.json").read_text())

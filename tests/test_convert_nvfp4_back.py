@@ -68,5 +68,5 @@ def test_nvfp4_per_expert_back_to_fp16(sources, tmp_path, fmt):
 def test_nvfp4_source_to_other_targets_is_one_clear_error(sources, tmp_path):
     _, per_expert, _ = sources
     cli("convert", per_expert, tmp_path / "q", "--to", "nvfp4", "-q")
-    res = cli("convert", tmp_path / "q", tmp_path / "o", "--to", "fp8-ue8m0", ok=False)
+    res = cli("convert", tmp_path / "q", tmp_path / "o", "--to", "fp8", "--scale-fmt", "ue8m0", ok=False)
     assert res.exit_code == 1 and "converts to bf16 or fp16 only" in res.output and "scale_scale_inv" not in res.output

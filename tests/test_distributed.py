@@ -120,8 +120,8 @@ def test_notes_of_every_rank_reach_the_summary(src_and_clean, tmp_path):
     """convert --to fp8-ue8m0 requantizes every weight of a float-scaled source: the requant line counts the
     tensors of both ranks, once."""
     _, clean = src_and_clean
-    one = single("convert", clean, tmp_path / "one", "--to", "fp8-ue8m0", "--max-shard-size", SHARD, "-q")
-    res = torchrun(2, "convert", clean, tmp_path / "two", "--to", "fp8-ue8m0", "--max-shard-size", SHARD, "-q")
+    one = single("convert", clean, tmp_path / "one", "--to", "fp8", "--scale-fmt", "ue8m0", "--max-shard-size", SHARD, "-q")
+    res = torchrun(2, "convert", clean, tmp_path / "two", "--to", "fp8", "--scale-fmt", "ue8m0", "--max-shard-size", SHARD, "-q")
     assert one.returncode == 0 and res.returncode == 0, res.stderr[-3000:]
     line = "23 tensor(s) requantized to power-of-two scales"
     assert line in one.stdout and res.stdout.count(line) == 1

@@ -94,7 +94,7 @@ def test_kill9_at_many_points_then_resume(crash_src, tmp_path):
 # every other writing command: killed at a few points (many with -m slow), resumed, byte-identical
 
 OTHER_WRITERS = {
-    "convert": ["convert", "{fp8}", "{dst}", "--to", "fp8-ue8m0", "--max-shard-size", "300KB"],
+    "convert": ["convert", "{fp8}", "{dst}", "--to", "fp8", "--scale-fmt", "ue8m0", "--max-shard-size", "300KB"],
     "repack": ["repack", "{src}", "{dst}", "--max-shard-size", "1MB"],
     "shard": ["shard", "{src}", "{dst}", "--layout", "deepseek", "--mp", "2", "--n-experts", "4"],
     "unshard": ["unshard", "{mcore}", "{dst}", "--max-shard-size", "1MB"],

@@ -360,7 +360,7 @@ SCALE = "model.layers.0.mlp.down_proj.weight_scale_inv"
     (float("nan"), "not finite and > 0"), (float("inf"), "not finite and > 0"), (0.0, "not finite and > 0"),
     (-1.0, "not finite and > 0"), ("int", "I32; block scales are read as F32, BF16"),
     ("shape", "has shape"), ("e5m2", "F8_E5M2: fp8norm reads F8_E4M3")])
-@pytest.mark.parametrize("command", [["convert", "--to", "bf16"], ["convert", "--to", "fp8-ue8m0"],
+@pytest.mark.parametrize("command", [["convert", "--to", "bf16"], ["convert", "--to", "fp8", "--scale-fmt", "ue8m0"],
                                      ["convert", "--to", "nvfp4"], ["quantize"]])
 def test_fp8_sources_are_checked_before_writing(tmp_path, bad, needle, command):
     def edit(t):

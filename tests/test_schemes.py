@@ -48,7 +48,7 @@ def test_quantize_scheme_is_read_by_compressed_tensors(moe, tmp_path, scheme):
     ct = reader("compressed_tensors")
     from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
 
-    res = cli("quantize", moe, tmp_path / "q", "--scheme", scheme, "--max-shard-size", "2MB")
+    res = cli("quantize", moe, tmp_path / "q", "--to", scheme, "--max-shard-size", "2MB")
     assert "quantized" in res.output
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     ct.quantization.QuantizationConfig.model_validate(qc)
@@ -76,7 +76,7 @@ def test_quantize_scheme_is_read_by_compressed_tensors(moe, tmp_path, scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_convert_to_bf16_reads_them_back(moe, tmp_path, scheme):
-    cli("quantize", moe, tmp_path / "q", "--scheme", scheme, "--skip-verify")
+    cli("quantize", moe, tmp_path / "q", "--to", scheme, "--skip-verify")
     res = cli("convert", tmp_path / "q", tmp_path / "b", "--to", "bf16")
     assert f"{17 + 36} dequantized" in res.output
     out, back, src = read_dir(tmp_path / "q"), read_dir(tmp_path / "b"), read_dir(moe)
@@ -113,7 +113,7 @@ def test_convert_from_block_fp8_dequantizes_in_the_same_pass(moe, tmp_path, sche
 
 
 def test_convert_from_bf16_equals_quantize_scheme(moe, tmp_path):
-    cli("quantize", moe, tmp_path / "q", "--scheme", "mxfp8", "--skip-verify")
+    cli("quantize", moe, tmp_path / "q", "--to", "mxfp8", "--skip-verify")
     cli("convert", moe, tmp_path / "c", "--to", "mxfp8")
     a, b = read_dir(tmp_path / "q"), read_dir(tmp_path / "c")
     assert a.keys() == b.keys() and all(same_bytes(a[k], b[k]) for k in a)
@@ -129,11 +129,11 @@ def test_plan_shows_the_scheme_and_mx_keeps_unaligned_with_fused_partners(tmp_pa
     t["model.layers.0.mlp.down_proj.weight"] = torch.randn(256, 256).bfloat16()
     save_file(t, str(src / "model.safetensors"))
     (src / "config.json").write_text("{}")
-    res = cli("plan", src, "--scheme", "mxfp4")
+    res = cli("plan", src, "--to", "mxfp4")
     assert "->mxfp4" in res.output and "mx:unaligned-kept" in res.output and "ct:fused-with-kept" in res.output
-    res = cli("plan", src, "--scheme", "fp8-channel")
+    res = cli("plan", src, "--to", "fp8-channel")
     assert res.output.count("->fp8-channel") == 4 and "scheme: fp8-channel" in res.output
-    res = cli("quantize", src, tmp_path / "o", "--scheme", "mxfp8", "--calib", "mse", ok=False)
+    res = cli("quantize", src, tmp_path / "o", "--to", "mxfp8", "--calib", "mse", ok=False)
     assert res.exit_code == 1 and "fp8-block only" in res.output
 
 
@@ -143,7 +143,7 @@ def test_transformers_loads_on_cpu(tmp_path, scheme):
     weights equal our dequantization; logits stay close to the bf16 model's."""
     transformers = reader("transformers")
     save_tiny_qwen3(tmp_path / "bf16")
-    cli("quantize", tmp_path / "bf16", tmp_path / "q", "--scheme", scheme)
+    cli("quantize", tmp_path / "bf16", tmp_path / "q", "--to", scheme)
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -160,7 +160,7 @@ def test_transformers_loads_on_cpu(tmp_path, scheme):
 def test_resume_rewrites_only_missing_shards_and_refuses_another_scheme(moe, tmp_path):
     from tests.ckpt_utils import tree_bytes
 
-    args = ("--scheme", "mxfp4", "--max-shard-size", "1MB", "--skip-verify", "-q")
+    args = ("--to", "mxfp4", "--max-shard-size", "1MB", "--skip-verify", "-q")
     cli("quantize", moe, tmp_path / "o", *args)
     before = tree_bytes(tmp_path / "o")
     shards = sorted((tmp_path / "o").glob("model-*.safetensors"))
@@ -169,7 +169,7 @@ def test_resume_rewrites_only_missing_shards_and_refuses_another_scheme(moe, tmp
     res = cli("quantize", moe, tmp_path / "o", *args, "--resume")
     assert f"1 shard(s) written, {len(shards) - 1} already done" in res.output
     assert tree_bytes(tmp_path / "o") == before
-    res = cli("quantize", moe, tmp_path / "o", "--scheme", "mxfp8", "--max-shard-size", "1MB", "--resume", ok=False)
+    res = cli("quantize", moe, tmp_path / "o", "--to", "mxfp8", "--max-shard-size", "1MB", "--resume", ok=False)
     assert res.exit_code == 1 and "other settings" in res.output
 
 
@@ -178,7 +178,7 @@ def test_a_broken_scheme_source_is_one_line_naming_the_scale(moe, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    cli("quantize", moe, tmp_path / "q", "--scheme", "mxfp8", "--skip-verify", "-q")
+    cli("quantize", moe, tmp_path / "q", "--to", "mxfp8", "--skip-verify", "-q")
     f = next((tmp_path / "q").glob("model-*.safetensors"))
     t = load_file(f)
     name = next(k for k in t if k.endswith(".weight_scale"))

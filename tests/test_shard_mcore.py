@@ -332,7 +332,7 @@ def test_fp8_misaligned_split_is_an_error(fp8_ragged, tmp_path):
 def test_fp8_requant_pow2(fp8_ragged, tmp_path):
     mc = tmp_path / "mc"
     hf = read_dir(fp8_ragged)
-    hf_to_mcore(fp8_ragged, mc, tp=2, requant=True, pow2_scales=True, amax_epsilon=1e-6, progress=False)
+    hf_to_mcore(fp8_ragged, mc, tp=2, requant=True, scale_fmt="ue8m0", amax_floor=1e-6, progress=False)
     layout = json.loads((mc / LAYOUT_NAME).read_text())
     req = layout["fp8"]["requantized"]
     kinds = sorted({k.split("::")[1].split(".", 3)[3] for k in req})  # "<file>::decoder.layers.N.<...>"

@@ -40,7 +40,7 @@ def runs(bf16, tmp_path_factory):
         if (scheme, layout) not in done:
             dst = root / f"{scheme}-{layout}"
             if layout is None:
-                cli("quantize", bf16, dst, "--scheme", scheme, "--skip-verify")
+                cli("quantize", bf16, dst, "--to", scheme, "--skip-verify")
             else:
                 cli("shard", get(scheme), dst, *LAYOUTS[layout])
             done[scheme, layout] = dst
@@ -224,7 +224,7 @@ def ragged(tmp_path_factory):
 
 @pytest.mark.parametrize("scheme", ["mxfp8", "mxfp4"])
 def test_mx_column_split_off_the_grid_is_refused_in_one_line(ragged, tmp_path, scheme):
-    cli("quantize", ragged, tmp_path / "q", "--scheme", scheme, "--skip-verify")
+    cli("quantize", ragged, tmp_path / "q", "--to", scheme, "--skip-verify")
     # quantize keeps the 96-wide MLP in bf16; MX-quantize the down_projs by hand, as another tool could
     t, src = read_dir(tmp_path / "q"), read_dir(ragged)
     ws = "weight_packed" if scheme == "mxfp4" else "weight"

@@ -28,7 +28,7 @@ def outputs(tmp_path_factory):
     src = make_example(root / "bf16", "qwen3.5-moe", "sharded")
     outs = {}
     for scheme in SCHEMES:
-        res = cli("quantize", src, root / scheme, "--scheme", scheme, "--max-shard-size", "2MB")
+        res = cli("quantize", src, root / scheme, "--to", scheme, "--max-shard-size", "2MB")
         # quantize's own verification ran on these schemes, and found them correct
         assert "Correctly rounded" in res.output and "All checks GOOD" in res.output, res.output
         outs[scheme] = root / scheme

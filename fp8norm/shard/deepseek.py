@@ -39,7 +39,7 @@ from ..output import fingerprint, json_text
 from ..plan import config_block_size
 from ..engine import Job, RunStats
 from ..st_io import DTYPES, OutEntry, TensorInfo, read_tensor
-from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, specs_from_table, storage_format
+from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, quant_opts, specs_from_table, storage_format
 from .jobs import SliceOut, shard_job, write_rank_files
 
 COLUMN, ROW = 0, 1
@@ -135,7 +135,8 @@ def routed_experts_in_config(src) -> int | None:
     return None
 
 
-def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool = False) -> tuple[list[Job], dict]:
+def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool = False,
+                  amax_floor: float | None = None, scale_fmt: str | None = None) -> tuple[list[Job], dict]:
     """All jobs and the layout description; raises ShardError before anything is written.
     `n_experts` None: from config.json (see routed_experts_in_config)."""
     if mp < 1:
@@ -149,7 +150,7 @@ def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool =
     cfg = read_json(cfg_path, "config.json") if cfg_path.is_file() else {}
     fmt = storage_format(ckpt.root, cfg, ckpt.tensors, config_block_size(cfg, cfg_path))
     # the engine carries pieces on the scale grid byte for byte, requantizes off-grid block FP8 (requant=True)
-    opts = QuantOpts(requant, nx.DEFAULT_AMAX_FLOOR, False, "use --requant to dequantize and requantize")
+    opts = quant_opts(requant, amax_floor, scale_fmt, "use --requant to dequantize and requantize")
     local = n_experts // mp
     files = [f"model{i}-mp{mp}.safetensors" for i in range(mp)]
     jobs = []
@@ -251,12 +252,15 @@ def _gptq_outputs(m: Module, dim, rank, mp):
 
 
 def shard_deepseek(src, dst, *, mp: int, n_experts: int | None = None, requant: bool = False,
+                   amax_floor: float | None = None, scale_fmt: str | None = None,
                    overwrite: bool = False, progress=None, resume: bool = False) -> RunStats:
     """Write DST/model{i}-mp{mp}.safetensors for i in 0..mp-1 (see the module docstring);
-    `n_experts` None: config.json's routed-expert count."""
-    jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant)
+    `n_experts` None: config.json's routed-expert count. With `requant`, off-grid block-FP8 pieces are
+    requantized with `amax_floor` and `scale_fmt` (as hf_to_mcore does)."""
+    jobs, layout = plan_deepseek(src, mp, n_experts, requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt)
     ckpt = open_checkpoint(src)
-    fp = fingerprint({"mp": mp, "n_experts": layout["n_experts"], "requant": requant,
+    settings = {"amax_floor": amax_floor, "scale_fmt": scale_fmt} if requant else {}
+    fp = fingerprint({"mp": mp, "n_experts": layout["n_experts"], "requant": requant, **settings,
                       "tensors": [[n, i.dtype, list(i.shape)] for n, i in ckpt.tensors.items()]})
     return write_rank_files(ckpt, jobs, Path(dst), texts={LAYOUT_NAME: json_text(layout)}, fingerprint=fp,
                             overwrite=overwrite, copy_files=("tokenizer.json", "tokenizer_config.json"),

@@ -16,6 +16,8 @@ per-channel weights are never requantized. Used by the Megatron-Core mapping and
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -127,9 +129,19 @@ class Out:
 @dataclass
 class QuantOpts:
     requant: bool
-    amax_epsilon: float
-    pow2_scales: bool
+    amax_floor: float
+    scale_fmt: str | None  # ue8m0: power-of-two scales; None/float: float, or ue8m0 where the source's are E8M0
     hint: str  # what to do about a misaligned block-FP8 piece
+
+
+def quant_opts(requant: bool, amax_floor: float | None, scale_fmt: str | None, hint: str) -> QuantOpts:
+    """The requantization settings of a shard/unshard run, checked (None: the defaults)."""
+    amax_floor = nx.DEFAULT_AMAX_FLOOR if amax_floor is None else amax_floor
+    if not (math.isfinite(amax_floor) and amax_floor > 0):
+        raise ValueError(f"amax_floor (--amax-floor) must be a finite number > 0, got {amax_floor}")
+    if scale_fmt not in (None, "float", "ue8m0"):
+        raise ValueError(f"scale_fmt (--scale-fmt) must be float or ue8m0, got {scale_fmt!r}")
+    return QuantOpts(requant, amax_floor, scale_fmt, hint)
 
 
 def cat(parts: list[torch.Tensor], axis: int) -> torch.Tensor:
@@ -202,7 +214,7 @@ def plan_out(file: str | None, name: str, cuts: list[Cut], specs: dict[str, Spec
                          f"F32/BF16/F8_E8M0 scales only, not {first.dtype} with {sorted(scale_dtypes)} scales")
     if DTYPES[scale_dtype] not in nx.SCALE_DTYPES:
         scale_dtype = "F32"
-    sfmt = "ue8m0" if (opts.pow2_scales or scale_dtype == "F8_E8M0") else "float"
+    sfmt = "ue8m0" if (opts.scale_fmt == "ue8m0" or scale_dtype == "F8_E8M0") else "float"
     key = ("requant", file, name)
 
     def make_rq(srcs):
@@ -217,7 +229,7 @@ def plan_out(file: str | None, name: str, cuts: list[Cut], specs: dict[str, Spec
                     srcs[sp.key], srcs[sp.scale_key], block_size=fmt.block, out_dtype=torch.float32)
             parts.append(dq.narrow(axis, c.lo, c.hi - c.lo))
         q, s = quant_fp8_block(cat(parts, axis).contiguous(), block_size=fmt.block, scale_fmt=sfmt,
-                               scale_dtype=DTYPES[scale_dtype], amax_floor=opts.amax_epsilon)
+                               scale_dtype=DTYPES[scale_dtype], amax_floor=opts.amax_floor)
         srcs[key] = s
         return q
 

@@ -50,8 +50,8 @@ blocks from its `block_structure`) and the compressed-tensors schemes of
 `X_packed` [M, N/2] + `X_scale`). Every cut must fall on the scale grid: block FP8 on block boundaries,
 MX columns on multiples of 32, per-channel rows anywhere (a row-parallel rank keeps the whole [M, 1]
 scale). Block FP8 off the grid is an error unless `requant=True`, which dequantizes the sources of that
-output tensor only, assembles it and quantizes it again (amax floor `amax_epsilon`, power-of-two scales
-with `pow2_scales=True`, scale dtype of the source); the other schemes are never requantized. So HF ->
+output tensor only, assembles it and quantizes it again (amax floor `amax_floor`, power-of-two scales
+with `scale_fmt="ue8m0"`, scale dtype of the source); the other schemes are never requantized. So HF ->
 MCore -> HF is byte-identical for bf16, grid-aligned block FP8 and the three schemes. NVFP4 checkpoints
 are refused in one line.
 
@@ -89,7 +89,8 @@ from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, js
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
-from .fp8 import Cut, Format, Out, QuantOpts, Spec, job_of, plan_out, scheme_format, specs_from_table, storage_format
+from .fp8 import (Cut, Format, Out, QuantOpts, Spec, job_of, plan_out, quant_opts, scheme_format, specs_from_table,
+                  storage_format)
 from .jobs import write_rank_files
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "plan_mcore", "plan_mcore_to_hf", "McorePlan", "LAYOUT_NAME",
@@ -434,11 +435,9 @@ def _read_config(root: Path) -> dict:
 
 
 def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, grouped_gemm: bool = False,
-               requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR, pow2_scales: bool = False
+               requant: bool = False, amax_floor: float | None = None, scale_fmt: str | None = None
                ) -> McorePlan:
     """Plan HF `src` -> Megatron-Core rank files; raises ValueError on any problem (nothing is written)."""
-    if not amax_epsilon > 0:
-        raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
     ckpt = open_checkpoint(src)
     cfg = _read_config(ckpt.root)
     fmt = storage_format(ckpt.root, cfg, ckpt.tensors, config_block_size(cfg, ckpt.root / "config.json"))
@@ -446,7 +445,7 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
     weights, specs = specs_from_table(table, fmt)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
-    opts = QuantOpts(requant, amax_epsilon, pow2_scales,
+    opts = quant_opts(requant, amax_floor, scale_fmt,
                       "Pass requant=True (--requant) to dequantize and requantize the misaligned pieces, or "
                       f"choose a parallel size for which every piece is a multiple of {block[0]}x{block[1]}")
     planned = _forward_outs(mapper.groups, specs, opts)
@@ -484,8 +483,8 @@ def _layout(m: _Mapper, cfg: dict, table: dict, specs: dict[str, Spec], fmt: For
                   for t in range(tp) for s in range(pp) for e in range(ep)],
         "scheme": fmt.scheme,
         "fp8": {"block_size": list(block), "weights": [sp.name for sp in specs.values() if sp.scale_key],
-                "requantized": requantized, "amax_epsilon": opts.amax_epsilon,
-                "scale_fmt": "ue8m0" if opts.pow2_scales else "float"},
+                "requantized": requantized, "amax_epsilon": opts.amax_floor,
+                "scale_fmt": "ue8m0" if opts.scale_fmt == "ue8m0" else "float"},
         "source": {"config": cfg,
                    "tensors": [{"name": n, "dtype": d, "shape": list(s)} for n, (d, s) in table.items()]},
     }
@@ -497,11 +496,11 @@ def _execute(plan: McorePlan, dst, overwrite: bool, progress, resume: bool = Fal
 
 
 def hf_to_mcore(src, dst, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, grouped_gemm: bool = False,
-                requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR, pow2_scales: bool = False,
+                requant: bool = False, amax_floor: float | None = None, scale_fmt: str | None = None,
                 overwrite: bool = False, progress: bool | None = None, resume: bool = False) -> RunStats:
     """Write the HF checkpoint `src` as Megatron-Core rank files under `dst` (see the module docstring)."""
     plan = plan_mcore(src, tp=tp, pp=pp, ep=ep, pipeline_layers=pipeline_layers, grouped_gemm=grouped_gemm,
-                      requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales)
+                      requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt)
     return _execute(plan, dst, overwrite, progress, resume)
 
 
@@ -543,11 +542,10 @@ def _mcore_checkpoint(root: Path, layout: dict) -> SourceCheckpoint:
     return SourceCheckpoint(root, files, tensors, False, other)
 
 
-def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR,
-                     pow2_scales: bool = False, max_shard_size="4GB") -> McorePlan:
+def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = None,
+                     scale_fmt: str | None = None, max_shard_size="4GB") -> McorePlan:
     """Plan Megatron-Core rank files written by hf_to_mcore -> one HF checkpoint; checks every rank file."""
-    if not amax_epsilon > 0:
-        raise ValueError(f"amax_epsilon must be > 0, got {amax_epsilon}")
+    opts = quant_opts(requant, amax_floor, scale_fmt, "Pass requant=True to dequantize and requantize it")
     root = Path(src)
     layout = _read_layout(root)
     ckpt = _mcore_checkpoint(root, layout)
@@ -560,7 +558,7 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
                      layout["grouped_gemm"])
     # What the rank files must hold: the forward plan (requantization allowed) of the stored source table.
     expected = {f"{o.file}{KEY_SEP}{e.name}": e for _, outs in _forward_outs(mapper.groups, hf_specs, QuantOpts(
-        True, amax_epsilon, False, "")) for o in outs for e, _ in o.tensors}
+        True, opts.amax_floor, None, "")) for o in outs for e, _ in o.tensors}
     for key, e in expected.items():
         info, (f, n) = ckpt.tensors.get(key), key.split(KEY_SEP)
         if info is None or (info.dtype, tuple(info.shape)) != (e.dtype, tuple(e.shape)):
@@ -573,8 +571,8 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
                          f"e.g. {extra[0].replace(KEY_SEP, ': ')}")
     _, mc_specs = specs_from_table({k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}, fmt)
     mc_specs = {k: replace(s, name=s.name.replace(KEY_SEP, ": ")) for k, s in mc_specs.items()}
-    opts = QuantOpts(requant, amax_epsilon, pow2_scales, "Pass requant=True to dequantize and requantize it"
-                     + (" (this layout was written with requantization)" if layout["fp8"]["requantized"] else ""))
+    if layout["fp8"]["requantized"]:
+        opts.hint += " (this layout was written with requantization)"
     planned = []
     for g in mapper.groups:
         outs, sources = [], []
@@ -608,7 +606,7 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     prov_src = root / PROVENANCE_NAME
     prov = read_json(prov_src, PROVENANCE_NAME) if prov_src.is_file() else provenance()
     fp = fingerprint({"layout": {k: v for k, v in layout.items() if k != "producer"}, "requant": requant,
-                       "pow2": pow2_scales, "eps": amax_epsilon, "shards": names})
+                       "pow2": opts.scale_fmt == "ue8m0", "eps": opts.amax_floor, "shards": names})
     prov["mcore_to_hf"] = {"fp8norm_version": __version__,
                            "mcore_layout": {k: layout[k] for k in ("tp", "pp", "ep", "pipeline_layers",
                                                                    "grouped_gemm")},
@@ -623,10 +621,10 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_epsilon: float = nx.DEF
     return McorePlan(ckpt, jobs, prov, fp, copy, requantized, after=after)
 
 
-def mcore_to_hf(src, dst, *, requant: bool = False, amax_epsilon: float = nx.DEFAULT_AMAX_FLOOR,
-                pow2_scales: bool = False, max_shard_size="4GB", overwrite: bool = False,
+def mcore_to_hf(src, dst, *, requant: bool = False, amax_floor: float | None = None,
+                scale_fmt: str | None = None, max_shard_size="4GB", overwrite: bool = False,
                 progress: bool | None = None, resume: bool = False) -> RunStats:
     """Reassemble the Megatron-Core rank files under `src` (written by hf_to_mcore) as an HF checkpoint."""
-    plan = plan_mcore_to_hf(src, requant=requant, amax_epsilon=amax_epsilon, pow2_scales=pow2_scales,
+    plan = plan_mcore_to_hf(src, requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt,
                             max_shard_size=max_shard_size)
     return _execute(plan, dst, overwrite, progress, resume)
