@@ -42,17 +42,36 @@ def resolve(src: str | Path, revision: str | None = None, *, what: str = "SRC") 
     if not is_repo_id(str(src)):
         raise HubError(f"{src}: no such file or directory (and not a Hub model id org/name)")
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub import constants
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
-        raise HubError(f"{src}: not a local path; Hub model ids need huggingface_hub "
-                       "(pip install huggingface_hub)") from None
+        raise HubError(f"{src}: not a local path; Hub model ids need huggingface_hub: "
+                       "pip install 'fp8norm[hub]'") from None
     at = f" at revision {revision}" if revision else ""
     try:
         return Path(snapshot_download(str(src), revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the id
-        offline = " (HF_HUB_OFFLINE is set and it is not in the cache " + str(constants.HF_HUB_CACHE) + ")" \
-            if constants.HF_HUB_OFFLINE else ""
+        cache = constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            raise HubError(f"{src}: not a local path, and Hub model {src}{at} is not in the local cache {cache} "
+                           "(HF_HUB_OFFLINE is set: nothing is fetched)") from None
+        if unreachable(e):
+            raise HubError(f"{src}: not a local path, and the Hugging Face Hub ({constants.ENDPOINT}) could not be "
+                           f"reached to fetch {src}{at}; with HF_HUB_OFFLINE=1 the local cache {cache} is used "
+                           "alone") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HubError(f"{src}: not a local path, and Hub model {src}{at} could not be fetched{offline}: "
+        raise HubError(f"{src}: not a local path, and Hub model {src}{at} could not be fetched: "
                        f"{type(e).__name__}: {reason}") from None
+
+
+def unreachable(error: BaseException) -> bool:
+    """The Hub could not be reached (no network, DNS, refused, timed out), as opposed to a missing repo
+    or revision: huggingface_hub reports it as LocalEntryNotFoundError (nothing cached either) or lets
+    the HTTP client's connection error through."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ in ("LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ConnectionError",
+                                    "ProxyError", "ReadTimeout") or isinstance(error, (ConnectionError, TimeoutError)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

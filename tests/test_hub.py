@@ -113,3 +113,27 @@ def test_local_path_wins_over_an_id(hub, tmp_path):
 def test_what_counts_as_an_id():
     assert is_repo_id("Qwen/Qwen3-8B") and is_repo_id("deepseek-ai/DeepSeek-V3.1")
     assert not any(is_repo_id(s) for s in ("Qwen3-8B", "/models/x", "./a/b", "a/b/c", "../x", "a/model.safetensors"))
+
+
+def test_unreachable_hub_is_one_line_saying_so(hub, tmp_path):
+    """Online, with the Hub unreachable (a closed local port as the endpoint) and nothing cached: one line
+    that says the Hub could not be reached and that HF_HUB_OFFLINE=1 uses the local cache."""
+    root, env, *_ = hub
+    env = {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env.pop("HF_HUB_OFFLINE")
+    r = fp8norm("quantize", "org/absent", tmp_path / "o", "-q", env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("Error: org/absent: not a local path, and the Hugging Face Hub (http://127.0.0.1:9) "
+                               "could not be reached to fetch org/absent; with HF_HUB_OFFLINE=1 the local cache ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_huggingface_hub_the_extra_is_named(monkeypatch):
+    import sys
+
+    from fp8norm.hub import HubError, resolve
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
+    with pytest.raises(HubError, match=r"^org/x: not a local path; Hub model ids need huggingface_hub: "
+                                       r"pip install 'fp8norm\[hub\]'$"):
+        resolve("org/x")
