@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The test command (README and .ci/run): install, then the whole suite. Kernel tests run the Triton
-# path under TRITON_INTERPRET=1 on CPU. pytest's exit code 5 (no tests collected) is a failure.
+# The test command (README and .ci/run): install with setup.sh --dev, then the whole suite with the
+# interpreter it installed into (tools/python_env.sh: the same rule). Extra arguments go to pytest.
+# Kernel tests run the Triton path under TRITON_INTERPRET=1 on CPU. pytest's exit code 5 (no tests
+# collected) is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 tools/setup.sh --dev || exit 1
-"$PY" -m pytest "$@"
+# shellcheck source=tools/python_env.sh
+. tools/python_env.sh
+choose_python_env "" 0
+"$ENV_PY" -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "run_tests: pytest collected no tests: failing" >&2
