@@ -735,7 +735,7 @@ def require_matplotlib() -> None:
         raise ValueError(PLOT_NEEDS_MATPLOTLIB) from None
 
 
-def sqnr_view(report: VerifyReport) -> tuple[float, float]:
+def _sqnr_view(report: VerifyReport) -> tuple[float, float]:
     """The plot's y range (dB): the finite SQNRs and the format's floor, the nearest band edge on each
     side of them (how far the data sit from the next band), and a strip below the worst tensor for
     the names of the worst ones. Not the whole band range: that squashes 1 dB of spread to nothing."""
@@ -743,6 +743,8 @@ def sqnr_view(report: VerifyReport) -> tuple[float, float]:
     floor = report.element_format.floor_sqnr_db
     values = [c.sqnr_db for c in report.checks if math.isfinite(c.sqnr_db)]
     lo, hi = min(values + [floor]), max(values + [floor])
+    if any(c.sqnr_db == -math.inf for c in report.checks):  # drawn on the bottom edge: in the FAIL band
+        lo = min(lo, b.sqnr_warn)
     edges = (b.sqnr_good, b.sqnr_warn)
     lo = max((e for e in edges if e <= lo), default=lo)
     hi = min((e for e in edges if e >= hi), default=hi)
@@ -767,13 +769,13 @@ def sqnr_figure(report: VerifyReport):
 
     fmt, b = report.element_format, report.bands
     floor = fmt.floor_sqnr_db
-    placed = [(c, *tensor_kind(c.name)) for c in report.checks]
-    layers = sorted({layer or "-" for _, _, layer in placed}, key=_layer_order)
+    placed = [(c, kind, layer or "-") for c in report.checks for kind, layer in [tensor_kind(c.name)]]
+    layers = sorted({layer for _, _, layer in placed}, key=_layer_order)
     kinds = sorted({kind for _, kind, _ in placed})
     x_of_layer = {k: i for i, k in enumerate(layers)}
     width = 0.8 / max(1, len(kinds))  # of one layer's x slot per kind
     offset = {k: (i - (len(kinds) - 1) / 2) * width for i, k in enumerate(kinds)}
-    lo, hi = sqnr_view(report)
+    lo, hi = _sqnr_view(report)
 
     fig = Figure(figsize=(min(18.0, max(10.0, 4 + 0.5 * len(layers))), 5.6), dpi=100)
     ax = fig.add_subplot()
@@ -797,17 +799,17 @@ def sqnr_figure(report: VerifyReport):
     colours = [f"C{i}" for i in range(10)]
     for i, kind in enumerate(kinds):
         mine = [(c, layer) for c, k, layer in placed if k == kind]
-        ax.scatter([x_of_layer[layer or "-"] + offset[kind] for _, layer in mine], [y_of(c) for c, _ in mine],
+        ax.scatter([x_of_layer[layer] + offset[kind] for _, layer in mine], [y_of(c) for c, _ in mine],
                    s=34, marker=markers[i % len(markers)], color=colours[i % len(colours)],
                    edgecolors="black", linewidths=0.4, zorder=3, clip_on=False, label=kind)
 
     worst_first = sorted(placed, key=lambda p: p[0].sqnr_db)[:WORST_ANNOTATED]
-    x_of_worst = [x_of_layer[layer or "-"] + offset[kind] for _, kind, layer in worst_first]
+    x_of_worst = [x_of_layer[layer] + offset[kind] for _, kind, layer in worst_first]
     y_of_worst = [y_of(c) for c, _, _ in worst_first]
     if worst_first:
         ax.scatter(x_of_worst, y_of_worst, s=190, facecolors="none", edgecolors="black", linewidths=1.6,
                    zorder=4, clip_on=False)
-        # the names in the strip below the data that sqnr_view keeps free, numbered as the rings
+        # the names in the strip below the data that _sqnr_view keeps free, numbered as the rings
         ax.text(0.01, 0.02, "\n".join(f"{rank}. {c.name}  {c.sqnr_db:.2f} dB ({c.status})"
                                       for rank, (c, _, _) in enumerate(worst_first, 1)),
                 transform=ax.transAxes, ha="left", va="bottom", fontsize=8, zorder=5, linespacing=1.3,
@@ -827,7 +829,8 @@ def sqnr_figure(report: VerifyReport):
     ax.grid(which="major", axis="y", color="white", linewidth=0.6, alpha=0.8)
     ax.set_xlabel("layer (tensor kinds side by side within each)")
     ax.set_ylabel("SQNR (dB), higher is better")
-    title = f"{report.scheme} ({fmt.name}) quantization error per tensor: {len(report.checks)} tensors, status {report.status}"
+    title = (f"{report.scheme} ({fmt.name}) quantization error per tensor: {len(report.checks)} tensors, "
+             f"status {report.status}")
     if report.calibration:
         title += f", calibration {report.calibration}"
     ax.set_title(title, fontsize=11)
