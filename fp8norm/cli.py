@@ -592,7 +592,10 @@ def verify_cmd(src, quant, verify_samples, check_all, json_path, plot_path, sqnr
     Example:
       fp8norm verify /models/Qwen3-8B /models/Qwen3-8B-FP8 --all --json report.json --plot report.png
     """
-    from .verify import EXIT_VERIFY_FAILED, FAIL, plot_report, verify
+    from .verify import EXIT_VERIFY_FAILED, FAIL, plot_report, require_matplotlib, verify
+
+    if plot_path:
+        require_matplotlib()  # before the work, not after it
 
     overrides = {k: v for k, v in (("cos", _two(cos_bands, "--cos-bands")), ("mae", _two(mae_bands, "--mae-bands")),
                                    ("maxae", _two(maxae_bands, "--maxae-bands"))) if v is not None}

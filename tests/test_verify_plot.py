@@ -159,3 +159,19 @@ def test_without_matplotlib_the_one_line_error_comes_before_any_work(tmp_path, m
     with pytest.raises(ValueError) as e:
         plot_report(object(), tmp_path / "r.png")
     assert str(e.value) == PLOT_ERROR and not (tmp_path / "r.png").exists()
+
+
+def test_verify_plot_without_matplotlib_fails_before_any_work(monkeypatch, tmp_path):
+    """`fp8norm verify --plot` without matplotlib: the one-line error comes before the report is computed."""
+    import sys
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    from fp8norm.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with mock.patch("fp8norm.verify.verify") as verify:
+        res = CliRunner().invoke(main, ["verify", str(tmp_path), str(tmp_path), "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 1 and "pip install 'fp8norm[plot]'" in res.output, res.output
+    assert not verify.called and not (tmp_path / "p.png").exists()
