@@ -187,7 +187,7 @@ def _words(text: str) -> list[str]:
 
 
 def kind(text: str) -> str:
-    """"fp8norm", "torchrun" (of fp8norm) or the OTHER_COMMANDS key of the line ("?" if none)."""
+    """The line's kind: "fp8norm", "torchrun" (of fp8norm), its OTHER_COMMANDS key, or "?"."""
     words = _words(text)
     if words[:1] == ["fp8norm"]:
         return "fp8norm"
