@@ -104,7 +104,8 @@ def main(debug):
       fp8norm quantize /tmp/tiny-bf16 /tmp/tiny-fp8
       fp8norm verify /tmp/tiny-bf16 /tmp/tiny-fp8
       fp8norm convert /tmp/tiny-fp8 /tmp/tiny-nvfp4 --to nvfp4
-      fp8norm shard /tmp/tiny-bf16 /tmp/tiny-mcore --layout mcore --pp 2
+      fp8norm make-example /tmp/tiny-qwen3-moe --family qwen3-moe
+      fp8norm shard /tmp/tiny-qwen3-moe /tmp/tiny-mcore --layout mcore --pp 2
       torchrun --nproc-per-node 8 -m fp8norm quantize SRC DST
     """
 

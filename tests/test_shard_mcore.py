@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8norm import numerics as nx
+from fp8norm.examples import make_example
 from fp8norm.reference import dequant_fp8_block, quant_fp8_block
 from fp8norm.shard.mcore import (ITER_DIR, LAYOUT_NAME, TRACKER_NAME, hf_to_mcore, mcore_to_hf, plan_mcore,
                                  rank_file)
@@ -312,6 +313,42 @@ def test_unknown_tensor_is_an_error(tmp_path):
     save_file(extra, str(tmp_path / "src" / "extra.safetensors"))
     (tmp_path / "src" / "model.safetensors.index.json").unlink()
     _raises_before_writing(tmp_path, "no Megatron-Core mapping.*rotary_emb", tmp_path / "src", tp=1)
+
+
+def test_other_architectures_are_refused_in_one_line(tmp_path):
+    """Qwen3.5 (Gated DeltaNet, fused experts, shared experts, vision tower, MTP) and DeepSeek-V3 (MLA,
+    MTP layer) need model-specific Megatron-Core modules: one line names each kind with a tensor of it."""
+    qwen35 = make_example(tmp_path / "qwen35", "qwen3.5-moe")
+    msg = _raises_before_writing(tmp_path, "cannot map", qwen35, tp=1, pp=2)
+    assert msg == (
+        f"{qwen35}: --layout mcore cannot map "
+        "linear attention (model.language_model.layers.0.linear_attn.A_log), "
+        "fused 3-D expert tensors (model.language_model.layers.0.mlp.experts.down_proj), "
+        "shared experts (model.language_model.layers.0.mlp.shared_expert.down_proj.weight), "
+        "a vision tower (model.visual.blocks.0.attn.proj.bias), "
+        "a multi-token-prediction block (mtp.fc.weight); "
+        "it maps Llama/Qwen3 dense and Qwen3-MoE checkpoints (model.layers.N.self_attn / mlp)")
+    deepseek = make_example(tmp_path / "deepseek", "deepseek-v3")
+    msg = _raises_before_writing(tmp_path, "cannot map", deepseek, tp=1, pp=2)
+    assert "multi-head latent attention (model.layers.0.self_attn.kv_a_proj_with_mqa.weight)" in msg
+    assert "a multi-token-prediction block (model.layers.2.eh_proj.weight)" in msg
+    # the built-in examples mcore does map
+    for family in ("llama", "qwen3-moe"):
+        src = make_example(tmp_path / family, family)
+        hf_to_mcore(src, tmp_path / f"{family}-mc", tp=1, pp=2, progress=False)
+        mcore_to_hf(tmp_path / f"{family}-mc", tmp_path / f"{family}-hf", progress=False)
+        assert_same_tensors(read_dir(src), read_dir(tmp_path / f"{family}-hf"))
+
+
+def test_no_decoder_layers_is_named(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    save_file({"transformer.h.0.attn.c_attn.weight": torch.zeros(8, 8)}, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"num_attention_heads": 1, "hidden_size": 8}))
+    msg = _raises_before_writing(tmp_path, "no tensor is named", root, tp=1)
+    assert msg == ("no tensor is named model.layers.N.* (e.g. transformer.h.0.attn.c_attn.weight); Megatron-Core's "
+                   "decoder.layers.N.* are mapped from Llama/Qwen3 dense and Qwen3-MoE checkpoints "
+                   "(model.layers.N.self_attn / mlp)")
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,11 @@
 `hf_to_mcore` splits a Llama/Qwen3-style dense or Qwen3-MoE-style checkpoint over tensor (TP), pipeline
 (PP) and expert (EP) parallel ranks under Megatron-Core names; `mcore_to_hf` puts it back together.
 `plan_mcore` / `plan_mcore_to_hf` build the job lists and raise a ValueError for every divisibility or
-scale-grid problem before anything is written. Execution goes through `shard.jobs.write_rank_files`
-(the output engine): every rank file is streamed at once and memory holds one module's source tensors
-(e.g. one layer's q, k and v) at a time.
+scale-grid problem before anything is written. Other architectures (linear attention, MLA, fused 3-D
+experts, shared experts, vision towers, MTP blocks: Qwen3.5, DeepSeek-V3) are refused up front, each kind
+named in one line: Megatron-Core builds those from model-specific module specs this mapping does not write.
+Execution goes through `shard.jobs.write_rank_files` (the output engine): every rank file is streamed at
+once and memory holds one module's source tensors (e.g. one layer's q, k and v) at a time.
 
 Folder layout written by `hf_to_mcore` (DST)::
 
@@ -106,6 +108,18 @@ KEY_SEP = "::"  # "<rank file>::<tensor name>": keys of MCore tensors read back 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+SUPPORTED = "Llama/Qwen3 dense and Qwen3-MoE checkpoints (model.layers.N.self_attn / mlp)"
+# Modules that Megatron-Core builds from other specs than the GPT decoder layer mapped here (Gated
+# DeltaNet, MLA, vision towers, MTP each need a model-specific bridge): refused up front, all named in one
+# line, rather than failing on the first layer that lacks q/k/v or a config count that disagrees.
+_UNMAPPABLE = (
+    ("linear attention", re.compile(r"\.linear_attn\.")),
+    ("multi-head latent attention", re.compile(r"\.self_attn\.(q_a_proj|kv_a_proj_with_mqa)\.")),
+    ("fused 3-D expert tensors", re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")),
+    ("shared experts", re.compile(r"\.mlp\.shared_experts?(_gate)?\.")),
+    ("a vision tower", re.compile(r"^(model\.)?(visual|vision_tower|vision_model)\.")),
+    ("a multi-token-prediction block", re.compile(r"^mtp\.|\.(eh_proj|enorm|hnorm)\.")),
+)
 
 
 def rank_dir(t: int, s: int, e: int, ep: int) -> str:
@@ -220,7 +234,10 @@ class _Mapper:
             m = _LAYER_RE.match(name)
             if m:
                 layers.setdefault(int(m[1]), {})[m[2]] = name
-        found = max(layers) + 1 if layers else 0
+        if not layers:
+            raise ValueError(f"no tensor is named model.layers.N.* (e.g. {', '.join(list(weights)[:3])}); "
+                             f"Megatron-Core's decoder.layers.N.* are mapped from {SUPPORTED}")
+        found = max(layers) + 1
         missing = [i for i in range(found) if i not in layers]
         if missing:
             raise ValueError(f"the checkpoint has no tensors for layer(s) {missing} (of 0..{found - 1})")
@@ -236,8 +253,8 @@ class _Mapper:
         self._build()
         left = [n for n in weights if n not in self.used]
         if left:
-            raise ValueError(f"{len(left)} tensor(s) have no Megatron-Core mapping (supported: Llama/Qwen3 "
-                             f"dense and Qwen3-MoE layouts), e.g. {', '.join(left[:5])}")
+            raise ValueError(f"{len(left)} tensor(s) have no Megatron-Core mapping (supported: {SUPPORTED}), "
+                             f"e.g. {', '.join(left[:5])}")
 
     # -- helpers ---------------------------------------------------------------------------------------
     def shape(self, name: str) -> tuple:
@@ -434,6 +451,18 @@ def _read_config(root: Path) -> dict:
     return read_json(p, "config.json")
 
 
+def _refuse_unmappable(root: Path, weights) -> None:
+    """One line naming every module kind of `weights` this mapping cannot express, with a tensor of each."""
+    found = {}
+    for name in weights:
+        for what, pattern in _UNMAPPABLE:
+            if pattern.search(name):
+                found.setdefault(what, name)
+    if found:
+        kinds = ", ".join(f"{what} ({name})" for what, name in found.items())
+        raise ValueError(f"{root}: --layout mcore cannot map {kinds}; it maps {SUPPORTED}")
+
+
 def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, grouped_gemm: bool = False,
                requant: bool = False, amax_floor: float | None = None, scale_fmt: str | None = None
                ) -> McorePlan:
@@ -444,6 +473,7 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
     block = fmt.block if fmt.requantizable else nx.DEFAULT_BLOCK_SIZE
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
     weights, specs = specs_from_table(table, fmt)
+    _refuse_unmappable(ckpt.root, weights)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
     opts = quant_opts(requant, amax_floor, scale_fmt,
                       "Pass requant=True (--requant) to dequantize and requantize the misaligned pieces, or "
