@@ -265,7 +265,8 @@ def scale_fmt_option(help_text: str):
 
 def json_option(what: str):
     """--json FILE (`-` or no value: standard output): one meaning in every command."""
-    return click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="FILE",
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), is_flag=False,
+                        flag_value="-", default=None, metavar="FILE",
                         help=f"Write {what} as JSON to FILE (--json alone or --json -: standard output).")
 
 SKIP_VERIFY = click.option("--skip-verify", is_flag=True, help="No verification after writing.")

@@ -340,7 +340,8 @@ def test_example_blocks_are_read_as_written():
     multi = [ex for ex in readme_examples() if ex.text.startswith("torchrun --nnodes 4")]
     assert len(multi) == 1 and multi[0].text.endswith("-m fp8norm quantize SRC DST")  # joined across "\"
     first = [ex.text for ex in readme_examples() if ex.source == readme_examples()[0].source]
-    assert first[0] == "tools/setup.sh" and first[1].startswith("fp8norm make-example")  # split at &&
+    assert first[0] == "tools/setup.sh" and first[1] == ". .venv/bin/activate"  # split at &&
+    assert first[2].startswith("fp8norm make-example")
     # the tools' help texts are read (none shows an fp8norm command line today)
     assert "python tools/make_tiny_checkpoint.py /tmp/tiny" in _tool_help(ROOT / "tools/make_tiny_checkpoint.py")
     assert "  tools/setup.sh --dev " in _tool_help(ROOT / "tools/setup.sh")
