@@ -300,7 +300,7 @@ def test_run_tests_uses_the_python_setup_installed_into(runner, test_venv, tmp_p
     res = runner.run("run_tests.sh", "-k", "numerics", PYTHON=python, PYTEST_LOG=str(pytest_log), PYTEST_RC="0")
     assert res.returncode == 0, res.stderr
     assert runner.pip_calls()[-1] == [python, "-e", ".[test]"]
-    assert json.loads(pytest_log.read_text()) == [python, ["-k", "numerics"]]
+    assert json.loads(pytest_log.read_text()) == [python, ["-n", "2", "-k", "numerics"]]  # both cores
 
     none = runner.run("run_tests.sh", PYTHON=python, PYTEST_LOG=str(pytest_log), PYTEST_RC="5")
     assert none.returncode == 1

@@ -1,6 +1,8 @@
 """CPU threads are chosen from what the process may use: affinity, cgroup quota, torchrun ranks on the
 node, minus the pipeline's reader and writer threads; --threads overrides."""
 
+import os
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -57,5 +59,7 @@ def test_cli_applies_and_reports_the_choice(tmp_path, restore_threads):
     res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "o"), "--threads", "1", "-q"])
     assert res.exit_code == 0, res.output
     assert "threads   1 intra-op thread(s): --threads" in res.output and torch.get_num_threads() == 1
-    res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "p"), "--threads", "0"])
-    assert res.exit_code == 2 and "--threads must be >= 1" in res.output
+    for bad in ("0", str((os.cpu_count() or 1) + 1), "100000"):  # more threads than CPUs only spin (or exhaust)
+        res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "p"), "--threads", bad])
+        assert res.exit_code == 2 and f"Invalid value for '--threads': {bad} is not in the range 1<=x<=" in res.output
+        assert not (tmp_path / "p").exists()
