@@ -222,22 +222,25 @@ def test_an_unreachable_index_is_said_in_one_line_and_pip_uses_its_default_index
     assert runner.torch_installs() == [[str(test_venv / "bin" / "python"), TORCH]]
 
 
-def test_an_index_answering_with_an_error_is_probed_once(runner, test_venv, index_server):
+def setup_with_index(runner, test_venv, index_server, status: int):
+    """setup.sh on a machine without GPU or torch, its CPU index a local server answering `status`;
+    the index must be probed exactly once."""
     runner.no_gpu()
-    index, requested = index_server(404)
+    index, requested = index_server(status)
     res = runner.run("setup.sh", PYTHON=str(test_venv / "bin" / "python"), FP8NORM_TORCH_INDEX=index)
     assert res.returncode == 0, res.stderr
     assert requested == ["/whl/cpu/torch/"]
+    return index, res
+
+
+def test_an_index_answering_with_an_error_is_probed_once(runner, test_venv, index_server):
+    index, res = setup_with_index(runner, test_venv, index_server, 404)
     assert f"the CPU index {index} is unreachable (HTTP 404): installing torch==2.13.0" in res.stdout
     assert runner.torch_installs() == [[str(test_venv / "bin" / "python"), TORCH]]
 
 
 def test_a_reachable_index_is_used(runner, test_venv, index_server):
-    runner.no_gpu()
-    index, requested = index_server(200)
-    res = runner.run("setup.sh", PYTHON=str(test_venv / "bin" / "python"), FP8NORM_TORCH_INDEX=index)
-    assert res.returncode == 0, res.stderr
-    assert requested == ["/whl/cpu/torch/"]
+    index, res = setup_with_index(runner, test_venv, index_server, 200)
     assert f"setup.sh: no torch and no NVIDIA GPU: installing the CPU wheel torch==2.13.0 from {index}" in _lines(res)
     assert runner.torch_installs() == [[str(test_venv / "bin" / "python"), TORCH, "--index-url", index,
                                         "--retries", "0", "--timeout", "30"]]
