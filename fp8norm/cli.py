@@ -155,19 +155,27 @@ def _report(summary, dst) -> None:
         click.echo(f"exit code {EXIT_VERIFY_FAILED}: the output failed its verification (marked in "
                    f"{dst}/fp8norm.json)", err=True)
         raise SystemExit(EXIT_VERIFY_FAILED)
-    skipped = "--skip-verify" if ctx.params.get("skip_verify") else \
-        "--verify-samples 0" if ctx.params.get("verify_samples") == 0 else None
-    if report is None and skipped and source is not None:
-        click.echo(f"verify    nothing checked ({skipped}); to check: fp8norm verify {shlex.quote(str(source))} "
-                   f"{shlex.quote(str(dst))}")
+    if report is None and source is not None:
+        click.echo(f"verify    {_nothing_checked(ctx.params, source, dst)}")
     _check_all_hint(report, source, dst)
     if ctx.info_name in ("quantize", "convert"):
         click.echo(f"load      {_load_hint(dst, ctx.params.get('to'))}")
 
 
+def _nothing_checked(params: dict, src, dst) -> str:
+    """Why a quantize / convert / repack run checked no tensor, and how to check when it could have."""
+    for flag, given in (("--skip-verify", params.get("skip_verify")),
+                        ("--verify-samples 0", params.get("verify_samples") == 0)):
+        if given:
+            return f"nothing checked ({flag}); to check: fp8norm verify {shlex.quote(str(src))} {shlex.quote(str(dst))}"
+    if str(params.get("to")).startswith("nvfp4"):
+        return "nothing checked: NVFP4 tensors are not checked after writing"
+    return "nothing checked: no tensor was rounded anew (only those are compared with the source)"
+
+
 def _check_all_hint(report, src, quant) -> None:
-    """After a sampled verification: the command that checks every tensor."""
-    if report is not None and src is not None and 0 < len(report.checks) < report.fp8_tensors:
+    """After a verification that checked some of the FP8 tensors (or none): the command that checks all."""
+    if report is not None and src is not None and len(report.checks) < report.fp8_tensors:
         click.echo(f"check all fp8norm verify {shlex.quote(str(src))} {shlex.quote(str(quant))} --all")
 
 
