@@ -115,11 +115,11 @@ def _report_peak_rss() -> None:
 
 def _interrupted_lines(ctx, e: KeyboardInterrupt) -> list[str]:
     """What a Ctrl-C left in DST and the command line that goes on from there."""
+    if ctx.meta.get("fp8norm.reported"):
+        return ["Interrupted after the output was complete: nothing to continue."]
     argv = ctx.meta.get("fp8norm.argv", [])
     prog = ctx.info_name or "fp8norm"  # as started: fp8norm, or python -m fp8norm
     continued = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
-    if ctx.meta.get("fp8norm.reported"):
-        return ["Interrupted after the output was complete: nothing to continue."]
     # fp8norm.engine.Interrupted says what DST holds (not imported here: a Ctrl-C may land mid-import)
     holds = getattr(e, "holds", None)
     if holds is None:
@@ -167,7 +167,7 @@ def _nothing_checked(params: dict, src, dst) -> str:
     for flag, given in (("--skip-verify", params.get("skip_verify")),
                         ("--verify-samples 0", params.get("verify_samples") == 0)):
         if given:
-            return f"nothing checked ({flag}); to check: fp8norm verify {shlex.quote(str(src))} {shlex.quote(str(dst))}"
+            return f"nothing checked ({flag}); to check: fp8norm verify {shlex.join([str(src), str(dst)])}"
     if str(params.get("to")).startswith("nvfp4"):
         return "nothing checked: NVFP4 tensors are not checked after writing"
     return "nothing checked: no tensor was rounded anew (only those are compared with the source)"
@@ -176,7 +176,7 @@ def _nothing_checked(params: dict, src, dst) -> str:
 def _check_all_hint(report, src, quant) -> None:
     """After a verification that checked some of the FP8 tensors (or none): the command that checks all."""
     if report is not None and src is not None and len(report.checks) < report.fp8_tensors:
-        click.echo(f"check all fp8norm verify {shlex.quote(str(src))} {shlex.quote(str(quant))} --all")
+        click.echo(f"check all fp8norm verify {shlex.join([str(src), str(quant)])} --all")
 
 
 def _load_hint(dst, convert_to: str | None) -> str:

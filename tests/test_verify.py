@@ -168,7 +168,8 @@ def test_writing_commands_say_what_they_checked(clean, tmp_path):
     assert "VERIFICATION" not in res.output and "GOOD" not in res.output
     assert res.output.endswith(f"wrote     {q}\n"
                                f"verify    nothing checked (--skip-verify); to check: fp8norm verify {src} {q}\n"
-                               f'load      vllm serve {q}   (transformers: AutoModelForCausalLM.from_pretrained("{q}"))\n')
+                               f"load      vllm serve {q}   (transformers: "
+                               f'AutoModelForCausalLM.from_pretrained("{q}"))\n')
     bf16 = tmp_path / "bf16"
     res = CliRunner().invoke(main, ["convert", str(fp8), str(bf16), "--to", "bf16"])  # dequantizes: rounds nothing
     assert res.exit_code == 0, res.output
@@ -273,6 +274,8 @@ def test_bands_are_configurable(clean):
     assert report.status == FAIL and "nothing clipped" in report.format()
     res = run(*clean, "--sqnr-bands", "40,25")
     assert res.exit_code == 0 and "WARN" in res.output and "GOOD >= 40" in res.output
+    assert _verdict(res.output) == ("  Checked 5 of 32 FP8 tensors (sampled): correct, but the format costs more "
+                                    "than usual here: see above.")
     # the seed tool's absolute bands, on request
     res = run(*clean, "--cos-bands", "0.99999999,0.9999999")
     assert res.exit_code == EXIT_VERIFY_FAILED and "cosine (absolute)" in res.output
