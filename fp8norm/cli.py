@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 
 import click
 from click.core import ParameterSource
@@ -11,6 +12,9 @@ from click.core import ParameterSource
 from . import __version__
 from . import distributed
 from .distributed import RankAborted
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report for a Ctrl-C
 
 
 class Command(click.Command):
@@ -63,7 +67,12 @@ class Choices(click.Choice):
 
 
 class _Group(click.Group):
-    """Every failure is one line on stderr and exit code 1; --debug shows the traceback instead."""
+    """Every failure is one line on stderr and exit code 1; --debug shows the traceback instead. Ctrl-C
+    says what DST holds and how to go on, exit code 130."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["fp8norm.argv"] = list(args)  # the command line as given: Ctrl-C prints how to go on
+        return super().parse_args(ctx, args)
 
     command_class = Command
 
@@ -72,6 +81,13 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
+        except KeyboardInterrupt as e:
+            if os.environ.get("RANK", "0") == "0":
+                command = self.get_command(ctx, ctx.invoked_subcommand or "")
+                writes_dst = command is not None and any(p.name == "resume" for p in command.params)
+                for line in _interrupted_lines(ctx, e) if writes_dst else ["Interrupted."]:
+                    click.echo(line, err=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
         except RankAborted:
             raise SystemExit(1) from None  # another torchrun rank failed; rank 0 reports its error once
         except Exception as e:  # noqa: BLE001 - the last line of defence of a command-line tool
@@ -155,25 +171,79 @@ def _report_peak_rss() -> None:
         pass
 
 
+def _interrupted_lines(ctx, e: KeyboardInterrupt) -> list[str]:
+    """What a Ctrl-C left in DST and the command line that goes on from there."""
+    if ctx.meta.get("fp8norm.reported"):
+        return ["Interrupted after the output was complete: nothing to continue."]
+    argv = ctx.meta.get("fp8norm.argv", [])
+    prog = ctx.info_name or "fp8norm"  # as started: fp8norm, or python -m fp8norm
+    continued = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    # fp8norm.engine.Interrupted says what DST holds (not imported here: a Ctrl-C may land mid-import)
+    holds = getattr(e, "holds", None)
+    if holds is None:
+        return ["Interrupted before anything was written to the output directory.",
+                f"Run again: {prog} {shlex.join(argv)}"]
+    if e.next_step is None:
+        return [f"Interrupted: {holds}."]
+    run = f"Continue with: {prog} {shlex.join(continued)}" if e.next_step == "resume" else \
+        f"Run again: {prog} {shlex.join(argv)}"
+    return [f"Interrupted: {holds}.", run]
+
+
 def _report(summary, dst) -> None:
-    """Print a run's summary (under torchrun only rank 0 speaks); exit EXIT_VERIFY_FAILED (3) when
-    the run's own verification FAILed (the output stays, marked in fp8norm.json)."""
+    """Print a run's summary (under torchrun only rank 0 speaks), what its verification checked and the
+    next step; exit EXIT_VERIFY_FAILED (3) when the run's own verification FAILed (the output stays,
+    marked in fp8norm.json)."""
+    ctx = click.get_current_context()
+    ctx.meta["fp8norm.reported"] = True  # DST is complete: a Ctrl-C from here on leaves nothing to continue
     if os.environ.get("RANK", "0") != "0":
         return
     click.echo(summary.format())
-    choice = click.get_current_context().meta.get("fp8norm.threads")
+    choice = ctx.meta.get("fp8norm.threads")
     if choice is not None and str(getattr(summary, "device", "cpu")).startswith("cpu"):
         click.echo(f"threads   {choice.describe()}")
     report = getattr(summary, "verify", None)
     if report is not None:
         click.echo(report.format())
     click.echo(f"wrote     {dst}")
+    source = getattr(summary, "source", None)  # quantize, convert and repack (RunSummary)
     if report is not None and report.status == "FAIL":
         from .verify import EXIT_VERIFY_FAILED
 
         click.echo(f"exit code {EXIT_VERIFY_FAILED}: the output failed its verification (marked in "
                    f"{dst}/fp8norm.json)", err=True)
         raise SystemExit(EXIT_VERIFY_FAILED)
+    if report is None and source is not None:
+        click.echo(f"verify    {_nothing_checked(ctx.params, source, dst)}")
+    _check_all_hint(report, source, dst)
+    if ctx.info_name in ("quantize", "convert"):
+        click.echo(f"load      {_load_hint(dst, ctx.params.get('to'))}")
+
+
+def _nothing_checked(params: dict, src, dst) -> str:
+    """Why a quantize / convert / repack run checked no tensor, and how to check when it could have."""
+    for flag, given in (("--skip-verify", params.get("skip_verify")),
+                        ("--verify-samples 0", params.get("verify_samples") == 0)):
+        if given:
+            return f"nothing checked ({flag}); to check: fp8norm verify {shlex.join([str(src), str(dst)])}"
+    if str(params.get("to")).startswith("nvfp4"):
+        return "nothing checked: NVFP4 tensors are not checked after writing"
+    return "nothing checked: no tensor was rounded anew (only those are compared with the source)"
+
+
+def _check_all_hint(report, src, quant, err: bool = False) -> None:
+    """After a verification that checked some of the FP8 tensors (or none): the command that checks all."""
+    if report is not None and src is not None and len(report.checks) < report.fp8_tensors:
+        click.echo(f"check all fp8norm verify {shlex.join([str(src), str(quant)])} --all", err=err)
+
+
+def _load_hint(dst, convert_to: str | None) -> str:
+    """One line that loads the output (README, "Load the output"): every output of quantize and convert is
+    a Hugging Face checkpoint whose config says how it is quantized."""
+    path = shlex.quote(str(dst))
+    if convert_to in ("nvfp4", "nvfp4-ct"):
+        return f"vllm serve {path}   (NVFP4: a Blackwell GPU)"
+    return f'vllm serve {path}   (transformers: AutoModelForCausalLM.from_pretrained("{dst}"))'
 
 
 def _size(_ctx, _param, value):
@@ -605,6 +675,7 @@ def verify_cmd(src, quant, verify_samples, check_all, json_path, plot_path, sqnr
         overrides["sqnr_good"], overrides["sqnr_warn"] = _two(sqnr_bands, "--sqnr-bands")
     report = verify(src, quant, samples=None if check_all else verify_samples, band_overrides=overrides)
     click.echo(report.format(), err=json_path == "-")
+    _check_all_hint(report, src, quant, err=json_path == "-")
     if json_path is not None:
         _write_json(report.to_dict(), json_path)
     if plot_path:

@@ -31,8 +31,8 @@ import torch
 from . import _faults, distributed
 from ._memory import pin_mmap_threshold
 from .checkpoint import SourceCheckpoint
-from .output import (MANIFEST_NAME, ManifestRecord, OutputDir, OutputError, atomic_write_text, copy_file,
-                     io_error, read_manifest, source_identity, with_file)
+from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
+                     copy_file, io_error, read_manifest, source_identity, with_file)
 from .st_io import OutEntry, ShardWriter, read_tensor, tensor_bytes
 
 
@@ -64,10 +64,38 @@ class RunStats:
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
+        resumed = f"; {self.files_skipped} already done, kept" if self.files_skipped else ""
         return "\n".join([
-            f"tensors   {self.tensors_in} read -> {self.tensors_out} written in {self.files} rank file(s)",
+            f"tensors   {self.tensors_in} read -> {self.tensors_out} written in {self.files} rank file(s){resumed}",
             f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out",
             f"time      {self.wall_s:.2f} s", *self.notes])
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a single-process run once DST was touched, raised after the reader and writer
+    threads have stopped and every partly written file is gone. `holds`: what DST holds now, a clause;
+    `next_step`: "resume" (the same command with --resume goes on), "again" (the same command as
+    given: --overwrite was emptying DST) or None (the output is complete)."""
+    PREPARING, WRITING, COMPLETE = "preparing", "writing", "complete"
+
+    def __init__(self, dst: Path, stage: str, *, finished: int, files: int, overwrite: bool):
+        self.dst, self.stage, self.finished, self.files = dst, stage, finished, files
+        manifest = f"listed in {MANIFEST_NAME}"
+        if stage == self.PREPARING:
+            self.holds = (f"{dst} was being emptied for --overwrite" if overwrite else
+                          f"{dst} was being prepared; this run wrote nothing yet")
+            self.next_step = "again" if overwrite else "resume"
+        elif stage == self.COMPLETE:
+            self.holds, self.next_step = f"the output in {dst} is complete", None
+        elif finished == files:
+            self.holds = (f"all {files} output file(s) are finished and kept in {dst} ({manifest}); the index "
+                          "and the other closing files are not written yet")
+            self.next_step = "resume"
+        else:
+            self.holds = (f"{finished} of {files} output file(s) are finished and kept in {dst} ({manifest}); "
+                          "no partly written file is left")
+            self.next_step = "resume"
+        super().__init__(self.holds)
 
 
 def on_rank0(ctx, fn):
@@ -162,12 +190,14 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     def still_needed() -> int:
         return total - sum(sizes.get(f, 0) for f in finished)
 
+    stage = Interrupted.PREPARING
     try:
         try:
             done = on_rank0(ctx, prepare)  # its errors (DST locked, ...) must not be recorded in DST
         except OSError as e:
             raise io_error(e, dst, total, 0) from None
         finished.update(done)
+        stage = Interrupted.WRITING
         stats.files_skipped = len(done)
         pending = [f for f in files if f not in done]
         mine = set(pending)
@@ -184,7 +214,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             if ctx is None:
                 raise
             if not isinstance(e, distributed.RankAborted):
-                distributed.record_failure(dst, ctx.rank, str(e))
+                distributed.record_failure(dst, ctx.rank, str(e) or type(e).__name__)
         if ctx is not None:
             # every rank has stopped streaming; rank 0's statistics count the whole job
             gathered = ctx.gather((stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out,
@@ -206,10 +236,20 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
                 if before_finish is not None:
                     before_finish(pending)
                 _finish(ckpt, dst, copies, texts, fingerprint, sources)
+                stage = Interrupted.COMPLETE
             except OSError as e:
                 raise io_error(e, dst, _finish_bytes(ckpt, copies, texts), total) from None
         if ctx is not None:
             ctx.gather(True)  # nobody leaves before rank 0 has written the index and config
+    except KeyboardInterrupt:
+        if ctx is not None:
+            raise
+        if stage != Interrupted.PREPARING:
+            # the lock is still held, so every partial file is this run's (the writer drops its own,
+            # a text file cut short in _finish is dropped here)
+            for p in dst.rglob(PARTIAL_GLOB):
+                p.unlink(missing_ok=True)
+        raise Interrupted(dst, stage, finished=len(finished), files=len(files), overwrite=overwrite) from None
     finally:
         out.close()
     stats.wall_s = time.perf_counter() - t_start
@@ -259,6 +299,26 @@ class _ByteBudget:
 _DONE = object()
 
 
+class _Worker:
+    """A daemon thread running `target`, and `wait()` for its end. Not Thread.join: on CPython 3.11 a
+    Ctrl-C landing in join marks a thread that is still running as stopped (bpo-45274's handler
+    releases the thread's own state lock), so the caller would go on while the writer still writes."""
+
+    def __init__(self, target: Callable[[], None]):
+        self.ended = threading.Event()
+
+        def run():
+            try:
+                target()
+            finally:
+                self.ended.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def wait(self) -> None:
+        self.ended.wait()
+
+
 def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes, stats, desc
             ) -> None:
     """Read, compute and write the files in `mine` with overlapping reader / compute / writer stages."""
@@ -299,6 +359,8 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                 if stop.is_set():
                     return
                 in_budget.acquire(nbytes_in[id(job)], stop)
+                if stop.is_set():  # woken by a stop: read nothing more
+                    return
                 t0 = time.perf_counter()
                 xs, ds = [], []
                 for name in job.sources:
@@ -361,9 +423,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
             for w in open_files.values():
                 w.abort()
 
-    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
-    for th in threads:
-        th.start()
+    threads = [_Worker(reader), _Worker(writer)]
     try:
         while True:
             item = q_in.get()
@@ -393,7 +453,12 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
     finally:
         q_out.put(_DONE)
         for th in threads:
-            th.join()
+            while True:
+                try:
+                    th.wait()
+                    break
+                except KeyboardInterrupt as e:  # a Ctrl-C while stopping: wait all the same (one tensor at most)
+                    fail(e)
         if share is not None:
             share.close()
         bar.close()

@@ -38,20 +38,23 @@ _VERBS = {D.FP8: "quantized", D.KEEP: "kept", D.PASSTHROUGH: "passed through", D
 
 @dataclass
 class RunSummary(RunStats):
-    """The engine's figures for a plan's run (files = shards), with the plan's tensor counts."""
+    """The engine's figures for a plan's run (files = shards), with the plan's tensor counts (the whole
+    output's, also when resumed) and the source directory the output was made from."""
     tensors: dict = field(default_factory=dict)
     device: str = "cpu"
     verify: VerifyReport | None = None
+    source: Path | None = None
 
     def format(self) -> str:
         rate = self.bytes_in / max(self.wall_s, 1e-9)
         speed = f"{rate / 1e9:.2f} GB/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MB/s"  # no "0.00 GB/s"
         counts = ", ".join(f"{n} {_VERBS.get(d, d)}" for d, n in self.tensors.items()
                            if d in _VERBS and (n or d == D.KEEP))
+        resumed = self.files_skipped > 0  # the bytes and times are this run's, the tensor counts the output's
         lines = [
-            f"tensors   {counts}",
-            f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out "
-            f"({self.files_written} shard(s) written, {self.files_skipped} already done)",
+            f"tensors   {counts}{' in the whole output' if resumed else ''}",
+            f"bytes     {self.bytes_in / 1e9:.3f} GB in -> {self.bytes_out / 1e9:.3f} GB out"
+            f"{' now' if resumed else ''} ({self.files_written} shard(s) written, {self.files_skipped} already done)",
             f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
             f"({self.device}), write {self.write_s:.2f} s; {speed}",
         ]
@@ -130,8 +133,9 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
 
     `transform` (a Transform; None: BlockQuantize) makes each planned tensor's output tensors,
     config.json, the files beside it and the summary's notes. `verify_samples` freshly rounded tensors
-    of each shard written are re-read from disk once all shards are complete and compared with the
-    source (summary.verify holds the report). Under torchrun the shards are shared out between the
+    of each shard are re-read from disk once all shards are complete and compared with the source
+    (summary.verify holds the report); a resumed run samples the shards an earlier run wrote too, so its
+    report covers the whole output, as a clean run's does. Under torchrun the shards are shared out between the
     ranks (see fp8norm.distributed). Everything that can be checked (device, config.json, the output
     texts) is checked before DST is touched.
     """
@@ -149,15 +153,15 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
             for s in plan.shards for t in by_shard[s]]
     report = _new_report(plan) if verify_samples else None
 
-    def verify(written: list[str]) -> None:
+    def verify(_written: list[str]) -> None:
         # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
-        for shard in written:
+        for shard in plan.shards:
             _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, report)
         if report.status == FAIL and PROVENANCE_NAME in texts:
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
             texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], report)
 
-    summary = RunSummary(tensors=plan.totals(), device=str(dev), verify=report)
+    summary = RunSummary(tensors=plan.totals(), device=str(dev), verify=report, source=plan.source)
     run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
              progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
              before_finish=verify if verify_samples else None, notes=transform.records, stats=summary)
@@ -217,5 +221,6 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
         q = read_tensor(infos[t.outputs[0].name])
         scale_inv = read_tensor(infos[t.outputs[1].name])
         report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, block, report.bands))
-    report.fp8_tensors += len(rounded)
+    # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
+    report.fp8_tensors += sum(len(t.outputs) // 2 if scheme is not None else 1 for t in rounded)
     report.kept_tensors += len(tensors) - len(rounded)

@@ -480,9 +480,18 @@ class VerifyReport:
         recs = recommendations(self)
         if recs:
             lines += ["-" * 72, "  RECOMMENDATIONS"] + [f"  {i + 1}. {r}" for i, r in enumerate(recs)]
-        verdict = {GOOD: "All checks GOOD. Ready for inference.",
-                   WARN: "Correct, but the format costs more than usual here: see above.",
-                   FAIL: "FAIL: do not deploy this checkpoint."}[self.status]
+        # the verdict claims no more than was checked: how many of the FP8 tensors, and none is no verdict
+        checked = len(self.checks)
+        if self.status == FAIL:
+            verdict = "FAIL: do not deploy this checkpoint."
+        elif not checked:
+            verdict = (f"Nothing was checked: 0 of {self.fp8_tensors} FP8 tensors sampled." if self.fp8_tensors else
+                       "Nothing was checked: no FP8 weight tensor to compare with the source.")
+        else:
+            what = (f"All {checked} FP8 tensors checked" if checked >= self.fp8_tensors else
+                    f"Checked {checked} of {self.fp8_tensors} FP8 tensors (sampled)")
+            verdict = what + {GOOD: ": all GOOD.",
+                              WARN: ": correct, but the format costs more than usual here: see above."}[self.status]
         lines += ["-" * 72, f"  {verdict}", "=" * 72]
         return "\n".join(lines)
 

@@ -75,6 +75,12 @@ def test_first_command_output_is_clean(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["quantize", str(tmp_path / "bf16"), str(tmp_path / "fp8")])
     assert res.exit_code == 0, res.output
-    assert "All checks GOOD. Ready for inference." in res.output
+    # 23 FP8 tensors in one shard, 5 re-read: the verdict says so, then how to check all and to load
+    bf16, fp8 = tmp_path / "bf16", tmp_path / "fp8"
+    assert res.output.endswith(f"  Checked 5 of 23 FP8 tensors (sampled): all GOOD.\n{'=' * 72}\n"
+                               f"wrote     {fp8}\n"
+                               f"check all fp8norm verify {bf16} {fp8} --all\n"
+                               f"load      vllm serve {fp8}   (transformers: "
+                               f'AutoModelForCausalLM.from_pretrained("{fp8}"))\n'), res.output
     for bad in ("WARN  ", "  FAIL  ", "FAIL:", "NOT GOOD", "RECOMMENDATIONS", "0.00 GB/s", "Traceback"):
         assert bad not in res.output, bad

@@ -9,6 +9,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,10 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import fp8norm.output
 import fp8norm.pipeline
+import fp8norm.quantize
+import fp8norm.verify
+from fp8norm.cli import main
 from fp8norm.examples import make_example
 from fp8norm.output import LOCK_NAME, MANIFEST_NAME
 from tests.ckpt_utils import cli, one_line_error, tree_bytes
@@ -224,6 +231,102 @@ def test_lock_of_a_killed_run_does_not_block_resume(clean, tmp_path):
     assert tree_bytes(tmp_path / "dst") == tree_bytes(out)
 
 
+# ---------------------------------------------------------------- Ctrl-C: what DST holds, how to go on
+
+@pytest.mark.parametrize("pause,extra", [("tensor-written:3", []), ("shard-renamed:2", ["--overwrite"]),
+                                         ("text-renamed:1", [])],
+                         ids=["mid-shard", "overwrite-shard-renamed", "preparing"])
+def test_ctrl_c_keeps_finished_shards_and_prints_the_command_that_goes_on(clean, tmp_path, pause, extra):
+    """SIGINT to a real run held at a pause point: exit 130, two lines (what DST holds, the command with
+    --resume and without --overwrite), DST holds the finished shards and the manifest only; the printed
+    command, run as printed, ends byte-identical to a run alone."""
+    s, out = clean
+    dst, flag = tmp_path / "dst", tmp_path / "paused"
+    run = _subprocess_run(s, dst, *extra, env={"FP8NORM_PAUSE_AT": pause, "FP8NORM_PAUSE_FILE": str(flag)})
+    try:
+        _wait_for(flag, run)
+        held = snapshot(dst)
+        run.send_signal(signal.SIGINT)
+        time.sleep(1)  # taken while the run is held
+        flag.unlink()
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, stderr
+    assert any(name.endswith(".partial") for name in held) == (pause == "tensor-written:3")
+    done = json.loads((dst / MANIFEST_NAME).read_text())["done"]
+    assert {p.name for p in dst.iterdir()} == {MANIFEST_NAME, *done}  # no partial file, no lock
+    shards = len(list(out.glob("model-*.safetensors")))
+    given = ["quantize", str(s), str(dst), "--max-shard-size", SHARD, "--skip-verify", "-q", *extra]
+    resume = [a for a in given if a != "--overwrite"] + ["--resume"]
+    if pause == "text-renamed:1":
+        assert done == {}
+        holds = f"{dst} was being prepared; this run wrote nothing yet"
+    else:
+        assert 0 < len(done) < shards
+        holds = (f"{len(done)} of {shards} output file(s) are finished and kept in {dst} (listed in "
+                 f"{MANIFEST_NAME}); no partly written file is left")
+    assert stdout == ""
+    assert stderr.splitlines() == [f"Interrupted: {holds}.", f"Continue with: python -m fp8norm {shlex.join(resume)}"]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` is this interpreter
+    res = subprocess.run(stderr.splitlines()[1].removeprefix("Continue with: "), shell=True, capture_output=True,
+                         text=True, env=dict(os.environ, PATH=path), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"({shards - len(done)} shard(s) written, {len(done)} already done)" in res.stdout
+    assert tree_bytes(dst) == tree_bytes(out)
+
+
+def test_ctrl_c_before_writing_after_the_output_is_complete_and_outside_writing(clean, tmp_path, monkeypatch):
+    s, out = clean
+
+    def interrupt(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], prog_name="fp8norm")
+
+    dst = tmp_path / "dst"
+    shutil.copytree(out, dst)
+    before = snapshot(dst)
+    monkeypatch.setattr(fp8norm.quantize, "plan", interrupt)  # while planning: DST not yet touched
+    res = invoke("quantize", s, dst, "--overwrite")
+    assert res.exit_code == 130
+    assert res.output.splitlines() == ["Interrupted before anything was written to the output directory.",
+                                       f"Run again: fp8norm quantize {s} {dst} --overwrite"]
+    assert snapshot(dst) == before
+    monkeypatch.undo()
+    monkeypatch.setattr(fp8norm.pipeline.RunSummary, "format", interrupt)  # while its summary is printed
+    res = invoke("quantize", s, tmp_path / "new", "--max-shard-size", SHARD, "--skip-verify")
+    assert res.exit_code == 130
+    assert res.output.splitlines() == ["Interrupted after the output was complete: nothing to continue."]
+    assert tree_bytes(tmp_path / "new") == tree_bytes(out)
+    monkeypatch.setattr(fp8norm.verify, "verify", interrupt)  # a command that writes no DST
+    res = invoke("verify", s, out)
+    assert res.exit_code == 130 and res.output == "Interrupted.\n"
+
+
+def test_resumed_run_reports_and_verifies_the_whole_output(clean, tmp_path, monkeypatch):
+    """A run resumed after some shards were done reports the counts and the verification of a clean run
+    (samples from every shard, not only those written now)."""
+    s, _ = clean
+    whole = cli("quantize", s, tmp_path / "whole", "--max-shard-size", SHARD).output
+    done = _interrupted(s, tmp_path / "dst", monkeypatch)
+    resumed = cli("quantize", s, tmp_path / "dst", "--max-shard-size", SHARD, "--resume").output
+    shards = len(list((tmp_path / "whole").glob("model-*.safetensors")))
+
+    def box(text):
+        return text[text.index("=" * 72):text.rindex("=" * 72)]
+
+    assert box(resumed) == box(whole)  # the same tensors checked, the same figures and verdict
+    # the llama example: 2 layers of 7 linears quantized, 7 other tensors; at most 2 FP8 tensors a shard
+    for line in ("FP8 weight tensors  : 14", "Kept tensors        : 7", "Checked             : 14  (GOOD 14 ",
+                 "All 14 FP8 tensors checked: all GOOD."):
+        assert f"\n  {line}" in resumed, line
+    assert resumed.splitlines()[0] == whole.splitlines()[0] + " in the whole output"
+    assert f"now ({shards - len(done)} shard(s) written, {len(done)} already done)" in resumed
+
+
 # ---------------------------------------------------------------- --overwrite only once the run can start
 
 def test_overwrite_keeps_the_old_output_when_the_new_run_cannot_start(clean, tmp_path, monkeypatch):
@@ -296,7 +399,6 @@ def test_resume_refuses_a_changed_source(tmp_path, monkeypatch):
 
 def test_resume_accepts_a_source_copied_with_new_mtimes(clean, tmp_path, monkeypatch):
     s, out = clean
-    import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(s, copy)

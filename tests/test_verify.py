@@ -136,7 +136,53 @@ def test_clean_output_passes(clean, tmp_path):
     for t in report["tensors"]:
         assert t["wrong_elements"] == 0 and t["clipped_frac"] == 0 and t["sqnr_db"] > 29.5, t
     assert "QUANTIZATION VERIFICATION SUMMARY" in res.output and "Correctly rounded   : 32 of 32" in res.output
-    assert "All checks GOOD" in res.output and "RECOMMENDATIONS" not in res.output
+    assert "\n  All 32 FP8 tensors checked: all GOOD.\n" in res.output and "RECOMMENDATIONS" not in res.output
+    assert "check all" not in res.output  # nothing left to check
+
+
+def _verdict(output: str) -> str:
+    """The line between the report's last rule and its closing line."""
+    lines = output.splitlines()
+    return lines[lines.index("=" * 72, lines.index("  QUANTIZATION VERIFICATION SUMMARY") + 1) - 1]
+
+
+def test_verdict_says_what_was_checked_and_how_to_check_all(clean):
+    src, fp8 = clean
+    res = run(src, fp8)  # 5 samples of the single shard's 32 FP8 tensors
+    assert res.exit_code == 0, res.output
+    assert _verdict(res.output) == "  Checked 5 of 32 FP8 tensors (sampled): all GOOD."
+    assert res.output.endswith(f"{'=' * 72}\ncheck all fp8norm verify {src} {fp8} --all\n")
+    res = run(src, fp8, "--samples", "0")
+    assert res.exit_code == 0 and _verdict(res.output) == "  Nothing was checked: 0 of 32 FP8 tensors sampled."
+    assert res.output.endswith(f"check all fp8norm verify {src} {fp8} --all\n")
+    res = run(src, src)  # bf16 against itself: no FP8 tensor, so no verdict
+    assert res.exit_code == 0
+    assert _verdict(res.output) == "  Nothing was checked: no FP8 weight tensor to compare with the source."
+    assert "GOOD." not in res.output and "check all" not in res.output
+
+
+def test_writing_commands_say_what_they_checked(clean, tmp_path):
+    src, fp8 = clean
+    q = tmp_path / "q"
+    res = CliRunner().invoke(main, ["quantize", str(src), str(q), "--skip-verify"])
+    assert res.exit_code == 0, res.output
+    assert "VERIFICATION" not in res.output and "GOOD" not in res.output
+    assert res.output.endswith(f"wrote     {q}\n"
+                               f"verify    nothing checked (--skip-verify); to check: fp8norm verify {src} {q}\n"
+                               f"load      vllm serve {q}   (transformers: "
+                               f'AutoModelForCausalLM.from_pretrained("{q}"))\n')
+    bf16 = tmp_path / "bf16"
+    res = CliRunner().invoke(main, ["convert", str(fp8), str(bf16), "--to", "bf16"])  # dequantizes: rounds nothing
+    assert res.exit_code == 0, res.output
+    assert "VERIFICATION" not in res.output and "GOOD" not in res.output
+    assert res.output.endswith(f"wrote     {bf16}\nverify    nothing checked: no tensor was rounded anew (only "
+                               f"those are compared with the source)\nload      vllm serve {bf16}   (transformers: "
+                               f'AutoModelForCausalLM.from_pretrained("{bf16}"))\n')
+    nv = tmp_path / "nv"
+    res = CliRunner().invoke(main, ["convert", str(fp8), str(nv), "--to", "nvfp4"])
+    assert res.exit_code == 0, res.output
+    assert res.output.endswith(f"wrote     {nv}\nverify    nothing checked: NVFP4 tensors are not checked after "
+                               f"writing\nload      vllm serve {nv}   (NVFP4: a Blackwell GPU)\n")
 
 
 def test_flipped_scale_fails_and_names_tensor(clean, tmp_path):
@@ -229,6 +275,8 @@ def test_bands_are_configurable(clean):
     assert report.status == FAIL and "nothing clipped" in report.format()
     res = run(*clean, "--sqnr-bands", "40,25")
     assert res.exit_code == 0 and "WARN" in res.output and "GOOD >= 40" in res.output
+    assert _verdict(res.output) == ("  Checked 5 of 32 FP8 tensors (sampled): correct, but the format costs more "
+                                    "than usual here: see above.")
     # the seed tool's absolute bands, on request
     res = run(*clean, "--cos-bands", "0.99999999,0.9999999")
     assert res.exit_code == EXIT_VERIFY_FAILED and "cosine (absolute)" in res.output
