@@ -42,7 +42,7 @@ def renamed(old: str, new: str, param: str, *, value=None, check=None, **option_
     """A hidden option `old` that stands for the option `new` (parameter `param`): its value (or `value`,
     for a flag) is used as that option's, after `check` (the new option's callback), with a note."""
     def remember(ctx, p, v):
-        if v not in (None, False, ()):
+        if not (v is None or v is False or v == ()):  # 0 is a value (--samples 0), not "not given"
             if check is not None:
                 v = check(ctx, p, v)
             _remember_alias(ctx, old, new if value is None else f"{new} {value}", {param: v if value is None else value})

@@ -75,7 +75,7 @@ def recorded_calls(cmd: str, args: list[str], refused_ok: bool = False) -> list 
     """The library calls `fp8norm CMD ARGS` makes (None: the command line was refused, with refused_ok)."""
     calls = []
 
-    def recorder(module, attr, result=lambda *a: mock.MagicMock(status="GOOD")):
+    def recorder(module, attr, result=lambda *a: mock.MagicMock(status="GOOD", checks=[], fp8_tensors=0)):
         def record(*a, **kw):
             calls.append((module, attr, repr(a), repr(sorted(kw.items()))))
             return result(*a)
@@ -140,6 +140,7 @@ def test_every_option_reaches_the_library_call(cmd, tmp_path):
      ["shard", "{d}", "{d}/o", "--layout", "mcore", "--scale-fmt", "ue8m0"]),
     (["unshard", "{d}", "{d}/o", "--amax-epsilon", "1e-6"], ["unshard", "{d}", "{d}/o", "--amax-floor", "1e-6"]),
     (["verify", "{d}", "{d}", "--samples", "2"], ["verify", "{d}", "{d}", "--verify-samples", "2"]),
+    (["verify", "{d}", "{d}", "--samples", "0"], ["verify", "{d}", "{d}", "--verify-samples", "0"]),
 ])
 def test_an_old_spelling_takes_effect_as_the_new_one_and_says_so(old, new, tmp_path):
     old = [a.format(d=tmp_path) for a in old]
