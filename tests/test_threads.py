@@ -63,3 +63,21 @@ def test_cli_applies_and_reports_the_choice(tmp_path, restore_threads):
         res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "p"), "--threads", bad])
         assert res.exit_code == 2 and f"Invalid value for '--threads': {bad} is not in the range 1<=x<=" in res.output
         assert not (tmp_path / "p").exists()
+
+
+def test_thread_exhaustion_is_one_line(tmp_path, monkeypatch, restore_threads):
+    """When the system refuses another thread (ulimit -u, pids.max), the run ends with one line saying so,
+    not a traceback or a crash."""
+    import threading
+
+    src = make_example(tmp_path / "src", "llama", "single")
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    res = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "Error: could not start another thread: the system's limit on threads or processes is reached "
+        "(ulimit -u, the cgroup's pids.max); try fewer --threads or torchrun ranks"]
