@@ -277,14 +277,14 @@ class Result:
 
 def quant_bytes(shape, in_dtype=DTYPE) -> int:
     """x read + q written (1 byte an element) + fp32 scales written."""
-    s_numel = math.prod(fp8norm.numerics.scale_inv_shape(tuple(shape), (BLOCK, BLOCK)))
+    s_numel = math.prod(fp8norm.kernels.numerics.fp8_block.scale_inv_shape(tuple(shape), (BLOCK, BLOCK)))
     numel = math.prod(shape)
     return numel * (torch.finfo(in_dtype).bits // 8) + numel * 1 + s_numel * 4
 
 
 def dequant_bytes(shape, out_dtype=DTYPE) -> int:
     """q read (1 byte an element) + fp32 scales read + out written."""
-    s_numel = math.prod(fp8norm.numerics.scale_inv_shape(tuple(shape), (BLOCK, BLOCK)))
+    s_numel = math.prod(fp8norm.kernels.numerics.fp8_block.scale_inv_shape(tuple(shape), (BLOCK, BLOCK)))
     numel = math.prod(shape)
     return numel * 1 + s_numel * 4 + numel * (torch.finfo(out_dtype).bits // 8)
 

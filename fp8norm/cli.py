@@ -721,8 +721,6 @@ def collect_stats_cmd(model_dir, prompts, out, max_tokens, device):
       fp8norm collect-stats /models/Qwen3-8B --prompts prompts.txt --out stats.json
       fp8norm quantize /models/Qwen3-8B /models/Qwen3-8B-FP8 --calib mse --activation-stats stats.json
     """
-    import json
-
     from .activation_stats import collect_activation_stats
 
     lines = [line.strip() for line in open(prompts) if line.strip()]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, dispatch, schemes
-from . import numerics as nx
+from .kernels.numerics import fp8_block as nx
 from .checkpoint import open_checkpoint, read_json
 from .classify import FP8, KEEP, Decision, fused_group_key, heuristic_rule, quantizable
 from .output import PROVENANCE_NAME, json_text, provenance

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import numerics as nx
+from .kernels.numerics import fp8_block as nx
 from . import reference
 
 

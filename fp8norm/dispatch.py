@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import numerics as nx
+from .kernels.numerics import fp8_block as nx
 from . import reference
 
 BACKENDS = ("triton", "torch")

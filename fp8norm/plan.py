@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import numerics as nx
+from .kernels.numerics import fp8_block as nx
 from .calibrate import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)

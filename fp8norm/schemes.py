@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 
 from . import dispatch
-from . import numerics_mx as mx
+from .kernels.numerics import mx
 from .classify import FP8, KEEP, fused_group_key
 from .st_io import OutEntry
 

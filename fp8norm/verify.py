@@ -46,7 +46,7 @@ written per expert and projection; the scheme is read off config.json's quantiza
   Student-t and uniform weights).
 - **mxfp8 / mxfp4**: every element RNE(x / X) in e4m3 / e2m1 with saturation at 448 / 6, X = 2^(code
   - 127) the block's E8M0 scale (exact: x / X only moves the exponent), and every scale code the one
-  the OCP rule or compressed-tensors' rule gives for its block's amax (fp8norm.numerics_mx); either
+  the OCP rule or compressed-tensors' rule gives for its block's amax (fp8norm.kernels.numerics.mx); either
   is accepted, so a changed scale is a FAIL naming the block even where its elements are zeros.
   The cost of MX depends on the distribution inside each block of 32 (power-of-two scales, saturation
   under the OCP rule, e2m1's two binades), so the bands are bounds of correct rounding rather than
@@ -86,9 +86,9 @@ from pathlib import Path
 
 import torch
 
-from . import numerics as nx
-from . import numerics_mx as mx
-from . import numerics_nvfp4 as n4
+from .kernels.numerics import fp8_block as nx
+from .kernels.numerics import mx
+from .kernels.numerics import nvfp4 as n4
 from . import schemes
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
 from .reference import e4m3_to_float32

@@ -51,13 +51,18 @@ def _hand_over_the_name() -> None:
 if __name__ != "fp8norm.kernels":
     _hand_over_the_name()
 else:
-    from ._launch import capture_compiles, kernel
-    from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel
-    from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel
-    from .quant_nvfp4 import (dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, nvfp4_amax_kernel, quant_nvfp4,
-                              quant_nvfp4_kernel)
-    from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
-    from .quant_mx import dequant_mx, quant_mx
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # no Triton here (it ships for Linux): the rules in .numerics and the twins still work
+        pass
+    else:
+        from ._launch import capture_compiles, kernel
+        from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel
+        from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel
+        from .quant_nvfp4 import (dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, nvfp4_amax_kernel, quant_nvfp4,
+                                  quant_nvfp4_kernel)
+        from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
+        from .quant_mx import dequant_mx, quant_mx
 
 __all__ = ["quant_fp8_block", "dequant_fp8_block", "quant_fp8_block_kernel", "dequant_fp8_block_kernel",
            "quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",
@@ -71,7 +76,8 @@ def kernel_modules() -> list:
     import pkgutil
 
     return [importlib.import_module(f"{__name__}.{m.name}")
-            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name) if not m.name.startswith("_")]
+            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
+            if not m.name.startswith("_") and not m.ispkg]  # numerics/: the rules, not kernels
 
 
 def aot_cases() -> dict:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from fp8norm import numerics as nx
-from fp8norm._args import check_dequant_args
+from .numerics import fp8_block as nx
+from .numerics.args import check_dequant_args
 
 from ._launch import LAUNCH_OPTIONS, kernel
-from ._numerics import cast_rne, load_e4m3_as_f32, tile_coords
+from ._device import cast_rne, load_e4m3_as_f32, tile_coords
 from .quant_fp8_block import as_3d, check_pow2_block
 
 # 4 warps: 128 elements a thread (8 128-bit fp8 loads), 56 registers, 9 blocks per SM on sm_90, 5.5

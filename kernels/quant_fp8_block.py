@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from fp8norm import numerics as nx
-from fp8norm._args import check_quant_args, raise_if_nonfinite_tiles
+from .numerics import fp8_block as nx
+from .numerics.args import check_quant_args, raise_if_nonfinite_tiles
 
 from ._launch import LAUNCH_OPTIONS, kernel
-from ._numerics import E4M3_MAX, amax_nan, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
+from ._device import E4M3_MAX, amax_nan, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
 
 # Scale output encodings (the stored dtype of scale_inv).
 # 4 warps: 128 elements a thread (16 independent 128-bit loads from bf16), ~166 registers, no spills,
@@ -98,7 +98,7 @@ def quant_fp8_block(
     num_warps: int = NUM_WARPS,
     check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one scale per block; see fp8norm.numerics.
+    """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one scale per block; see fp8norm.kernels.numerics.fp8_block.
 
     Returns `(q, scale_inv)` with `x ~= q * scale_inv` per tile. With `scale_inv` given, the amax is
     skipped and those scales are applied with a saturating cast; the given tensor is returned.

@@ -3,7 +3,7 @@
 One program per (row tile, expert): a first sweep over the row's columns takes the amax, a second
 quantizes with the row's scale (the tile is re-read, from L2 on a GPU). 2D and stacked 3D `[E, M, N]`
 inputs share one launch; an FP8 input with its block scales is dequantized in registers on the way
-(requantization, no bf16 copy). Formulas: fp8norm.numerics_fp8_channel.
+(requantization, no bf16 copy). Formulas: fp8norm.kernels.numerics.fp8_channel.
 Twins: fp8norm.reference.quant_fp8_channel / dequant_fp8_channel.
 """
 
@@ -13,11 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8norm import numerics as nx
-from fp8norm import numerics_fp8_channel as fc
+from .numerics import fp8_block as nx
+from .numerics import fp8_channel as fc
 
 from ._launch import LAUNCH_OPTIONS, aot_specimens, finite_e4m3_codes, kernel, row_scaled_bf16
-from ._numerics import (E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords,
+from ._device import (E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords,
                         to_e4m3)
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import load_source
@@ -105,7 +105,7 @@ def quant_fp8_channel(
     num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `x` ([M, N] or [E, M, N]) to e4m3 with one scale per row; see
-    fp8norm.numerics_fp8_channel. Returns `(q, scale [..., M, 1])` with `x ~= q * scale`; a bfloat16
+    fp8norm.kernels.numerics.fp8_channel. Returns `(q, scale [..., M, 1])` with `x ~= q * scale`; a bfloat16
     scale_dtype rounds each scale up to a bfloat16 value first.
     An FP8 `x` comes with `src_scale_inv`, its block scales (blocks of `src_block_size`)."""
     drop_bits, src_sf, (sbm, sbn) = fc.check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv,

@@ -4,7 +4,7 @@ E2M1 elements) quantization and dequantization.
 One program per (expert, row tile, column tile); 2D and stacked 3D `[E, M, N]` inputs share a single
 launch. The quant kernel also takes an FP8 input with its block scales and quantizes the dequantized
 values in the same pass (no bf16 copy). Formulas and the two shared-scale rules (the spec's floor,
-compressed-tensors' round-up at 1.75): fp8norm.numerics_mx. Twins: fp8norm.reference.quant_mx /
+compressed-tensors' round-up at 1.75): fp8norm.kernels.numerics.mx. Twins: fp8norm.reference.quant_mx /
 dequant_mx.
 """
 
@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8norm import numerics_mx as mx
+from .numerics import mx
 
 from ._launch import LAUNCH_OPTIONS, aot_specimens, finite_e4m3_codes, kernel, row_scaled_bf16
-from ._numerics import amax_nan, cast_rne, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
+from ._device import amax_nan, cast_rne, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import e2m1_code, e2m1_value, load_source
 
@@ -116,7 +116,7 @@ def quant_mx(
     src_block_size=(128, 128),
     num_warps: int = NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `x` ([M, N] or [E, M, N], N % 32 == 0) to MXFP8 or MXFP4; see fp8norm.numerics_mx.
+    """Quantize `x` ([M, N] or [E, M, N], N % 32 == 0) to MXFP8 or MXFP4; see fp8norm.kernels.numerics.mx.
 
     Returns `(elements, scale)`: e4m3 `[..., M, N]` (mxfp8) or packed E2M1 uint8 `[..., M, N/2]`
     (mxfp4), and uint8 E8M0 codes `[..., M, N/32]`. `rule` "ocp" (the spec) or "ct"

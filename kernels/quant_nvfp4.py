@@ -5,7 +5,7 @@ launch. The quant kernel also takes an FP8 input with its block scales and quant
 values (x.float() * scale, as dequant_fp8_block computes them) in the same pass, with no bf16 copy.
 The global amax is a Triton reduction too (one atomic max per tile), so a quantization is two
 launches and one host sync (the NaN/Inf check at the end).
-The formulas (ModelOpt's NVFP4QTensor) are in fp8norm.numerics_nvfp4.
+The formulas (ModelOpt's NVFP4QTensor) are in fp8norm.kernels.numerics.nvfp4.
 Twins: fp8norm.reference.quant_nvfp4 / dequant_nvfp4 / nvfp4_amax.
 """
 
@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8norm import numerics_nvfp4 as n4
+from .numerics import nvfp4 as n4
+from .numerics.args import check_amax_args
 
 from ._launch import LAUNCH_OPTIONS, kernel
-from ._numerics import (E4M3_MAX, amax_nan, cast_rne, load_e4m3_as_f32, not_finite, round_to_e4m3_grid,
+from ._device import (E4M3_MAX, amax_nan, cast_rne, load_e4m3_as_f32, not_finite, round_to_e4m3_grid,
                         tile_coords)
 from .quant_fp8_block import as_3d
 
@@ -226,7 +227,7 @@ def _amax_per_expert(x, src_sf, src_block, num_warps) -> torch.Tensor:
 def nvfp4_amax(x: torch.Tensor, *, src_scale_inv: torch.Tensor | None = None, src_block_size=(128, 128),
                num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton twin of fp8norm.reference.nvfp4_amax: fp32 amax, 0-dim for 2D x, `[E]` for 3D; NaN/Inf raise."""
-    src_sf, block_size = n4.check_amax_args(x, src_scale_inv, src_block_size)
+    src_sf, block_size = check_amax_args(x, src_scale_inv, src_block_size)
     amax = _amax_per_expert(x, src_sf, block_size, num_warps)
     amax = amax.reshape(()) if x.dim() == 2 else amax
     n4.raise_if_nonfinite_amax(amax)
@@ -243,7 +244,7 @@ def quant_nvfp4(
     num_warps: int = NUM_WARPS,
     check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize `x` ([M, N] or [E, M, N]) to NVFP4; see fp8norm.numerics_nvfp4.
+    """Quantize `x` ([M, N] or [E, M, N]) to NVFP4; see fp8norm.kernels.numerics.nvfp4.
 
     Returns `(packed uint8 [..., M, N/2], weight_scale e4m3 [..., M, N/group_size], weight_scale_2)`,
     weight_scale_2 fp32 0-dim for 2D, `[E]` for 3D. `global_amax` (scalar, or `[E]` for 3D) fixes

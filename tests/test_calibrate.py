@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from fp8norm import reference
-from fp8norm import numerics as nx
+from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.cli import main
 from fp8norm.examples import make_example

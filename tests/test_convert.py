@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fp8norm import numerics as nx
+from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm import reference
 from fp8norm.examples import make_example
 from tests.ckpt_utils import cli, read_dir, same_bytes, save_tiny_qwen3, tree_bytes

@@ -1,9 +1,9 @@
-"""fp8norm.numerics: each rule against hand-computed values."""
+"""fp8norm.kernels.numerics.fp8_block: each rule against hand-computed values."""
 
 import pytest
 import torch
 
-from fp8norm import numerics as nx
+from fp8norm.kernels.numerics import fp8_block as nx
 
 
 def test_scale_inv_shape():

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fp8norm.pipeline
-from fp8norm import numerics as nx
+from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm import reference
 from fp8norm.examples import FAMILIES, make_example
 from tests.ckpt_utils import cli, read_dir, same_bytes, tree_bytes

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fp8norm import numerics as nx
+from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm.examples import make_example
 from fp8norm.reference import dequant_fp8_block, quant_fp8_block
 from fp8norm.shard.mcore import (ITER_DIR, LAYOUT_NAME, TRACKER_NAME, hf_to_mcore, mcore_to_hf, plan_mcore,

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from fp8norm import numerics as nx
+from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.cli import main
 from fp8norm.examples import heavy_tailed, make_example

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fp8norm import numerics_mx as mx
+from fp8norm.kernels.numerics import mx
 from fp8norm import reference
 from fp8norm.examples import make_example
 from fp8norm.verify import (E4M3, EXIT_VERIFY_FAILED, FAIL, GOOD, SCHEME_FORMATS, WARN, Bands, compare_scheme,

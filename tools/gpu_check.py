@@ -37,8 +37,9 @@ import torch
 
 import fp8norm.kernels as fk
 import fp8norm.reference as twin
-from fp8norm import numerics as nx
-from fp8norm import numerics_nvfp4 as n4
+from fp8norm.kernels.numerics import e2m1
+from fp8norm.kernels.numerics import fp8_block as nx
+from fp8norm.kernels.numerics import nvfp4 as n4
 
 E4M3 = torch.float8_e4m3fn
 FULL_SHAPES = [(4096, 14336), (7168, 18432), (18432, 7168), (128, 1536, 2048), (256, 4096, 7168)]
@@ -163,7 +164,7 @@ def eager_quant_nvfp4(x):
     s = (g.abs().amax(-1) / (6.0 * s2)).clamp(2.0 ** -9, 448.0).to(E4M3)
     q = g / (s.float() * s2).unsqueeze(-1)
     a = q.abs()
-    code = sum((a >= b if up else a > b).to(torch.uint8) for b, up in zip(n4.E2M1_BOUNDS, n4.E2M1_TIE_UP))
+    code = sum((a >= b if up else a > b).to(torch.uint8) for b, up in zip(e2m1.E2M1_BOUNDS, e2m1.E2M1_TIE_UP))
     code = (code | ((q < 0).to(torch.uint8) << 3)).view(m, n)
     return code[:, 0::2] | (code[:, 1::2] << 4), s, s2
 

@@ -1,17 +1,16 @@
 """Pure-torch twins of fp8norm.kernels.quant_fp8_channel / dequant_fp8_channel (bit-exact).
 
-The formulas are in fp8norm.numerics_fp8_channel. Chunks of whole rows keep working memory bounded.
+The formulas are in fp8norm.kernels.numerics.fp8_channel. Chunks of whole rows keep working memory bounded.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fp8norm import numerics as nx
-from fp8norm import numerics_fp8_channel as fc
+from fp8norm.kernels.numerics import fp8_block as nx
+from fp8norm.kernels.numerics import fp8_channel as fc
 
-from . import ChunkBuffer, matrices
-from .nvfp4 import row_ranges, src_scale_rows
+from .common import ChunkBuffer, matrices, row_ranges, src_scale_rows
 
 __all__ = ["quant_fp8_channel", "dequant_fp8_channel"]
 

@@ -1,7 +1,7 @@
 """Pure-torch twins of fp8norm.kernels.quant_mx / dequant_mx (bit-exact).
 
 The formulas (OCP Microscaling v1.0 and compressed-tensors' variant of the shared-scale rounding) are
-in fp8norm.numerics_mx. Like the other twins these walk each matrix in chunks of about CHUNK_ELEMS
+in fp8norm.kernels.numerics.mx. Like the other twins these walk each matrix in chunks of about CHUNK_ELEMS
 elements (whole rows), so working memory stays bounded whatever the tensor size.
 """
 
@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from fp8norm import numerics_mx as mx
+from fp8norm.kernels.numerics import mx
 
-from . import ChunkBuffer, matrices
-from .nvfp4 import row_ranges, src_scale_rows
+from .common import ChunkBuffer, matrices, row_ranges, src_scale_rows
 
 __all__ = ["quant_mx", "dequant_mx"]
 

@@ -1,7 +1,7 @@
 """Pure-torch twins of fp8norm.kernels.quant_nvfp4 / dequant_nvfp4 (bit-exact), and nvfp4_amax.
 
 The formulas (ModelOpt's `NVFP4QTensor`, and where fp8norm departs from it) are in
-fp8norm.numerics_nvfp4. Like the block-FP8 twins these walk each matrix in chunks of about
+fp8norm.kernels.numerics.nvfp4. Like the block-FP8 twins these walk each matrix in chunks of about
 CHUNK_ELEMS elements (whole rows), so working memory stays bounded whatever the tensor size.
 """
 
@@ -9,25 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from fp8norm import numerics_nvfp4 as n4
+from fp8norm.kernels.numerics import nvfp4 as n4
+from fp8norm.kernels.numerics.args import check_amax_args
 
-from . import CHUNK_ELEMS, block_amax_cols, ChunkBuffer, matrices, row_chunks
+from .common import ChunkBuffer, block_amax_cols, matrices, row_chunks, row_ranges, src_scale_rows
 
 __all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax"]
-
-
-def _row_ranges(m: int, n: int):
-    step = max(1, CHUNK_ELEMS // max(1, n))
-    for r0 in range(0, m, step):
-        yield r0, min(m, r0 + step)
-
-
-def _src_scale_rows(s2: torch.Tensor, r0: int, r1: int, block_size, n: int) -> torch.Tensor:
-    """Block scales `[ceil(M/bm), ceil(N/bn)]` expanded to the elements of rows r0..r1: `[r1-r0, n]`."""
-    bm, bn = block_size
-    b0 = r0 // bm
-    rows = s2[b0:-(-r1 // bm)].repeat_interleave(bm, 0)[r0 - b0 * bm:r1 - b0 * bm]
-    return rows.repeat_interleave(bn, 1)[:, :n]
 
 
 def amax_per_expert(x: torch.Tensor, src_sf: torch.Tensor | None, src_block_size) -> torch.Tensor:
@@ -43,7 +30,7 @@ def amax_per_expert(x: torch.Tensor, src_sf: torch.Tensor | None, src_block_size
         m, n = x2.shape
         amax = torch.zeros((), dtype=torch.float32, device=x.device)
         if src_sf is None:
-            for r0, r1 in _row_ranges(m, n):
+            for r0, r1 in row_ranges(m, n):
                 part = x2[r0:r1]
                 if part.numel():
                     # amax and amin: abs() would copy the chunk. Both propagate NaN.
@@ -68,7 +55,7 @@ def nvfp4_amax(x: torch.Tensor, *, src_scale_inv: torch.Tensor | None = None, sr
     Pass the max over fused tensors (q/k/v, gate/up) as quant_nvfp4's global_amax to share scale_2.
     Raises ValueError for NaN/Inf input.
     """
-    src_sf, block_size = n4.check_amax_args(x, src_scale_inv, src_block_size)
+    src_sf, block_size = check_amax_args(x, src_scale_inv, src_block_size)
     amax = amax_per_expert(x, src_sf, block_size)
     amax = amax.reshape(()) if x.dim() == 2 else amax
     n4.raise_if_nonfinite_amax(amax)
@@ -97,11 +84,11 @@ def quant_nvfp4(
     mats = (x, packed, weight_scale) + ((src_sf,) if src_sf is not None else ())
     for e, (x2, p2, w2, *src) in enumerate(matrices(*mats)):
         s2 = s2_all[e]
-        for r0, r1 in _row_ranges(m, n):
+        for r0, r1 in row_ranges(m, n):
             rows = r1 - r0
             v = buf.load(x2[r0:r1], 1, rows)[0]
             if src:  # FP8 input: the dequantized value, as dequant_fp8_block computes it
-                v.mul_(_src_scale_rows(src[0], r0, r1, block_size, n))
+                v.mul_(src_scale_rows(src[0], r0, r1, block_size, n))
             vg = v.view(rows, n // g, g)
             gamax = torch.maximum(vg.amax(2), vg.amin(2).neg_())  # NaN propagates
             s_q = n4.group_scale_e4m3(gamax, s2)
@@ -127,7 +114,7 @@ def dequant_nvfp4(
     out = torch.empty((*lead, m, n), dtype=out_dtype, device=packed.device)
     table = n4.e2m1_table(packed.device)
     for e, (p2, w2, o2) in enumerate(matrices(packed, weight_scale, out)):
-        for r0, r1 in _row_ranges(m, n):
+        for r0, r1 in row_ranges(m, n):
             rows = r1 - r0
             v = table[n4.unpack_codes(p2[r0:r1]).long()].view(rows, n // g, g)
             d = w2[r0:r1].float().mul_(s2_all[e]).unsqueeze(2)
@@ -136,4 +123,3 @@ def dequant_nvfp4(
 
 
 # Public names of the row helpers, for the other twins' modules.
-row_ranges, src_scale_rows = _row_ranges, _src_scale_rows

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from .. import numerics as nx
 from ..checkpoint import open_checkpoint, read_json
 from ..output import fingerprint, json_text
 from ..plan import config_block_size

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import numerics as nx
+from ..kernels.numerics import fp8_block as nx
 from .. import schemes
-from ..numerics_mx import MX_BLOCK
+from ..kernels.numerics.mx import MX_BLOCK
 from ..st_io import DTYPES, FP8_DTYPES, OutEntry
 from ..engine import Job
 from .jobs import SliceOut, shard_job

@@ -84,7 +84,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .. import numerics as nx
+from ..kernels.numerics import fp8_block as nx
 from ..engine import Job, RunStats
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
 from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance

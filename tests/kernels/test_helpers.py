@@ -11,9 +11,9 @@ import pytest
 import torch
 import triton.language as tl
 
-from fp8norm import numerics_nvfp4 as n4
+from fp8norm.kernels.numerics import e2m1
 from fp8norm.kernels import kernel
-from fp8norm.kernels._numerics import amax_nan, cast_rne, not_finite
+from fp8norm.kernels._device import amax_nan, cast_rne, not_finite
 from fp8norm.kernels.quant_nvfp4 import divide_by, e2m1_code
 
 # NaN as GPUs make them: the canonical 0x7FFFFFFF (max.NaN, div), 0x7FFFE000 (f16 NaN widened to f32),
@@ -132,17 +132,17 @@ def _code_kernel(q_ptr, c_ptr, n, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
 
 def test_e2m1_encoder_on_every_bf16_value_and_the_boundaries():
     """Every bf16 bit pattern (as fp32) and fp32 neighbours of each rounding boundary, against the
-    searchsorted rule of fp8norm.numerics_nvfp4 (ModelOpt's)."""
+    searchsorted rule of fp8norm.kernels.numerics.nvfp4 (ModelOpt's)."""
     allbf16 = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     allbf16 = allbf16[~torch.isnan(allbf16)]
-    b = torch.tensor(n4.E2M1_BOUNDS + (6.0, 1.0, 2.0, 4.0))
+    b = torch.tensor(e2m1.E2M1_BOUNDS + (6.0, 1.0, 2.0, 4.0))
     nb = b.view(torch.int32)
     near = torch.cat([b, (nb + 1).view(torch.float32), (nb - 1).view(torch.float32)])
     q = torch.cat([allbf16, near, -near, torch.tensor([7.0, 1e30, float("inf"), -float("inf"), 2.0 ** -149])])
     c = torch.empty(q.shape, dtype=torch.uint8)
     block = 4096
     _code_kernel[(triton_block(q.numel()) // block or 1,)](q, c, q.numel(), BLOCK=block)
-    assert torch.equal(c, n4.e2m1_codes(q))
+    assert torch.equal(c, e2m1.e2m1_codes(q))
 
 
 THIRD_PARTY = """

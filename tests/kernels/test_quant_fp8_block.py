@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fp8norm import numerics as nx
+from fp8norm.kernels.numerics import fp8_block as nx
 from tests.oracle import e4m3_values, oracle_quant
 
 SHAPES = [(1, 1), (7, 300), (127, 129), (128, 128), (256, 384), (300, 700), (3, 200, 130)]

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import numerics as nx
-from . import numerics_nvfp4 as n4
+from . import e2m1
+from . import fp8_block as nx
+from .args import check_amax_args
 
 MX_BLOCK = 32
 E8M0_BIAS = 127
@@ -100,14 +101,14 @@ def encode_elements(v: torch.Tensor, fmt: MXFormat) -> torch.Tensor:
     """fp32 values already divided by X -> stored elements: e4m3 (saturating RNE) or packed E2M1 bytes."""
     if fmt.elem_bits == 8:
         return nx.saturate_e4m3(v)
-    return n4.pack_codes(n4.e2m1_codes(v))
+    return e2m1.pack_codes(e2m1.e2m1_codes(v))
 
 
 def decode_elements(stored: torch.Tensor, fmt: MXFormat) -> torch.Tensor:
     """Stored elements -> fp32 element values (E2M1 code 8 is -0.0)."""
     if fmt.elem_bits == 8:
         return stored.float()
-    return n4.e2m1_table(stored.device)[n4.unpack_codes(stored).long()]
+    return e2m1.e2m1_table(stored.device)[e2m1.unpack_codes(stored).long()]
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -126,7 +127,7 @@ def check_quant_args(x, fmt, rule, src_scale_inv, src_block_size):
     Returns (MXFormat, round_up, src scales as contiguous fp32 or None, src_block_size)."""
     fmt = mx_format(fmt)
     round_up = check_rule(rule)
-    src_sf, src_block_size = n4.check_amax_args(x, src_scale_inv, src_block_size)
+    src_sf, src_block_size = check_amax_args(x, src_scale_inv, src_block_size)
     if x.shape[-1] % MX_BLOCK:
         raise ValueError(f"MX formats need the last dim to be a multiple of {MX_BLOCK}: x has shape "
                          f"{tuple(x.shape)}")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import numerics as nx
+from . import fp8_block as nx
+
+# dtypes of the block scales an FP8 source comes with (fp32, bf16, E8M0)
+SRC_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e8m0fnu)
 
 
 def check_block_size(block_size) -> tuple[int, int]:
@@ -97,3 +100,27 @@ def raise_if_nonfinite_tiles(scale: torch.Tensor) -> None:
 
 def new_scale_inv(shape, scale_dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=scale_dtype, device=device)
+
+
+def check_amax_args(x, src_scale_inv, src_block_size):
+    """Validate x (and its FP8 block scales); returns (src scales as fp32 or None, src_block_size)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.float8_e4m3fn:
+        if src_scale_inv is None:
+            raise TypeError("an FP8 x needs its src_scale_inv (block scales) to be quantized to NVFP4")
+    elif x.dtype not in nx.INPUT_DTYPES:
+        raise TypeError(
+            f"x must be bfloat16, float16 or float32 (or float8_e4m3fn with src_scale_inv), got {x.dtype}")
+    elif src_scale_inv is not None:
+        raise TypeError("src_scale_inv is only for an FP8 x")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be 2D [M, N] or 3D [E, M, N], got shape {tuple(x.shape)}")
+    bm, bn = (int(b) for b in src_block_size)
+    if bm <= 0 or bn <= 0:
+        raise ValueError(f"src_block_size must be two positive ints, got {tuple(src_block_size)}")
+    if src_scale_inv is None:
+        return None, (bm, bn)
+    if src_scale_inv.dtype not in SRC_SCALE_DTYPES:
+        raise TypeError(f"src_scale_inv must be float32, bfloat16 or float8_e8m0fnu, got {src_scale_inv.dtype}")
+    return check_block_scale(src_scale_inv, x, (bm, bn), "src_scale_inv", min_value=0), (bm, bn)

@@ -1,4 +1,4 @@
-"""Triton twins of fp8norm.numerics: the same formulas, for use inside kernels.
+"""Triton twins of fp8norm.kernels.numerics.fp8_block: the same formulas, for use inside kernels.
 
 Each helper that casts takes the kernel's `INTERPRET` constexpr (see `_launch`): compiled for a GPU
 the hardware casts round to nearest even and saturate (`cvt.rn.satfinite.e4m3x2.f32`,

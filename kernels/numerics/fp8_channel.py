@@ -5,7 +5,7 @@
     q = saturate_e4m3(x * (1 / sf))                              round to nearest even
     value = float(q) * sf
 
-the block-FP8 formulas of fp8norm.numerics with the tile widened to the whole row. The scale is stored
+the block-FP8 formulas of fp8norm.kernels.numerics.fp8_block with the tile widened to the whole row. The scale is stored
 as `weight_scale` float32 [..., M, 1] (compressed-tensors `strategy: channel`, read by vLLM and
 transformers); activations are quantized per token at run time by the engine.
 transformers holds `weight_scale` in the model's dtype (bf16) and vLLM in fp32: `fp8norm quantize
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import numerics as nx
-from ._args import check_e4m3_operand
-from . import numerics_nvfp4 as n4
+from . import fp8_block as nx
+from .args import check_amax_args, check_e4m3_operand
 
 SCALE_FMTS = nx.SCALE_FMTS
 
@@ -35,7 +34,7 @@ def check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv, src_b
     """Validate quant_fp8_channel's arguments (kernel and twin alike).
 
     Returns (scale drop bits, src scales as contiguous fp32 or None, src_block_size)."""
-    src_sf, src_block_size = n4.check_amax_args(x, src_scale_inv, src_block_size)
+    src_sf, src_block_size = check_amax_args(x, src_scale_inv, src_block_size)
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
     if scale_dtype not in SCALE_DTYPES:

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import torch
 
-from . import numerics as nx
-from ._args import check_block_scale
+from . import fp8_block as nx
+from .args import check_amax_args
+from .e2m1 import E2M1_MAX, e2m1_codes, e2m1_table, pack_codes, unpack_codes  # noqa: F401 (NVFP4's elements)
 
-E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 GROUP_SIZE = 16
 # Smallest per-group scale ModelOpt (>= 0.45) stores: the e4m3 subnormal 2^-9.
@@ -49,12 +49,8 @@ SCALE_MIN = 2.0 ** -9
 SCALE_2_DIVISOR = E2M1_MAX * E4M3_MAX
 # Round-to-nearest decision points between the magnitudes; at the ones marked "up" a tie goes to the
 # upper code (which is even), at the others to the lower one.
-E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-E2M1_TIE_UP = (False, True, False, True, False, True, False)
-E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 INPUT_DTYPES = nx.INPUT_DTYPES  # plus float8_e4m3fn with src_scale_inv
-SRC_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e8m0fnu)
 OUT_DTYPES = nx.OUT_DTYPES
 
 
@@ -68,32 +64,6 @@ def per_expert(value, t: torch.Tensor, n_exp: int, what: str) -> torch.Tensor:
         raise ValueError(f"{what} has shape {tuple(v.shape)}; expected a scalar"
                          + (f" or [{n_exp}] (one per expert)" if t.dim() == 3 else "") + f" for {tuple(t.shape)}")
     return v
-
-def e2m1_table(device=None) -> torch.Tensor:
-    """fp32 value of each of the 16 codes (code 8 is -0.0)."""
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
-    return torch.cat([mags, -mags])
-
-
-def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
-    """fp32 -> uint8 E2M1 codes (0..15): nearest magnitude, ties to even, saturating at 6."""
-    a = q.abs()
-    code = torch.zeros(q.shape, dtype=torch.uint8, device=q.device)
-    for bound, up in zip(E2M1_BOUNDS, E2M1_TIE_UP):
-        code += (a >= bound) if up else (a > bound)
-    code |= (q < 0).to(torch.uint8) << 3
-    return code
-
-
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes `[..., N]` -> bytes `[..., N/2]`, element 2k in the low nibble."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """bytes `[..., N/2]` -> uint8 codes `[..., N]`."""
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
-
 
 def weight_scale_2_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """scale_2 = amax / (6 * 448) in fp32; 1.0 where that is 0 (so all-zero tensors stay finite)."""
@@ -141,30 +111,6 @@ def check_quant_args(x, global_amax, src_scale_inv, src_block_size, group_size):
     if not bool((torch.isfinite(ga) & (ga >= 0)).all()):
         raise ValueError(f"global_amax must be finite and >= 0, got {ga.tolist()}")
     return group_size, src_block_size, src_sf, ga.contiguous()
-
-
-def check_amax_args(x, src_scale_inv, src_block_size):
-    """Validate x (and its FP8 block scales); returns (src scales as fp32 or None, src_block_size)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.float8_e4m3fn:
-        if src_scale_inv is None:
-            raise TypeError("an FP8 x needs its src_scale_inv (block scales) to be quantized to NVFP4")
-    elif x.dtype not in INPUT_DTYPES:
-        raise TypeError(
-            f"x must be bfloat16, float16 or float32 (or float8_e4m3fn with src_scale_inv), got {x.dtype}")
-    elif src_scale_inv is not None:
-        raise TypeError("src_scale_inv is only for an FP8 x")
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x must be 2D [M, N] or 3D [E, M, N], got shape {tuple(x.shape)}")
-    bm, bn = (int(b) for b in src_block_size)
-    if bm <= 0 or bn <= 0:
-        raise ValueError(f"src_block_size must be two positive ints, got {tuple(src_block_size)}")
-    if src_scale_inv is None:
-        return None, (bm, bn)
-    if src_scale_inv.dtype not in SRC_SCALE_DTYPES:
-        raise TypeError(f"src_scale_inv must be float32, bfloat16 or float8_e8m0fnu, got {src_scale_inv.dtype}")
-    return check_block_scale(src_scale_inv, x, (bm, bn), "src_scale_inv", min_value=0), (bm, bn)
 
 
 def check_dequant_args(packed, weight_scale, weight_scale_2, out_dtype):
