@@ -9,7 +9,7 @@ import shlex
 import click
 from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, formats
 from . import distributed
 from .distributed import RankAborted
 
@@ -405,12 +405,11 @@ def selection_options(f):
     return f
 
 
-# The format names every command uses (`quantize --to`, `convert --to`); old spellings still work.
-QUANTIZE_FORMATS = ["fp8", "fp8-channel", "mxfp8", "mxfp4"]
-CONVERT_FORMATS = ["bf16", "fp16", "fp8", "fp8-ct", "fp8-channel", "mxfp8", "mxfp4", "nvfp4", "nvfp4-ct"]
-FORMAT_ALIASES = {"fp8-block": ("fp8", {}), "fp8-ue8m0": ("fp8", {"scale_fmt": "ue8m0"})}
-# the library's name of `--to fp8` when quantizing (fp8norm.schemes)
-LIBRARY_SCHEME = {"fp8": "fp8-block"}
+# The format names every command uses (`quantize --to`, `convert --to`), from the format registry;
+# old spellings still work.
+QUANTIZE_FORMATS = sorted(formats.cli_choices("quantize"))
+CONVERT_FORMATS = sorted(formats.cli_choices("convert"))
+FORMAT_ALIASES = formats.cli_aliases()
 
 # What each --calib mode costs (benchmarks/test_bench_calibrate.py, README "Calibration and verification").
 CALIB_COSTS = {
@@ -435,7 +434,7 @@ def _plan_options(kw):
 
     from .plan import PlanOptions
 
-    kw = {**kw, "reference": kw["reference"] and _source(kw["reference"]), "scheme": LIBRARY_SCHEME.get(kw["to"], kw["to"])}
+    kw = {**kw, "reference": kw["reference"] and _source(kw["reference"]), "scheme": formats.library_scheme(kw["to"])}
     return PlanOptions(**{f.name: kw[f.name] for f in fields(PlanOptions) if f.name in kw}, repack=not kw["no_repack"])
 
 
