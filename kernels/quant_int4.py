@@ -16,7 +16,7 @@ import triton.language as tl
 from .numerics import int4
 
 from ._launch import LAUNCH_OPTIONS, aot_specimens, kernel, row_scaled_bf16
-from ._device import amax_nan, cast_rne, tile_coords
+from ._device import amax_nan, cast_rne, round_to_bf16_grid, tile_coords
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import divide_by
 
@@ -37,6 +37,38 @@ LIFT: tl.constexpr = tl.constexpr(2.0 ** 64)
 
 
 @kernel
+def load_f32(ptrs, mask, INTERPRET: tl.constexpr):
+    """Load as fp32. The interpreter's bf16 -> fp32 cast mangles subnormals: it widens the bits instead."""
+    v = tl.load(ptrs, mask=mask, other=0.0)
+    if INTERPRET:
+        if v.dtype == tl.bfloat16:
+            return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
+
+
+@kernel
+def round_to(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> the nearest `dtype` value (ties to even), kept in fp32; subnormals too (the interpreter's
+    bf16 cast mangles them, so bf16 is rounded on the bits there)."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            return round_to_bf16_grid(v)
+    return cast_rne(v, dtype, INTERPRET).to(tl.float32)
+
+
+@kernel
+def store_rne(ptrs, v, mask, INTERPRET: tl.constexpr):
+    """Store fp32 `v` as the pointer's type, rounded to nearest even, subnormals included."""
+    dtype: tl.constexpr = ptrs.dtype.element_ty
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = (round_to_bf16_grid(v).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16)
+            tl.store(ptrs, bits.to(tl.bfloat16, bitcast=True), mask=mask)
+            return
+    tl.store(ptrs, cast_rne(v, dtype, INTERPRET), mask=mask)
+
+
+@kernel
 def quant_int4_kernel(
     x_ptr, p_ptr, s_ptr,
     M, N,
@@ -51,14 +83,13 @@ def quant_int4_kernel(
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     # Ragged edges are masked; whole groups only (N % GROUP == 0), masked lanes read 0.
     pid_e, pid_m, pid_n, rows, cols, mask = tile_coords(M, N, BLOCK_M, BLOCK_N)
-    x = tl.load(x_ptr + pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask,
-                other=0.0).to(tl.float32)
+    x = load_f32(x_ptr + pid_e * stride_xe + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask, INTERPRET)
     x3 = tl.reshape(x, (BLOCK_M, NG, GROUP))
     # One reduction per group: its scale and, through NaN propagation, whether it is finite (a NaN/Inf
     # group gets a non-finite scale and the wrapper raises).
     amax = amax_nan(tl.abs(x3), 2, INTERPRET)
     # s = D(amax / 7.5), eps(D) for 0: exact in fp32 after the cast.
-    s = cast_rne(tl.math.div_rn(amax, HALF_RANGE), dtype, INTERPRET).to(tl.float32)
+    s = round_to(tl.math.div_rn(amax, HALF_RANGE), dtype, INTERPRET)
     s = tl.where(s == 0.0, EPS, s)
     lift = tl.where(s < TINY, LIFT, 1.0)
     d = s * lift
@@ -66,7 +97,7 @@ def quant_int4_kernel(
     # reciprocals the lift guarantees.
     v = divide_by(x3 * lift[:, :, None], tl.math.div_rn(1.0, d)[:, :, None], d[:, :, None])
     if ROUND_QUOTIENT:
-        v = cast_rne(v, dtype, INTERPRET).to(tl.float32)
+        v = round_to(v, dtype, INTERPRET)
     v = tl.minimum(tl.maximum(v, -8.0), 7.0)
     v = (v + RINT_MAGIC) - RINT_MAGIC
     # Unsigned nibbles q + 8, element 8j + i in bits 4i..4i+3 of word j (disjoint bits: sum == or).
@@ -77,8 +108,8 @@ def quant_int4_kernel(
     tl.store(p_ptr + pid_e * stride_pe + rows[:, None] * stride_pm + pcols[None, :], words,
              mask=(rows[:, None] < M) & (pcols[None, :] < N // PER_WORD))
     gcols = pid_n * NG + tl.arange(0, NG)
-    tl.store(s_ptr + pid_e * stride_se + rows[:, None] * stride_sm + gcols[None, :], s.to(dtype),
-             mask=(rows[:, None] < M) & (gcols[None, :] < N // GROUP))
+    store_rne(s_ptr + pid_e * stride_se + rows[:, None] * stride_sm + gcols[None, :], s,
+             (rows[:, None] < M) & (gcols[None, :] < N // GROUP), INTERPRET)
 
 
 @kernel
@@ -101,10 +132,10 @@ def dequant_int4_kernel(
     q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF) - 8
     q3 = tl.reshape(q.to(tl.float32), (BLOCK_M, NG, GROUP))
     gcols = pid_n * NG + tl.arange(0, NG)
-    s = tl.load(s_ptr + pid_e * stride_se + rows[:, None] * stride_sm + gcols[None, :] * stride_sn,
-                mask=rmask & (gcols[None, :] < N // GROUP), other=0.0).to(tl.float32)
-    out = cast_rne(tl.reshape(q3 * s[:, :, None], (BLOCK_M, BLOCK_N)), out_ptr.dtype.element_ty, INTERPRET)
-    tl.store(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out, mask=mask)
+    s = load_f32(s_ptr + pid_e * stride_se + rows[:, None] * stride_sm + gcols[None, :] * stride_sn,
+                 rmask & (gcols[None, :] < N // GROUP), INTERPRET)
+    out = tl.reshape(q3 * s[:, :, None], (BLOCK_M, BLOCK_N))
+    store_rne(out_ptr + pid_e * stride_oe + rows[:, None] * stride_om + cols[None, :], out, mask, INTERPRET)
 
 
 def quant_int4(
