@@ -18,18 +18,24 @@ from .numerics import int4
 from ._launch import LAUNCH_OPTIONS, aot_specimens, kernel, row_scaled_bf16
 from ._device import amax_nan, cast_rne, round_to_bf16_grid, tile_coords
 from .quant_fp8_block import as_3d
-from .quant_nvfp4 import divide_by
 
 __all__ = ["quant_int4", "dequant_int4", "quant_int4_kernel", "dequant_int4_kernel", "aot_cases"]
 
 # Tile of one program: 64 rows x 128 columns (one group of 128, or several smaller ones).
 BLOCK_M = 64
 BLOCK_N = 128
+# 4 warps: 112 registers, 4 blocks per SM, 19.75 SASS per element on sm_90 (2: 19.0 but fp32 spills;
+# 8: 21.4). `python tools/aot_compile.py --only int4 --sweep-warps 2,4,8`.
 NUM_WARPS = 4
 PER_WORD: tl.constexpr = tl.constexpr(int4.PER_WORD)
 HALF_RANGE: tl.constexpr = tl.constexpr(int4.HALF_RANGE)
-# Adding 1.5 * 2^23 puts fp32's ulp at 1 for |v| <= 2^22: the add rounds v to an integer, ties to even.
-RINT_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+# v + (1.5 * 2^23 + 8), |v| <= 8: fp32's ulp there is 1, so the add rounds v to an integer, ties to
+# even (8 and 1.5 * 2^23 are even: same parity), and the sum's low 4 bits are round(v) + 8.
+RINT_PLUS_OFFSET: tl.constexpr = tl.constexpr(12582912.0 + int4.OFFSET)
+RINT_BITS = 0x4B400000  # the bits of 1.5 * 2^23
+# sum over i of RINT_BITS << 4i, wrapped to int32
+WORD_BIAS: tl.constexpr = tl.constexpr(
+    (sum(RINT_BITS << 4 * i for i in range(int4.PER_WORD)) + (1 << 31)) % (1 << 32) - (1 << 31))
 # Below TINY a group scale's reciprocal would overflow; such groups (amax < ~7.5 * 2^-100) are divided
 # after multiplying values and scale by 2^64 (exact: same quotient).
 TINY: tl.constexpr = tl.constexpr(2.0 ** -100)
@@ -93,17 +99,22 @@ def quant_int4_kernel(
     s = tl.where(s == 0.0, EPS, s)
     lift = tl.where(s < TINY, LIFT, 1.0)
     d = s * lift
-    # x / s rounded once (IEEE) as compressed-tensors divides; `divide_by` is exact for the normal
-    # reciprocals the lift guarantees.
-    v = divide_by(x3 * lift[:, :, None], tl.math.div_rn(1.0, d)[:, :, None], d[:, :, None])
+    r = tl.math.div_rn(1.0, d)
+    # x / s rounded once (IEEE), as compressed-tensors divides: Markstein's correction of q0 = x * r
+    # (r = 1 / d rounded once; the residual x - q0 * d is exact), correctly rounded for the normal
+    # reciprocals the lift guarantees. (`divide_by` of quant_nvfp4, with -d per group: no negation per element.)
+    xl = x3 * lift[:, :, None]
+    q0 = xl * r[:, :, None]
+    v = tl.fma(tl.fma(q0, -d[:, :, None], xl), r[:, :, None], q0)
     if ROUND_QUOTIENT:
         v = round_to(v, dtype, INTERPRET)
     v = tl.minimum(tl.maximum(v, -8.0), 7.0)
-    v = (v + RINT_MAGIC) - RINT_MAGIC
-    # Unsigned nibbles q + 8, element 8j + i in bits 4i..4i+3 of word j (disjoint bits: sum == or).
-    u = tl.reshape(v.to(tl.int32) + 8, (BLOCK_M, BLOCK_N // PER_WORD, PER_WORD))
+    # The float's bits are RINT_BITS + round(v) + 8; summed shifted (wrapping), they make the word of
+    # nibbles round(v) + 8 (element 8j + i in bits 4i..4i+3 of word j) plus a constant, taken off once.
+    bits = (v + RINT_PLUS_OFFSET).to(tl.int32, bitcast=True)
     shifts = tl.arange(0, PER_WORD) * 4
-    words = tl.sum(u << shifts[None, None, :], axis=2)
+    words = tl.sum(tl.reshape(bits, (BLOCK_M, BLOCK_N // PER_WORD, PER_WORD)) << shifts[None, None, :], axis=2)
+    words = words - WORD_BIAS
     pcols = pid_n * (BLOCK_N // PER_WORD) + tl.arange(0, BLOCK_N // PER_WORD)
     tl.store(p_ptr + pid_e * stride_pe + rows[:, None] * stride_pm + pcols[None, :], words,
              mask=(rows[:, None] < M) & (pcols[None, :] < N // PER_WORD))
