@@ -251,7 +251,9 @@ def gpu_check_ops() -> list:
 
     return [
         SimpleNamespace(name="quant_int4[bf16->int4]", fn="quant_int4", make=make_quant, bytes=nbytes, eager=None,
-                        host_sync=True, variants=(("ct-cpu", {"rule": "ct-cpu"}),)),
+                        host_sync=True, variants=(("ct-cpu", {"rule": "ct-cpu"}), ("float16", {"dtype": torch.float16}),
+                                                  ("float32", {"dtype": torch.float32}),
+                                                  ("group 32", {"group_size": 32}))),
         SimpleNamespace(name="dequant_int4[int4->bf16]", fn="dequant_int4", make=make_dequant, bytes=nbytes,
                         eager=None, host_sync=False, variants=(("float32", {"out_dtype": torch.float32}),)),
     ]
