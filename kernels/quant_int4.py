@@ -36,9 +36,10 @@ RINT_BITS = 0x4B400000  # the bits of 1.5 * 2^23
 # sum over i of RINT_BITS << 4i, wrapped to int32
 WORD_BIAS: tl.constexpr = tl.constexpr(
     (sum(RINT_BITS << 4 * i for i in range(int4.PER_WORD)) + (1 << 31)) % (1 << 32) - (1 << 31))
-# Below TINY a group scale's reciprocal would overflow; such groups (amax < ~7.5 * 2^-100) are divided
-# after multiplying values and scale by 2^64 (exact: same quotient).
-TINY: tl.constexpr = tl.constexpr(2.0 ** -100)
+# Below TINY a group scale's reciprocal (or the residual of its quotients) could leave fp32's normal
+# range; such groups (amax < ~7.5 * 2^-90) are divided after multiplying values and scale by 2^64
+# (exact: same quotient).
+TINY: tl.constexpr = tl.constexpr(2.0 ** -90)
 LIFT: tl.constexpr = tl.constexpr(2.0 ** 64)
 
 
@@ -101,8 +102,9 @@ def quant_int4_kernel(
     d = s * lift
     r = tl.math.div_rn(1.0, d)
     # x / s rounded once (IEEE), as compressed-tensors divides: Markstein's correction of q0 = x * r
-    # (r = 1 / d rounded once; the residual x - q0 * d is exact), correctly rounded for the normal
-    # reciprocals the lift guarantees. (`divide_by` of quant_nvfp4, with -d per group: no negation per element.)
+    # (r = 1 / d rounded once; the residual x - q0 * d is exact), correctly rounded while r and the
+    # residual stay normal, which the lift ensures for every |x / s| >= 2^-2 (smaller ones round to 0
+    # whatever their last bit). quant_nvfp4's `divide_by`, with -d per group: no negation per element.
     xl = x3 * lift[:, :, None]
     q0 = xl * r[:, :, None]
     v = tl.fma(tl.fma(q0, -d[:, :, None], xl), r[:, :, None], q0)
