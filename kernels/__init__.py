@@ -63,11 +63,13 @@ else:
                                   quant_nvfp4_kernel)
         from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
         from .quant_mx import dequant_mx, quant_mx
+        from .quant_int4 import dequant_int4, quant_int4
 
 __all__ = ["quant_fp8_block", "dequant_fp8_block", "quant_fp8_block_kernel", "dequant_fp8_block_kernel",
            "quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",
            "nvfp4_amax_kernel", "capture_compiles", "kernel", "kernel_modules", "aot_cases",
-           "quant_fp8_channel", "dequant_fp8_channel", "quant_mx", "dequant_mx"]
+           "quant_fp8_channel", "dequant_fp8_channel", "quant_mx", "dequant_mx",
+           "quant_int4", "dequant_int4"]
 
 
 def kernel_modules() -> list:
