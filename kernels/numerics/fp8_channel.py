@@ -18,7 +18,8 @@ whose inverse 2^126 is finite: an all-zero row gets that scale and zeros, and on
 5.3e-36 (none in real weights) get a scale above amax / 448. And no scale above max_scale: 448 * sf
 stays at most bfloat16's max (3.3895e38), so no finite input dequantizes to inf in fp32 or bf16 (a
 bf16-max row's bf16 scale, rounded up, would give 448 * sf halfway past it, which rounds to inf); rows
-with amax above 448 * max_scale (3.37e38 and up, bf16's top binade) saturate their largest elements.
+with amax above 448 * max_scale (bf16's top binade: 3.37e38 with bf16 scales, 2.98e38 with ue8m0)
+saturate their largest elements.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv, src_b
     if scale_dtype not in SCALE_DTYPES:
         raise TypeError(f"scale_dtype must be float32 or bfloat16, got {scale_dtype}")
     if not amax_floor >= AMAX_FLOOR:
-        raise ValueError(f"amax_floor must be >= {AMAX_FLOOR:.4g} (448 x fp32's smallest normal: a smaller scale has "
-                         f"no finite inverse), got {amax_floor}")
+        raise ValueError(f"amax_floor must be >= {AMAX_FLOOR:.4g} (448 x fp32's smallest normal: smaller scales are "
+                         f"subnormal, their inverses overflow), got {amax_floor}")
     drop_bits = nx.scale_round_bits(scale_fmt, scale_dtype)
     return drop_bits, max_scale(drop_bits), src_sf, src_block_size
 

@@ -9,15 +9,15 @@ conversion (6.3) picks
     P_i = quantize_to_element_format(V_i / X)            round to nearest even, saturating at the max normal
 
 so a block whose amax mantissa exceeds the element's max mantissa (E4M3 448 = 1.75 * 2^8, E2M1 6 = 1.5 * 2^2)
-saturates its largest elements: 13.9 % of Gaussian blocks. Three rules (`rule=`), all read the same
+saturates its largest elements (about 14 % of Gaussian blocks in MXFP8). Three rules (`rule=`), all read the same
 (compressed-tensors' `decompress_mx_scale` and vLLM decode only X = 2^(code - 127)):
 
   rceil  X = 2^ceil(log2(amax / elem_max)): the smallest power of two that clips nothing. NVIDIA's
          `cvt.rp.satfinite.ue8m0x2.f32` and Triton's `downcast_to_mxfp` (DequantScaleRoundingMode.ROUND_UP,
          triton_kernels/numerics_details/mxfp_details/_downcast_to_mxfp.py) round fl(amax / elem_max) up;
          here it is exact on amax's bits: floor's code, plus one when amax's mantissa exceeds the element
-         max's (fp32 division never moves that comparison for normal amax; this is also exact for subnormal
-         ones). gpt-oss's MXFP4 weights use it. Default.
+         max's (the same codes as theirs wherever amax / elem_max is a normal fp32, since rounding that
+         quotient never crosses a power of two; exact below). gpt-oss's MXFP4 weights use it. Default.
   ocp    the spec's floor rule above; clips.
   ct     compressed-tensors / llm-compressor (`generate_mx_scales`, quantization/utils/mxfp_utils.py):
          amax rounded to a power of two first, up when its mantissa is >= 1.75 (`round_to_power_2` with
@@ -27,10 +27,13 @@ saturates its largest elements: 13.9 % of Gaussian blocks. Three rules (`rule=`)
 SQNR on 2048 x 4096 bf16 weights (benchmarks/test_bench_schemes.py::test_mx_rule_sqnr; share of
 blocks whose max element saturates in brackets):
 
-            Gaussian (std 0.02)                         heavy-tailed (fp8norm.examples.heavy_tailed)
-  MXFP8     rceil 31.51, ct 31.51, ocp 30.68 (13.7 %)   rceil 31.48, ct 31.48, ocp 28.17 (19.0 %)
-  MXFP4     rceil 18.53, ct 19.00 (27.4 %), ocp 18.86   rceil 16.26, ct 16.68 (22.2 %), ocp 15.99 (41.9 %)
-            (ocp 41.6 %)
+                  Gaussian (std 0.02)   heavy-tailed (fp8norm.examples.heavy_tailed)
+  MXFP8  rceil    31.51                 31.48
+         ct       31.51                 31.48
+         ocp      30.68 (13.7 %)        28.17 (19.0 %)
+  MXFP4  rceil    18.53                 16.26
+         ct       19.00 (27.4 %)        16.68 (22.2 %)
+         ocp      18.86 (41.6 %)        15.99 (41.9 %)
 
 rceil is the default: the rule that clips nothing in either format, the best on MXFP8 (ct equals it
 to 0.001 dB; rceil keeps X where amax's mantissa is exactly 1.75, which ct doubles) and 0.27 dB above
@@ -45,7 +48,7 @@ Stored layout (compressed-tensors `mxfp8-quantized` / `mxfp4-pack-quantized`, re
   MXFP8: `weight` float8_e4m3fn [..., M, N],    `weight_scale` uint8 [..., M, N/32] (E8M0 codes)
   MXFP4: `weight_packed` uint8 [..., M, N/2] (element 2k in the low nibble, as NVFP4),
          `weight_scale` uint8 [..., M, N/32]
-Scale codes are clamped to [0, 254]: an all-zero block gets code 0 (2^-127), as compressed-tensors
+Scale codes are clamped to [0, 254 - emax_elem]: an all-zero block gets code 0 (2^-127), as compressed-tensors
 stores it; a block holding NaN/Inf gets 255 and the wrappers raise naming it.
 """
 
