@@ -5,6 +5,10 @@ On CUDA: Triton (compiled) vs the twin on the GPU, at a DeepSeek-sized weight (t
 On CPU: the twin at 2048 x 2048, and the Triton kernel under the interpreter at 256 x 512 against the
 twin at the same shape (the interpreter is a correctness tool: its ratio says how slow, nothing more).
 
+And the MX scale rules' SQNR (test_mx_rule_sqnr): each rule (fp8norm.kernels.numerics.mx) on
+Gaussian and heavy-tailed (fp8norm.examples.heavy_tailed) bf16 weights, MXFP8 and MXFP4, through the
+twin; the figures the README and `--mx-rule`'s help quote.
+
     python -m pytest benchmarks/test_bench_schemes.py --benchmark-only
 """
 
@@ -14,6 +18,8 @@ import pytest
 import torch
 
 import fp8norm.reference as twin
+from fp8norm.examples import heavy_tailed
+from fp8norm.kernels.numerics import mx
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -89,3 +95,40 @@ def test_scheme_kernel(benchmark, kernel, backend, capsys):
     benchmark.extra_info.update(gb_per_s=gbps)
     with capsys.disabled():
         print(f"\n  {kernel:<18} {backend:<7} {shape} on {DEVICE}: {t * 1e3:9.2f} ms {gbps:8.3f} GB/s{ratio}")
+
+
+RULE_SHAPE = (2048, 4096)  # 262144 blocks of 32: SQNR to +-0.01 dB
+_weights: dict[str, torch.Tensor] = {}
+
+
+def _rule_weights(kind: str) -> torch.Tensor:
+    if kind not in _weights:
+        g = torch.Generator().manual_seed(0)
+        x = heavy_tailed(RULE_SHAPE, g) if kind == "heavy-tailed" else torch.randn(RULE_SHAPE, generator=g) * 0.02
+        _weights[kind] = x.to(torch.bfloat16).to(DEVICE)
+    return _weights[kind]
+
+
+@pytest.mark.parametrize("rule", mx.SCALE_RULES)
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
+@pytest.mark.parametrize("weights", ["gaussian", "heavy-tailed"])
+def test_mx_rule_sqnr(benchmark, weights, fmt, rule, capsys):
+    """SQNR = 10 log10(sum x^2 / sum (x - dequant)^2) of one rule, and the share of blocks whose max
+    element saturates (clips)."""
+    x = _rule_weights(weights)
+    out = {}
+
+    def run():
+        out["q"] = twin.quant_mx(x, fmt=fmt, rule=rule)
+
+    benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+    e, s = out["q"]
+    xd = x.double()
+    err = xd - twin.dequant_mx(e, s, fmt=fmt, out_dtype=torch.float32).double()
+    sqnr = 10 * torch.log10(xd.square().sum() / err.square().sum()).item()
+    elem_max = 448.0 if fmt == "mxfp8" else 6.0
+    amax = xd.view(*RULE_SHAPE[:-1], -1, mx.MX_BLOCK).abs().amax(-1)
+    clipped = (amax / torch.pow(2.0, s.double() - 127) > elem_max).double().mean().item()
+    benchmark.extra_info.update(sqnr_db=sqnr, clipped_blocks=clipped)
+    with capsys.disabled():
+        print(f"\n  {fmt} {weights:<12} rule={rule:<5} SQNR {sqnr:7.3f} dB, max clipped in {clipped:6.2%} of blocks")

@@ -353,6 +353,19 @@ def run_options(f):
     return f
 
 
+# The MX scale rules and their SQNR (benchmarks/test_bench_schemes.py::test_mx_rule_sqnr; README "Formats").
+MX_RULES = {
+    "rceil": "smallest power of two that clips nothing (NVIDIA cvt.rp, Triton downcast_to_mxfp, gpt-oss): "
+             "MXFP8 31.5 dB heavy-tailed / 31.5 Gaussian, MXFP4 16.3 / 18.5",
+    "ocp": "the OCP spec's floor, clips block maxima: MXFP8 28.2 / 30.7, MXFP4 16.0 / 18.9",
+    "ct": "llm-compressor's bytes, clips MXFP4 maxima: MXFP8 31.5 / 31.5, MXFP4 16.7 / 19.0",
+}
+MX_RULE = click.option("--mx-rule", type=click.Choice(list(MX_RULES)), default=None,
+                       help="mxfp8/mxfp4: how each block's E8M0 scale is chosen [default: rceil]; SQNR on "
+                            "heavy-tailed / Gaussian weights: " + "; ".join(f"{k}: {v}" for k, v in MX_RULES.items())
+                            + " (dB).")
+
+
 def requant_options(f):
     f = renamed("--pow2-scales", "--scale-fmt", "scale_fmt", value="ue8m0", is_flag=True)(f)
     f = scale_fmt_option("Requant: ue8m0 = power-of-two scales (TE force_pow_2_scales) [default: float, or "
@@ -382,6 +395,7 @@ def selection_options(f):
                          "reference's].")(f)
     f = AMAX_EPSILON(f)
     f = AMAX_FLOOR(f)
+    f = MX_RULE(f)
     f = renamed("--scheme", "--to", "to", type=Choices(QUANTIZE_FORMATS, FORMAT_ALIASES))(f)
     f = click.option("--to", type=Choices(QUANTIZE_FORMATS, FORMAT_ALIASES), default="fp8", show_default=True,
                      help="fp8: block FP8, 128x128 scales (DeepSeek layout); fp8-channel: one scale per row "
@@ -522,6 +536,7 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
                   "[default: float].")
 @click.option("--keep-unaligned", is_flag=True,
               help="NVFP4: keep weights whose input dim is not a multiple of 16 as they are (else an error).")
+@MX_RULE
 @MAX_SHARD_SIZE
 @click.option("--no-repack", "no_repack", is_flag=True, help="Keep the source's shard files.")
 @REVISION
@@ -529,7 +544,7 @@ def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
 @VERIFY_SAMPLES
 @SKIP_VERIFY
 @run_options
-def convert_cmd(src, dst, to, scale_fmt, keep_unaligned, max_shard_size, no_repack, revision, device, resume,
+def convert_cmd(src, dst, to, scale_fmt, keep_unaligned, mx_rule, max_shard_size, no_repack, revision, device, resume,
                 overwrite, verify_samples, skip_verify, quiet):
     """Convert checkpoint SRC to another format in DST, streaming shard by shard.
 
@@ -555,7 +570,7 @@ def convert_cmd(src, dst, to, scale_fmt, keep_unaligned, max_shard_size, no_repa
     from .convert import convert
 
     summary = convert(_source(src, revision), dst, to=to, scale_fmt=scale_fmt, keep_unaligned=keep_unaligned,
-                      max_shard_size=max_shard_size,
+                      max_shard_size=max_shard_size, mx_rule=mx_rule,
                       repack=not no_repack, device=device, resume=resume, overwrite=overwrite,
                       progress=None if not quiet else False, verify_samples=0 if skip_verify else verify_samples)
     _report(summary, dst)

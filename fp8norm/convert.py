@@ -345,7 +345,7 @@ class Convert(Transform):
             try:
                 outs = schemes.quantize_weight(self.to, xs[0].to(device),
                                                src_scale_inv=xs[1].to(device) if len(xs) > 1 else None,
-                                               src_block_size=block, name=t.name)
+                                               src_block_size=block, rule=plan.mx_rule, name=t.name)
             except ValueError as e:
                 raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
             return [o.cpu() for o in outs]
@@ -372,6 +372,7 @@ class Convert(Transform):
 
     def extra_files(self, plan):
         files = {PROVENANCE_NAME: json_text(provenance(converted_to=self.to, source_format=plan.source_format.kind,
+                                                       **({"mx_rule": plan.mx_rule} if plan.mx_rule else {}),
                                                        plan_fingerprint=plan.fingerprint()))}
         if self.to == "nvfp4":
             files[HF_QUANT_CONFIG] = json.dumps({"producer": {"name": "modelopt", "version": f"fp8norm-{__version__}"},
@@ -394,17 +395,21 @@ def target_of(to: str, scale_fmt: str | None) -> str:
 
 
 def convert(src, dst, *, to: str, scale_fmt: str | None = None, keep_unaligned=False, max_shard_size="4GB",
-            repack=True, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5) -> RunSummary:
+            repack=True, device="auto", resume=False, overwrite=False, progress=None, verify_samples=5,
+            mx_rule: str | None = None) -> RunSummary:
     """Convert the checkpoint in `src` to format `to` in `dst` (see the module docstring).
 
     `scale_fmt="ue8m0"` with `to="fp8"`: power-of-two scales (the same as `to="fp8-ue8m0"`).
+    `mx_rule` (mxfp8 / mxfp4 only): the E8M0 scale rule, see fp8norm.kernels.numerics.mx [default: rceil].
 
     `verify_samples` requantized tensors (to ue8m0 scales or to a scheme) of each shard are re-read
     from disk and checked against the dequantized source, as `fp8norm verify` does (summary.verify;
     0 = no check); a FAIL is recorded in DST/fp8norm.json."""
     to = target_of(to, scale_fmt)
+    mx_rule = schemes.mx_rule_of(to, mx_rule)
     plan = build_convert_plan(src, to, keep_unaligned=keep_unaligned, max_shard_size=max_shard_size,
                               repack=repack)
+    plan.mx_rule = mx_rule
     if to.startswith("nvfp4"):
         plan.global_amax = nvfp4_global_amax(plan, resolve_device(device))
     if not any(t.decision in (UE8M0, SCHEME) for t in plan.tensors):

@@ -12,6 +12,8 @@ import os
 import torch
 
 from .kernels.numerics import fp8_block as nx
+from .kernels.numerics import fp8_channel as fc
+from .kernels.numerics import mx
 from . import reference
 
 BACKENDS = ("triton", "torch")
@@ -87,7 +89,7 @@ def nvfp4_amax(x: torch.Tensor, *, src_scale_inv=None, src_block_size=nx.DEFAULT
 
 
 def quant_fp8_channel(x: torch.Tensor, *, scale_fmt: str = "float", scale_dtype: torch.dtype = torch.float32,
-                      amax_floor: float = nx.DEFAULT_AMAX_FLOOR, src_scale_inv=None,
+                      amax_floor: float = fc.AMAX_FLOOR, src_scale_inv=None,
                       src_block_size=nx.DEFAULT_BLOCK_SIZE):
     """Per-channel FP8 (one fp32 scale per row) on the backend chosen for x's device: `(q, scale [..., M, 1])`.
     An FP8 x with its block scales `src_scale_inv` is requantized in one pass."""
@@ -99,7 +101,7 @@ def dequant_fp8_channel(q: torch.Tensor, scale: torch.Tensor, *, out_dtype: torc
     return _impl(q).dequant_fp8_channel(q, scale, out_dtype=out_dtype)
 
 
-def quant_mx(x: torch.Tensor, *, fmt: str = "mxfp8", rule: str = "ocp", src_scale_inv=None,
+def quant_mx(x: torch.Tensor, *, fmt: str = "mxfp8", rule: str = mx.DEFAULT_RULE, src_scale_inv=None,
              src_block_size=nx.DEFAULT_BLOCK_SIZE):
     """MXFP8/MXFP4 (blocks of 32, E8M0 scales) on the backend chosen for x's device: `(elements, scale codes)`."""
     return _impl(x).quant_mx(x, fmt=fmt, rule=rule, src_scale_inv=src_scale_inv, src_block_size=src_block_size)

@@ -216,7 +216,8 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
             pairs = zip(t.outputs[::2], t.outputs[1::2], schemes.split_source(t.name, src))
             report.checks.extend(compare_scheme(scheme, schemes.module_of(w.name.removesuffix("_packed")),
                                                 shard_path.name, read_tensor(infos[w.name]),
-                                                read_tensor(infos[sc.name]), x, report.bands) for w, sc, x in pairs)
+                                                read_tensor(infos[sc.name]), x, report.bands, plan.mx_rule)
+                                 for w, sc, x in pairs)
             continue
         q = read_tensor(infos[t.outputs[0].name])
         scale_inv = read_tensor(infos[t.outputs[1].name])

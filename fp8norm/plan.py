@@ -148,6 +148,7 @@ class Plan:
     global_amax: dict | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)  # planning's lines for the summary
     scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.schemes)
+    mx_rule: str | None = None  # MX targets: the E8M0 scale rule (fp8norm.kernels.numerics.mx)
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.shard == shard]
@@ -180,6 +181,7 @@ class Plan:
                          "rule": t.rule, "source_file": t.source_file, "shard": t.shard,
                          "outputs": [{"name": o.name, "dtype": o.dtype, "shape": list(o.shape)}
                                      for o in t.outputs]} for t in self.tensors],
+            **({"mx_rule": self.mx_rule} if self.mx_rule else {}),  # same shapes, other bytes
         }
 
     def fingerprint(self) -> str:
@@ -229,6 +231,7 @@ class PlanOptions:
     activation_stats: str | Path | None = None
     allow_nonfinite: bool = False
     scheme: str = "fp8-block"  # applied by quantize.plan() (fp8norm.schemes)
+    mx_rule: str | None = None  # mxfp8 / mxfp4: the scale rule [default: fp8norm.kernels.numerics.mx.DEFAULT_RULE]
 
 
 def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) -> Plan:

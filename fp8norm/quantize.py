@@ -49,7 +49,7 @@ class SchemeQuantize(Quantize):
         if t.decision != FP8:
             return xs
         try:
-            outs = schemes.quantize_weight(self.scheme, xs[0].to(device), name=t.name)
+            outs = schemes.quantize_weight(self.scheme, xs[0].to(device), rule=plan.mx_rule, name=t.name)
         except ValueError as e:
             raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
         return [o.cpu() for o in outs]
@@ -71,7 +71,9 @@ def plan(src, options: PlanOptions | None = None, **kwargs) -> Plan:
     if o.calib != "max" or o.activation_stats or o.scale_dtype or o.scale_fmt:
         raise ValueError(f"--scheme {o.scheme}: --calib, --activation-stats, --scale-fmt and --scale-dtype apply "
                          "to fp8-block only")
+    mx_rule = schemes.mx_rule_of(o.scheme, o.mx_rule)
     p = build_plan(src, o)
+    p.mx_rule = mx_rule
     schemes.apply_to_plan(p, SchemeQuantize(o.scheme))
     p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
     return p
@@ -99,7 +101,7 @@ def provenance(p: Plan) -> str:
     """fp8norm.json: how this checkpoint was made (tool version, scales, calibration)."""
     s = p.settings
     return json_text(output.provenance(
-        scheme=p.scheme,
+        scheme=p.scheme, **({"mx_rule": p.mx_rule} if p.mx_rule else {}),
         weight_block_size=list(s.block_size), scale_fmt=s.scale_fmt, scale_dtype=s.scale_dtype,
         amax_floor=s.amax_floor, calibration=s.calib.to_dict(), activation_stats_sha256=s.activation_stats_sha256,
         reference=p.reference, plan_fingerprint=p.fingerprint()))

@@ -59,6 +59,16 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
+def mx_rule_of(scheme: str, rule: str | None) -> str | None:
+    """The MX scale rule a run to `scheme` uses: `rule`, or the default, for mxfp8 / mxfp4; None for other
+    schemes, where giving one is an error."""
+    if scheme not in (MXFP8, MXFP4):
+        if rule is not None:
+            raise ValueError(f"--mx-rule applies to mxfp8 and mxfp4, not {scheme}")
+        return None
+    return mx.check_rule(rule or mx.DEFAULT_RULE)
+
+
 def module_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
@@ -174,7 +184,7 @@ def split_source(name: str, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def quantize_weight(scheme: str, x: torch.Tensor, *, src_scale_inv=None, src_block_size=(128, 128),
-                    rule: str = "ocp", name: str = "") -> list[torch.Tensor]:
+                    rule: str = mx.DEFAULT_RULE, name: str = "") -> list[torch.Tensor]:
     """One weight `name` (bf16, or FP8 with its block scales) -> its outputs in `scheme`, in
     output_entries' order (a fused 3D expert tensor: one launch, then split per expert and projection)."""
     outs = _quantize(scheme, x, src_scale_inv, src_block_size, rule)

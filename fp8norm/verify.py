@@ -46,8 +46,9 @@ written per expert and projection; the scheme is read off config.json's quantiza
   Student-t and uniform weights).
 - **mxfp8 / mxfp4**: every element RNE(x / X) in e4m3 / e2m1 with saturation at 448 / 6, X = 2^(code
   - 127) the block's E8M0 scale (exact: x / X only moves the exponent), and every scale code the one
-  the OCP rule or compressed-tensors' rule gives for its block's amax (fp8norm.kernels.numerics.mx); either
-  is accepted, so a changed scale is a FAIL naming the block even where its elements are zeros.
+  the rule fp8norm.json records (`mx_rule`: rceil, ocp or ct, fp8norm.kernels.numerics.mx) gives for its
+  block's amax, or without that record (another tool's output) the one any of them gives; a changed
+  scale is a FAIL naming the block even where its elements are zeros.
   The cost of MX depends on the distribution inside each block of 32 (power-of-two scales, saturation
   under the OCP rule, e2m1's two binades), so the bands are bounds of correct rounding rather than
   spreads around one floor. In units of X the block amax is in [2^emax, 2^(emax+1)) (OCP; [1.75, 3.5)
@@ -200,7 +201,7 @@ class TensorCheck:
     first_wrong: str | None
     bands: dict
     status: str
-    wrong_scales: int = 0    # MX: E8M0 codes neither rule gives for the block's amax
+    wrong_scales: int = 0    # MX: E8M0 codes no accepted rule gives for the block's amax
     first_wrong_scale: str | None = None
 
 
@@ -323,11 +324,11 @@ def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src
 
 
 def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, scale: torch.Tensor,
-                   src: torch.Tensor, bands: Bands | None = None) -> TensorCheck:
+                   src: torch.Tensor, bands: Bands | None = None, mx_rule: str | None = None) -> TensorCheck:
     """One module of a compressed-tensors scheme output (fp8norm.schemes: fp8-channel, mxfp8, mxfp4)
     against its source matrix (fp32 or the source dtype): every element RNE(x / scale) in the scheme's
     element format (the row's scale, or the block's E8M0 scale), and for MX every scale code the one
-    the OCP rule or compressed-tensors' rule gives for its block's amax."""
+    `mx_rule` (None: any rule of fp8norm.kernels.numerics.mx) gives for its block's amax."""
     fmt = SCHEME_FORMATS[scheme]
     bands = bands or Bands.for_scheme(scheme, None)
     if scheme == schemes.CHANNEL:
@@ -337,13 +338,13 @@ def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, sca
                     decode=lambda q, s: (mx.decode_elements(q, mxf), mx.scale_value(s)))
     amax = src.abs().reshape(*src.shape[:-1], -1, mx.MX_BLOCK).amax(-1).float()  # exact in src's dtype
     codes = scale.to(torch.int32)
-    spec, ct = mx.scale_codes(amax, mxf, False), mx.scale_codes(amax, mxf, True)
-    wrong = (codes != spec) & (codes != ct)
+    expected = {r: mx.scale_codes(amax, mxf, r) for r in ((mx_rule,) if mx_rule else mx.SCALE_RULES)}
+    wrong = torch.stack([codes != e for e in expected.values()]).all(0)
     if bool(wrong.any()):
         i = tuple(int(v) for v in wrong.nonzero()[0])
         check.wrong_scales = int(wrong.sum())
         check.first_wrong_scale = (f"scale block {list(i)}: code {int(codes[i])}, block amax {float(amax[i]):.6g} "
-                                   f"gives {int(spec[i])} (OCP) or {int(ct[i])} (compressed-tensors)")
+                                   f"gives " + " or ".join(f"{int(e[i])} ({r})" for r, e in expected.items()))
         check.bands["scale"] = check.status = FAIL
     return check
 
@@ -597,7 +598,11 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     if scheme is not None:
         report.scheme = scheme
         report.bands = bands or Bands.for_scheme(scheme, mode, **(band_overrides or {}))
-        _verify_scheme(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed)
+        mx_rule = prov.get("mx_rule")
+        if mx_rule is not None and mx_rule not in mx.SCALE_RULES:
+            report.problems.append(f"{quant / 'fp8norm.json'}: mx_rule {mx_rule!r} is none of {', '.join(mx.SCALE_RULES)}")
+            mx_rule = None
+        _verify_scheme(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, mx_rule)
         return report
     block = tuple(qcfg.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     qt, st = q_ckpt.tensors, s_ckpt.tensors
@@ -655,7 +660,7 @@ def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
 
 
 def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
-                   samples: int | None, seed: int) -> None:
+                   samples: int | None, seed: int, mx_rule: str | None) -> None:
     """verify() for a compressed-tensors scheme output: per module `weight` (or `weight_packed`) and
     `weight_scale`, fused 3D source experts written per expert and projection (fp8norm.schemes)."""
     from .plan import PlanError
@@ -727,7 +732,7 @@ def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report:
                                        f"its source {list(x.shape)}")
                 continue
             report.checks.append(compare_scheme(scheme, m, shard, read_tensor(qt[m + elem]),
-                                                read_tensor(qt[m + ".weight_scale"]), x, report.bands))
+                                                read_tensor(qt[m + ".weight_scale"]), x, report.bands, mx_rule))
 
 
 PLOT_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'fp8norm[plot]' (or pip install matplotlib)"

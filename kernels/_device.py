@@ -65,11 +65,25 @@ def round_to_bf16_grid(v):
 
 @kernel
 def cast_rne(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> `dtype` with round-to-nearest-even on the GPU and in the interpreter alike."""
+    """fp32 -> `dtype` with round-to-nearest-even on the GPU and in the interpreter alike.
+
+    The interpreter's fp32 -> bf16 conversion also flushes bf16 subnormals to zero, so there the
+    rounded value's top half is taken as the bf16 bits (a bf16 is the top half of its fp32)."""
     if INTERPRET:
         if dtype == tl.bfloat16:
-            v = round_to_bf16_grid(v)
+            top = round_to_bf16_grid(v).to(tl.int32, bitcast=True) >> 16
+            return top.to(tl.int16).to(tl.bfloat16, bitcast=True)
     return v.to(dtype)
+
+
+@kernel
+def widen_to_f32(x, INTERPRET: tl.constexpr):
+    """bf16 / fp16 / fp32 -> fp32, exactly. The interpreter's bf16 -> fp32 conversion flushes bf16
+    subnormals, so there the bf16 bits become the fp32's top half; GPUs convert exactly."""
+    if INTERPRET:
+        if x.dtype == tl.bfloat16:
+            return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
 
 
 @kernel

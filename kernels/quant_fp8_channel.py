@@ -40,7 +40,7 @@ def quant_fp8_channel_kernel(
     stride_xse, stride_xsm,
     stride_qe, stride_qm,
     stride_se,
-    amax_floor,
+    amax_floor, sf_max,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SRC_BM: tl.constexpr, SRC_BN: tl.constexpr,
     SCALE_DROP_BITS: tl.constexpr,
@@ -65,6 +65,7 @@ def quant_fp8_channel_kernel(
     sf = tl.math.div_rn(tl.maximum(amax, amax_floor), E4M3_MAX)
     if SCALE_DROP_BITS > 0:
         sf = ceil_mantissa(sf, SCALE_DROP_BITS)
+    sf = tl.minimum(sf, sf_max)  # 448 * sf stays finite (a non-finite row's NaN scale is restored below)
     inv = tl.math.div_rn(1.0, sf)
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -99,7 +100,7 @@ def quant_fp8_channel(
     *,
     scale_fmt: str = "float",
     scale_dtype: torch.dtype = torch.float32,
-    amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
+    amax_floor: float = fc.AMAX_FLOOR,
     src_scale_inv: torch.Tensor | None = None,
     src_block_size=nx.DEFAULT_BLOCK_SIZE,
     num_warps: int = NUM_WARPS,
@@ -108,7 +109,7 @@ def quant_fp8_channel(
     fp8norm.kernels.numerics.fp8_channel. Returns `(q, scale [..., M, 1])` with `x ~= q * scale`; a bfloat16
     scale_dtype rounds each scale up to a bfloat16 value first.
     An FP8 `x` comes with `src_scale_inv`, its block scales (blocks of `src_block_size`)."""
-    drop_bits, src_sf, (sbm, sbn) = fc.check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv,
+    drop_bits, sf_max, src_sf, (sbm, sbn) = fc.check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv,
                                                           src_block_size)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(fc.scale_shape(tuple(x.shape)), dtype=scale_dtype, device=x.device)
@@ -124,7 +125,7 @@ def quant_fp8_channel(
             xs3.stride(0), xs3.stride(1),
             q3.stride(0), q3.stride(1),
             s3.stride(0),
-            float(amax_floor),
+            float(amax_floor), sf_max,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SRC_BM=sbm, SRC_BN=sbn,
             SCALE_DROP_BITS=drop_bits, X_SCALED=src_sf is not None,
             num_warps=num_warps,

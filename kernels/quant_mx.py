@@ -3,7 +3,7 @@ E2M1 elements) quantization and dequantization.
 
 One program per (expert, row tile, column tile); 2D and stacked 3D `[E, M, N]` inputs share a single
 launch. The quant kernel also takes an FP8 input with its block scales and quantizes the dequantized
-values in the same pass (no bf16 copy). Formulas and the two shared-scale rules (the spec's floor,
+values in the same pass (no bf16 copy). Formulas and the shared-scale rules (rceil, the spec's floor,
 compressed-tensors' round-up at 1.75): fp8norm.kernels.numerics.mx. Twins: fp8norm.reference.quant_mx /
 dequant_mx.
 """
@@ -54,9 +54,10 @@ def quant_mx_kernel(
     # NaN/Inf block gets the E8M0 NaN code and the wrapper raises).
     amax = amax_nan(tl.abs(x3), 2, INTERPRET)
     nonfinite = not_finite(amax)
-    # The amax's biased exponent (0 for zero/subnormal) minus emax_elem, clamped to [0, 254].
+    # The amax's biased exponent (0 for zero/subnormal; ROUND_ADD carries into it where the rule rounds
+    # up) minus emax_elem, clamped to [0, 254 - emax_elem] (elem_max * X stays finite).
     bits = amax.to(tl.int32, bitcast=True) + ROUND_ADD
-    code = tl.minimum(tl.maximum(((bits >> 23) & 0xFF) - EMAX, 0), 254)
+    code = tl.minimum(tl.maximum(((bits >> 23) & 0xFF) - EMAX, 0), 254 - EMAX)
     # 2^(127 - code) as fp32 bits: x * inv == x / 2^(code - 127) exactly.
     inv = ((254 - tl.minimum(code, 253)) << 23).to(tl.float32, bitcast=True)
     v = x3 * inv[:, :, None]
@@ -111,7 +112,7 @@ def quant_mx(
     x: torch.Tensor,
     *,
     fmt: str = "mxfp8",
-    rule: str = "ocp",
+    rule: str = mx.DEFAULT_RULE,
     src_scale_inv: torch.Tensor | None = None,
     src_block_size=(128, 128),
     num_warps: int = NUM_WARPS,
@@ -119,10 +120,10 @@ def quant_mx(
     """Quantize `x` ([M, N] or [E, M, N], N % 32 == 0) to MXFP8 or MXFP4; see fp8norm.kernels.numerics.mx.
 
     Returns `(elements, scale)`: e4m3 `[..., M, N]` (mxfp8) or packed E2M1 uint8 `[..., M, N/2]`
-    (mxfp4), and uint8 E8M0 codes `[..., M, N/32]`. `rule` "ocp" (the spec) or "ct"
-    (compressed-tensors/llm-compressor). An FP8 `x` comes with `src_scale_inv`, its block scales.
+    (mxfp4), and uint8 E8M0 codes `[..., M, N/32]`. `rule`: "rceil" (the smallest power of two that
+    clips nothing), "ocp" (the spec's floor) or "ct" (compressed-tensors/llm-compressor). An FP8 `x` comes with `src_scale_inv`, its block scales.
     """
-    f, round_up, src_sf, (sbm, sbn) = mx.check_quant_args(x, fmt, rule, src_scale_inv, src_block_size)
+    f, round_add, src_sf, (sbm, sbn) = mx.check_quant_args(x, fmt, rule, src_scale_inv, src_block_size)
     elem_dtype = torch.float8_e4m3fn if f.elem_bits == 8 else torch.uint8
     out = torch.empty(mx.packed_shape(tuple(x.shape), f), dtype=elem_dtype, device=x.device)
     scale = torch.empty(mx.scale_shape(tuple(x.shape)), dtype=torch.uint8, device=x.device)
@@ -139,7 +140,7 @@ def quant_mx(
             p3.stride(0), p3.stride(1),
             w3.stride(0), w3.stride(1),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SRC_BM=sbm, SRC_BN=sbn,
-            EMAX=f.emax, ELEM_BITS=f.elem_bits, ROUND_ADD=mx.CT_ROUND_ADD if round_up else 0,
+            EMAX=f.emax, ELEM_BITS=f.elem_bits, ROUND_ADD=round_add,
             X_SCALED=src_sf is not None,
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
@@ -181,6 +182,7 @@ def aot_cases() -> dict:
         "quant_mx[mxfp8,bf16]": lambda: quant_mx(w, fmt="mxfp8"),
         "quant_mx[mxfp4,bf16]": lambda: quant_mx(w, fmt="mxfp4"),
         "quant_mx[mxfp8,bf16,ct]": lambda: quant_mx(w, fmt="mxfp8", rule="ct"),
+        "quant_mx[mxfp8,bf16,ocp]": lambda: quant_mx(w, fmt="mxfp8", rule="ocp"),
         "quant_mx[mxfp4,bf16,3d]": lambda: quant_mx(experts, fmt="mxfp4"),
         "quant_mx[mxfp8,fp8,src=fp32]": lambda: quant_mx(fp8, fmt="mxfp8", src_scale_inv=fp8_scale),
         "quant_mx[mxfp4,fp8,src=fp32]": lambda: quant_mx(fp8, fmt="mxfp4", src_scale_inv=fp8_scale),
@@ -224,7 +226,7 @@ def gpu_check_ops() -> list:
     return [op for fmt, elem in (("mxfp8", 1.0), ("mxfp4", 0.5)) for op in (
         SimpleNamespace(name=f"quant_mx[bf16->{fmt}]", fn="quant_mx", make=make_quant(fmt),
                         bytes=lambda s, elem=elem: nbytes(elem, s), eager=None, host_sync=True,
-                        variants=(("ct-rule", {"rule": "ct"}),)),
+                        variants=(("ct-rule", {"rule": "ct"}), ("ocp-rule", {"rule": "ocp"}))),
         SimpleNamespace(name=f"dequant_mx[{fmt}->bf16]", fn="dequant_mx", make=make_dequant(fmt),
                         bytes=lambda s, elem=elem: nbytes(elem, s), eager=None, host_sync=False,
                         variants=(("float32", {"out_dtype": torch.float32}),)))]

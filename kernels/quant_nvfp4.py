@@ -20,7 +20,7 @@ from .numerics.args import check_amax_args
 
 from ._launch import LAUNCH_OPTIONS, kernel
 from ._device import (E4M3_MAX, amax_nan, cast_rne, load_e4m3_as_f32, not_finite, round_to_e4m3_grid,
-                        tile_coords)
+                        tile_coords, widen_to_f32)
 from .quant_fp8_block import as_3d
 
 __all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",
@@ -82,7 +82,7 @@ def load_source(x_ptr, xs_ptr, pid_e, rows, cols, mask, stride_xe, stride_xm, st
     if X_SCALED:
         xs_offs = pid_e * stride_xse + (rows // SRC_BM)[:, None] * stride_xsm + (cols // SRC_BN)[None, :]
         return load_e4m3_as_f32(x_ptr + x_offs, mask, INTERPRET) * tl.load(xs_ptr + xs_offs, mask=mask, other=0.0)
-    return tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    return widen_to_f32(tl.load(x_ptr + x_offs, mask=mask, other=0.0), INTERPRET)
 
 
 @kernel

@@ -103,7 +103,7 @@ def test_changed_scale_fails_naming_the_module(outputs, tmp_path, scheme):
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
 def test_mx_scale_rule_either_rule_accepted_another_code_fails(fmt):
     """Hand-computed: a block whose amax is 1.875 (mantissa >= 1.75) gets 2^(0 - emax) under the OCP rule
-    and 2^(1 - emax) under compressed-tensors'; elements requantized for a third code are correctly
+    and 2^(1 - emax) under compressed-tensors' and rceil; elements requantized for a third code are correctly
     rounded for that code, but the code is neither rule's."""
     emax = mx.mx_format(fmt).emax
     g = torch.Generator().manual_seed(0)
@@ -127,7 +127,12 @@ def test_mx_scale_rule_either_rule_accepted_another_code_fails(fmt):
         stored[0, :16] = stored_fix[0]
     c = compare_scheme(fmt, "w", "s", stored, scale, x)
     assert c.wrong_elements == 0 and c.wrong_scales == 1 and c.status == FAIL
-    assert f"code {129 - emax}, block amax 1.875 gives {127 - emax} (OCP) or {128 - emax}" in c.first_wrong_scale
+    assert (f"code {129 - emax}, block amax 1.875 gives {128 - emax} (rceil) or {127 - emax} (ocp) or {128 - emax} (ct)"
+            in c.first_wrong_scale)
+    # with the rule the output records, only that rule's codes pass
+    c = compare_scheme(fmt, "w", "s", *ocp, x, mx_rule="rceil")
+    assert c.wrong_scales >= 4 and c.status == FAIL  # every first block, and second blocks with amax mantissa > max
+    assert c.first_wrong_scale == f"scale block [0, 0]: code {127 - emax}, block amax 1.875 gives {128 - emax} (rceil)"
 
 
 def test_e2m1_rounding_by_hand():

@@ -20,12 +20,12 @@ def quant_fp8_channel(
     *,
     scale_fmt: str = "float",
     scale_dtype: torch.dtype = torch.float32,
-    amax_floor: float = nx.DEFAULT_AMAX_FLOOR,
+    amax_floor: float = fc.AMAX_FLOOR,
     src_scale_inv: torch.Tensor | None = None,
     src_block_size=nx.DEFAULT_BLOCK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of fp8norm.kernels.quant_fp8_channel: `(q e4m3, scale [..., M, 1] in scale_dtype)`."""
-    drop_bits, src_sf, block_size = fc.check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv,
+    drop_bits, sf_max, src_sf, block_size = fc.check_quant_args(x, scale_fmt, scale_dtype, amax_floor, src_scale_inv,
                                                           src_block_size)
     *lead, m, n = x.shape
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
@@ -42,6 +42,7 @@ def quant_fp8_channel(
             sf = nx.sf_from_amax(amax, amax_floor)
             if drop_bits:
                 sf = nx.ceil_mantissa(sf, drop_bits)
+            sf = sf.clamp_max(sf_max)
             q2[r0:r1] = v.mul_(torch.reciprocal(sf)).clamp_(-nx.E4M3_MAX, nx.E4M3_MAX)
             s2[r0:r1] = torch.where(torch.isfinite(amax), sf, torch.nan)
     fc.raise_if_nonfinite_rows(scale)

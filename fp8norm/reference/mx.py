@@ -1,6 +1,6 @@
 """Pure-torch twins of fp8norm.kernels.quant_mx / dequant_mx (bit-exact).
 
-The formulas (OCP Microscaling v1.0 and compressed-tensors' variant of the shared-scale rounding) are
+The formulas (OCP Microscaling v1.0 and the shared-scale rules rceil, ocp, ct) are
 in fp8norm.kernels.numerics.mx. Like the other twins these walk each matrix in chunks of about CHUNK_ELEMS
 elements (whole rows), so working memory stays bounded whatever the tensor size.
 """
@@ -20,12 +20,12 @@ def quant_mx(
     x: torch.Tensor,
     *,
     fmt: str = "mxfp8",
-    rule: str = "ocp",
+    rule: str = mx.DEFAULT_RULE,
     src_scale_inv: torch.Tensor | None = None,
     src_block_size=(128, 128),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of fp8norm.kernels.quant_mx: `(elements, scale codes uint8 [..., M, N/32])`."""
-    f, round_up, src_sf, block_size = mx.check_quant_args(x, fmt, rule, src_scale_inv, src_block_size)
+    f, _, src_sf, block_size = mx.check_quant_args(x, fmt, rule, src_scale_inv, src_block_size)
     *lead, m, n = x.shape
     elem_dtype = torch.float8_e4m3fn if f.elem_bits == 8 else torch.uint8
     out = torch.empty(mx.packed_shape(tuple(x.shape), f), dtype=elem_dtype, device=x.device)
@@ -40,7 +40,7 @@ def quant_mx(
                 v.mul_(src_scale_rows(src[0], r0, r1, block_size, n))
             vg = v.view(rows, n // mx.MX_BLOCK, mx.MX_BLOCK)
             amax = torch.maximum(vg.amax(2), vg.amin(2).neg_())  # NaN propagates
-            codes = mx.scale_codes(amax, f, round_up)
+            codes = mx.scale_codes(amax, f, rule)
             vg.mul_(mx.inverse_scale(codes).unsqueeze(2))
             o2[r0:r1] = mx.encode_elements(v, f)
             s2[r0:r1] = codes.to(torch.uint8)

@@ -1,7 +1,8 @@
 """quant_fp8_channel / dequant_fp8_channel: Triton kernel and torch twin, bit for bit against an oracle
 written from compressed-tensors' FP8 channel scheme (FP8_DYNAMIC weights: `strategy: channel`, one
-scale per output row = row amax / 448; value = q * scale) with fp8norm's block conventions (amax floor,
-x * (1/sf), saturating round-to-nearest-even)."""
+scale per output row = row amax / 448; value = q * scale) with fp8norm's block conventions (x * (1/sf),
+saturating round-to-nearest-even), no amax floor but the smallest normal scale 2^-126, and no scale so
+large that 448 * scale passes bfloat16's max."""
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ from tests.readers import reader
 E4M3 = torch.float8_e4m3fn
 
 
-def oracle_quant(x, scale_fmt="float", amax_floor=1e-4, scale_dtype=torch.float32):
+def oracle_quant(x, scale_fmt="float", scale_dtype=torch.float32):
     xf = x.float()
-    sf = xf.abs().amax(-1, keepdim=True).clamp(min=amax_floor) / 448.0
+    sf = (xf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=2.0 ** -126)
     if scale_fmt == "ue8m0":
         sf = ceil_pow2(sf)
     elif scale_dtype == torch.bfloat16:
@@ -47,7 +48,7 @@ def ranged(shape, seed=0, dtype=torch.bfloat16):
 @pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
 def test_matches_oracle_2d_and_3d(backend, shape, scale_fmt):
     x = ranged(shape)
-    x.view(-1)[:7] = 0  # a zero row prefix; row 0 of (1, 5) is all zero: floored, finite
+    x.view(-1)[:7] = 0  # a zero row prefix; row 0 of (1, 5) is all zero: scale 2^-126
     q, s = quant(backend, x, scale_fmt=scale_fmt)
     assert_same(q, s, *oracle_quant(x, scale_fmt))
     d = backend.impl.dequant_fp8_channel(q.to(backend.device), s.to(backend.device), out_dtype=torch.float32)
@@ -105,3 +106,42 @@ def test_compressed_tensors_channel_dequantization_gives_our_values():
     q, s = quant(Backend("torch"), x)
     theirs = dequantize(q, s, torch.zeros_like(s), args, dtype=torch.float32)
     assert torch.equal(theirs, q.float() * s)
+
+
+def test_small_rows_get_their_own_scale_and_zero_rows_zeros(backend):
+    """Rows far below the old 1e-4 amax floor keep amax / 448 (their values survive); an all-zero row
+    gets 2^-126, fp32's smallest normal, and zeros; a bf16 subnormal row 2^-126 too."""
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    x[0] = torch.linspace(-1e-6, 1e-6, 64)
+    x[1] = torch.linspace(-1e-20, 3e-20, 64)
+    x[3, :3] = torch.tensor([9.2e-41, -2.0e-39, 1.1e-38])  # bf16 subnormals
+    q, s = quant(backend, x)
+    assert s[:, 0].tolist()[:2] == [(x[0].float().abs().max() / 448).item(), (x[1].float().abs().max() / 448).item()]
+    assert s[2, 0].item() == s[3, 0].item() == 2.0 ** -126
+    assert (q[2].float() == 0).all()
+    d = q.float() * s
+    assert ((d[:2] - x[:2].float()).abs() <= x[:2].float().abs() / 16 + 2.0 ** -9 * s[:2]).all()
+    assert d[3, 2].item() == pytest.approx(1.1e-38, rel=1 / 16)
+    with pytest.raises(ValueError, match="amax_floor must be >= 5.266e-36"):
+        quant(backend, x, amax_floor=1e-40)
+
+
+@pytest.mark.parametrize("scale_fmt,scale_dtype,sf", [
+    ("float", torch.float32, None),
+    ("float", torch.bfloat16, 1.1328125 * 2.0 ** 119),  # the bf16 below bf16_max / 448 = 1.1384 * 2^119
+    ("ue8m0", torch.float32, 2.0 ** 119),
+])
+def test_bfloat16_max_row_dequantizes_finite(backend, scale_fmt, scale_dtype, sf):
+    """bf16's max (3.3895e38) in a row: the bf16 scale rounded up (1.140625 * 2^119) gives 448 * sf
+    halfway past bf16's max (inf in bf16), the power of two 2^120 an element of 256 * 2^120 = 2^128 (inf
+    in fp32). Scales are capped so that 448 * sf <= bf16's max; the max element saturates below it."""
+    bmax = torch.finfo(torch.bfloat16).max
+    x = torch.ones(3, 40, dtype=torch.bfloat16)
+    x[0, 0], x[1, 7], x[2] = bmax, -bmax, bmax / 2
+    q, s = quant(backend, x, scale_fmt=scale_fmt, scale_dtype=scale_dtype)
+    if sf is not None:
+        assert s[0, 0].item() == sf
+    for dt in (torch.bfloat16, torch.float32):
+        d = backend.impl.dequant_fp8_channel(q.to(backend.device), s.float().to(backend.device), out_dtype=dt).cpu()
+        assert torch.isfinite(d).all(), dt
+        assert 0.87 * bmax <= d[0, 0].item() <= bmax and d[1, 7].item() == -d[0, 0].item()
