@@ -145,9 +145,7 @@ def summarize(results: list[dict], min_compared: int) -> tuple[list[list[str]], 
     controls = {r["model"]: r for r in results if r["format"] == CONTROL}
     rows, kinds, compared = [], [], 0
     for r in results:
-        kind, detail = verdict(r, None if r["format"] == CONTROL else controls.get(r["model"]))
-        if r["format"] == CONTROL and kind == "CRASHED" and r.get("stages", {}).get("raw", {}).get("compared"):
-            kind, detail = "LOADED-NOT-RUN", detail + " (the control itself: vLLM's)"
+        kind, detail = verdict(r, r if r["format"] == CONTROL else controls.get(r["model"]))
         st = r.get("stages", {})
         compared += bool(st.get("raw", {}).get("compared")) and r["format"] != CONTROL
         kinds.append(kind)
@@ -170,7 +168,7 @@ def print_table(rows: list[list[str]]) -> None:
     head = ["model", "format", "verdict", "config (method)", "kernel", "detail"]
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(5)]
     for row in [head] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5].replace("\n", " | "))
 
 
 # --------------------------------------------------------------------------- oracle (spec formulas, not fp8norm)
@@ -700,7 +698,7 @@ def run_all(args) -> list[dict]:
                                   env=os.environ)
             (work / f"{kind}-{fmt}.log").write_text(proc.stdout + proc.stderr)
             res = {"model": kind, "format": fmt, "returncode": proc.returncode, "stages": read_records(rec)}
-            control = next((r for r in results if r["model"] == kind and r["format"] == CONTROL), None)
+            control = next((r for r in results if r["model"] == kind and r["format"] == CONTROL), res)
             results.append(res)
             print(f"{kind:<10} {fmt:<12} {verdict(res, control)[0]}", flush=True)
     (work / "vllm_check.json").write_text(json.dumps(results, indent=1))
