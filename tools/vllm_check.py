@@ -286,7 +286,7 @@ def ct_dequant(ck: dict, cfg: dict, key: str):
     group = linear_group(cfg)
     stem = key.removesuffix(".weight")
     local = {k[len(stem) + 1:]: v for k, v in ck.items() if k.startswith(stem + ".weight")}
-    if not local:
+    if "weight_scale" not in local:  # not quantized: nothing for the decompressor to say
         return None
     compressor = BaseCompressor.get_value_from_registry(group.get("format") or qc["format"])
     return compressor.decompress(local, QuantizationScheme(**group))["weight"].float()
@@ -567,10 +567,11 @@ def compare_raw(model, ck: dict, cfg: dict, record: Recorder) -> None:
 
 def compare_effective(model, ck: dict, cfg: dict) -> dict:
     """After post-load processing: each linear layer's kernel applied to the identity gives the weight it
-    effectively uses; it must equal the oracle rounded to bf16 (the kernels' output dtype)."""
+    effectively uses; it must equal the oracle rounded to bf16 (the kernels' output dtype), within one bf16
+    step where the kernel quantizes its input to FP8 (W8A8: the identity's scale enters the product)."""
     import torch
 
-    compared, mismatched, skipped = 0, [], []
+    compared, mismatched, skipped, inexact = 0, [], [], 0
     for name, module in model.named_modules():
         qm = getattr(module, "quant_method", None)
         if qm is None or not hasattr(module, "input_size_per_partition") or not hasattr(qm, "apply"):
@@ -587,9 +588,15 @@ def compare_effective(model, ck: dict, cfg: dict) -> dict:
             mismatched.append(f"{name}: {type(e).__name__}: {e}"[:200])
             continue
         compared += 1
-        if got.shape != want.shape or not torch.equal(got, want.to(torch.bfloat16).float()):
+        want = want.to(torch.bfloat16).float()
+        if got.shape != want.shape:
             mismatched.append(name)
-    return {"compared": compared, "mismatched": mismatched, "not_compared": skipped}
+        elif not torch.equal(got, want):
+            inexact += 1
+            step = torch.ldexp(torch.ones_like(want), torch.frexp(want)[1] - 8)  # one bf16 ulp of the oracle
+            if not bool(((got - want).abs() <= step).all()):
+                mismatched.append(name)
+    return {"compared": compared, "mismatched": mismatched, "not_compared": skipped, "within_one_bf16_step": inexact}
 
 
 def prompts() -> list[list[int]]:
