@@ -42,6 +42,9 @@ RECORDED = [
          init={"ok": False, "error": MX_REASONS}),                                  # NO-KERNEL-HERE, before loading
     case("fp8-channel", post={"ok": False, "error": "ValueError: Unsupported FP8 MoE backend: NONE"},
          engine=None),                                                              # NO-KERNEL-HERE, after loading
+    case("mxfp4", model="qwen3-moe", load=None, raw=None, post=None, engine=None,  # NO-KERNEL-HERE by its frame
+         init={"ok": False, "error": "ValueError: Forced kernel K is not supported: K not available",
+               "frames": ["compressed_tensors.py:get_scheme", "__init__.py:init_nvfp4_linear_kernel"]}),
     case("nvfp4", init=None, load=None, raw=None, post=None, engine=None,
          config={"ok": False, "error": "ValueError: Unknown quantization method: modelopt"}),  # REJECTED config
     case("nvfp4-ct", raw=None, post=None, engine=None,
@@ -60,7 +63,7 @@ EXPECTED = {
     ("qwen3", "mxfp8"): "NO-KERNEL-HERE", ("qwen3", "fp8-channel"): "NO-KERNEL-HERE",
     ("qwen3", "nvfp4"): "REJECTED", ("qwen3", "nvfp4-ct"): "REJECTED", ("qwen3", "mxfp4"): "REJECTED",
     ("qwen3", "bf16"): "MISMATCH", ("qwen3-moe", "fp8"): "LOADED-NOT-RUN", ("qwen3-moe", "fp8-ct"): "CRASHED",
-    ("qwen3-moe", "fp8-channel"): "ERROR",
+    ("qwen3-moe", "fp8-channel"): "ERROR", ("qwen3-moe", "mxfp4"): "NO-KERNEL-HERE",
 }
 
 
@@ -89,7 +92,7 @@ def test_every_verdict_kind_and_its_detail(tmp_path):
     assert "differ beyond them: first at prompt 0 step 2" in next(
         line for line in out.splitlines() if line.startswith("qwen3 ") and " fp8-ct " in line)
     assert "never read: ['a.weight_scale', 'b.weight_scale']" in out
-    assert "vLLM's" in next(line for line in out.splitlines() if line.startswith("qwen3-moe") and " fp8 " in line)
+    assert "vLLM's" in next(line for line in out.splitlines() if line.split()[:2] == ["qwen3-moe", "fp8"])
     assert proc.stdout.splitlines()[-1] == (
         "8 cases compared (minimum 6); failing: CRASHED, DIVERGED, ERROR, MISMATCH, REJECTED; exit 1")
     assert proc.returncode == 1

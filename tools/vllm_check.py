@@ -60,6 +60,7 @@ KV_CACHE_PARAMS = ("q_scale", "k_scale", "v_scale", "prob_scale", "q_zero_point"
 # How vLLM says it has no kernel for a layer on this machine (kernel selection, not the checkpoint).
 NO_KERNEL = re.compile(r"Failed to find a kernel|Unsupported \S+ MoE backend|[Nn]o (CPU )?kernel|"
                        r"not supported on (this|the) (CPU|platform)|requires AMX|is not supported for CPU")
+KERNEL_FRAME = re.compile(r"^(init|select|choose)_\w*(kernel|backend)")  # e.g. init_nvfp4_linear_kernel
 NEAR_TIE = 0.1  # nats between the bf16 model's top two tokens
 FAILING = ("REJECTED", "MISMATCH", "DIVERGED", "CRASHED", "ERROR")
 PROMPTS = 8
@@ -77,7 +78,8 @@ def verdict(case: dict, control: dict | None) -> tuple[str, str]:
         s = st.get(stage)
         if s is not None and not s.get("ok"):
             err = s.get("error", "?")
-            if stage in ("init", "post") and NO_KERNEL.search(err):
+            in_selection = any(KERNEL_FRAME.search(f.split(":")[-1]) for f in s.get("frames", []))
+            if stage in ("init", "post") and (NO_KERNEL.search(err) or in_selection):
                 loaded = f" (after loading: {_loaded_text(st)})" if "raw" in st else " (before reading a weight)"
                 if st.get("raw", {}).get("mismatched"):
                     return "MISMATCH", f"{_loaded_text(st)}; then no kernel: {err}"
