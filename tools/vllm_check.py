@@ -152,13 +152,21 @@ def summarize(results: list[dict], min_compared: int) -> tuple[list[list[str]], 
         compared += bool(st.get("raw", {}).get("compared")) and r["format"] != CONTROL
         kinds.append(kind)
         rows.append([r["model"], r["format"], kind, _yes(st, "config", st.get("config", {}).get("method", "")),
-                     ", ".join(st.get("init", {}).get("kernels", [])) or "-", detail])
+                     _kernels(st), detail])
     failing = sorted({k for k in kinds if k in FAILING})
     code = 1 if failing or compared < min_compared else 0
     line = (f"{compared} cases compared (minimum {min_compared}); "
             + (f"failing: {', '.join(failing)}" if failing else "no REJECTED/MISMATCH/DIVERGED/CRASHED/ERROR")
             + f"; exit {code}")
     return rows, code, line
+
+
+def _kernels(st: dict) -> str:
+    """The kernels after post-load processing (else as built), each emulated one marked."""
+    kernels = st.get("post", st.get("init", {})).get("kernels", [])
+    for name in st.get("config", {}).get("emulated", []):
+        kernels = [k.replace(name, name + "(emulated)") for k in kernels]
+    return ", ".join(kernels) or "-"
 
 
 def _yes(st: dict, stage: str, what: str) -> str:
