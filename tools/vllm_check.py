@@ -712,7 +712,7 @@ def run_all(args) -> list[dict]:
             rec.unlink(missing_ok=True)
             proc = subprocess.run([sys.executable, __file__, "--model-dir", str(model_dir), "--case-format", fmt,
                                    "--work", str(work), "--record", str(rec)], capture_output=True, text=True,
-                                  env=os.environ)
+                                  env=os.environ, cwd=work)  # not the repo: its kernels/ shadows HF `kernels`
             (work / f"{kind}-{fmt}.log").write_text(proc.stdout + proc.stderr)
             res = {"model": kind, "format": fmt, "returncode": proc.returncode, "stages": read_records(rec)}
             control = next((r for r in results if r["model"] == kind and r["format"] == CONTROL), res)
