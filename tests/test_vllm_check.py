@@ -118,6 +118,15 @@ def test_control_without_tokens_leaves_cases_loaded_not_run(tmp_path):
     assert proc.returncode == 0
 
 
+def test_a_rejection_the_control_shares_says_so(tmp_path):
+    bad = {"ok": False, "error": "ValidationError: Model architectures ['Qwen3MoeForCausalLM'] failed to be inspected"}
+    proc, rows = dry_run(tmp_path, [case("bf16-source", config=bad), case("fp8", config=bad)], "--min-compared", "0")
+    assert rows == {("qwen3", "bf16-source"): "REJECTED", ("qwen3", "fp8"): "REJECTED"}
+    fp8 = next(line for line in proc.stdout.splitlines() if line.split()[:2] == ["qwen3", "fp8"])
+    assert fp8.endswith("failed to be inspected (the bf16 control too: vLLM's or this setup's, not the checkpoint's)")
+    assert proc.returncode == 1
+
+
 def test_unknown_format_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(TOOL), "--formats", "fp8,fp9"], capture_output=True, text=True)
     assert proc.returncode == 2

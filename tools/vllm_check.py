@@ -84,7 +84,10 @@ def verdict(case: dict, control: dict | None) -> tuple[str, str]:
                 if st.get("raw", {}).get("mismatched"):
                     return "MISMATCH", f"{_loaded_text(st)}; then no kernel: {err}"
                 return "NO-KERNEL-HERE", f"{stage}{loaded}: {err}"
-            return "REJECTED", f"{stage}: {err}"
+            shared = control is not None and control is not case and \
+                control.get("stages", {}).get(stage, {}).get("error") == err
+            return "REJECTED", f"{stage}: {err}" + (" (the bf16 control too: vLLM's or this setup's, not the "
+                                                    "checkpoint's)" if shared else "")
         if s is None:
             break
     load = st.get("load", {})
