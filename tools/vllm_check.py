@@ -390,7 +390,8 @@ def install_emulation() -> list[str]:
         return w.float() * expand(s, *w.shape[-2:], block)
 
     def moe(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
-        block = self.quant_config.block_shape or (1, 1)
+        qc = self.quant_config  # W8A16: no activation block; the weights' block, as vLLM's own CPU experts read it
+        block = qc.block_shape or ([qc._w1.shape.row, qc._w1.shape.col] if qc._w1.shape is not None else (1, 1))
         w13, w2d = moe_weights(w1, self.w1_scale, block), moe_weights(w2, self.w2_scale, block)
         x = hidden_states.float()
         out = torch.zeros(x.shape[0], w2d.shape[1])
