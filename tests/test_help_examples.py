@@ -87,7 +87,7 @@ NOT_RUNNABLE = {
 OTHER_COMMANDS = {
     "tools/setup.sh": "installs fp8norm",
     "tools/run_tests.sh": "runs the whole test suite",
-    "tools/vllm_check.sh": "builds a vLLM venv (~1.5 GB); opt-in",
+    "tools/vllm_check.sh": "builds a vLLM venv (~3.5 GB); opt-in; its --dry-run is tests/test_vllm_check.py",
     "tools/gpu_check.sh": "GPU check; its --dry-run is tests/test_gpu_check.py",
     "python": "a Python tool, pytest or venv (tests/test_aot_compile.py runs tools/aot_compile.py)",
     "python3": "a Python tool, pytest or venv",
