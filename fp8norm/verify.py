@@ -303,7 +303,7 @@ class _Sums:
         if err.numel():
             self.maxae = max(self.maxae, float(err.max()))
             # max over elements of err / its tile's amax = max over tiles of (tile max err) / tile amax
-            rel = _tile_max(err, block_size) / _tile_max(xf.abs_(), block_size).clamp_min(1e-30)
+            rel = _tile_max(err, block_size) / _tile_max(xf.abs(), block_size).clamp_min(1e-30)  # xf may be the caller's x
             self.max_rel = max(self.max_rel, float(rel.max()))
 
 
