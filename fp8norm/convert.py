@@ -290,7 +290,7 @@ def target_config(cfg: dict, plan: Plan) -> dict:
                    "symmetric": True, "dynamic": False}
         cfg["quantization_config"] = _ct_config("nvfp4-pack-quantized", weights, None, plan)
         return cfg
-    cfg["quantization_config"] = {"quant_method": "modelopt", **modelopt_quantization(plan)}
+    cfg["quantization_config"] = modelopt_config_json(plan)
     return cfg
 
 
@@ -307,9 +307,38 @@ def ct_quantization_config(scheme: str, plan: Plan) -> dict:
     return _ct_config(schemes.CT_FORMAT[scheme], weights, acts, plan)
 
 
+# Weight-only NVFP4 (no `input_scale`: activations stay bf16/fp16), as ModelOpt names it
+# (QUANTIZATION_W4A16_NVFP4 in modelopt/torch/export/model_config.py) and vLLM serves it
+# (ModelOptNvFp4Config: "W4A16_NVFP4" -> the Marlin W4A16 linear method). "NVFP4" declares W4A4, whose
+# input scales these files do not hold.
+MODELOPT_QUANT_ALGO = "W4A16_NVFP4"
+
+
+def modelopt_exclusions(plan: Plan) -> list[str]:
+    """The linears left unquantized, lm_head always among them unless quantized (tied embeddings have no
+    lm_head.weight, but the model has the Linear). A name that is a substring of a quantized module's
+    (vLLM also excludes by substring) is written as a one-name wildcard (`mlp.gat[e]`), which matches
+    only itself."""
+    kept = plan.kept_linear_modules()
+    quantized = {schemes.module_of(t.name) for t in plan.tensors if t.decision == NVFP4}
+    if "lm_head" not in quantized and "lm_head" not in kept:
+        kept.append("lm_head")
+    fused = {m.rsplit(".", 1)[0] + "." + f for m in quantized for f in ("qkv_proj", "gate_up_proj")}
+    return sorted(k if not any(k in q for q in quantized | fused) else f"{k[:-1]}[{k[-1]}]" for k in kept)
+
+
 def modelopt_quantization(plan: Plan) -> dict:
-    return {"quant_algo": "NVFP4", "group_size": NVFP4_GROUP, "kv_cache_quant_algo": None,
-            "exclude_modules": plan.kept_linear_modules()}
+    """hf_quant_config.json's `quantization`: vLLM requires group_size, kv_cache_quant_algo and
+    exclude_modules there."""
+    return {"quant_algo": MODELOPT_QUANT_ALGO, "group_size": NVFP4_GROUP, "kv_cache_quant_algo": None,
+            "exclude_modules": modelopt_exclusions(plan)}
+
+
+def modelopt_config_json(plan: Plan) -> dict:
+    """config.json's flat `quantization_config` of a ModelOpt NVFP4 output: exclusions under `ignore`,
+    the key vLLM reads in this form (`exclude_modules` only under hf_quant_config.json's `quantization`)."""
+    return {"quant_method": "modelopt", "quant_algo": MODELOPT_QUANT_ALGO, "group_size": NVFP4_GROUP,
+            "kv_cache_scheme": None, "ignore": modelopt_exclusions(plan)}
 
 
 class Convert(Transform):

@@ -188,10 +188,11 @@ def test_nvfp4_modelopt_layout_and_joint_scales(fp8_ckpt, tmp_path, source):
     assert out[f"{p}.mlp.experts.gate_up_proj_scale_2"].shape == (4,)
     assert out[f"{p}.mlp.experts.gate_up_proj"].shape == (4, 512, 128)
     hq = json.loads((tmp_path / "o" / "hf_quant_config.json").read_text())
-    assert hq["producer"]["name"] == "modelopt" and hq["quantization"]["quant_algo"] == "NVFP4"
+    # weight-only (no input_scale in the files): vLLM's rules in tests/test_modelopt_config.py
+    assert hq["producer"]["name"] == "modelopt" and hq["quantization"]["quant_algo"] == "W4A16_NVFP4"
     assert hq["quantization"]["group_size"] == 16 and "lm_head" in hq["quantization"]["exclude_modules"]
     qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4"
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "W4A16_NVFP4" and "lm_head" in qc["ignore"]
     assert same_bytes(out["lm_head.weight"], s["lm_head.weight"])
 
 
