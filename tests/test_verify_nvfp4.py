@@ -4,17 +4,16 @@ weight_global_scale = 1 / scale_2), from bf16 and block FP8 sources: correct out
 NVFP4 with NVFP4's own floor; a changed element or global scale FAIL naming the tensor."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from fp8norm import reference
 from fp8norm.kernels.numerics.e2m1 import e2m1_codes, pack_codes
 from fp8norm.examples import make_example
 from fp8norm.verify import EXIT_VERIFY_FAILED, GOOD, NVFP4, SCHEME_FORMATS, Bands, compare_nvfp4, verify
 from tests.ckpt_utils import cli
+from tests.test_verify_schemes import edited_copy
 
 LAYOUTS = ["nvfp4", "nvfp4-ct"]
 LINEAR = "model.language_model.layers.1.self_attn.q_proj"
@@ -63,17 +62,6 @@ def test_correct_nvfp4_output_is_good_and_named(outputs, tmp_path, source, layou
     assert report.status == GOOD and all(c.wrong_elements == 0 for c in report.checks)
     names = {c.name for c in report.checks}
     assert ({LINEAR + ".weight", FUSED} if layout == "nvfp4" else {LINEAR, EXPERT}) <= names
-
-
-def edited_copy(out, tmp_path, tensor, edit):
-    """A copy of `out` with the shard holding `tensor` rewritten after `edit(that tensor)` (in place)."""
-    bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    shard = bad / json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"][tensor]
-    tensors = load_file(str(shard))
-    edit(tensors[tensor])
-    save_file(tensors, str(shard), metadata={"format": "pt"})
-    return bad
 
 
 def flip_first_sign(t):
