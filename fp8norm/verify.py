@@ -97,6 +97,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels.numerics import e2m1
 from .kernels.numerics import fp8_block as nx
 from .kernels.numerics import mx
 from .kernels.numerics import nvfp4 as n4
@@ -130,6 +131,10 @@ class ElementFormat:
     floor_rel_rms: float
     sqnr_good: float
     sqnr_warn: float
+    # e2m1 quotients exactly halfway between two values must be stored as the even one. Only where the
+    # quotient is the IEEE fp32 x / scale that both the kernel and the twin compute (NVFP4); elsewhere
+    # the kernel's x * (1/scale) may move a tie by an ulp, and either neighbour is accepted there.
+    ties_to_even: bool = False
 
     def rne(self, v: torch.Tensor) -> torch.Tensor:
         """fp32 v -> its saturating round-to-nearest-even value in this format, as fp32."""
@@ -151,7 +156,7 @@ NVFP4 = "nvfp4"  # either layout (ModelOpt, compressed-tensors)
 SCHEME_FORMATS = {"fp8-block": E4M3, "fp8-channel": E4M3,
                   "mxfp8": ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, MXFP8_FLOOR_REL_RMS, 24.6, 18.0),
                   "mxfp4": ElementFormat("e2m1", 6.0, 0, 1, MXFP4_FLOOR_REL_RMS, 13.9, 6.5),
-                  NVFP4: ElementFormat("e2m1", n4.E2M1_MAX, 0, 1, NVFP4_FLOOR_REL_RMS, 13.9, 10.3)}
+                  NVFP4: ElementFormat("e2m1", n4.E2M1_MAX, 0, 1, NVFP4_FLOOR_REL_RMS, 13.9, 10.3, ties_to_even=True)}
 # How the report names a format's quantized weights ("FP8 weight tensors": block FP8, the default)
 WEIGHT_LABELS = {"fp8-block": "FP8", "fp8-channel": "FP8 per-channel", "mxfp8": "MXFP8", "mxfp4": "MXFP4",
                  NVFP4: "NVFP4"}
@@ -257,6 +262,13 @@ def _mismatch(q, y, ay, steps: float, fmt: ElementFormat = E4M3) -> torch.Tensor
     return ~(ok & torch.isfinite(q))
 
 
+def _odd_ties(q: torch.Tensor, y: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """e2m1 elements whose quotient y lies exactly halfway between two values but are not stored as the
+    even one (RNE's choice, fmt.rne)."""
+    tie = torch.isin(y.abs(), torch.tensor(e2m1.E2M1_BOUNDS, device=y.device))
+    return tie & (q != fmt.rne(y))
+
+
 def _tile_max(a: torch.Tensor, block_size) -> torch.Tensor:
     """[rows, cols] of values >= 0 -> [tm, tn] tile maxima."""
     bm, bn = block_size
@@ -284,6 +296,8 @@ class _Sums:
         y = xf * torch.reciprocal(s)
         ay = y.abs()
         bad = _mismatch(qf, y, ay, steps, fmt)
+        if fmt.ties_to_even:
+            bad |= _odd_ties(qf, xf / s, fmt)
         n_bad = int(bad.sum())
         if n_bad and self.first_wrong is None:
             r, c = (int(v) for v in bad.nonzero()[0])

@@ -113,6 +113,10 @@ def test_nvfp4_rounding_by_hand():
     wrong[0, 11] = 1.5  # y = 1.2 is nearer 1
     c = compare_nvfp4("w", "s", pack_codes(e2m1_codes(wrong)), scale, scale_2, x)
     assert c.wrong_elements == 1 and "element [0, 11]" in c.first_wrong and "RNE(x/scale) 1" in c.first_wrong
+    odd_tie = want.clone()
+    odd_tie[0, 15] = 3.0  # y = 2.5 is as near 3 as 2: RNE takes 2, the even code
+    c = compare_nvfp4("w", "s", pack_codes(e2m1_codes(odd_tie)), scale, scale_2, x)
+    assert c.wrong_elements == 1 and "element [0, 15]" in c.first_wrong and "RNE(x/scale) 2" in c.first_wrong
     # and the twin's own output (its global amax 20: scale_2 = 20 / 2688) passes the same check
     packed_twin, ws, s2 = reference.quant_nvfp4(x)
     assert compare_nvfp4("w", "s", packed_twin, ws, s2, x).wrong_elements == 0
