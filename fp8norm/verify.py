@@ -72,7 +72,9 @@ written per expert and projection; the scheme is read off config.json's quantiza
 - **nvfp4** (`convert --to nvfp4`, ModelOpt layout: `weight` packed E2M1, `weight_scale` e4m3 per 16,
   `weight_scale_2` fp32; `--to nvfp4-ct`, compressed-tensors `nvfp4-pack-quantized`: `weight_packed`,
   `weight_scale`, `weight_global_scale` = 1 / scale_2): every element RNE(x / (weight_scale *
-  scale_2)) in e2m1, saturating at 6 (fp8norm.kernels.numerics.nvfp4). The group scale maps its amax to
+  scale_2)) in e2m1, saturating at 6 (fp8norm.kernels.numerics.nvfp4); a quotient exactly halfway
+  between two values must be the even one (the kernel finishes its division to the IEEE quotient the twin
+  computes, so a tie is a tie in both). The group scale maps its amax to
   6 up to the e4m3 rounding of the scale (amax / scale in [5.65, 6.4]: clipping is the format's own).
   Floor: measured 0.0951 (20.4 dB) on Gaussian weights of any scale (0.0927 Laplace, 0.0904
   Student-t(3)). GOOD >= 13.9 dB (rel RMS 1/5, as e2m1 above); WARN down to 10.3 dB: every element errs
