@@ -60,13 +60,21 @@ class SourceFormat:
     scale_suffix: str
 
 
+def nvfp4_layout(config: dict, tensors: dict) -> str | None:
+    """The NVFP4 layout of a checkpoint (one of NVFP4_SOURCES), None if it is not NVFP4."""
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "nvfp4-pack-quantized":
+        return "nvfp4-ct"
+    if qc.get("quant_method") == "modelopt" or any(n.endswith("_scale_2") for n in tensors):
+        return "nvfp4"
+    return None
+
+
 def detect_source(tensors: dict, config: dict) -> SourceFormat:
     qc = config.get("quantization_config") or {}
     # NVFP4 (read back to bf16/fp16 only); FP8 block tensors kept beside it carry `_scale_inv`
-    if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "nvfp4-pack-quantized":
-        return SourceFormat("nvfp4-ct", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
-    if qc.get("quant_method") == "modelopt" or any(n.endswith("_scale_2") for n in tensors):
-        return SourceFormat("nvfp4", nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
+    if layout := nvfp4_layout(config, tensors):
+        return SourceFormat(layout, nx.DEFAULT_BLOCK_SIZE, "_scale_inv")
     if qc.get("quant_method") == "compressed-tensors":
         scheme = schemes.ct_scheme(qc)
         if scheme:
@@ -84,13 +92,17 @@ def detect_source(tensors: dict, config: dict) -> SourceFormat:
 
 
 def _nvfp4_outputs(name: str, shape: tuple[int, ...], ct: bool) -> list[OutEntry]:
+    """ModelOpt: the weight as it is named (3D fused experts whole, one scale_2 per expert);
+    compressed-tensors: per module, fused 3D experts per expert and projection (fp8norm.schemes)."""
     packed_shape = (*shape[:-1], shape[-1] // 2)
     scale_shape = (*shape[:-1], shape[-1] // NVFP4_GROUP)
-    global_shape = tuple(shape[:-2]) if len(shape) == 3 else (() if not ct else (1,))
+    global_shape = tuple(shape[:-2]) if len(shape) == 3 else ()
     if ct:
-        m = schemes.module_of(name)
-        return [OutEntry(f"{m}.weight_packed", "U8", packed_shape), OutEntry(f"{m}.weight_scale", "F8_E4M3", scale_shape),
-                OutEntry(f"{m}.weight_global_scale", "F32", global_shape)]
+        modules = schemes.output_modules(name, shape)
+        rows = shape[-2] * (shape[0] if len(shape) == 3 else 1) // len(modules)
+        return [e for m in modules for e in (OutEntry(f"{m}.weight_packed", "U8", (rows, shape[-1] // 2)),
+                                             OutEntry(f"{m}.weight_scale", "F8_E4M3", (rows, shape[-1] // NVFP4_GROUP)),
+                                             OutEntry(f"{m}.weight_global_scale", "F32", (1,)))]
     return [OutEntry(name, "U8", packed_shape), OutEntry(name + "_scale", "F8_E4M3", scale_shape),
             OutEntry(name + "_scale_2", "F32", global_shape)]
 
@@ -168,8 +180,8 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
             if info.shape[-1] % NVFP4_GROUP:
                 decision, rule = KEEP, "nvfp4:unaligned-kept"
                 unaligned.append(name)
-            elif to == "nvfp4-ct" and len(info.shape) == 3:  # compressed-tensors has no layout for fused 3D experts
-                decision, rule = KEEP, "nvfp4-ct:fused-3d-kept"
+            elif to == "nvfp4-ct" and (kept := schemes.kept_reason(to, name, info.shape)):
+                decision, rule = KEEP, kept  # 3D, not fused experts (those are written per expert)
             else:
                 decision, rule = NVFP4, f"{'fp8' if scale else 'bf16'}->{to}"
         else:  # every target takes an FP8 weight with its scale (above): this one is not quantized
@@ -278,7 +290,7 @@ def target_config(cfg: dict, plan: Plan) -> dict:
                    "symmetric": True, "dynamic": False}
         cfg["quantization_config"] = _ct_config("nvfp4-pack-quantized", weights, None, plan)
         return cfg
-    cfg["quantization_config"] = {"quant_method": "modelopt", **modelopt_quantization(plan)}
+    cfg["quantization_config"] = modelopt_config_json(plan)
     return cfg
 
 
@@ -295,9 +307,38 @@ def ct_quantization_config(scheme: str, plan: Plan) -> dict:
     return _ct_config(schemes.CT_FORMAT[scheme], weights, acts, plan)
 
 
+# Weight-only NVFP4 (no `input_scale`: activations stay bf16/fp16), as ModelOpt names it
+# (QUANTIZATION_W4A16_NVFP4 in modelopt/torch/export/model_config.py) and vLLM serves it
+# (ModelOptNvFp4Config: "W4A16_NVFP4" -> the Marlin W4A16 linear method). "NVFP4" declares W4A4, whose
+# input scales these files do not hold.
+MODELOPT_QUANT_ALGO = "W4A16_NVFP4"
+
+
+def modelopt_exclusions(plan: Plan) -> list[str]:
+    """The linears left unquantized, lm_head always among them unless quantized (tied embeddings have no
+    lm_head.weight, but the model has the Linear). A name that is a substring of a quantized module's
+    (vLLM also excludes by substring) is written as a one-name wildcard (`mlp.gat[e]`), which matches
+    only itself."""
+    kept = plan.kept_linear_modules()
+    quantized = {schemes.module_of(t.name) for t in plan.tensors if t.decision == NVFP4}
+    if "lm_head" not in quantized and "lm_head" not in kept:
+        kept.append("lm_head")
+    fused = {m.rsplit(".", 1)[0] + "." + f for m in quantized for f in ("qkv_proj", "gate_up_proj")}
+    return sorted(k if not any(k in q for q in quantized | fused) else f"{k[:-1]}[{k[-1]}]" for k in kept)
+
+
 def modelopt_quantization(plan: Plan) -> dict:
-    return {"quant_algo": "NVFP4", "group_size": NVFP4_GROUP, "kv_cache_quant_algo": None,
-            "exclude_modules": plan.kept_linear_modules()}
+    """hf_quant_config.json's `quantization`: vLLM requires group_size, kv_cache_quant_algo and
+    exclude_modules there."""
+    return {"quant_algo": MODELOPT_QUANT_ALGO, "group_size": NVFP4_GROUP, "kv_cache_quant_algo": None,
+            "exclude_modules": modelopt_exclusions(plan)}
+
+
+def modelopt_config_json(plan: Plan) -> dict:
+    """config.json's flat `quantization_config` of a ModelOpt NVFP4 output: exclusions under `ignore`,
+    the key vLLM reads in this form (`exclude_modules` only under hf_quant_config.json's `quantization`)."""
+    return {"quant_method": "modelopt", "quant_algo": MODELOPT_QUANT_ALGO, "group_size": NVFP4_GROUP,
+            "kv_cache_scheme": None, "ignore": modelopt_exclusions(plan)}
 
 
 class Convert(Transform):
@@ -333,8 +374,13 @@ class Convert(Transform):
             packed, wscale, wscale2 = dispatch.quant_nvfp4(
                 xs[0].to(device), global_amax=plan.global_amax[t.name].to(device),
                 src_scale_inv=xs[1].to(device) if len(xs) > 1 else None, src_block_size=block)
-            if self.to == "nvfp4-ct":
-                wscale2 = torch.reciprocal(wscale2).reshape(t.outputs[2].shape)
+            if self.to == "nvfp4-ct":  # compressed-tensors stores 1 / scale_2, per module (fused experts split)
+                inv = torch.reciprocal(wscale2).reshape(-1)
+                per_expert = len(t.outputs) // 3 // inv.numel()  # projections of a fused expert share its scale
+                return [o.contiguous().cpu() for trio in zip(schemes.split_source(t.name, packed),
+                                                             schemes.split_source(t.name, wscale),
+                                                             inv.repeat_interleave(per_expert).split(1))
+                        for o in trio]
             return [packed.cpu(), wscale.cpu(), wscale2.cpu()]
         if t.decision == DEQUANT_NVFP4:
             packed, wscale, wscale2 = (x.to(device) for x in xs)
@@ -402,7 +448,7 @@ def convert(src, dst, *, to: str, scale_fmt: str | None = None, keep_unaligned=F
     `scale_fmt="ue8m0"` with `to="fp8"`: power-of-two scales (the same as `to="fp8-ue8m0"`).
     `mx_rule` (mxfp8 / mxfp4 only): the E8M0 scale rule, see fp8norm.kernels.numerics.mx [default: rceil].
 
-    `verify_samples` requantized tensors (to ue8m0 scales or to a scheme) of each shard are re-read
+    `verify_samples` requantized tensors (to ue8m0 scales, a scheme or NVFP4) of each shard are re-read
     from disk and checked against the dequantized source, as `fp8norm verify` does (summary.verify;
     0 = no check); a FAIL is recorded in DST/fp8norm.json."""
     to = target_of(to, scale_fmt)
@@ -412,7 +458,7 @@ def convert(src, dst, *, to: str, scale_fmt: str | None = None, keep_unaligned=F
     plan.mx_rule = mx_rule
     if to.startswith("nvfp4"):
         plan.global_amax = nvfp4_global_amax(plan, resolve_device(device))
-    if not any(t.decision in (UE8M0, SCHEME) for t in plan.tensors):
-        verify_samples = 0  # nothing rounded anew (dequantized, relabelled; NVFP4 is not checked yet)
+    if not any(t.decision in (UE8M0, SCHEME, NVFP4) for t in plan.tensors):
+        verify_samples = 0  # nothing rounded anew (dequantized, relabelled)
     return execute_plan(plan, Path(dst), transform=Convert(to, plan.checkpoint.tensors), device=device,
                         resume=resume, overwrite=overwrite, progress=progress, verify_samples=verify_samples)

@@ -26,7 +26,7 @@ from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
 from . import schemes
-from .verify import FAIL, Bands, VerifyReport, compare, compare_scheme, mark_failed, source_matrix
+from .verify import FAIL, NVFP4, Bands, VerifyReport, compare, compare_nvfp4, compare_scheme, mark_failed, source_matrix
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -185,12 +185,15 @@ def _output_texts(plan: Plan, transform: Transform) -> tuple[dict[str, str], lis
 
 
 # Decisions whose outputs are freshly rounded, so checked after writing: quantize's FP8 (block or a
-# scheme), convert's requantization to ue8m0 scales and its conversion to a scheme.
-_VERIFIED = (D.FP8, D.UE8M0, D.SCHEME)
+# scheme), convert's requantization to ue8m0 scales and its conversion to a scheme or NVFP4.
+_VERIFIED = (D.FP8, D.UE8M0, D.SCHEME, D.NVFP4)
 
 
 def _scheme_of(plan: Plan) -> str | None:
-    """The compressed-tensors scheme the plan writes: quantize --scheme, or convert --to one."""
+    """The compressed-tensors scheme the plan writes (quantize --scheme, or convert --to one), or NVFP4
+    (either layout)."""
+    if (plan.convert_to or "").startswith(NVFP4):
+        return NVFP4
     return next((s for s in (plan.scheme, plan.convert_to) if s in schemes.CT_SCHEMES), None)
 
 
@@ -212,6 +215,16 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
     block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
     for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name):
         src = source_matrix(t.name, plan.checkpoint, block)
+        if scheme == NVFP4:  # (elements, group scale, global scale) per module; compressed-tensors stores 1 / scale_2
+            ct = plan.convert_to == "nvfp4-ct"
+            parts = schemes.split_source(t.name, src) if ct else [src]
+            report.checks.extend(
+                compare_nvfp4(w.name if not ct else schemes.module_of(w.name.removesuffix("_packed")), shard_path.name,
+                              read_tensor(infos[w.name]), read_tensor(infos[sc.name]),
+                              torch.reciprocal(read_tensor(infos[g.name])) if ct else read_tensor(infos[g.name]),
+                              x, report.bands)
+                for w, sc, g, x in zip(t.outputs[::3], t.outputs[1::3], t.outputs[2::3], parts))
+            continue
         if scheme is not None:  # (weight, weight_scale) per module, fused experts per expert
             pairs = zip(t.outputs[::2], t.outputs[1::2], schemes.split_source(t.name, src))
             report.checks.extend(compare_scheme(scheme, schemes.module_of(w.name.removesuffix("_packed")),
@@ -223,5 +236,6 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
         scale_inv = read_tensor(infos[t.outputs[1].name])
         report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, block, report.bands))
     # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
-    report.fp8_tensors += sum(len(t.outputs) // 2 if scheme is not None else 1 for t in rounded)
+    per_module = 3 if scheme == NVFP4 else 2
+    report.fp8_tensors += sum(len(t.outputs) // per_module if scheme is not None else 1 for t in rounded)
     report.kept_tensors += len(tensors) - len(rounded)

@@ -70,6 +70,19 @@ written per expert and projection; the scheme is read off config.json's quantiza
     under 2^-20 relative): no correct output gets there.
   Clipping (saturation) is the format's own under the OCP rule: not judged apart, the SQNR band
   judges what it costs.
+- **nvfp4** (`convert --to nvfp4`, ModelOpt layout: `weight` packed E2M1, `weight_scale` e4m3 per 16,
+  `weight_scale_2` fp32; `--to nvfp4-ct`, compressed-tensors `nvfp4-pack-quantized`: `weight_packed`,
+  `weight_scale`, `weight_global_scale` = 1 / scale_2): every element RNE(x / (weight_scale *
+  scale_2)) in e2m1, saturating at 6 (fp8norm.kernels.numerics.nvfp4); a quotient exactly halfway
+  between two values must be the even one (the kernel finishes its division to the IEEE quotient the twin
+  computes, so a tie is a tie in both). The group scale maps its amax to
+  6 up to the e4m3 rounding of the scale (amax / scale in [5.65, 6.4]: clipping is the format's own).
+  Floor: measured 0.0951 (20.4 dB) on Gaussian weights of any scale (0.0927 Laplace, 0.0904
+  Student-t(3)). GOOD >= 13.9 dB (rel RMS 1/5, as e2m1 above); WARN down to 10.3 dB: every element errs
+  at most 1/4 of itself (|v| >= 1, clipping to 6 of at most 6.4 included) or 0.25 (|v| < 1), and each
+  group of 16 holds its amax >= 5.65, so err^2 <= 1/16 (E + 15) <= 1/16 E (1 + 15/31.9): rel RMS <=
+  0.303 = 10.4 dB for any correct output (groups whose scale sits on e4m3's floor 2^-9, under 2^-9 / 448
+  of the tensor's amax, aside).
 
 Structure: every FP8 weight has a scale of the right shape and every scale a weight, kept tensors
 are byte-identical to the source, the index covers every tensor exactly once, config.json's
@@ -87,6 +100,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels.numerics import e2m1
 from .kernels.numerics import fp8_block as nx
 from .kernels.numerics import mx
 from .kernels.numerics import nvfp4 as n4
@@ -120,6 +134,10 @@ class ElementFormat:
     floor_rel_rms: float
     sqnr_good: float
     sqnr_warn: float
+    # e2m1 quotients exactly halfway between two values must be stored as the even one. Only where the
+    # quotient is the IEEE fp32 x / scale that both the kernel and the twin compute (NVFP4); elsewhere
+    # the kernel's x * (1/scale) may move a tie by an ulp, and either neighbour is accepted there.
+    ties_to_even: bool = False
 
     def rne(self, v: torch.Tensor) -> torch.Tensor:
         """fp32 v -> its saturating round-to-nearest-even value in this format, as fp32."""
@@ -136,9 +154,17 @@ E4M3 = ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, FLOOR_REL_RMS, round(FLOOR_SQNR
 # The per-scheme floors and bands of the compressed-tensors schemes (module docstring, "Other schemes").
 MXFP8_FLOOR_REL_RMS = 0.0292
 MXFP4_FLOOR_REL_RMS = 0.114
+NVFP4_FLOOR_REL_RMS = 0.0951
+NVFP4 = "nvfp4"  # either layout (ModelOpt, compressed-tensors)
 SCHEME_FORMATS = {"fp8-block": E4M3, "fp8-channel": E4M3,
                   "mxfp8": ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, MXFP8_FLOOR_REL_RMS, 24.6, 18.0),
-                  "mxfp4": ElementFormat("e2m1", 6.0, 0, 1, MXFP4_FLOOR_REL_RMS, 13.9, 6.5)}
+                  "mxfp4": ElementFormat("e2m1", 6.0, 0, 1, MXFP4_FLOOR_REL_RMS, 13.9, 6.5),
+                  NVFP4: ElementFormat("e2m1", n4.E2M1_MAX, 0, 1, NVFP4_FLOOR_REL_RMS, 13.9, 10.3, ties_to_even=True)}
+# How the report names a format's quantized weights ("FP8 weight tensors": block FP8, the default)
+WEIGHT_LABELS = {"fp8-block": "FP8", "fp8-channel": "FP8 per-channel", "mxfp8": "MXFP8", "mxfp4": "MXFP4",
+                 NVFP4: "NVFP4"}
+# Schemes whose scales let the largest elements saturate: clipping is the format's, judged by SQNR alone
+SATURATING_SCHEMES = (schemes.MXFP8, schemes.MXFP4, NVFP4)
 
 
 @dataclass(frozen=True)
@@ -164,7 +190,7 @@ class Bands:
         elements: clipping is the format's there, judged by the SQNR band alone."""
         fmt = SCHEME_FORMATS[scheme]
         base = {"sqnr_good": fmt.sqnr_good, "sqnr_warn": fmt.sqnr_warn}
-        if scheme in (schemes.MXFP8, schemes.MXFP4):
+        if scheme in SATURATING_SCHEMES:
             base["clipped_good"] = 1.0
         return cls.for_calibration(mode, **{**base, **overrides})
 
@@ -239,6 +265,13 @@ def _mismatch(q, y, ay, steps: float, fmt: ElementFormat = E4M3) -> torch.Tensor
     return ~(ok & torch.isfinite(q))
 
 
+def _odd_ties(q: torch.Tensor, y: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """e2m1 elements whose quotient y lies exactly halfway between two values but are not stored as the
+    even one (RNE's choice, fmt.rne)."""
+    tie = torch.isin(y.abs(), torch.tensor(e2m1.E2M1_BOUNDS, device=y.device))
+    return tie & (q != fmt.rne(y))
+
+
 def _tile_max(a: torch.Tensor, block_size) -> torch.Tensor:
     """[rows, cols] of values >= 0 -> [tm, tn] tile maxima."""
     bm, bn = block_size
@@ -266,6 +299,8 @@ class _Sums:
         y = xf * torch.reciprocal(s)
         ay = y.abs()
         bad = _mismatch(qf, y, ay, steps, fmt)
+        if fmt.ties_to_even:
+            bad |= _odd_ties(qf, xf / s, fmt)
         n_bad = int(bad.sum())
         if n_bad and self.first_wrong is None:
             r, c = (int(v) for v in bad.nonzero()[0])
@@ -285,7 +320,7 @@ class _Sums:
         if err.numel():
             self.maxae = max(self.maxae, float(err.max()))
             # max over elements of err / its tile's amax = max over tiles of (tile max err) / tile amax
-            rel = _tile_max(err, block_size) / _tile_max(xf.abs_(), block_size).clamp_min(1e-30)
+            rel = _tile_max(err, block_size) / _tile_max(xf.abs(), block_size).clamp_min(1e-30)  # xf may be the caller's x
             self.max_rel = max(self.max_rel, float(rel.max()))
 
 
@@ -349,6 +384,18 @@ def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, sca
     return check
 
 
+def compare_nvfp4(name: str, shard: str, packed: torch.Tensor, weight_scale: torch.Tensor, scale_2: torch.Tensor,
+                  src: torch.Tensor, bands: Bands | None = None) -> TensorCheck:
+    """One NVFP4 weight (packed E2M1 `[..., M, N/2]`, e4m3 group scales `[..., M, N/16]`, fp32 scale_2: a
+    scalar, or one per expert of a 3D weight) against its source: every element RNE(x / (weight_scale *
+    scale_2)) in e2m1, the divisor the fp32 product the quantizer forms (fp8norm.kernels.numerics.nvfp4)."""
+    s2 = scale_2.float().reshape(-1, 1, 1) if packed.dim() == 3 else scale_2.float().reshape(())
+    table = n4.e2m1_table(packed.device)
+    return compare(name, shard, packed, weight_scale.float() * s2, src, (1, n4.GROUP_SIZE),
+                   bands or Bands.for_scheme(NVFP4, None), fmt=SCHEME_FORMATS[NVFP4],
+                   decode=lambda q, s: (table[n4.unpack_codes(q).long()], s))
+
+
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
@@ -406,13 +453,25 @@ class VerifyReport:
         return SCHEME_FORMATS[self.scheme]
 
     @property
+    def floor_name(self) -> str:
+        """Whose floor the report shows: the element format's ("e4m3" for block FP8), with the scheme where
+        one element format serves several (MXFP4 and NVFP4 are both e2m1, with different floors)."""
+        return self.element_format.name if self.scheme == "fp8-block" else f"{self.scheme} ({self.element_format.name})"
+
+    @property
+    def weight_label(self) -> str:
+        """The format's name for its quantized weights: "FP8" (block FP8), "MXFP4", "NVFP4", ..."""
+        return WEIGHT_LABELS[self.scheme]
+
+    @property
     def status(self) -> str:
         return worst(FAIL if self.problems else GOOD, *(c.status for c in self.checks))
 
     def to_dict(self) -> dict:
         return {"status": self.status, "fp8_tensors": self.fp8_tensors, "kept_tensors": self.kept_tensors,
                 "checked": len(self.checks), "problems": self.problems, "calibration": self.calibration,
-                "scheme": self.scheme, "floor": {"rel_rms": self.element_format.floor_rel_rms,
+                "scheme": self.scheme, "format": self.weight_label,
+                "floor": {"element_format": self.element_format.name, "rel_rms": self.element_format.floor_rel_rms,
                                                  "sqnr_db": round(-20 * math.log10(self.element_format.floor_rel_rms), 2)},
                 "bands": asdict(self.bands), "sqnr_db_by_kind_and_layer": per_layer_sqnr(self.checks),
                 "tensors": [asdict(c) for c in self.checks]}
@@ -424,7 +483,7 @@ class VerifyReport:
         if self.calibration:
             lines.append(f"  Calibration         : {self.calibration}")
         lines += ["-" * 72,
-                  f"  FP8 weight tensors  : {self.fp8_tensors}",
+                  f"  {self.weight_label + ' weight tensors':<20}: {self.fp8_tensors}",
                   f"  Kept tensors        : {self.kept_tensors}",
                   f"  Checked             : {len(self.checks)}  (GOOD {n[GOOD]}  WARN {n[WARN]}  FAIL {n[FAIL]})",
                   f"  Structure problems  : {len(self.problems)}"]
@@ -432,7 +491,8 @@ class VerifyReport:
             fmt = self.element_format
             floor_rel, floor_db = fmt.floor_rel_rms, -20 * math.log10(fmt.floor_rel_rms)
             right = sum(not c.wrong_elements and not c.wrong_scales for c in self.checks)
-            lines.append(f"  Correctly rounded   : {right} of {len(self.checks)} (every element RNE(x / scale) in "
+            scale = "weight_scale * scale_2" if self.scheme == NVFP4 else "scale"
+            lines.append(f"  Correctly rounded   : {right} of {len(self.checks)} (every element RNE(x / {scale}) in "
                          f"{fmt.name}{', every scale by the MX rule' if self.scheme.startswith('mx') else ''})")
             pooled = sum(c.rel_rms ** 2 for c in self.checks) / len(self.checks)
             mean_rel = pooled ** 0.5
@@ -443,7 +503,7 @@ class VerifyReport:
             sqnr_band = GOOD if worst_sqnr >= b.sqnr_good else WARN if worst_sqnr >= b.sqnr_warn else FAIL
             clip_note = "none expected (max)" if b.clipped_good == 0 else f"GOOD <= {100 * b.clipped_good:g}%"
             lines += ["-" * 72,
-                      f"  {'cost of the format':<22}{'worst':>9}{'mean':>10}   {'band':<6} {fmt.name} floor / bands",
+                      f"  {'cost of the format':<22}{'worst':>9}{'mean':>10}   {'band':<6} {self.floor_name} floor / bands",
                       f"  {'SQNR (dB)':<22}{worst_sqnr:>9.2f}{mean_sqnr:>10.2f}   {sqnr_band:<6} "
                       f"{floor_db:.1f}; GOOD >= {b.sqnr_good:g}, FAIL < {b.sqnr_warn:g}",
                       f"  {'relative RMS error':<22}{max(c.rel_rms for c in self.checks):>9.4f}{mean_rel:>10.4f}"
@@ -481,16 +541,16 @@ class VerifyReport:
         recs = recommendations(self)
         if recs:
             lines += ["-" * 72, "  RECOMMENDATIONS"] + [f"  {i + 1}. {r}" for i, r in enumerate(recs)]
-        # the verdict claims no more than was checked: how many of the FP8 tensors, and none is no verdict
-        checked = len(self.checks)
+        # the verdict claims no more than was checked: how many of the quantized tensors, and none is no verdict
+        checked, label = len(self.checks), self.weight_label
         if self.status == FAIL:
             verdict = "FAIL: do not deploy this checkpoint."
         elif not checked:
-            verdict = (f"Nothing was checked: 0 of {self.fp8_tensors} FP8 tensors sampled." if self.fp8_tensors else
-                       "Nothing was checked: no FP8 weight tensor to compare with the source.")
+            verdict = (f"Nothing was checked: 0 of {self.fp8_tensors} {label} tensors sampled." if self.fp8_tensors else
+                       f"Nothing was checked: no {label} weight tensor to compare with the source.")
         else:
-            what = (f"All {checked} FP8 tensors checked" if checked >= self.fp8_tensors else
-                    f"Checked {checked} of {self.fp8_tensors} FP8 tensors (sampled)")
+            what = (f"All {checked} {label} tensors checked" if checked >= self.fp8_tensors else
+                    f"Checked {checked} of {self.fp8_tensors} {label} tensors (sampled)")
             verdict = what + {GOOD: ": all GOOD.",
                               WARN: ": correct, but the format costs more than usual here: see above."}[self.status]
         lines += ["-" * 72, f"  {verdict}", "=" * 72]
@@ -517,7 +577,7 @@ def recommendations(report: VerifyReport) -> list[str]:
     right = [c for c in report.checks if not c.wrong_elements and not c.wrong_scales]
     clipped = [c for c in right if c.bands.get("clipped") != GOOD]
     costly = [c for c in right if c.bands.get("sqnr") != GOOD]
-    mode = report.calibration_mode
+    mode, fmt = report.calibration_mode, report.element_format
     if clipped and mode == "max":
         out.append(f"{len(clipped)} tensor(s) have scales below their tile amax / 448 although fp8norm.json says "
                    "max calibration: the scales were changed after quantization. Quantize again.")
@@ -527,7 +587,7 @@ def recommendations(report: VerifyReport) -> list[str]:
         extra = {"rms": " (a larger --rms-factor clips less)",
                  "percentile": " (a higher --percentile clips less)"}.get(mode, "")
         out.append(f"{how} clips up to {100 * worst_c.clipped_frac:.2f}% of the elements ({worst_c.name}, SQNR "
-                   f"{worst_c.sqnr_db:.1f} dB vs e4m3's {FLOOR_SQNR_DB:.1f} dB floor). --calib max clips nothing "
+                   f"{worst_c.sqnr_db:.1f} dB vs {fmt.name}'s {fmt.floor_sqnr_db:.1f} dB floor). --calib max clips nothing "
                    f"and is the cheapest{extra}: FP8's step is relative, so clipping buys precision only for "
                    "elements below e4m3's smallest normal (2^-6 of the scale).")
     flushed = [c for c in costly if c.clipped_frac == 0 and c.flushed_frac > 1e-3]
@@ -539,8 +599,8 @@ def recommendations(report: VerifyReport) -> list[str]:
                    "memory).")
     other = [c for c in costly if c.clipped_frac == 0 and c.flushed_frac <= 1e-3]
     if other:
-        out.append(f"{len(other)} tensor(s) round worse than e4m3's typical floor with nothing clipped or "
-                   f"flushed (e.g. {other[0].name}, {other[0].sqnr_db:.1f} dB): their values sit far from e4m3's "
+        out.append(f"{len(other)} tensor(s) round worse than {fmt.name}'s typical floor with nothing clipped or "
+                   f"flushed (e.g. {other[0].name}, {other[0].sqnr_db:.1f} dB): their values sit far from {fmt.name}'s "
                    "grid; no calibration changes the rounding of normal numbers. If the model's quality "
                    "suffers, keep them in bf16 with --exclude REGEX (2x their memory).")
     return out
@@ -595,14 +655,23 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     cfg = _read_json(quant / "config.json")
     qcfg = (cfg or {}).get("quantization_config") or {}
     scheme = schemes.ct_scheme(qcfg)
-    if scheme is not None:
-        report.scheme = scheme
-        report.bands = bands or Bands.for_scheme(scheme, mode, **(band_overrides or {}))
-        mx_rule = prov.get("mx_rule")
-        if mx_rule is not None and mx_rule not in mx.SCALE_RULES:
-            report.problems.append(f"{quant / 'fp8norm.json'}: mx_rule {mx_rule!r} is none of {', '.join(mx.SCALE_RULES)}")
-            mx_rule = None
-        _verify_scheme(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, mx_rule)
+    from .convert import nvfp4_layout  # convert -> pipeline -> verify: imported here
+
+    layout = nvfp4_layout(cfg or {}, q_ckpt.tensors)
+    if scheme is not None or layout is not None:
+        report.scheme = scheme or NVFP4
+        report.bands = bands or Bands.for_scheme(report.scheme, mode, **(band_overrides or {}))
+        if scheme is not None:
+            mx_rule = prov.get("mx_rule")
+            if mx_rule is not None and mx_rule not in mx.SCALE_RULES:
+                report.problems.append(f"{quant / 'fp8norm.json'}: mx_rule {mx_rule!r} is none of "
+                                       f"{', '.join(mx.SCALE_RULES)}")
+                mx_rule = None
+            _verify_scheme(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, mx_rule)
+        else:  # ModelOpt's own exports may declare it in hf_quant_config.json only
+            hf_quant = (_read_json(quant / "hf_quant_config.json") or {}).get("quantization")
+            qcfg = qcfg or ({"quant_method": "modelopt", **hf_quant} if isinstance(hf_quant, dict) else {})
+            _verify_nvfp4(layout, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed)
         return report
     block = tuple(qcfg.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     qt, st = q_ckpt.tensors, s_ckpt.tensors
@@ -659,44 +728,128 @@ def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One quantized weight of the output: its stored elements, its group/row/block scale and (NVFP4)
+    its global scale, and where its source is: (source tensor, index in schemes.split_source, or None
+    for the whole tensor)."""
+    elements: str
+    scale: str
+    global_scale: str | None
+    source: tuple[str, int | None] | None
+
+
 def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
                    samples: int | None, seed: int, mx_rule: str | None) -> None:
     """verify() for a compressed-tensors scheme output: per module `weight` (or `weight_packed`) and
     `weight_scale`, fused 3D source experts written per expert and projection (fp8norm.schemes)."""
-    from .plan import PlanError
-
-    qt, st = q_ckpt.tensors, s_ckpt.tensors
+    qt = q_ckpt.tensors
     elem = ".weight_packed" if scheme == schemes.MXFP4 else ".weight"
-    modules = sorted(n.removesuffix(".weight_scale") for n in qt if n.endswith(".weight_scale"))
-    src_of: dict[str, tuple[str, int]] = {}  # module -> (source tensor, index in schemes.split_source)
+    src_of = _split_sources(s_ckpt.tensors)
+    members = {m: _Member(m + elem, m + ".weight_scale", None, src_of.get(m))
+               for m in sorted(n.removesuffix(".weight_scale") for n in qt if n.endswith(".weight_scale"))}
+
+    def check(m: str, mem: _Member, shard: str, x: torch.Tensor) -> TensorCheck:
+        return compare_scheme(scheme, m, shard, read_tensor(qt[mem.elements]), read_tensor(qt[mem.scale]), x,
+                              report.bands, mx_rule)
+    _verify_members(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, members,
+                    lambda mem: schemes.check_sources(q_ckpt, {mem.elements: mem.scale}, scheme),
+                    check, 2 if scheme == schemes.MXFP4 else 1)
+
+
+def _split_sources(st: dict) -> dict[str, tuple[str, int]]:
+    """module -> (source tensor, index in schemes.split_source): the modules compressed-tensors layouts
+    write, fused 3D experts per expert and projection."""
+    src_of: dict[str, tuple[str, int]] = {}
     for n, info in st.items():
         for i, m in enumerate(schemes.output_modules(n, tuple(info.shape))):
             src_of.setdefault(m, (n, i))
-    report.fp8_tensors = len(modules)
+    return src_of
+
+
+def _verify_nvfp4(layout: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
+                  samples: int | None, seed: int) -> None:
+    """verify() for an NVFP4 output in either layout (module docstring, "nvfp4"): ModelOpt's keeps the
+    source's names (fused 3D experts whole, one scale_2 per expert); compressed-tensors' writes modules,
+    fused 3D experts per expert and projection, with 1 / scale_2 as `weight_global_scale`."""
+    from .convert import nvfp4_members
+
+    qt, st = q_ckpt.tensors, s_ckpt.tensors
+    ct = layout == "nvfp4-ct"
+    src_of = _split_sources(st) if ct else {n: (n, None) for n in st}
+    members = {}
+    for packed, (scale, global_scale, logical) in sorted(nvfp4_members(qt, layout).items()):
+        key = schemes.module_of(logical) if ct else logical
+        members[key] = _Member(packed, scale, global_scale, src_of.get(key))
+
+    def check(key: str, mem: _Member, shard: str, x: torch.Tensor) -> TensorCheck:
+        g = read_tensor(qt[mem.global_scale]).float()
+        return compare_nvfp4(key, shard, read_tensor(qt[mem.elements]), read_tensor(qt[mem.scale]),
+                             torch.reciprocal(g) if ct else g, x, report.bands)
+    _verify_members(NVFP4, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, members,
+                    lambda mem: _check_nvfp4_member(qt, mem), check, 2)
+
+
+def _check_nvfp4_member(qt: dict[str, TensorInfo], mem: _Member) -> None:
+    """Dtypes and shapes of one NVFP4 weight and its scales, and their values (e4m3 group scales not NaN,
+    global scales finite and > 0), before anything is compared: one line naming the tensor."""
+    from .plan import PlanError
+
+    w, sc, g = qt[mem.elements], qt[mem.scale], qt[mem.global_scale]
+    *lead, rows, half = w.shape
+    want = (*lead, rows, 2 * half // n4.GROUP_SIZE)
+    if w.dtype != "U8" or sc.dtype != "F8_E4M3" or g.dtype != "F32" or len(w.shape) not in (2, 3):
+        raise PlanError(f"{w.file.name}: NVFP4 tensor {mem.elements!r} is {w.dtype} {list(w.shape)} with scales "
+                        f"{sc.dtype}, {g.dtype}; expected U8 2D/3D with an F8_E4M3 group scale and an F32 global one")
+    if tuple(sc.shape) != want or math.prod(g.shape) != (lead[0] if lead else 1):
+        raise PlanError(f"{sc.file.name}: scales {mem.scale!r} {list(sc.shape)} and {mem.global_scale!r} "
+                        f"{list(g.shape)} do not fit NVFP4 weight {mem.elements!r} {list(w.shape)} (needs {list(want)} "
+                        f"and {lead[0] if lead else 1} global)")
+    nan = (read_tensor(sc).view(torch.uint8) & 0x7F) == 0x7F
+    gv = read_tensor(g).float()
+    if bool(nan.any()) or not bool((torch.isfinite(gv) & (gv > 0)).all()):
+        name = mem.scale if bool(nan.any()) else mem.global_scale
+        raise PlanError(f"{qt[name].file.name}: scale {name!r} holds invalid values (NaN, Inf or <= 0); its weight "
+                        "cannot be read")
+
+
+def _verify_members(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
+                    samples: int | None, seed: int, members: dict[str, _Member], check_structure, check,
+                    pack: int) -> None:
+    """The structure of a per-module output (each member's tensors and source present and well formed,
+    every source tensor quantized whole or kept byte for byte, nothing extra), then `samples` members per
+    shard compared with their sources by `check(key, member, shard, source matrix)`. `pack`: source
+    columns per stored element."""
+    from .plan import PlanError
+
+    qt, st = q_ckpt.tensors, s_ckpt.tensors
+    report.fp8_tensors = len(members)
     _check_index(quant, q_ckpt, report)
-    owned = {m + suffix for m in modules for suffix in (".weight", ".weight_packed", ".weight_scale")}
+    owned = {n for mem in members.values() for n in (mem.elements, mem.scale, mem.global_scale) if n}
+    owned |= {m + suffix for m in members for suffix in (".weight", ".weight_packed", ".weight_scale")}
     valid = []
-    for m in modules:
+    for key, mem in members.items():
         try:
-            if m + elem not in qt:
-                raise PlanError(f"{qt[m + '.weight_scale'].file.name}: scale {m + '.weight_scale'!r} has no "
-                                f"{scheme} weight {m + elem!r}")
-            schemes.check_sources(q_ckpt, {m + elem: m + ".weight_scale"}, scheme)
-            if m not in src_of:
-                raise PlanError(f"{qt[m + elem].file.name}: quantized module {m!r} has no source weight")
+            if mem.elements not in qt:
+                raise PlanError(f"{qt[mem.scale].file.name}: scale {mem.scale!r} has no {scheme} weight "
+                                f"{mem.elements!r}")
+            check_structure(mem)
+            if mem.source is None:
+                raise PlanError(f"{qt[mem.elements].file.name}: quantized module {key!r} has no source weight")
         except PlanError as e:
             report.problems.append(str(e))
             continue
-        valid.append(m)
+        valid.append(key)
     for n, info in qt.items():
-        if info.dtype in FP8_DTYPES and n not in owned:
+        # (FP8 weights an NVFP4 output keeps from an FP8 source carry their `_scale_inv`: kept tensors)
+        if info.dtype in FP8_DTYPES and n not in owned and not (scheme == NVFP4 and _scale_of(n, qt)):
             report.problems.append(f"{info.file.name}: tensor {n!r} is FP8 but has no {schemes.module_of(n)}.weight_scale")
-    quantized_src = {src_of[m][0] for m in modules if m in src_of}
+    quantized_src = {mem.source[0] for mem in members.values() if mem.source}
     # an FP8 source's scales are read with its weights, not kept
     consumed = quantized_src | {s for n in quantized_src if (s := _scale_of(n, st))}
     for n in sorted(quantized_src):
-        absent = [m for m in schemes.output_modules(n, tuple(st[n].shape)) if m not in modules]
-        if absent:
+        absent = [m for m in schemes.output_modules(n, tuple(st[n].shape)) if m not in members]
+        if absent and n not in members:
             report.problems.append(f"source tensor {n!r} is quantized but {len(absent)} of its modules are not in "
                                    f"the output, e.g. {absent[0]!r}")
     missing = [n for n in st if n not in qt and n not in consumed]
@@ -710,29 +863,30 @@ def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report:
     for n in kept:
         if qt[n].dtype != st[n].dtype or qt[n].shape != st[n].shape or not _same_bytes(qt[n], st[n]):
             report.problems.append(f"{qt[n].file.name}: kept tensor {n!r} differs from the source")
-    _check_config(qcfg, [m + elem for m in modules], qt, report)
+    _check_config(qcfg, [mem.elements for mem in members.values()], qt, report)
     src_cfg = _read_json(s_ckpt.root / "config.json") or {}
     src_block = tuple((src_cfg.get("quantization_config") or {}).get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     rng = random.Random(seed)
     by_shard: dict[str, list[str]] = {}
-    for m in valid:
-        by_shard.setdefault(qt[m + elem].file.name, []).append(m)
+    for key in valid:
+        by_shard.setdefault(qt[members[key].elements].file.name, []).append(key)
     for shard, names in sorted(by_shard.items()):
         pick = names if samples is None or samples >= len(names) else sorted(rng.sample(names, samples))
         cache: dict[str, list[torch.Tensor]] = {}
-        for m in pick:
-            n, i = src_of[m]
+        for key in pick:
+            mem = members[key]
+            n, i = mem.source
             if n not in cache:
                 cache.clear()  # one source tensor at a time (picks sorted: a fused tensor's experts together)
-                cache[n] = schemes.split_source(n, source_matrix(n, s_ckpt, src_block))
-            x = cache[n][i]
-            *lead, cols = qt[m + elem].shape
-            if tuple(x.shape) != (*lead, 2 * cols if scheme == schemes.MXFP4 else cols):
-                report.problems.append(f"{qt[m + elem].file.name}: {m + elem!r} has shape {list(qt[m + elem].shape)}, "
-                                       f"its source {list(x.shape)}")
+                x = source_matrix(n, s_ckpt, src_block)
+                cache[n] = [x] if i is None else schemes.split_source(n, x)
+            x = cache[n][i or 0]
+            *lead, cols = qt[mem.elements].shape
+            if tuple(x.shape) != (*lead, pack * cols):
+                report.problems.append(f"{qt[mem.elements].file.name}: {mem.elements!r} has shape "
+                                       f"{list(qt[mem.elements].shape)}, its source {list(x.shape)}")
                 continue
-            report.checks.append(compare_scheme(scheme, m, shard, read_tensor(qt[m + elem]),
-                                                read_tensor(qt[m + ".weight_scale"]), x, report.bands, mx_rule))
+            report.checks.append(check(key, mem, shard, x))
 
 
 PLOT_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'fp8norm[plot]' (or pip install matplotlib)"

@@ -188,39 +188,55 @@ def test_nvfp4_modelopt_layout_and_joint_scales(fp8_ckpt, tmp_path, source):
     assert out[f"{p}.mlp.experts.gate_up_proj_scale_2"].shape == (4,)
     assert out[f"{p}.mlp.experts.gate_up_proj"].shape == (4, 512, 128)
     hq = json.loads((tmp_path / "o" / "hf_quant_config.json").read_text())
-    assert hq["producer"]["name"] == "modelopt" and hq["quantization"]["quant_algo"] == "NVFP4"
+    # weight-only (no input_scale in the files): vLLM's rules in tests/test_modelopt_config.py
+    assert hq["producer"]["name"] == "modelopt" and hq["quantization"]["quant_algo"] == "W4A16_NVFP4"
     assert hq["quantization"]["group_size"] == 16 and "lm_head" in hq["quantization"]["exclude_modules"]
     qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4"
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "W4A16_NVFP4" and "lm_head" in qc["ignore"]
     assert same_bytes(out["lm_head.weight"], s["lm_head.weight"])
 
 
 def test_nvfp4_ct_read_by_compressed_tensors(fp8_ckpt, tmp_path):
     """compressed-tensors' dequantizer (which decompresses NVFP4 in bf16) gives exactly our bf16
-    dequantization; its config model accepts ours. It has no layout for fused 3D experts: kept."""
+    dequantization; its config model accepts ours. Fused 3D experts are written per expert and
+    projection (compressed-tensors has no 3D layout), each expert's slices the twin's quantization of
+    the fused tensor: one global scale per expert, shared by its gate and up."""
     ct = reader("compressed_tensors")
     from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer
 
-    from fp8norm.reference import dequant_nvfp4
+    from fp8norm.reference import dequant_nvfp4, quant_nvfp4
 
     _, fp8 = fp8_ckpt
     res = cli("convert", fp8, tmp_path / "o", "--to", "nvfp4-ct")
-    assert "17 to NVFP4" in res.output
+    assert "23 to NVFP4" in res.output
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     ct.quantization.QuantizationConfig.model_validate(cfg["quantization_config"])
-    ours = read_dir(tmp_path / "o")
+    ours, s = read_dir(tmp_path / "o"), read_dir(fp8)
     theirs = CompressedTensorsDequantizer(tmp_path / "o", dtype=torch.bfloat16).validate(dict(ours))
     modules = [k.removesuffix(".weight_packed") for k in ours if k.endswith(".weight_packed")]
-    assert len(modules) == 17
+    fused = [n for n in s if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+    assert len(fused) == 6 and all(s[n].dim() == 3 and n not in ours for n in fused)
+    # 17 2D linears; 3 layers x 4 experts x (gate, up, down)
+    assert len(modules) == 17 + 36
     for m in modules:
         assert ours[m + ".weight_global_scale"].shape == (1,)
         mine = dequant_nvfp4(ours[m + ".weight_packed"], ours[m + ".weight_scale"],
                              torch.reciprocal(ours[m + ".weight_global_scale"]).reshape(()), out_dtype=torch.bfloat16)
         assert torch.equal(theirs[m + ".weight"], mine), m
+    for n in fused:
+        packed, ws, ws2 = quant_nvfp4(s[n], src_scale_inv=s[n + "_scale_inv"])
+        parts = ("gate_proj", "up_proj") if n.endswith("gate_up_proj") else ("down_proj",)
+        prefix = n.removesuffix(".gate_up_proj").removesuffix(".down_proj")
+        for e in range(s[n].shape[0]):
+            for p, part in enumerate(parts):
+                m = f"{prefix}.{e}.{part}"
+                assert same_bytes(ours[m + ".weight_packed"], packed[e].chunk(len(parts))[p].contiguous()), m
+                assert same_bytes(ours[m + ".weight_scale"], ws[e].chunk(len(parts))[p].contiguous()), m
+                assert same_bytes(ours[m + ".weight_global_scale"], torch.reciprocal(ws2[e]).reshape(1)), m
     for layer in ("model.language_model.layers.1", "mtp.layers.0"):
         g = {ours[f"{layer}.self_attn.{x}.weight_global_scale"].item() for x in QKV}
         assert len(g) == 1
-    assert ours["model.language_model.layers.1.mlp.experts.gate_up_proj"].dtype == torch.float8_e4m3fn
+    assert not [n for n, t in ours.items() if t.dtype == torch.float8_e4m3fn and not n.endswith("weight_scale")]
 
 
 def test_nvfp4_unaligned_is_an_error_or_kept(tmp_path):
@@ -243,7 +259,7 @@ def test_nvfp4_unaligned_is_an_error_or_kept(tmp_path):
     assert out["model.layers.0.mlp.down_proj.weight"].dtype == torch.uint8
 
 
-@pytest.mark.parametrize("to", ["fp8-ue8m0", "fp8-channel", "mxfp8", "mxfp4"])
+@pytest.mark.parametrize("to", ["fp8-ue8m0", "fp8-channel", "mxfp8", "mxfp4", "nvfp4", "nvfp4-ct"])
 def test_convert_verifies_what_it_requantized(fp8_ckpt, tmp_path, to):
     """Requantized outputs are re-read and checked against the dequantized FP8 source (every element
     correctly rounded, cost within the target format's bands); the summary says so."""

@@ -15,6 +15,10 @@ from fp8norm import reference
 from fp8norm.examples import make_example
 from fp8norm.verify import (E4M3, EXIT_VERIFY_FAILED, FAIL, GOOD, SCHEME_FORMATS, WARN, Bands, compare_scheme,
                             rne_mismatch, verify)
+
+# each format named in the report, not "FP8" (which is block FP8's)
+LABELS = {"fp8-channel": "FP8 per-channel", "mxfp8": "MXFP8", "mxfp4": "MXFP4"}
+FLOORS_DB = {"fp8-channel": "31.5", "mxfp8": "30.7", "mxfp4": "18.9"}
 from tests.ckpt_utils import cli
 
 SCHEMES = ["fp8-channel", "mxfp8", "mxfp4"]
@@ -33,7 +37,8 @@ def outputs(tmp_path_factory):
         # quantize's own verification ran on these schemes, and found them correct; it counts the
         # quantized tensors as verify does (per module: fused experts one per expert)
         assert "Correctly rounded" in res.output, res.output
-        verdict = re.search(r"\n  (?:Checked \d+ of (\d+) FP8 tensors \(sampled\)|All (\d+) FP8 tensors checked): "
+        label = LABELS[scheme]
+        verdict = re.search(rf"\n  (?:Checked \d+ of (\d+) {label} tensors \(sampled\)|All (\d+) {label} tensors checked): "
                             r"all GOOD\.\n", res.output)
         assert verdict, res.output
         assert int(verdict[1] or verdict[2]) == verify(src, root / scheme, samples=0).fp8_tensors
@@ -57,7 +62,11 @@ def test_correct_scheme_output_is_good(outputs, scheme):
     src, outs = outputs
     res = cli("verify", src, outs[scheme], "--all")
     report = verify(src, outs[scheme], samples=None)
-    assert f"\n  All {len(report.checks)} FP8 tensors checked: all GOOD.\n" in res.output
+    assert f"\n  All {len(report.checks)} {LABELS[scheme]} tensors checked: all GOOD.\n" in res.output
+    assert f"\n  {LABELS[scheme] + ' weight tensors':<20}: {report.fp8_tensors}\n" in res.output
+    # the format's own floor, named with its scheme (MXFP4's e2m1 is not NVFP4's)
+    assert f"   {scheme} ({SCHEME_FORMATS[scheme].name}) floor / bands\n" in res.output
+    assert f"   GOOD   {FLOORS_DB[scheme]}; GOOD >= " in res.output
     assert report.scheme == scheme and not report.problems
     # every quantized module checked: 17 2D linears + 2 fused expert layers and MTP, 4 experts x 3 projections
     assert len(report.checks) == report.fp8_tensors == 17 + 3 * 4 * 3

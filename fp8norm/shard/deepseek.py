@@ -38,7 +38,7 @@ from ..output import fingerprint, json_text
 from ..plan import config_block_size
 from ..engine import Job, RunStats
 from ..st_io import DTYPES, OutEntry, TensorInfo, read_tensor
-from .fp8 import Cut, Out, QuantOpts, Spec, job_of, plan_out, quant_opts, specs_from_table, storage_format
+from .fp8 import Cut, Out, QuantOpts, Spec, check_scales, job_of, plan_out, quant_opts, specs_from_table, storage_format
 from .jobs import SliceOut, shard_job, write_rank_files
 
 COLUMN, ROW = 0, 1
@@ -155,6 +155,7 @@ def plan_deepseek(src, mp: int, n_experts: int | None = None, *, requant: bool =
     jobs = []
     try:
         modules = collect_modules(ckpt.tensors, fmt)
+        check_scales(ckpt, {m.name: m.spec for m in modules if m.spec is not None})
     except ValueError as e:
         raise ShardError(f"{ckpt.root}: {e}") from None
     for m in modules:

@@ -270,6 +270,22 @@ def specs_from_table(table: dict[str, tuple[str, tuple]], fmt: Format) -> tuple[
     return weights, specs
 
 
+def check_scales(ckpt, specs: dict[str, Spec]) -> None:
+    """Every scale a shard / unshard run carries or requantizes from, checked as convert checks its
+    sources (plan.check_fp8_sources, schemes.check_sources: finite and > 0, no E8M0 NaN code), before
+    anything is written: a ValueError of one line naming the file and tensor."""
+    from ..plan import check_fp8_sources
+
+    scaled = [sp for sp in specs.values() if sp.fmt is not None]
+    if not scaled:
+        return
+    fmt, pairs = scaled[0].fmt, {sp.key: sp.scale_key for sp in scaled}
+    if fmt.scheme in schemes.CT_SCHEMES:
+        schemes.check_sources(ckpt, pairs, fmt.scheme)
+    else:
+        check_fp8_sources(ckpt, pairs, fmt.block)
+
+
 def job_of(sources: list[str], outs: list[Out], specs: dict[str, Spec]) -> Job:
     """One job reading the stored tensors (and scales) of the `sources` Specs and writing `outs`."""
     srcs = [specs[s] for s in dict.fromkeys(sources)]

@@ -91,8 +91,8 @@ from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, js
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
-from .fp8 import (Cut, Format, Out, QuantOpts, Spec, job_of, plan_out, quant_opts, scheme_format, specs_from_table,
-                  storage_format)
+from .fp8 import (Cut, Format, Out, QuantOpts, Spec, check_scales, job_of, plan_out, quant_opts, scheme_format,
+                  specs_from_table, storage_format)
 from .jobs import write_rank_files
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "plan_mcore", "plan_mcore_to_hf", "McorePlan", "LAYOUT_NAME",
@@ -473,6 +473,7 @@ def plan_mcore(src, *, tp: int, pp: int = 1, ep: int = 1, pipeline_layers=None, 
     block = fmt.block if fmt.requantizable else nx.DEFAULT_BLOCK_SIZE
     table = {n: (i.dtype, i.shape) for n, i in ckpt.tensors.items()}
     weights, specs = specs_from_table(table, fmt)
+    check_scales(ckpt, specs)
     _refuse_unmappable(ckpt.root, weights)
     mapper = _Mapper(weights, cfg, tp, pp, ep, pipeline_layers, grouped_gemm)
     opts = quant_opts(requant, amax_floor, scale_fmt,
@@ -601,6 +602,7 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
                          f"e.g. {extra[0].replace(KEY_SEP, ': ')}")
     _, mc_specs = specs_from_table({k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}, fmt)
     mc_specs = {k: replace(s, name=s.name.replace(KEY_SEP, ": ")) for k, s in mc_specs.items()}
+    check_scales(ckpt, mc_specs)
     if layout["fp8"]["requantized"]:
         opts.hint += " (this layout was written with requantization)"
     planned = []
