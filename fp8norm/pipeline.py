@@ -222,7 +222,7 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
                 compare_nvfp4(w.name if not ct else schemes.module_of(w.name.removesuffix("_packed")), shard_path.name,
                               read_tensor(infos[w.name]), read_tensor(infos[sc.name]),
                               torch.reciprocal(read_tensor(infos[g.name])) if ct else read_tensor(infos[g.name]),
-                              x, report.bands)
+                              x, report.bands, exact_scale_2=not ct)
                 for w, sc, g, x in zip(t.outputs[::3], t.outputs[1::3], t.outputs[2::3], parts))
             continue
         if scheme is not None:  # (weight, weight_scale) per module, fused experts per expert
