@@ -17,19 +17,24 @@ def check_block_size(block_size) -> tuple[int, int]:
     return bm, bn
 
 
+def check_input(x, x_scale, scale_arg: str) -> None:
+    """x is a bf16/fp16/fp32 tensor, or an e4m3 one given with its block scales (the argument `scale_arg`)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.float8_e4m3fn:
+        if x_scale is None:
+            raise TypeError(f"an FP8 x needs its {scale_arg} (block scales) to be quantized")
+    elif x.dtype not in nx.INPUT_DTYPES:
+        raise TypeError(f"x must be bfloat16, float16 or float32 (or float8_e4m3fn with {scale_arg}), got {x.dtype}")
+    elif x_scale is not None:
+        raise TypeError(f"{scale_arg} is only for an FP8 x")
+
+
 def check_quant_args(x, block_size, scale_fmt, scale_dtype, amax_floor, scale_inv, x_scale_inv=None):
     """Validate quant_fp8_block's arguments.
 
     Returns (block_size, scale_inv as fp32 or None, x_scale_inv as fp32 or None)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.float8_e4m3fn:
-        if x_scale_inv is None:
-            raise TypeError("an FP8 x needs its x_scale_inv (block scales) to be requantized")
-    elif x.dtype not in nx.INPUT_DTYPES:
-        raise TypeError(f"x must be bfloat16, float16 or float32 (or float8_e4m3fn with x_scale_inv), got {x.dtype}")
-    elif x_scale_inv is not None:
-        raise TypeError("x_scale_inv is only for an FP8 x")
+    check_input(x, x_scale_inv, "x_scale_inv")
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be 2D [M, N] or 3D [E, M, N], got shape {tuple(x.shape)}")
     if scale_fmt not in nx.SCALE_FMTS:
@@ -98,22 +103,9 @@ def raise_if_nonfinite_tiles(scale: torch.Tensor) -> None:
         )
 
 
-def new_scale_inv(shape, scale_dtype, device) -> torch.Tensor:
-    return torch.empty(shape, dtype=scale_dtype, device=device)
-
-
 def check_amax_args(x, src_scale_inv, src_block_size):
     """Validate x (and its FP8 block scales); returns (src scales as fp32 or None, src_block_size)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.float8_e4m3fn:
-        if src_scale_inv is None:
-            raise TypeError("an FP8 x needs its src_scale_inv (block scales) to be quantized to NVFP4")
-    elif x.dtype not in nx.INPUT_DTYPES:
-        raise TypeError(
-            f"x must be bfloat16, float16 or float32 (or float8_e4m3fn with src_scale_inv), got {x.dtype}")
-    elif src_scale_inv is not None:
-        raise TypeError("src_scale_inv is only for an FP8 x")
+    check_input(x, src_scale_inv, "src_scale_inv")
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be 2D [M, N] or 3D [E, M, N], got shape {tuple(x.shape)}")
     bm, bn = (int(b) for b in src_block_size)
