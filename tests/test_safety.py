@@ -342,9 +342,10 @@ def test_overwrite_keeps_the_old_output_when_the_new_run_cannot_start(clean, tmp
     one_line_error(cli("quantize", s, dst, "--overwrite", ok=False), "another fp8norm run")
     os.close(fd)
     (dst / LOCK_NAME).unlink()
-    # not enough space for the (larger, unquantized) new output even once the old one is gone
+    # not enough space to build the new output beside the old one
     monkeypatch.setattr(fp8norm.output.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    one_line_error(cli("repack", s, dst, "--overwrite", ok=False), str(dst), "the output needs")
+    one_line_error(cli("repack", s, dst, "--overwrite", ok=False), str(dst), "that needs", "1,000 are free",
+                   f"remove {dst} yourself and run again without --overwrite")
     assert snapshot(dst) == before
     monkeypatch.undo()
     cli("repack", s, dst, "--overwrite")  # a run that can start does replace it
