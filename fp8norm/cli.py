@@ -620,8 +620,13 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
 @click.argument("dst", type=click.Path(file_okay=False))
 @requant_options
 @MAX_SHARD_SIZE
+@click.option("--trust-rank-files", is_flag=True,
+              help="Skip checking each rank file against the sha256 the shard run recorded in SRC's "
+                   "fp8norm-manifest.json (for rank files made or edited elsewhere: a damaged one is then "
+                   "joined as it is).")
 @run_options
-def unshard_cmd(src, dst, requant, amax_floor, scale_fmt, max_shard_size, resume, overwrite, quiet):
+def unshard_cmd(src, dst, requant, amax_floor, scale_fmt, max_shard_size, trust_rank_files, resume, overwrite,
+                quiet):
     """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
 
     \b
@@ -632,7 +637,7 @@ def unshard_cmd(src, dst, requant, amax_floor, scale_fmt, max_shard_size, resume
 
     summary = mcore_to_hf(src, dst, requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt,
                           max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,
-                          resume=resume)
+                          resume=resume, check_rank_files=not trust_rank_files)
     _report(summary, dst)
 
 

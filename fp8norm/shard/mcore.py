@@ -87,7 +87,7 @@ from pathlib import Path
 from .. import numerics as nx
 from ..engine import Job, RunStats
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
-from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
+from ..output import MANIFEST_NAME, PROVENANCE_NAME, file_sha256, fingerprint, index_text, json_text, provenance
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
@@ -572,13 +572,37 @@ def _mcore_checkpoint(root: Path, layout: dict) -> SourceCheckpoint:
     return SourceCheckpoint(root, files, tensors, False, other)
 
 
+TRUST_HINT = "pass --trust-rank-files (check_rank_files=False) to join rank files made or changed elsewhere"
+
+
+def check_rank_digests(root: Path, files: list[Path]) -> None:
+    """Each rank file against the size and sha256 the shard run recorded for it in its manifest: a
+    changed byte would otherwise be joined silently (and found only by a later verify)."""
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ValueError(f"{manifest}: missing, so the rank files cannot be checked against the digests "
+                         f"the shard run recorded; {TRUST_HINT}")
+    done = read_json(manifest, "fp8norm manifest").get("done")
+    for path in files:
+        rec = done.get(str(path.relative_to(root))) if isinstance(done, dict) else None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: not listed in {manifest}, so it cannot be checked; {TRUST_HINT}")
+        if path.stat().st_size != rec.get("size") or file_sha256(path) != rec.get("sha256"):
+            raise ValueError(f"{path}: its bytes differ from those the shard run wrote (sha256 recorded in "
+                             f"{MANIFEST_NAME}): changed or damaged since; {TRUST_HINT}")
+
+
 def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = None,
-                     scale_fmt: str | None = None, max_shard_size="4GB") -> McorePlan:
-    """Plan Megatron-Core rank files written by hf_to_mcore -> one HF checkpoint; checks every rank file."""
+                     scale_fmt: str | None = None, max_shard_size="4GB", check_rank_files: bool = True
+                     ) -> McorePlan:
+    """Plan Megatron-Core rank files written by hf_to_mcore -> one HF checkpoint; checks every rank file
+    (and, with `check_rank_files`, its bytes against the shard run's manifest)."""
     opts = quant_opts(requant, amax_floor, scale_fmt, "Pass requant=True to dequantize and requantize it")
     root = Path(src)
     layout = _read_layout(root)
     ckpt = _mcore_checkpoint(root, layout)
+    if check_rank_files:
+        check_rank_digests(root, ckpt.files)
     cfg = layout["source"]["config"]
     # layouts written before schemes were recorded are block FP8 or bf16
     fmt = scheme_format(layout.get("scheme", "fp8-block"), tuple(layout["fp8"]["block_size"]))
@@ -653,8 +677,9 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
 
 def mcore_to_hf(src, dst, *, requant: bool = False, amax_floor: float | None = None,
                 scale_fmt: str | None = None, max_shard_size="4GB", overwrite: bool = False,
-                progress: bool | None = None, resume: bool = False) -> RunStats:
-    """Reassemble the Megatron-Core rank files under `src` (written by hf_to_mcore) as an HF checkpoint."""
+                progress: bool | None = None, resume: bool = False, check_rank_files: bool = True) -> RunStats:
+    """Reassemble the Megatron-Core rank files under `src` (written by hf_to_mcore) as an HF checkpoint.
+    `check_rank_files`: refuse rank files whose bytes differ from those the shard run recorded."""
     plan = plan_mcore_to_hf(src, requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, check_rank_files=check_rank_files)
     return _execute(plan, dst, overwrite, progress, resume)
