@@ -33,7 +33,7 @@ from ._memory import pin_mmap_threshold
 from .checkpoint import SourceCheckpoint
 from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
                      copy_file, io_error, read_manifest, source_identity, with_file)
-from .st_io import OutEntry, ShardWriter, read_tensor, tensor_bytes
+from .st_io import OutEntry, ShardWriter, build_header, read_tensor, tensor_bytes
 
 
 @dataclass
@@ -175,7 +175,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     for job in jobs:
         for f, e in job.outputs:
             files.setdefault(f, []).append(e)
-    sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items()}
+    sizes = {f: len(build_header(entries)) + sum(e.nbytes for e in entries) for f, entries in files.items()}
     total = sum(sizes.values())
     sources = source_identity(ckpt.root, ckpt.files)
     stats = stats or RunStats()
@@ -184,7 +184,8 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     t_start = time.perf_counter()
 
     def prepare() -> tuple[dict[str, dict], str]:
-        done = out.open(lambda kept: sum(s for f, s in sizes.items() if f not in kept), sources)
+        closing = _finish_bytes(ckpt, copies, texts)
+        done = out.open(lambda kept: sum(s for f, s in sizes.items() if f not in kept) + closing, sources)
         if done and out.changed_mtime:
             _check_unchanged_sources(ckpt, jobs, done, out.changed_mtime)
         ManifestRecord(out.work, fingerprint, sources, None, done).save()
