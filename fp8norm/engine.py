@@ -184,7 +184,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     t_start = time.perf_counter()
 
     def prepare() -> tuple[dict[str, dict], str]:
-        closing = _finish_bytes(ckpt, copies, texts)
+        closing = _closing_bytes(ckpt, copies, texts)
         done = out.open(lambda kept: sum(s for f, s in sizes.items() if f not in kept) + closing, sources)
         if done and out.changed_mtime:
             _check_unchanged_sources(ckpt, jobs, done, out.changed_mtime)
@@ -194,7 +194,11 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         return done, str(out.work)
 
     def still_needed() -> int:
-        return total - sum(sizes.get(f, 0) for f in finished)
+        """Bytes of the output files not yet under their final names (the closing files counted), and
+        the manifest's (rewritten, atomically, at the end)."""
+        manifest = work / MANIFEST_NAME
+        return (total - sum(sizes.get(f, 0) for f in finished) + _closing_bytes(ckpt, copies, texts, work)
+                + (manifest.stat().st_size if manifest.is_file() else 0))
 
     stage = Interrupted.PREPARING
     work = dst  # where the files are written: DST, or the staging folder of an --overwrite (see OutputDir)
@@ -202,7 +206,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         try:
             done, work = on_rank0(ctx, prepare)  # its errors (DST locked, ...) must not be recorded in DST
         except OSError as e:
-            raise io_error(e, dst, total, 0) from None
+            raise io_error(e, dst, still_needed(), 0) from None
         work = Path(work)
         finished.update(done)
         stage = Interrupted.WRITING
@@ -248,7 +252,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
                     out.swap_in()
                 stage = Interrupted.COMPLETE
             except OSError as e:
-                raise io_error(e, dst, _finish_bytes(ckpt, copies, texts), total) from None
+                raise io_error(e, dst, still_needed(), total) from None
         if ctx is not None:
             ctx.gather(True)  # nobody leaves before rank 0 has written the index and config
     except KeyboardInterrupt:
@@ -267,8 +271,11 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     return stats
 
 
-def _finish_bytes(ckpt, copies, texts) -> int:
-    return sum((ckpt.root / rel).stat().st_size for rel in copies) + sum(len(t.encode()) for t in (texts or {}).values())
+def _closing_bytes(ckpt, copies, texts, written_in: Path | None = None) -> int:
+    """Bytes of the copied and text files (those not yet in `written_in`, when given)."""
+    todo = {rel: (ckpt.root / rel).stat().st_size for rel in copies}
+    todo.update({name: len(t.encode()) for name, t in (texts or {}).items()})
+    return sum(n for rel, n in todo.items() if written_in is None or not (written_in / rel).is_file())
 
 
 def _finish(ckpt, dst: Path, copies, texts, fingerprint: str, sources: dict) -> None:

@@ -246,9 +246,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     write_atomically(path, write, "text")
 
 
+# errors of the written side of a copy (shutil's fast copy names the file read from in them)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def copy_file(src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, lambda tmp: shutil.copyfile(src, tmp))
+
+    def write(tmp):
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as e:
+            if e.errno in _WRITE_ERRNOS:
+                e.filename, e.filename2 = None, None  # named as `out` by write_atomically
+            raise
+    write_atomically(out, write)
 
 
 class OutputDir:
