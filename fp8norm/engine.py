@@ -164,8 +164,8 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
     `texts` {name: text} in order, then the final manifest. `before_finish(files written, folder)` runs
     on rank 0 once every file is on disk in `folder` (e.g. to re-read samples). `notes`: a list the jobs'
-    computations append to; under torchrun rank 0's list ends up holding every rank's notes. Returns the run's statistics
-    (in `stats` when given)."""
+    computations append to; under torchrun rank 0's list ends up holding every rank's notes. Returns the
+    run's statistics (in `stats` when given)."""
     pin_mmap_threshold()
     dst = Path(dst)
     ctx = distributed.context()

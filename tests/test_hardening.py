@@ -188,6 +188,10 @@ BAD_FILES = {
     "negative-shape": (lambda tp: _file(tp, {"a": _t(shape=(-2,))}, b"\0" * 8), "not a list of non-negative"),
     "deep-nesting": (lambda tp: _file(tp, b"[" * 100_000 + b"]" * 100_000, b""), "nested too deeply"),
     "too-short": (lambda tp: _raw_file(tp, b"abc"), "too short"),
+    # json.loads keeps the last of two equal keys: the first tensor's bytes looked like a gap
+    "duplicate-key": (lambda tp: _file(tp, b'{"a": %s, "a": %s}' % (json.dumps(_t(offsets=(0, 8))).encode(),
+                                                                    json.dumps(_t(offsets=(8, 16))).encode()),
+                                       b"\0" * 16), "header names 'a' twice"),
 }
 
 
@@ -247,6 +251,28 @@ def test_nonfinite_weight_and_allow_nonfinite(tmp_path):
     assert "'model.layers.0.mlp.up_proj.weight' too (fused with a non-finite tensor)" in res.output
     skipped = json.loads((tmp_path / "o2" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
     assert {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"} <= set(skipped)
+
+
+def test_a_stray_scale_and_a_3d_dense_weight_get_a_note(tmp_path):
+    """Planned as asked but likely not as meant: each says so in one line of the summary."""
+    src = make_example(tmp_path / "src", "llama", "single")
+    tensors = family_tensors("llama")
+    down = tensors["model.layers.1.mlp.down_proj.weight"]
+    tensors["model.layers.1.mlp.down_proj.weight"] = torch.stack([down, down])  # 3D, but not an expert stack
+    tensors["model.layers.0.mlp.gone_proj.weight_scale_inv"] = torch.ones(2, 2)  # its weight is not there
+    tensors["model.layers.0.self_attn.k_scale"] = torch.ones(())  # a KV-cache scale: no weight expected
+    save_file(tensors, str(src / "model.safetensors"))
+    res = cli("quantize", src, tmp_path / "o", "--skip-verify")
+    notes = [line for line in res.output.splitlines() if line.startswith("note ")]
+    shape = list(tensors["model.layers.1.mlp.down_proj.weight"].shape)
+    assert notes == [
+        "note      model.safetensors: 'model.layers.0.mlp.gone_proj.weight_scale_inv' is named as a scale, but its "
+        "weight 'model.layers.0.mlp.gone_proj.weight' is not in the checkpoint: copied as it is",
+        f"note      model.safetensors: 'model.layers.1.mlp.down_proj.weight' is 3D {shape} but not an expert stack: "
+        "quantized as 2 stacked matrices with 3D scales (--exclude it to keep it)"], res.output
+    with safe_open(str(tmp_path / "o" / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.layers.0.mlp.gone_proj.weight_scale_inv"), torch.ones(2, 2))
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight_scale_inv").dim() == 3
 
 
 def test_fp8_weight_without_scale_or_with_a_wrong_one(tmp_path):
