@@ -176,3 +176,17 @@ def test_unshard_without_the_shard_manifest_names_it(mcore, tmp_path):
                    "--trust-rank-files")
     cli("unshard", bare, tmp_path / "o", "--trust-rank-files")
     assert tree_bytes(tmp_path / "o") == tree_bytes(clean)
+
+
+def test_unshard_names_a_layout_that_does_not_fit_its_tensors(mcore, tmp_path):
+    mc, _ = mcore
+    edited = tmp_path / "mc"
+    subprocess.run(["cp", "-a", str(mc), str(edited)], check=True)
+    layout = edited / "fp8norm_parallel_layout.json"
+    doc = json.loads(layout.read_text())
+    doc["scheme"] = "mxfp4"  # the rank files hold fp8-channel weights (X.weight + X.weight_scale)
+    layout.write_text(json.dumps(doc))
+    one_line_error(cli("unshard", edited, tmp_path / "o", ok=False),
+                   f"{layout}: the tensors it lists do not fit its scheme 'mxfp4' (", "the layout was edited, or "
+                   "written for other rank files")
+    assert not (tmp_path / "o").exists()

@@ -607,7 +607,11 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
     # layouts written before schemes were recorded are block FP8 or bf16
     fmt = scheme_format(layout.get("scheme", "fp8-block"), tuple(layout["fp8"]["block_size"]))
     table = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in layout["source"]["tensors"]}
-    weights, hf_specs = specs_from_table(table, fmt)
+    try:
+        weights, hf_specs = specs_from_table(table, fmt)
+    except ValueError as e:
+        raise ValueError(f"{root / LAYOUT_NAME}: the tensors it lists do not fit its scheme {fmt.scheme!r} ({e}): "
+                         "the layout was edited, or written for other rank files") from None
     mapper = _Mapper(weights, cfg, layout["tp"], layout["pp"], layout["ep"], layout["pipeline_layers"],
                      layout["grouped_gemm"])
     # What the rank files must hold: the forward plan (requantization allowed) of the stored source table.
