@@ -301,6 +301,12 @@ def _positive_finite(_ctx, _param, value):
     return value
 
 
+def _percentage(_ctx, _param, value):
+    if not 0 < value <= 100:  # (NaN fails too)
+        raise click.BadParameter(f"{value!r}: expected a number in (0, 100]")
+    return value
+
+
 def _patterns(_ctx, param, value):
     import re
 
@@ -392,11 +398,11 @@ def selection_options(f):
                      help="Keep the source's shard files (non-standard names are always repacked).")(f)
     f = click.option("--activation-stats", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="JSON from `fp8norm collect-stats`: weights rms and mse by input-channel activity.")(f)
-    f = click.option("--mse-grid", type=int, default=50, show_default=True,
+    f = click.option("--mse-grid", type=click.IntRange(min=1), default=50, show_default=True,
                      help="mse: clipping factors tried per tile (1 down to 1/2).")(f)
-    f = click.option("--percentile", type=float, default=99.9, show_default=True,
+    f = click.option("--percentile", type=float, default=99.9, show_default=True, callback=_percentage,
                      help="percentile: clip each tile at this percentile of |x|.")(f)
-    f = click.option("--rms-factor", type=float, default=3.0, show_default=True,
+    f = click.option("--rms-factor", type=float, default=3.0, show_default=True, callback=_positive_finite,
                      help="rms: threshold = k * rms(tile).")(f)
     f = click.option("--calib", type=click.Choice(list(CALIB_COSTS)), default="max", show_default=True,
                      help="How each tile's scale is chosen; SQNR on realistic (heavy-tailed, outlier-channel) "
@@ -567,12 +573,12 @@ def convert_cmd(src, dst, to, scale_fmt, keep_unaligned, max_shard_size, no_repa
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--layout", type=click.Choice(["deepseek", "mcore"]), required=True,
               help="deepseek: model{i}-mp{N}.safetensors; mcore: Megatron-Core TP/PP/EP rank folders.")
-@click.option("--mp", type=int, help="deepseek: model-parallel size N.")
-@click.option("--n-experts", type=int, default=None,
+@click.option("--mp", type=click.IntRange(min=1), help="deepseek: model-parallel size N.")
+@click.option("--n-experts", type=click.IntRange(min=0), default=None,
               help="deepseek: routed experts in the model [default: config.json's n_routed_experts / num_experts].")
-@click.option("--tp", type=int, default=1, show_default=True, help="mcore: tensor-parallel size.")
-@click.option("--pp", type=int, default=1, show_default=True, help="mcore: pipeline-parallel size.")
-@click.option("--ep", type=int, default=1, show_default=True, help="mcore: expert-parallel size.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="mcore: tensor-parallel size.")
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True, help="mcore: pipeline-parallel size.")
+@click.option("--ep", type=click.IntRange(min=1), default=1, show_default=True, help="mcore: expert-parallel size.")
 @click.option("--pipeline-layers", default=None, metavar="8,7,...", help="mcore: layers per pipeline stage.")
 @click.option("--grouped-gemm", is_flag=True, help="mcore: experts.linear_fc1.weightK naming.")
 @requant_options
