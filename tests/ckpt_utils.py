@@ -1,6 +1,7 @@
 """Helpers for checkpoint tests: read outputs back with the safetensors library (an independent reader)."""
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -64,3 +65,13 @@ def save_tiny_qwen3(path) -> Path:
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return Path(path)
+
+
+def wait_for_pause(flag: Path, proc) -> None:
+    """Until a run started with FP8NORM_PAUSE_AT / FP8NORM_PAUSE_FILE=flag holds at its pause point."""
+    for _ in range(1200):
+        if flag.exists():
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("the run never reached its pause point")

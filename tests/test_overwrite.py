@@ -8,9 +8,11 @@ Each test checks the exit code, the one `Error:` line, the source before and aft
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import fp8norm.pipeline
 from fp8norm.examples import make_example
 from fp8norm.output import LOCK_NAME, MANIFEST_NAME, STAGING_NAME
 from fp8norm.st_io import read_header
-from tests.ckpt_utils import cli, one_line_error, tree_bytes
+from tests.ckpt_utils import cli, one_line_error, tree_bytes, wait_for_pause
 from tests.test_safety import snapshot
 
 SHARD = "300KB"
@@ -87,9 +89,16 @@ def test_overwrite_refused_for_space_keeps_the_old_output(runs, tmp_path, monkey
     assert snapshot(dst) == before and snapshot(s) == src_before
 
 
-def _quantize(src, dst, *extra, env=None):
-    return subprocess.run([sys.executable, "-m", "fp8norm", "quantize", str(src), str(dst), *QUANTIZE, "-q", *extra],
-                          env=dict(os.environ, **(env or {})), capture_output=True, text=True)
+def _started(src, dst, *extra, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fp8norm", "quantize", str(src), str(dst), *QUANTIZE, "-q", *extra],
+                            env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _quantize(src, dst, *extra, env=None) -> subprocess.CompletedProcess:
+    proc = _started(src, dst, *extra, env=env)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_overwrite_killed_at_many_points_keeps_the_old_output_until_the_swap(runs, tmp_path):
@@ -190,3 +199,43 @@ def test_unshard_names_a_layout_that_does_not_fit_its_tensors(mcore, tmp_path):
                    f"{layout}: the tensors it lists do not fit its scheme 'mxfp4' (", "the layout was edited, or "
                    "written for other rank files")
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_of_an_overwrite_says_the_old_output_is_untouched(runs, tmp_path):
+    s, old, clean = runs
+    dst, flag = _old_output(runs, tmp_path), tmp_path / "paused"
+    run = _started(s, dst, "--overwrite", env={"FP8NORM_PAUSE_AT": "shard-renamed:2",
+                                                      "FP8NORM_PAUSE_FILE": str(flag)})
+    try:
+        wait_for_pause(flag, run)
+        run.send_signal(signal.SIGINT)
+        time.sleep(1)
+        flag.unlink()
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, stderr
+    done = json.loads((dst / STAGING_NAME / MANIFEST_NAME).read_text())["done"]
+    shards = len(list(clean.glob("model-*.safetensors")))
+    assert stderr.splitlines()[0] == (
+        f"Interrupted: the previous output in {dst} is untouched; {len(done)} of {shards} output file(s) of the new "
+        f"one are finished and kept in {dst / STAGING_NAME} (listed in {MANIFEST_NAME}).")
+    assert stderr.splitlines()[1].endswith(f"{shlex.join(['quantize', str(s), str(dst), *QUANTIZE, '-q'])} --resume")
+    assert visible(dst) == tree_bytes(old)
+    assert _quantize(s, dst, "--resume").returncode == 0
+    assert tree_bytes(dst) == tree_bytes(clean)
+
+
+def test_overwrite_under_torchrun_keeps_the_old_output_when_a_rank_fails(runs, tmp_path):
+    s, old, clean = runs
+    dst = _old_output(runs, tmp_path)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "fp8norm",
+           "quantize", str(s), str(dst), *QUANTIZE, "-q"]
+    res = subprocess.run([*run, "--overwrite"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, FP8NORM_FAIL_RANK="1"))
+    assert res.returncode != 0 and "rank 1 of 2 failed: injected failure on rank 1" in res.stdout + res.stderr
+    assert visible(dst) == tree_bytes(old)
+    res = subprocess.run([*run, "--resume"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tree_bytes(dst) == tree_bytes(clean)

@@ -29,7 +29,7 @@ import fp8norm.verify
 from fp8norm.cli import main
 from fp8norm.examples import make_example
 from fp8norm.output import LOCK_NAME, MANIFEST_NAME
-from tests.ckpt_utils import cli, one_line_error, tree_bytes
+from tests.ckpt_utils import cli, one_line_error, tree_bytes, wait_for_pause
 
 SHARD = "300KB"
 
@@ -184,15 +184,6 @@ def _count_points(src, tmp_path) -> int:
     return int(counter.read_text())
 
 
-def _wait_for(path: Path, proc) -> None:
-    for _ in range(1200):
-        if path.exists():
-            return
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    raise AssertionError("the first run never reached its pause point")
-
-
 @pytest.mark.parametrize("pause", ["text-renamed:1", "tensor-written:3", "shard-renamed:1", "shard-renamed:2"],
                          ids=["prepared", "mid-shard", "shard-renamed-not-recorded", "between-shards"])
 def test_two_runs_on_one_dst(clean, tmp_path, pause):
@@ -203,7 +194,7 @@ def test_two_runs_on_one_dst(clean, tmp_path, pause):
     dst, flag = tmp_path / "dst", tmp_path / "paused"
     a = _subprocess_run(s, dst, env={"FP8NORM_PAUSE_AT": pause, "FP8NORM_PAUSE_FILE": str(flag)})
     try:
-        _wait_for(flag, a)
+        wait_for_pause(flag, a)
         before = snapshot(dst)
         assert any(name.endswith(".partial") for name in before) == (pause == "tensor-written:3")
         for extra in (["--resume"], ["--overwrite"], []):
@@ -244,7 +235,7 @@ def test_ctrl_c_keeps_finished_shards_and_prints_the_command_that_goes_on(clean,
     dst, flag = tmp_path / "dst", tmp_path / "paused"
     run = _subprocess_run(s, dst, *extra, env={"FP8NORM_PAUSE_AT": pause, "FP8NORM_PAUSE_FILE": str(flag)})
     try:
-        _wait_for(flag, run)
+        wait_for_pause(flag, run)
         held = snapshot(dst)
         run.send_signal(signal.SIGINT)
         time.sleep(1)  # taken while the run is held
