@@ -12,17 +12,15 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import fp8norm.output
-import fp8norm.pipeline
 from fp8norm.examples import make_example
 from fp8norm.output import LOCK_NAME, MANIFEST_NAME, STAGING_NAME
 from fp8norm.st_io import read_header
-from tests.ckpt_utils import cli, one_line_error, tree_bytes, wait_for_pause
+from tests.ckpt_utils import cli, fail_quantize_at, interrupt_when_paused, one_line_error, tree_bytes
 from tests.test_safety import snapshot
 
 SHARD = "300KB"
@@ -55,17 +53,9 @@ def _old_output(runs, tmp_path) -> Path:
 def test_a_failed_overwrite_keeps_the_old_output_and_resume_finishes_the_new(runs, tmp_path, monkeypatch):
     s, old, clean = runs
     dst, src_before = _old_output(runs, tmp_path), snapshot(s)
-    real, calls = fp8norm.pipeline.quantize_tensor, []
-
-    def dies(t, xs, plan, dev):
-        calls.append(t.name)
-        if len(calls) == 9:
-            raise RuntimeError("injected failure at the 9th tensor")
-        return real(t, xs, plan, dev)
-
-    monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", dies)
+    heal = fail_quantize_at(monkeypatch, 9, "injected failure at the 9th tensor")
     one_line_error(cli("quantize", s, dst, *QUANTIZE, "--overwrite", ok=False), "injected failure at the 9th tensor")
-    monkeypatch.undo()
+    heal()
     assert visible(dst) == tree_bytes(old)
     done = json.loads((dst / STAGING_NAME / MANIFEST_NAME).read_text())["done"]
     assert done and all((dst / STAGING_NAME / f).is_file() for f in done)  # the new output's finished shards
@@ -206,15 +196,7 @@ def test_ctrl_c_of_an_overwrite_says_the_old_output_is_untouched(runs, tmp_path)
     dst, flag = _old_output(runs, tmp_path), tmp_path / "paused"
     run = _started(s, dst, "--overwrite", env={"FP8NORM_PAUSE_AT": "shard-renamed:2",
                                                       "FP8NORM_PAUSE_FILE": str(flag)})
-    try:
-        wait_for_pause(flag, run)
-        run.send_signal(signal.SIGINT)
-        time.sleep(1)
-        flag.unlink()
-        _, stderr = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
+    _, _, stderr = interrupt_when_paused(run, flag)
     assert run.returncode == 130, stderr
     done = json.loads((dst / STAGING_NAME / MANIFEST_NAME).read_text())["done"]
     shards = len(list(clean.glob("model-*.safetensors")))
