@@ -30,17 +30,16 @@ import shutil
 from pathlib import Path
 
 from . import _faults, distributed
-from .checkpoint import read_json
+from .checkpoint import OUTPUT_WORK_FOLDERS, read_json
 
 MANIFEST_NAME = "fp8norm-manifest.json"
 LOCK_NAME = ".fp8norm.lock"
 PROVENANCE_NAME = "fp8norm.json"
 PARTIAL_GLOB = ".*.partial"
-STAGING_NAME = ".fp8norm-overwrite"  # the new output of an --overwrite, until it is complete
-_MOVING_ASIDE = ".fp8norm-replaced-moving"  # the old output's entries while they are moved aside
-_ASIDE = ".fp8norm-replaced"  # ... once all are (the renamed folder marks that step as done)
-_STAGING_NAMES = {STAGING_NAME, _MOVING_ASIDE, _ASIDE}
-_BOOKKEEPING = {LOCK_NAME, distributed.FAIL_FILE, distributed.PROGRESS_DIR, *_STAGING_NAMES}
+# the new output of an --overwrite until it is complete; the old output's entries while they are moved
+# aside; ... once all are (the renamed folder marks that step as done)
+STAGING_NAME, _MOVING_ASIDE, _ASIDE = OUTPUT_WORK_FOLDERS
+_BOOKKEEPING = {LOCK_NAME, distributed.FAIL_FILE, distributed.PROGRESS_DIR, *OUTPUT_WORK_FOLDERS}
 
 
 class OutputError(ValueError):

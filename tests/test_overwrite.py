@@ -59,6 +59,8 @@ def test_a_failed_overwrite_keeps_the_old_output_and_resume_finishes_the_new(run
     assert visible(dst) == tree_bytes(old)
     done = json.loads((dst / STAGING_NAME / MANIFEST_NAME).read_text())["done"]
     assert done and all((dst / STAGING_NAME / f).is_file() for f in done)  # the new output's finished shards
+    cli("repack", dst, tmp_path / "copy")  # read as a source, DST is the old output: the new one is not copied
+    assert not [k for k in tree_bytes(tmp_path / "copy") if k.startswith(".")]
     res = cli("quantize", s, dst, *QUANTIZE, "--resume")
     assert f"{len(done)} already done" in res.output
     assert tree_bytes(dst) == tree_bytes(clean) and snapshot(s) == src_before
