@@ -601,8 +601,6 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
     root = Path(src)
     layout = _read_layout(root)
     ckpt = _mcore_checkpoint(root, layout)
-    if check_rank_files:
-        check_rank_digests(root, ckpt.files)
     cfg = layout["source"]["config"]
     # layouts written before schemes were recorded are block FP8 or bf16
     fmt = scheme_format(layout.get("scheme", "fp8-block"), tuple(layout["fp8"]["block_size"]))
@@ -627,6 +625,8 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
     if extra:
         raise ValueError(f"{root}: {len(extra)} tensor(s) in the rank files are not part of the layout, "
                          f"e.g. {extra[0].replace(KEY_SEP, ': ')}")
+    if check_rank_files:  # after the header checks above, which name what is wrong more closely
+        check_rank_digests(root, ckpt.files)
     _, mc_specs = specs_from_table({k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}, fmt)
     mc_specs = {k: replace(s, name=s.name.replace(KEY_SEP, ": ")) for k, s in mc_specs.items()}
     if layout["fp8"]["requantized"]:
