@@ -38,8 +38,8 @@ class CalibSettings:
     def __post_init__(self):
         if self.mode not in CALIB_MODES:
             raise ValueError(f"calibration mode must be one of {CALIB_MODES}, got {self.mode!r}")
-        if not self.rms_factor > 0:
-            raise ValueError(f"--rms-factor must be > 0, got {self.rms_factor}")
+        if not (math.isfinite(self.rms_factor) and self.rms_factor > 0):
+            raise ValueError(f"--rms-factor must be finite and > 0, got {self.rms_factor}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"--percentile must be in (0, 100], got {self.percentile}")
         if self.mse_grid < 1:

@@ -16,6 +16,8 @@ from .st_io import SafetensorsError, TensorInfo, read_header
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
+# an fp8norm output's folders of an --overwrite in progress (see fp8norm.output): never part of a checkpoint
+OUTPUT_WORK_FOLDERS = (".fp8norm-overwrite", ".fp8norm-replaced-moving", ".fp8norm-replaced")
 
 
 class CheckpointError(ValueError):
@@ -101,7 +103,8 @@ def open_checkpoint(root: str | Path) -> SourceCheckpoint:
     if unlisted:  # its tensors would silently go missing from the output
         raise CheckpointError(f"{root / unlisted[0]}: a safetensors file that {INDEX_NAME} does not list "
                               f"({len(unlisted)} such file(s)); add its tensors to the index or move it away")
-    other = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.resolve() not in skip)
+    other = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.resolve() not in skip
+                   and p.relative_to(root).parts[0] not in OUTPUT_WORK_FOLDERS)
     return SourceCheckpoint(root, files, tensors, standard, other)
 
 

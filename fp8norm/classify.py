@@ -110,7 +110,7 @@ def scale_name(name: str) -> str:
     return name + "_scale_inv"
 
 
-def _scale_base(name: str) -> str | None:
+def scale_base(name: str) -> str | None:
     for suffix in SCALE_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -142,7 +142,7 @@ def classify(
     exclude_rx = [(p, re.compile(p)) for p in exclude]
     ref_quantized = None
     if reference_names is not None:
-        ref_quantized = {b for n in reference_names if (b := _scale_base(n)) is not None}
+        ref_quantized = {b for n in reference_names if (b := scale_base(n)) is not None}
         _check_reference_names(tensors, reference_names, allow_mismatch)
 
     out: dict[str, Choice] = {}
@@ -151,7 +151,7 @@ def classify(
             check_fp8_scale(name, info, tensors, block_size)
             out[name] = Choice(PASSTHROUGH, "already-fp8")
             continue
-        base = _scale_base(name)
+        base = scale_base(name)
         if base is not None and base in tensors and tensors[base].dtype in FP8_DTYPES:
             out[name] = Choice(PASSTHROUGH, "scale-of-fp8")
             continue
@@ -227,10 +227,10 @@ def check_fused_groups(decisions: dict[str, Choice]) -> None:
 
 
 def _check_reference_names(tensors, reference_names: set[str], allow_mismatch: bool) -> None:
-    ref_weights = {n for n in reference_names if _scale_base(n) is None or _scale_base(n) not in reference_names}
+    ref_weights = {n for n in reference_names if scale_base(n) is None or scale_base(n) not in reference_names}
     only_ref = sorted(ref_weights - set(tensors))
     only_src = sorted(n for n in tensors if n not in ref_weights
-                      and not (_scale_base(n) is not None and _scale_base(n) in tensors))
+                      and not (scale_base(n) is not None and scale_base(n) in tensors))
     if (only_ref or only_src) and not allow_mismatch:
         lines = []
         for label, names in (("only in the reference", only_ref), ("only in the source", only_src)):

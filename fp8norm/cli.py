@@ -299,6 +299,12 @@ def _positive_finite(_ctx, _param, value):
     return value
 
 
+def _percentage(_ctx, _param, value):
+    if not 0 < value <= 100:  # (NaN fails too)
+        raise click.BadParameter(f"{value!r}: expected a number in (0, 100]")
+    return value
+
+
 def _patterns(_ctx, param, value):
     import re
 
@@ -404,11 +410,11 @@ def selection_options(f):
                      help="Keep the source's shard files (non-standard names are always repacked).")(f)
     f = click.option("--activation-stats", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="JSON from `fp8norm collect-stats`: weights rms and mse by input-channel activity.")(f)
-    f = click.option("--mse-grid", type=int, default=50, show_default=True,
+    f = click.option("--mse-grid", type=click.IntRange(min=1), default=50, show_default=True,
                      help="mse: clipping factors tried per tile (1 down to 1/2).")(f)
-    f = click.option("--percentile", type=float, default=99.9, show_default=True,
+    f = click.option("--percentile", type=float, default=99.9, show_default=True, callback=_percentage,
                      help="percentile: clip each tile at this percentile of |x|.")(f)
-    f = click.option("--rms-factor", type=float, default=3.0, show_default=True,
+    f = click.option("--rms-factor", type=float, default=3.0, show_default=True, callback=_positive_finite,
                      help="rms: threshold = k * rms(tile).")(f)
     f = click.option("--calib", type=click.Choice(list(CALIB_COSTS)), default="max", show_default=True,
                      help="How each tile's scale is chosen; SQNR on realistic (heavy-tailed, outlier-channel) "
@@ -579,12 +585,12 @@ def convert_cmd(src, dst, to, scale_fmt, keep_unaligned, mx_rule, max_shard_size
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--layout", type=click.Choice(["deepseek", "mcore"]), required=True,
               help="deepseek: model{i}-mp{N}.safetensors; mcore: Megatron-Core TP/PP/EP rank folders.")
-@click.option("--mp", type=int, help="deepseek: model-parallel size N.")
-@click.option("--n-experts", type=int, default=None,
+@click.option("--mp", type=click.IntRange(min=1), help="deepseek: model-parallel size N.")
+@click.option("--n-experts", type=click.IntRange(min=0), default=None,
               help="deepseek: routed experts in the model [default: config.json's n_routed_experts / num_experts].")
-@click.option("--tp", type=int, default=1, show_default=True, help="mcore: tensor-parallel size.")
-@click.option("--pp", type=int, default=1, show_default=True, help="mcore: pipeline-parallel size.")
-@click.option("--ep", type=int, default=1, show_default=True, help="mcore: expert-parallel size.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="mcore: tensor-parallel size.")
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True, help="mcore: pipeline-parallel size.")
+@click.option("--ep", type=click.IntRange(min=1), default=1, show_default=True, help="mcore: expert-parallel size.")
 @click.option("--pipeline-layers", default=None, metavar="8,7,...", help="mcore: layers per pipeline stage.")
 @click.option("--grouped-gemm", is_flag=True, help="mcore: experts.linear_fc1.weightK naming.")
 @requant_options
@@ -632,8 +638,13 @@ def shard_cmd(src, dst, layout, mp, n_experts, tp, pp, ep, pipeline_layers, grou
 @click.argument("dst", type=click.Path(file_okay=False))
 @requant_options
 @MAX_SHARD_SIZE
+@click.option("--trust-rank-files", is_flag=True,
+              help="Skip checking each rank file against the sha256 the shard run recorded in SRC's "
+                   "fp8norm-manifest.json (for rank files made or edited elsewhere: a damaged one is then "
+                   "joined as it is).")
 @run_options
-def unshard_cmd(src, dst, requant, amax_floor, scale_fmt, max_shard_size, resume, overwrite, quiet):
+def unshard_cmd(src, dst, requant, amax_floor, scale_fmt, max_shard_size, trust_rank_files, resume, overwrite,
+                quiet):
     """Join a Megatron-Core checkpoint written by `fp8norm shard --layout mcore` back into HF layout.
 
     \b
@@ -644,7 +655,7 @@ def unshard_cmd(src, dst, requant, amax_floor, scale_fmt, max_shard_size, resume
 
     summary = mcore_to_hf(src, dst, requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt,
                           max_shard_size=max_shard_size, overwrite=overwrite, progress=None if not quiet else False,
-                          resume=resume)
+                          resume=resume, check_rank_files=not trust_rank_files)
     _report(summary, dst)
 
 

@@ -33,7 +33,7 @@ from ._memory import pin_mmap_threshold
 from .checkpoint import SourceCheckpoint
 from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
                      copy_file, io_error, read_manifest, source_identity, with_file)
-from .st_io import OutEntry, ShardWriter, read_tensor, tensor_bytes
+from .st_io import OutEntry, ShardWriter, build_header, read_tensor, tensor_bytes
 
 
 @dataclass
@@ -75,18 +75,23 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a single-process run once DST was touched, raised after the reader and writer
     threads have stopped and every partly written file is gone. `holds`: what DST holds now, a clause;
     `next_step`: "resume" (the same command with --resume goes on), "again" (the same command as
-    given: --overwrite was emptying DST) or None (the output is complete)."""
+    given: --overwrite was preparing DST) or None (the output is complete). `work`: the folder the new
+    output is written to (DST, or the staging folder of an --overwrite)."""
     PREPARING, WRITING, COMPLETE = "preparing", "writing", "complete"
 
-    def __init__(self, dst: Path, stage: str, *, finished: int, files: int, overwrite: bool):
+    def __init__(self, dst: Path, stage: str, *, finished: int, files: int, overwrite: bool, work: Path):
         self.dst, self.stage, self.finished, self.files = dst, stage, finished, files
         manifest = f"listed in {MANIFEST_NAME}"
         if stage == self.PREPARING:
-            self.holds = (f"{dst} was being emptied for --overwrite" if overwrite else
+            self.holds = (f"{dst} was being prepared for --overwrite; what it held is untouched" if overwrite else
                           f"{dst} was being prepared; this run wrote nothing yet")
             self.next_step = "again" if overwrite else "resume"
         elif stage == self.COMPLETE:
             self.holds, self.next_step = f"the output in {dst} is complete", None
+        elif work != dst:
+            self.holds = (f"the previous output in {dst} is untouched; {finished} of {files} output file(s) of "
+                          f"the new one are finished and kept in {work} ({manifest})")
+            self.next_step = "resume"
         elif finished == files:
             self.holds = (f"all {files} output file(s) are finished and kept in {dst} ({manifest}); the index "
                           "and the other closing files are not written yet")
@@ -154,13 +159,13 @@ def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict
 def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, fingerprint: str, resume: bool = False,
              overwrite: bool = False, progress: bool | None = None, buffer_bytes: int,
              texts: dict[str, str] | None = None, copies: tuple[Path, ...] = (),
-             before_finish: Callable[[list[str]], None] | None = None, desc: str = "fp8norm",
+             before_finish: Callable[[list[str], Path], None] | None = None, desc: str = "fp8norm",
              notes: list[str] | None = None, stats: RunStats | None = None) -> RunStats:
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
-    `texts` {name: text} in order, then the final manifest. `before_finish(files written)` runs on rank 0
-    once every file is on disk (e.g. to re-read samples). `notes`: a list the jobs' computations append
-    to; under torchrun rank 0's list ends up holding every rank's notes. Returns the run's statistics
-    (in `stats` when given)."""
+    `texts` {name: text} in order, then the final manifest. `before_finish(files written, folder)` runs
+    on rank 0 once every file is on disk in `folder` (e.g. to re-read samples). `notes`: a list the jobs'
+    computations append to; under torchrun rank 0's list ends up holding every rank's notes. Returns the
+    run's statistics (in `stats` when given)."""
     pin_mmap_threshold()
     dst = Path(dst)
     ctx = distributed.context()
@@ -170,7 +175,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     for job in jobs:
         for f, e in job.outputs:
             files.setdefault(f, []).append(e)
-    sizes = {f: sum(e.nbytes for e in entries) for f, entries in files.items()}
+    sizes = {f: len(build_header(entries)) + sum(e.nbytes for e in entries) for f, entries in files.items()}
     total = sum(sizes.values())
     sources = source_identity(ckpt.root, ckpt.files)
     stats = stats or RunStats()
@@ -178,24 +183,31 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     finished: dict[str, dict] = {}
     t_start = time.perf_counter()
 
-    def prepare() -> dict[str, dict]:
-        done = out.open(lambda kept: sum(s for f, s in sizes.items() if f not in kept), sources)
+    def prepare() -> tuple[dict[str, dict], str]:
+        closing = _closing_bytes(ckpt, copies, texts)
+        done = out.open(lambda kept: sum(s for f, s in sizes.items() if f not in kept) + closing, sources)
         if done and out.changed_mtime:
             _check_unchanged_sources(ckpt, jobs, done, out.changed_mtime)
-        ManifestRecord(dst, fingerprint, sources, None, done).save()
-        for p in dst.glob(distributed.RANK_MANIFEST_GLOB):  # folded into the manifest just written
+        ManifestRecord(out.work, fingerprint, sources, None, done).save()
+        for p in out.work.glob(distributed.RANK_MANIFEST_GLOB):  # folded into the manifest just written
             p.unlink()
-        return done
+        return done, str(out.work)
 
     def still_needed() -> int:
-        return total - sum(sizes.get(f, 0) for f in finished)
+        """Bytes of the output files not yet under their final names (the closing files counted), and
+        the manifest's (rewritten, atomically, at the end)."""
+        manifest = work / MANIFEST_NAME
+        return (total - sum(sizes.get(f, 0) for f in finished) + _closing_bytes(ckpt, copies, texts, work)
+                + (manifest.stat().st_size if manifest.is_file() else 0))
 
     stage = Interrupted.PREPARING
+    work = dst  # where the files are written: DST, or the staging folder of an --overwrite (see OutputDir)
     try:
         try:
-            done = on_rank0(ctx, prepare)  # its errors (DST locked, ...) must not be recorded in DST
+            done, work = on_rank0(ctx, prepare)  # its errors (DST locked, ...) must not be recorded in DST
         except OSError as e:
-            raise io_error(e, dst, total, 0) from None
+            raise io_error(e, dst, still_needed(), 0) from None
+        work = Path(work)
         finished.update(done)
         stage = Interrupted.WRITING
         stats.files_skipped = len(done)
@@ -205,8 +217,8 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             mine = set(distributed.assign_shards({f: sizes[f] for f in pending}, ctx.world)[ctx.rank])
         try:
             try:
-                record = ManifestRecord(dst, fingerprint, sources, ctx, done if rank0 else None)
-                _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes,
+                record = ManifestRecord(work, fingerprint, sources, ctx, done if rank0 else None)
+                _stream(ckpt, jobs, work, files, mine, pending, record, finished, ctx, progress, buffer_bytes,
                         stats, desc)
             except OSError as e:
                 raise io_error(e, dst, still_needed(), sum(sizes.get(f, 0) for f in finished)) from None
@@ -214,7 +226,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             if ctx is None:
                 raise
             if not isinstance(e, distributed.RankAborted):
-                distributed.record_failure(dst, ctx.rank, str(e) or type(e).__name__)
+                distributed.record_failure(work, ctx.rank, str(e) or type(e).__name__)
         if ctx is not None:
             # every rank has stopped streaming; rank 0's statistics count the whole job
             gathered = ctx.gather((stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out,
@@ -226,7 +238,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
                     notes[:] = [n for x in gathered for n in x[5]]
                 stats.notes.append(f"ranks     {ctx.world} (torchrun), files written per rank: "
                                    f"{', '.join(str(x[2]) for x in gathered)}")
-            failed = distributed.failure(dst)
+            failed = distributed.failure(work)
             if failed is not None:
                 if rank0:
                     raise OutputError(f"rank {failed['rank']} of {ctx.world} failed: {failed['error']}")
@@ -234,11 +246,13 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         if rank0:
             try:
                 if before_finish is not None:
-                    before_finish(pending)
-                _finish(ckpt, dst, copies, texts, fingerprint, sources)
+                    before_finish(pending, work)
+                _finish(ckpt, work, copies, texts, fingerprint, sources)
+                if work != dst:
+                    out.swap_in()
                 stage = Interrupted.COMPLETE
             except OSError as e:
-                raise io_error(e, dst, _finish_bytes(ckpt, copies, texts), total) from None
+                raise io_error(e, dst, still_needed(), total) from None
         if ctx is not None:
             ctx.gather(True)  # nobody leaves before rank 0 has written the index and config
     except KeyboardInterrupt:
@@ -247,17 +261,21 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         if stage != Interrupted.PREPARING:
             # the lock is still held, so every partial file is this run's (the writer drops its own,
             # a text file cut short in _finish is dropped here)
-            for p in dst.rglob(PARTIAL_GLOB):
+            for p in work.rglob(PARTIAL_GLOB):
                 p.unlink(missing_ok=True)
-        raise Interrupted(dst, stage, finished=len(finished), files=len(files), overwrite=overwrite) from None
+        raise Interrupted(dst, stage, finished=len(finished), files=len(files), overwrite=overwrite,
+                          work=work) from None
     finally:
         out.close()
     stats.wall_s = time.perf_counter() - t_start
     return stats
 
 
-def _finish_bytes(ckpt, copies, texts) -> int:
-    return sum((ckpt.root / rel).stat().st_size for rel in copies) + sum(len(t.encode()) for t in (texts or {}).values())
+def _closing_bytes(ckpt, copies, texts, written_in: Path | None = None) -> int:
+    """Bytes of the copied and text files (those not yet in `written_in`, when given)."""
+    todo = {rel: (ckpt.root / rel).stat().st_size for rel in copies}
+    todo.update({name: len(t.encode()) for name, t in (texts or {}).items()})
+    return sum(n for rel, n in todo.items() if written_in is None or not (written_in / rel).is_file())
 
 
 def _finish(ckpt, dst: Path, copies, texts, fingerprint: str, sources: dict) -> None:

@@ -7,7 +7,10 @@
   and SRC inside DST are refused through symlinks and bind mounts alike;
 - an exclusive `flock` on DST/.fp8norm.lock is held until the run ends; a second run on the same DST
   stops with one line naming the first run's pid, before it touches any file there;
-- `overwrite` empties DST only now (after planning and validation, with the lock held);
+- `overwrite` of a DST that holds something builds the new output in DST/.fp8norm-overwrite and swaps
+  it in only once it is complete (see `OutputDir.swap_in`), so a failed or interrupted run leaves the
+  previous output as it was, and `--resume` continues the new one. The staging folder sits inside DST,
+  not beside it: DST may be a mount point, and a rename across file systems fails;
 - `resume` reads the manifest(s) of the interrupted run: same plan fingerprint, the same source files
   (size; where the mtime changed, the bytes read for the finished files must give the same digests),
   and each finished output file still of its recorded size and sha256 (else it is written again).
@@ -27,13 +30,16 @@ import shutil
 from pathlib import Path
 
 from . import _faults, distributed
-from .checkpoint import read_json
+from .checkpoint import OUTPUT_WORK_FOLDERS, read_json
 
 MANIFEST_NAME = "fp8norm-manifest.json"
 LOCK_NAME = ".fp8norm.lock"
 PROVENANCE_NAME = "fp8norm.json"
 PARTIAL_GLOB = ".*.partial"
-_BOOKKEEPING = {LOCK_NAME, distributed.FAIL_FILE, distributed.PROGRESS_DIR}
+# the new output of an --overwrite until it is complete; the old output's entries while they are moved
+# aside; ... once all are (the renamed folder marks that step as done)
+STAGING_NAME, _MOVING_ASIDE, _ASIDE = OUTPUT_WORK_FOLDERS
+_BOOKKEEPING = {LOCK_NAME, distributed.FAIL_FILE, distributed.PROGRESS_DIR, *OUTPUT_WORK_FOLDERS}
 
 
 class OutputError(ValueError):
@@ -239,9 +245,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     write_atomically(path, write, "text")
 
 
+# errors of the written side of a copy (shutil's fast copy names the file read from in them)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def copy_file(src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, lambda tmp: shutil.copyfile(src, tmp))
+
+    def write(tmp):
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as e:
+            if e.errno in _WRITE_ERRNOS:
+                e.filename, e.filename2 = None, None  # named as `out` by write_atomically
+            raise
+    write_atomically(out, write)
 
 
 class OutputDir:
@@ -253,6 +271,7 @@ class OutputDir:
                               "--overwrite replaces it")
         self.src, self.dst, self.fingerprint = Path(src), Path(dst), fp
         self.resume, self.overwrite = resume, overwrite
+        self.work = self.dst
         self._lock_fd: int | None = None
 
     def check(self) -> None:
@@ -263,6 +282,8 @@ class OutputDir:
 
     def open(self, needed_bytes, sources: dict) -> dict[str, dict]:
         """Lock DST, check it may be written, and return {file: record} of finished files to keep.
+        `self.work` is then the folder the run writes: DST, or its staging folder for an --overwrite of
+        a DST that holds something (or a --resume of such a run).
 
         `needed_bytes(kept)` gives the bytes still to write when the files in `kept` are kept."""
         self.check()
@@ -274,30 +295,64 @@ class OutputDir:
         if not os.access(dst, os.W_OK):
             raise OutputError(f"{dst}: not writable")
         self._lock()
+        staging = dst / STAGING_NAME
+        if (self.resume or self.overwrite) and ((dst / _MOVING_ASIDE).exists() or (dst / _ASIDE).exists()):
+            self.swap_in()  # an earlier --overwrite was killed while swapping its complete output in
         old = [p for p in dst.iterdir() if p.name not in _BOOKKEEPING and not p.name.endswith(".partial")]
+        self.work = dst
         done: dict[str, dict] = {}
-        reclaim = 0
-        if old:
-            if self.resume:
-                done = self._finished_files(sources)
-            elif self.overwrite:
-                reclaim = sum(p.stat().st_size for q in old for p in ([q] if q.is_file() else q.rglob("*"))
-                              if p.is_file())
-            else:
-                raise OutputError(f"{dst}: exists and is not empty; pass --resume to continue an interrupted "
-                                  "run or --overwrite to replace it")
+        if self.resume and staging.exists():
+            self.work = staging  # an interrupted --overwrite: the old output stays until the new one is done
+            done = self._finished_files(sources) if (staging / MANIFEST_NAME).exists() else {}
+        elif old and self.resume:
+            done = self._finished_files(sources)
+        elif self.overwrite:
+            if staging.exists():  # an earlier --overwrite's unfinished output: never part of the old one
+                shutil.rmtree(staging)
+            if old:
+                self.work = staging
+        elif old or staging.exists():
+            raise OutputError(f"{dst}: exists and is not empty; pass --resume to continue an interrupted "
+                              "run or --overwrite to replace it")
         needed, free = needed_bytes(set(done)), shutil.disk_usage(dst).free
-        if needed > free + reclaim:
-            raise OutputError(f"{dst}: the output needs {needed:,} bytes, only {free + reclaim:,} are free on "
+        if needed > free and self.work != dst:
+            old_bytes = sum(p.stat().st_size for q in old for p in ([q] if q.is_file() else q.rglob("*"))
+                            if p.is_file())
+            raise OutputError(f"{dst}: --overwrite builds the new output beside the old one and replaces it "
+                              f"only once complete: that needs {needed:,} bytes, only {free:,} are free (the "
+                              f"old output's {old_bytes:,} bytes are freed only at the end); remove {dst} "
+                              "yourself and run again without --overwrite")
+        if needed > free:
+            raise OutputError(f"{dst}: the output needs {needed:,} bytes, only {free:,} are free on "
                               "that file system")
-        # Only now, with every check passed and the lock held, is anything in DST changed.
-        if old and self.overwrite:
-            for p in old:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        for p in dst.rglob(PARTIAL_GLOB):  # leftovers of an interrupted write are never part of an output
+        self.work.mkdir(exist_ok=True)
+        for p in self.work.rglob(PARTIAL_GLOB):  # leftovers of an interrupted write are never part of an output
             p.unlink()
-        (dst / distributed.FAIL_FILE).unlink(missing_ok=True)  # left by an earlier failed torchrun job
+        (self.work / distributed.FAIL_FILE).unlink(missing_ok=True)  # left by an earlier failed torchrun job
         return done
+
+    def swap_in(self) -> None:
+        """Replace the old output in DST by the complete new one in its staging folder, by renames inside
+        DST: the old entries are moved aside (into a folder renamed once all are there), the new ones
+        moved up (the manifest last), the old ones deleted. Killed at any point, running this again
+        (`open` does, for --resume and --overwrite) finishes the swap."""
+        dst, staging = self.dst, self.dst / STAGING_NAME
+        moving, aside = dst / _MOVING_ASIDE, dst / _ASIDE
+        if not aside.exists():
+            moving.mkdir(exist_ok=True)
+            for p in sorted(dst.iterdir()):
+                if p.name not in _BOOKKEEPING:
+                    os.rename(p, moving / p.name)
+                    _faults.point("swap-aside")
+            os.rename(moving, aside)
+        if staging.exists():
+            for p in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST_NAME):  # the manifest last
+                if p.name not in _BOOKKEEPING:
+                    os.rename(p, dst / p.name)
+                    _faults.point("swap-up")
+            shutil.rmtree(staging)
+        shutil.rmtree(aside)
+        self.work = dst
 
     def _lock(self) -> None:
         path = self.dst / LOCK_NAME
@@ -330,7 +385,7 @@ class OutputDir:
         self._lock_fd = None
 
     def _finished_files(self, sources: dict) -> dict[str, dict]:
-        dst = self.dst
+        dst = self.work
         manifest_path = dst / MANIFEST_NAME
         if not manifest_path.exists():
             raise OutputError(f"{dst}: not empty and holds no {MANIFEST_NAME}: nothing to resume "

@@ -153,10 +153,10 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
             for s in plan.shards for t in by_shard[s]]
     report = _new_report(plan) if verify_samples else None
 
-    def verify(_written: list[str]) -> None:
+    def verify(_written: list[str], out_dir: Path) -> None:
         # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
         for shard in plan.shards:
-            _verify_shard(plan, dst / shard, by_shard[shard], verify_samples, report)
+            _verify_shard(plan, out_dir / shard, by_shard[shard], verify_samples, report)
         if report.status == FAIL and PROVENANCE_NAME in texts:
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
             texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], report)

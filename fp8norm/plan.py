@@ -16,7 +16,8 @@ from .kernels.numerics import fp8_block as nx
 from .calibrate import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
-from .classify import FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision, classify, fused_group_key, scale_name
+from .classify import (FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision, classify, fused_group_key,
+                       scale_base, scale_name)
 from .output import fingerprint
 from .sizes import parse_size
 from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
@@ -271,7 +272,7 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
                             f"{', '.join(QUANTIZE_DTYPES)} weights (--exclude it to keep it as it is)")
     check_fp8_sources(ckpt, {n: next(n + s for s in SCALE_SUFFIXES if n + s in ckpt.tensors)
                              for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}, qs.block_size)
-    notes: list[str] = []
+    notes = _odd_tensor_notes(ckpt, decisions)
     if o.allow_nonfinite:
         decisions = _keep_nonfinite(ckpt, decisions, notes)
     tensors = []
@@ -289,6 +290,21 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
     shards = lay_out_shards(tensors, repacked, max_shard_size)
     return Plan(Path(src), qs, tensors, shards, repacked, max_shard_size,
                 None if reference is None else str(reference), ckpt, stats, notes=notes)
+
+
+def _odd_tensor_notes(ckpt: SourceCheckpoint, decisions: dict) -> list[str]:
+    """Lines for tensors planned as asked but likely not as meant: a scale whose weight is not in the
+    checkpoint (copied as it is), a 3D weight that is not an expert stack (quantized as stacked matrices)."""
+    notes = []
+    for name, info in ckpt.tensors.items():
+        base = scale_base(name)  # (input_scale, k_scale... belong to no weight)
+        if base is not None and base not in ckpt.tensors and (base.endswith(".weight") or name.endswith("_scale_inv")):
+            notes.append(f"note      {info.file.name}: {name!r} is named as a scale, but its weight {base!r} is not "
+                         "in the checkpoint: copied as it is")
+        if decisions[name].decision == FP8 and len(info.shape) == 3 and decisions[name].rule != "fused-experts":
+            notes.append(f"note      {info.file.name}: {name!r} is 3D {list(info.shape)} but not an expert stack: "
+                         f"quantized as {info.shape[0]} stacked matrices with 3D scales (--exclude it to keep it)")
+    return notes
 
 
 NONFINITE_RULE = "nonfinite-kept"

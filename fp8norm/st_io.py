@@ -67,6 +67,19 @@ def _numel(shape) -> int:
     return n
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: a key given twice is an error (json keeps the last one silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: ({name: TensorInfo} in file order, __metadata__)."""
     path = Path(path)
@@ -80,7 +93,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             raise SafetensorsError(f"{path}: header length {n} exceeds the file ({size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise SafetensorsError(f"{path}: header names {e.args[0]!r} twice (a JSON reader would keep only the "
+                               "last)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
     except RecursionError:

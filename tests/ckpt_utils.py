@@ -1,6 +1,8 @@
 """Helpers for checkpoint tests: read outputs back with the safetensors library (an independent reader)."""
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import torch
@@ -64,3 +66,45 @@ def save_tiny_qwen3(path) -> Path:
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return Path(path)
+
+
+def wait_for_pause(flag: Path, proc) -> None:
+    """Until a run started with FP8NORM_PAUSE_AT / FP8NORM_PAUSE_FILE=flag holds at its pause point."""
+    for _ in range(1200):
+        if flag.exists():
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError("the run never reached its pause point")
+
+
+def interrupt_when_paused(run, flag: Path, while_held=lambda: None):
+    """SIGINT to `run` once it holds at its pause point, then let it go on (the signal is taken while it
+    is held). Returns (what `while_held()` gave just before the signal, stdout, stderr)."""
+    try:
+        wait_for_pause(flag, run)
+        held = while_held()
+        run.send_signal(signal.SIGINT)
+        time.sleep(1)
+        flag.unlink()
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    return held, stdout, stderr
+
+
+def fail_quantize_at(monkeypatch, n: int, message: str = "injected crash"):
+    """The n-th tensor a quantize run computes raises RuntimeError(message); returns what heals it."""
+    import fp8norm.pipeline
+
+    real, calls = fp8norm.pipeline.quantize_tensor, []
+
+    def dies(t, xs, plan, dev):
+        calls.append(t.name)
+        if len(calls) == n:
+            raise RuntimeError(message)
+        return real(t, xs, plan, dev)
+
+    monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", dies)
+    return lambda: monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", real)

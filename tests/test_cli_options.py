@@ -181,6 +181,18 @@ def test_old_spellings_are_hidden_from_help():
     (["verify", "SRC", "DST", "--verify-samples", "-1"], "Invalid value for '--verify-samples'"),
     (["quantize", "SRC", "DST", "--threads", "100000"], "Invalid value for '--threads'"),
     (["collect-stats", "--max-tokens", "0", "SRC", "--prompts", "P", "--out", "O"], "Invalid value for '--max-tokens'"),
+    # were checked at the first tensor (rms: "scale_inv must be finite") or while planning, naming no option
+    (["quantize", "SRC", "DST", "--calib", "rms", "--rms-factor", "inf"],
+     "Invalid value for '--rms-factor': inf: expected a finite number > 0"),
+    (["quantize", "SRC", "DST", "--percentile", "nan"], "Invalid value for '--percentile': nan: expected a number in"),
+    (["quantize", "SRC", "DST", "--percentile", "0"], "Invalid value for '--percentile'"),
+    (["quantize", "SRC", "DST", "--mse-grid", "0"], "Invalid value for '--mse-grid'"),
+    (["shard", "SRC", "DST", "--layout", "mcore", "--tp", "0"], "Invalid value for '--tp'"),
+    (["shard", "SRC", "DST", "--layout", "mcore", "--pp", "-1"], "Invalid value for '--pp'"),
+    (["shard", "SRC", "DST", "--layout", "mcore", "--ep", "0"], "Invalid value for '--ep'"),
+    (["shard", "SRC", "DST", "--layout", "deepseek", "--mp", "0"], "Invalid value for '--mp'"),
+    (["shard", "SRC", "DST", "--layout", "deepseek", "--mp", "2", "--n-experts", "-1"],
+     "Invalid value for '--n-experts'"),
 ])
 def test_option_values_are_checked_while_parsing(args, message, tmp_path):
     """Bad values are refused before any file is read (SRC does not even exist here)."""

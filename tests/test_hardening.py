@@ -8,6 +8,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -186,6 +188,10 @@ BAD_FILES = {
     "negative-shape": (lambda tp: _file(tp, {"a": _t(shape=(-2,))}, b"\0" * 8), "not a list of non-negative"),
     "deep-nesting": (lambda tp: _file(tp, b"[" * 100_000 + b"]" * 100_000, b""), "nested too deeply"),
     "too-short": (lambda tp: _raw_file(tp, b"abc"), "too short"),
+    # json.loads keeps the last of two equal keys: the first tensor's bytes looked like a gap
+    "duplicate-key": (lambda tp: _file(tp, b'{"a": %s, "a": %s}' % (json.dumps(_t(offsets=(0, 8))).encode(),
+                                                                    json.dumps(_t(offsets=(8, 16))).encode()),
+                                       b"\0" * 16), "header names 'a' twice"),
 }
 
 
@@ -247,6 +253,28 @@ def test_nonfinite_weight_and_allow_nonfinite(tmp_path):
     assert {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"} <= set(skipped)
 
 
+def test_a_stray_scale_and_a_3d_dense_weight_get_a_note(tmp_path):
+    """Planned as asked but likely not as meant: each says so in one line of the summary."""
+    src = make_example(tmp_path / "src", "llama", "single")
+    tensors = family_tensors("llama")
+    down = tensors["model.layers.1.mlp.down_proj.weight"]
+    tensors["model.layers.1.mlp.down_proj.weight"] = torch.stack([down, down])  # 3D, but not an expert stack
+    tensors["model.layers.0.mlp.gone_proj.weight_scale_inv"] = torch.ones(2, 2)  # its weight is not there
+    tensors["model.layers.0.self_attn.k_scale"] = torch.ones(())  # a KV-cache scale: no weight expected
+    save_file(tensors, str(src / "model.safetensors"))
+    res = cli("quantize", src, tmp_path / "o", "--skip-verify")
+    notes = [line for line in res.output.splitlines() if line.startswith("note ")]
+    shape = list(tensors["model.layers.1.mlp.down_proj.weight"].shape)
+    assert notes == [
+        "note      model.safetensors: 'model.layers.0.mlp.gone_proj.weight_scale_inv' is named as a scale, but its "
+        "weight 'model.layers.0.mlp.gone_proj.weight' is not in the checkpoint: copied as it is",
+        f"note      model.safetensors: 'model.layers.1.mlp.down_proj.weight' is 3D {shape} but not an expert stack: "
+        "quantized as 2 stacked matrices with 3D scales (--exclude it to keep it)"], res.output
+    with safe_open(str(tmp_path / "o" / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.layers.0.mlp.gone_proj.weight_scale_inv"), torch.ones(2, 2))
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight_scale_inv").dim() == 3
+
+
 def test_fp8_weight_without_scale_or_with_a_wrong_one(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -285,6 +313,59 @@ def test_disk_full_is_reported_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setattr(fp8norm.st_io.ShardWriter, "write", real)
     cli("quantize", src, tmp_path / "o", "--max-shard-size", SHARD, "--skip-verify", "--resume")
     assert tree_bytes(tmp_path / "o") == tree_bytes(tmp_path / "clean")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs(bytes): a tmpfs of that size mounted (or remounted, keeping its files) at tmp_path/fs."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    mounted = []
+
+    def mount(size: int) -> Path:
+        opts = f"remount,size={size}" if mounted else f"size={size}"
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"mounting a tmpfs refused here ({res.stderr.strip()}): needs root")
+        mounted.append(size)
+        return mnt
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+_NO_SPACE = re.compile(r"Error: (\S+): no space left on device: the output still needs ([\d,]+) bytes \(([\d,]+) "
+                       r"bytes of finished files are kept\), ([\d,]+) are free; free space and run again with --resume$")
+
+
+@pytest.mark.parametrize("pages_short", [2, 4, 8])
+def test_a_real_full_disk_names_the_output_file_with_true_numbers(tmp_path, tmpfs, pages_short):
+    """A tmpfs a few pages too small for the output (the free-space check counts bytes, the file system
+    pages): the line names the output file being written (not a source file), the bytes its missing
+    files hold and the free bytes; after growing the tmpfs, --resume ends byte-identical."""
+    src = make_example(tmp_path / "src", "llama", "sharded", shards=2)
+    args = ["--max-shard-size", "300KB", "--skip-verify"]
+    cli("quantize", src, tmp_path / "clean", *args)
+    clean = {k: len(v) for k, v in tree_bytes(tmp_path / "clean").items()}
+    pages = sum(-(-n // 4096) for n in clean.values()) + 4  # + the folder and the lock
+    mnt = tmpfs((pages - pages_short) * 4096)
+    dst = mnt / "o"
+    src_before = _hashes(src)
+    res = cli("quantize", src, dst, *args, ok=False)
+    line = one_line_error(res, "no space left on device")
+    where, needs, kept, free = _NO_SPACE.match(line).groups()
+    assert Path(where).parent == dst and Path(where).name in clean, line
+    manifest = "fp8norm-manifest.json"  # rewritten at the end: its bytes are needed again
+    present = {p.name for p in dst.iterdir() if p.name in clean and p.name != manifest}
+    assert int(needs.replace(",", "")) == (sum(n for k, n in clean.items() if k not in present and k != manifest)
+                                           + (dst / manifest).stat().st_size), line
+    assert int(kept.replace(",", "")) == sum(clean[k] for k in present if k.startswith("model-")), line
+    assert int(free.replace(",", "")) == shutil.disk_usage(mnt).free - 4096, line  # the lock's page, freed at the end
+    assert not list(dst.rglob("*.partial")) and _hashes(src) == src_before
+    tmpfs(pages * 4096 * 2)
+    cli("quantize", src, dst, *args, "--resume")
+    assert tree_bytes(dst) == tree_bytes(tmp_path / "clean")
 
 
 def test_not_enough_space_is_refused_before_writing(tmp_path, monkeypatch):

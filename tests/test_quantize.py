@@ -9,11 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fp8norm.pipeline
 from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm import reference
 from fp8norm.examples import FAMILIES, make_example
-from tests.ckpt_utils import cli, read_dir, same_bytes, tree_bytes
+from tests.ckpt_utils import cli, fail_quantize_at, read_dir, same_bytes, tree_bytes
 
 MAX_SHARD = 2_000_000  # small, so every example is written as several shards
 
@@ -248,22 +247,14 @@ def test_already_fp8_tensors_pass_through(sources, tmp_path):
 def test_resume_after_failure_is_byte_identical(sources, tmp_path, monkeypatch):
     src = sources[("qwen3.5-moe", "sharded")]
     cli("quantize", src, tmp_path / "clean", "--max-shard-size", MAX_SHARD)
-    real, calls = fp8norm.pipeline.quantize_tensor, []
-
-    def dies_midway(t, xs, plan, dev):
-        calls.append(t.name)
-        if len(calls) == 40:
-            raise RuntimeError("injected crash")
-        return real(t, xs, plan, dev)
-
-    monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", dies_midway)
+    heal = fail_quantize_at(monkeypatch, 40)
     res = cli("quantize", src, tmp_path / "o", "--max-shard-size", MAX_SHARD, ok=False)
     assert res.exit_code != 0
     manifest = json.loads((tmp_path / "o" / "fp8norm-manifest.json").read_text())
     assert 0 < len(manifest["done"]) and not manifest["complete"]
     assert not (tmp_path / "o" / "model.safetensors.index.json").exists()  # nothing poses as finished
     assert not list((tmp_path / "o").glob("*.partial")) and not list((tmp_path / "o").glob(".*.partial"))
-    monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", real)
+    heal()
     res = cli("quantize", src, tmp_path / "o", "--max-shard-size", MAX_SHARD, "--resume")
     assert f"{len(manifest['done'])} already done" in res.output
     assert tree_bytes(tmp_path / "o") == tree_bytes(tmp_path / "clean")

@@ -11,10 +11,8 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,8 @@ import fp8norm.verify
 from fp8norm.cli import main
 from fp8norm.examples import make_example
 from fp8norm.output import LOCK_NAME, MANIFEST_NAME
-from tests.ckpt_utils import cli, one_line_error, tree_bytes
+from tests.ckpt_utils import (cli, fail_quantize_at, interrupt_when_paused, one_line_error, tree_bytes,
+                              wait_for_pause)
 
 SHARD = "300KB"
 
@@ -125,17 +124,9 @@ def _hold_lock(dst: Path) -> int:
 
 def _interrupted(src, dst, monkeypatch, at=15):
     """A quantize run that failed after some shards were finished (its manifest lists them)."""
-    real, calls = fp8norm.pipeline.quantize_tensor, []
-
-    def dies(t, xs, plan, dev):
-        calls.append(t.name)
-        if len(calls) == at:
-            raise RuntimeError("injected crash")
-        return real(t, xs, plan, dev)
-
-    monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", dies)
+    heal = fail_quantize_at(monkeypatch, at)
     res = cli("quantize", src, dst, "--max-shard-size", SHARD, "--skip-verify", ok=False)
-    monkeypatch.setattr(fp8norm.pipeline, "quantize_tensor", real)
+    heal()
     assert res.exit_code == 1 and "injected crash" in res.output
     done = json.loads((dst / MANIFEST_NAME).read_text())["done"]
     assert done and not (dst / "model.safetensors.index.json").exists()
@@ -184,15 +175,6 @@ def _count_points(src, tmp_path) -> int:
     return int(counter.read_text())
 
 
-def _wait_for(path: Path, proc) -> None:
-    for _ in range(1200):
-        if path.exists():
-            return
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    raise AssertionError("the first run never reached its pause point")
-
-
 @pytest.mark.parametrize("pause", ["text-renamed:1", "tensor-written:3", "shard-renamed:1", "shard-renamed:2"],
                          ids=["prepared", "mid-shard", "shard-renamed-not-recorded", "between-shards"])
 def test_two_runs_on_one_dst(clean, tmp_path, pause):
@@ -203,7 +185,7 @@ def test_two_runs_on_one_dst(clean, tmp_path, pause):
     dst, flag = tmp_path / "dst", tmp_path / "paused"
     a = _subprocess_run(s, dst, env={"FP8NORM_PAUSE_AT": pause, "FP8NORM_PAUSE_FILE": str(flag)})
     try:
-        _wait_for(flag, a)
+        wait_for_pause(flag, a)
         before = snapshot(dst)
         assert any(name.endswith(".partial") for name in before) == (pause == "tensor-written:3")
         for extra in (["--resume"], ["--overwrite"], []):
@@ -243,16 +225,7 @@ def test_ctrl_c_keeps_finished_shards_and_prints_the_command_that_goes_on(clean,
     s, out = clean
     dst, flag = tmp_path / "dst", tmp_path / "paused"
     run = _subprocess_run(s, dst, *extra, env={"FP8NORM_PAUSE_AT": pause, "FP8NORM_PAUSE_FILE": str(flag)})
-    try:
-        _wait_for(flag, run)
-        held = snapshot(dst)
-        run.send_signal(signal.SIGINT)
-        time.sleep(1)  # taken while the run is held
-        flag.unlink()
-        stdout, stderr = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
+    held, stdout, stderr = interrupt_when_paused(run, flag, lambda: snapshot(dst))
     assert run.returncode == 130, stderr
     assert any(name.endswith(".partial") for name in held) == (pause == "tensor-written:3")
     done = json.loads((dst / MANIFEST_NAME).read_text())["done"]
@@ -342,9 +315,10 @@ def test_overwrite_keeps_the_old_output_when_the_new_run_cannot_start(clean, tmp
     one_line_error(cli("quantize", s, dst, "--overwrite", ok=False), "another fp8norm run")
     os.close(fd)
     (dst / LOCK_NAME).unlink()
-    # not enough space for the (larger, unquantized) new output even once the old one is gone
+    # not enough space to build the new output beside the old one
     monkeypatch.setattr(fp8norm.output.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    one_line_error(cli("repack", s, dst, "--overwrite", ok=False), str(dst), "the output needs")
+    one_line_error(cli("repack", s, dst, "--overwrite", ok=False), str(dst), "that needs", "1,000 are free",
+                   f"remove {dst} yourself and run again without --overwrite")
     assert snapshot(dst) == before
     monkeypatch.undo()
     cli("repack", s, dst, "--overwrite")  # a run that can start does replace it

@@ -87,7 +87,7 @@ from pathlib import Path
 from ..kernels.numerics import fp8_block as nx
 from ..engine import Job, RunStats
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
-from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
+from ..output import MANIFEST_NAME, PROVENANCE_NAME, file_sha256, fingerprint, index_text, json_text, provenance
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
@@ -573,9 +573,31 @@ def _mcore_checkpoint(root: Path, layout: dict) -> SourceCheckpoint:
     return SourceCheckpoint(root, files, tensors, False, other)
 
 
+TRUST_HINT = "pass --trust-rank-files (check_rank_files=False) to join rank files made or changed elsewhere"
+
+
+def check_rank_digests(root: Path, files: list[Path]) -> None:
+    """Each rank file against the size and sha256 the shard run recorded for it in its manifest: a
+    changed byte would otherwise be joined silently (and found only by a later verify)."""
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ValueError(f"{manifest}: missing, so the rank files cannot be checked against the digests "
+                         f"the shard run recorded; {TRUST_HINT}")
+    done = read_json(manifest, "fp8norm manifest").get("done")
+    for path in files:
+        rec = done.get(str(path.relative_to(root))) if isinstance(done, dict) else None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: not listed in {manifest}, so it cannot be checked; {TRUST_HINT}")
+        if path.stat().st_size != rec.get("size") or file_sha256(path) != rec.get("sha256"):
+            raise ValueError(f"{path}: its bytes differ from those the shard run wrote (sha256 recorded in "
+                             f"{MANIFEST_NAME}): changed or damaged since; {TRUST_HINT}")
+
+
 def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = None,
-                     scale_fmt: str | None = None, max_shard_size="4GB") -> McorePlan:
-    """Plan Megatron-Core rank files written by hf_to_mcore -> one HF checkpoint; checks every rank file."""
+                     scale_fmt: str | None = None, max_shard_size="4GB", check_rank_files: bool = True
+                     ) -> McorePlan:
+    """Plan Megatron-Core rank files written by hf_to_mcore -> one HF checkpoint; checks every rank file
+    (and, with `check_rank_files`, its bytes against the shard run's manifest)."""
     opts = quant_opts(requant, amax_floor, scale_fmt, "Pass requant=True to dequantize and requantize it")
     root = Path(src)
     layout = _read_layout(root)
@@ -584,7 +606,11 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
     # layouts written before schemes were recorded are block FP8 or bf16
     fmt = scheme_format(layout.get("scheme", "fp8-block"), tuple(layout["fp8"]["block_size"]))
     table = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in layout["source"]["tensors"]}
-    weights, hf_specs = specs_from_table(table, fmt)
+    try:
+        weights, hf_specs = specs_from_table(table, fmt)
+    except ValueError as e:
+        raise ValueError(f"{root / LAYOUT_NAME}: the tensors it lists do not fit its scheme {fmt.scheme!r} ({e}): "
+                         "the layout was edited, or written for other rank files") from None
     mapper = _Mapper(weights, cfg, layout["tp"], layout["pp"], layout["ep"], layout["pipeline_layers"],
                      layout["grouped_gemm"])
     # What the rank files must hold: the forward plan (requantization allowed) of the stored source table.
@@ -600,6 +626,8 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
     if extra:
         raise ValueError(f"{root}: {len(extra)} tensor(s) in the rank files are not part of the layout, "
                          f"e.g. {extra[0].replace(KEY_SEP, ': ')}")
+    if check_rank_files:  # after the header checks above, which name what is wrong more closely
+        check_rank_digests(root, ckpt.files)
     _, mc_specs = specs_from_table({k: (ckpt.tensors[k].dtype, ckpt.tensors[k].shape) for k in expected}, fmt)
     mc_specs = {k: replace(s, name=s.name.replace(KEY_SEP, ": ")) for k, s in mc_specs.items()}
     check_scales(ckpt, mc_specs)
@@ -655,8 +683,9 @@ def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = N
 
 def mcore_to_hf(src, dst, *, requant: bool = False, amax_floor: float | None = None,
                 scale_fmt: str | None = None, max_shard_size="4GB", overwrite: bool = False,
-                progress: bool | None = None, resume: bool = False) -> RunStats:
-    """Reassemble the Megatron-Core rank files under `src` (written by hf_to_mcore) as an HF checkpoint."""
+                progress: bool | None = None, resume: bool = False, check_rank_files: bool = True) -> RunStats:
+    """Reassemble the Megatron-Core rank files under `src` (written by hf_to_mcore) as an HF checkpoint.
+    `check_rank_files`: refuse rank files whose bytes differ from those the shard run recorded."""
     plan = plan_mcore_to_hf(src, requant=requant, amax_floor=amax_floor, scale_fmt=scale_fmt,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, check_rank_files=check_rank_files)
     return _execute(plan, dst, overwrite, progress, resume)
