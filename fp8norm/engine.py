@@ -6,7 +6,8 @@ thread reads each job's source tensors into a bounded queue, the calling thread 
 a writer thread streams them into their files. Each queue holds at most `buffer_bytes`, so resident
 memory stays within a few buffers whatever the model size.
 
-The reader hashes every tensor it reads (sha256, in its thread, no extra read); the writer folds those
+The reader reads each tensor into a reused buffer (fp8norm.buffers) and hashes it (fp8norm.digest, in
+its thread, no extra read); the writer folds those
 digests per output file and source file and hashes each file it writes. Both go into the manifest as
 each file is committed, so `--resume` can tell a changed source and a damaged output file apart
 (see fp8norm.output). Under torchrun the files are shared out between the ranks (byte-balanced, see
@@ -16,7 +17,6 @@ text files (index, config, ...) and the final manifest.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import shutil
 import sys
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from . import _faults, distributed
+from . import _faults, digest, distributed, timing
 from ._memory import pin_mmap_threshold
+from .buffers import BufferPool
 from .checkpoint import SourceCheckpoint
 from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
                      copy_file, io_error, read_manifest, source_identity, with_file)
@@ -61,6 +62,11 @@ class RunStats:
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    # parts of the above (hash: reader + writer, fsync: writer) and the stages around them
+    hash_s: float = 0.0
+    fsync_s: float = 0.0
+    verify_s: float = 0.0
+    first_read_s: float | None = None  # from the process's launch to its first tensor read
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
@@ -117,7 +123,7 @@ def on_rank0(ctx, fn):
 
 
 class InputDigests:
-    """Per output file and source file: sha256 over the digests of the source tensors read for it."""
+    """Per output file and source file: a digest over the digests of the source tensors read for it."""
 
     def __init__(self, ckpt: SourceCheckpoint):
         self.ckpt, self.h = ckpt, {}
@@ -126,14 +132,14 @@ class InputDigests:
         for f in files:
             for name, d in zip(job.sources, digests):
                 rel = str(self.ckpt.tensors[name].file.relative_to(self.ckpt.root))
-                self.h.setdefault(f, {}).setdefault(rel, hashlib.sha256()).update(d)
+                self.h.setdefault(f, {}).setdefault(rel, digest.new()).update(d)
 
     def of(self, f: str) -> dict[str, str]:
         return {rel: h.hexdigest() for rel, h in sorted(self.h.get(f, {}).items())}
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.sha256(tensor_bytes(t)).digest()
+    return digest.of_bytes(tensor_bytes(t))
 
 
 def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict[str, dict], changed: set[str]):
@@ -234,7 +240,9 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         if rank0:
             try:
                 if before_finish is not None:
+                    t0 = time.perf_counter()
                     before_finish(pending)
+                    stats.verify_s += time.perf_counter() - t0
                 _finish(ckpt, dst, copies, texts, fingerprint, sources)
                 stage = Interrupted.COMPLETE
             except OSError as e:
@@ -347,6 +355,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
     q_in: queue.Queue = queue.Queue()
     q_out: queue.Queue = queue.Queue()
     digests = InputDigests(ckpt)
+    pool = BufferPool(buffer_bytes)
 
     def fail(e: BaseException) -> None:
         errors.append(e)
@@ -362,19 +371,24 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                 if stop.is_set():  # woken by a stop: read nothing more
                     return
                 t0 = time.perf_counter()
-                xs, ds = [], []
+                if stats.first_read_s is None:
+                    stats.first_read_s = timing.since_launch()
+                xs, ds, bufs = [], [], []
                 for name in job.sources:
                     info = ckpt.tensors[name]
                     try:
                         f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
-                        x = read_tensor(info, f)
+                        bufs.append(pool.take(info.nbytes))
+                        xs.append(read_tensor(info, f, bufs[-1]))
                     except OSError as e:
                         raise with_file(e, info.file) from None
-                    xs.append(x)
-                    ds.append(_digest(x))
+                    t_hash = time.perf_counter()
+                    ds.append(_digest(xs[-1]))
+                    stats.hash_s += time.perf_counter() - t_hash
                 stats.read_s += time.perf_counter() - t0
                 stats.tensors_in += len(xs)
-                q_in.put((job, which, xs, ds))
+                q_in.put((job, which, xs, ds, bufs))
+                del xs
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             fail(e)
         finally:
@@ -390,7 +404,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                 item = q_out.get()
                 if item is _DONE or stop.is_set():
                     return
-                job, which, outs, ds, nbytes = item
+                job, which, outs, ds, nbytes, bufs = item
                 t0 = time.perf_counter()
                 digests.add(job, {job.outputs[i][0] for i in which}, ds)
                 for i, tensor in zip(which, outs):
@@ -405,10 +419,12 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                         if remaining[f] == 0:
                             w.commit()
                             del open_files[f]
+                            stats.hash_s += w.hash_s
+                            stats.fsync_s += w.fsync_s
                     except OSError as e:
                         raise with_file(e, dst / f) from None
                     if remaining[f] == 0:
-                        rec = {"size": (dst / f).stat().st_size, "sha256": w.sha256, "inputs": digests.of(f)}
+                        rec = {"size": (dst / f).stat().st_size, "digest": w.digest, "inputs": digests.of(f)}
                         finished[f] = rec
                         record.finished(f, rec)
                         stats.files_written += 1
@@ -416,6 +432,9 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                             print(f"fp8norm rank {ctx.rank}/{ctx.world}: wrote {f} "
                                   f"({stats.files_written}/{len(mine)})", file=sys.stderr, flush=True)
                 stats.write_s += time.perf_counter() - t0
+                item = outs = tensor = None  # written: drop the references before the buffers go back
+                pool.give_back(bufs)  # the inputs the outputs were (repack) or were views of
+                pool.forget(bufs)
                 out_budget.release(nbytes)
         except BaseException as e:  # noqa: BLE001
             fail(e)
@@ -432,16 +451,17 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
             if ctx is not None and distributed.failure(dst) is not None:
                 raise distributed.RankAborted("another rank failed")
             _faults.maybe_fail_rank(ctx)
-            job, which, xs, ds = item
+            job, which, xs, ds, bufs = item
             t0 = time.perf_counter()
             outs = job.compute(xs, which)
             stats.compute_s += time.perf_counter() - t0
             n_in = nbytes_in[id(job)]
-            in_budget.release(n_in)
             del xs, item
+            pool.give_back(bufs)  # those no output refers to: reused by the next reads
+            in_budget.release(n_in)
             nbytes = sum(job.outputs[i][1].nbytes for i in which)
             out_budget.acquire(nbytes, stop)
-            q_out.put((job, which, outs, ds, nbytes))
+            q_out.put((job, which, outs, ds, nbytes, bufs))
             del outs
             stats.bytes_in += n_in
             if share is not None:

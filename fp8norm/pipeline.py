@@ -57,8 +57,16 @@ class RunSummary(RunStats):
             f"{' now' if resumed else ''} ({self.files_written} shard(s) written, {self.files_skipped} already done)",
             f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
             f"({self.device}), write {self.write_s:.2f} s; {speed}",
+            self.format_stages(),
         ]
         return "\n".join(lines + self.notes)
+
+
+    def format_stages(self) -> str:
+        """Where read and write time went, the check after writing, and how long the start took."""
+        launch = f", first read {self.first_read_s:.2f} s after launch" if self.first_read_s is not None else ""
+        return (f"stages    hash {self.hash_s:.2f} s (read + write), fsync {self.fsync_s:.2f} s, verify "
+                f"{self.verify_s:.2f} s{launch}")
 
 
 def resolve_device(device: str, ctx=None) -> torch.device:

@@ -1,0 +1,163 @@
+"""The output engine against the disk: `repack`, `quantize` and `convert` vs `cp -r` + `sync` of the
+same source bytes, per stage, in one run; optionally the same commands from another checkout (the
+code before a change) interleaved with them, so a before/after table comes from one run.
+
+    python -m pytest benchmarks/test_bench_engine.py --benchmark-only -s
+    FP8NORM_BENCH_BASELINE=/path/to/old/checkout python -m pytest benchmarks/test_bench_engine.py ... -s
+
+Env: FP8NORM_BENCH_GB (bf16 Llama size, default 1.5), FP8NORM_BENCH_ROUNDS (default 3; the min of
+the rounds is shown), FP8NORM_BENCH_BASELINE (a checkout whose `fp8norm` package is run as "before",
+with PYTHONPATH pointing at it). The source is written once and read from the page cache by every
+run (as `cp` reads it). `cp` is followed by `sync FILE...` of what it wrote (fp8norm fsyncs each file
+it writes). Stages come from the command's own `time` and `stages` lines (an older fp8norm prints
+no `stages` line: "-"); `start-up` is the process's wall time less the engine's, i.e. imports,
+planning and closing; `first read` the time from launch to the first tensor read. Peak RSS of the
+whole process. Timings on a shared machine are noisy: compare the ratios, measured in the same round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SIZE_GB = float(os.environ.get("FP8NORM_BENCH_GB", "1.5"))
+ROUNDS = int(os.environ.get("FP8NORM_BENCH_ROUNDS", "3"))
+BASELINE = os.environ.get("FP8NORM_BENCH_BASELINE")
+REPO = Path(__file__).resolve().parents[1]
+H, INTER, KV, VOCAB = 2048, 8192, 512, 32000  # Llama-3.2-1B-like projections
+SHARD_BYTES = 1e9
+STAGES = ("read", "hash", "compute", "write", "fsync", "verify", "start-up", "first read")
+
+
+def write_llama(dst: Path, target_bytes: float) -> int:
+    """A Llama-shaped bf16 checkpoint of about `target_bytes`, in shards of at most SHARD_BYTES."""
+    layer = {"input_layernorm.weight": (H,), "self_attn.q_proj.weight": (H, H), "self_attn.k_proj.weight": (KV, H),
+             "self_attn.v_proj.weight": (KV, H), "self_attn.o_proj.weight": (H, H),
+             "post_attention_layernorm.weight": (H,), "mlp.gate_proj.weight": (INTER, H),
+             "mlp.up_proj.weight": (INTER, H), "mlp.down_proj.weight": (H, INTER)}
+    numel = lambda s: s[0] * (s[1] if len(s) > 1 else 1)  # noqa: E731
+    per_layer = 2 * sum(numel(s) for s in layer.values())
+    n_layers = max(1, round((target_bytes - 4 * VOCAB * H) / per_layer))
+    specs = [("model.embed_tokens.weight", (VOCAB, H))]
+    specs += [(f"model.layers.{i}.{k}", s) for i in range(n_layers) for k, s in layer.items()]
+    specs += [("model.norm.weight", (H,)), ("lm_head.weight", (VOCAB, H))]
+    groups, size = [[]], 0
+    for name, shape in specs:
+        if size + 2 * numel(shape) > SHARD_BYTES and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += 2 * numel(shape)
+    g = torch.Generator().manual_seed(0)
+    dst.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: (torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 1)).to(torch.bfloat16) for n, s in group}
+        save_file(tensors, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    (dst / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": INTER,
+        "num_hidden_layers": n_layers, "num_attention_heads": H // 64, "num_key_value_heads": KV // 64,
+        "head_dim": 64, "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
+    return total
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-engine")
+    bf16, fp8 = root / "llama-bf16", root / "llama-fp8"
+    write_llama(bf16, SIZE_GB * 1e9)
+    subprocess.run([sys.executable, "-m", "fp8norm", "quantize", str(bf16), str(fp8), "-q", "--verify-samples", "0"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return {"bf16": bf16, "fp8": fp8}
+
+
+def _source_bytes(src: Path) -> int:
+    return sum(p.stat().st_size for p in src.iterdir() if p.is_file())
+
+
+def _run(cmd: list[str], env=None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    assert os.waitstatus_to_exitcode(status) == 0, cmd
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def cp_sync(src: Path, dst: Path) -> float:
+    shutil.rmtree(dst, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["sync", *map(str, sorted(dst.rglob("*")))], check=True)
+    return time.perf_counter() - t0
+
+
+def parse_stages(out: str, wall: float) -> dict[str, float]:
+    """The stage seconds a run printed (see the module doc)."""
+    t = re.search(r"time\s+([\d.]+) s wall: read ([\d.]+) s, compute ([\d.]+) s .*?, write ([\d.]+) s", out)
+    stages = {"engine": float(t.group(1)), "read": float(t.group(2)), "compute": float(t.group(3)),
+              "write": float(t.group(4)), "start-up": wall - float(t.group(1))}
+    s = re.search(r"stages\s+(.*)", out)
+    if s:
+        for name, secs in re.findall(r"([a-z -]+?) ([\d.]+) s", s.group(1)):
+            stages[name.strip(" ,")] = float(secs)
+    return stages
+
+
+COMMANDS = {  # name: (source, fp8norm arguments after SRC DST)
+    "repack": ("fp8", ["repack"]),
+    "quantize": ("bf16", ["quantize"]),
+    "convert": ("fp8", ["convert", "--to", "bf16"]),
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_engine_vs_cp(command, sources, tmp_path, benchmark, capsys):
+    which, args = COMMANDS[command]
+    src = sources[which]
+    verb, *rest = args
+    versions = {"after": dict(os.environ)}
+    if BASELINE:
+        versions["before"] = {**os.environ, "PYTHONPATH": BASELINE}
+    results: dict[str, list] = {v: [] for v in versions}
+    cps: list[float] = []
+
+    def one_round():
+        cps.append(cp_sync(src, tmp_path / "cp"))
+        for version, env in versions.items():
+            dst = tmp_path / version
+            wall, rss, out = _run([sys.executable, "-m", "fp8norm", verb, str(src), str(dst), *rest, "--overwrite",
+                                   "-q"], env=env)
+            results[version].append((wall, rss, parse_stages(out, wall)))
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+    cp_s = min(cps)
+    nbytes = _source_bytes(src)
+    with capsys.disabled():
+        print(f"\n\n{command}: {nbytes / 1e9:.2f} GB ({which}) vs cp -r + sync of it, min of {ROUNDS} rounds; "
+              f"{os.cpu_count()} CPUs; noisy on a shared machine, compare the ratios")
+        print(f"  {'':<8}{'wall s':>8}{'x cp':>7}{'peak MB':>9}  " + "".join(f"{s:>11}" for s in STAGES))
+        print(f"  {'cp+sync':<8}{cp_s:>8.2f}{1:>7.2f}")
+        for version, rs in results.items():
+            wall, rss, stages = min(rs, key=lambda r: r[0])
+            cells = "".join(f"{stages[s]:>11.2f}" if s in stages else f"{'-':>11}" for s in STAGES)
+            print(f"  {version:<8}{wall:>8.2f}{wall / cp_s:>7.2f}{max(r[1] for r in rs) / 1e6:>9.0f}  {cells}")
+        print()
+    benchmark.extra_info.update(cp_s=cp_s, bytes=nbytes, **{v: min(r[0] for r in rs) for v, rs in results.items()})
