@@ -40,14 +40,13 @@ class BufferPool:
         if nbytes < SMALL or _use_count is None:
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
-            fits = [b for b in self._idle if nbytes <= b.numel() <= 2 * nbytes]
-            buf = min(fits, key=torch.Tensor.numel) if fits else None
-            if buf is not None:
-                self._idle.remove(buf)
-            else:
+            # (indices, not list.remove: == on tensors compares elements)
+            fits = [i for i, b in enumerate(self._idle) if nbytes <= b.numel() <= 2 * nbytes]
+            buf = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else None
+            if buf is None:
                 # make room first: idle buffers that did not fit are dropped (their pages go back)
                 while self._idle and self._idle_bytes() + self._lent_bytes + nbytes > self.keep_bytes:
-                    self._idle.remove(max(self._idle, key=torch.Tensor.numel))
+                    self._idle.pop(max(range(len(self._idle)), key=lambda i: self._idle[i].numel()))
             self._lent_bytes += buf.numel() if buf is not None else nbytes
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
