@@ -95,8 +95,9 @@ def _run(cmd: list[str], env=None) -> tuple[float, int, str]:
     a child forked from this (large) pytest process would report pytest's resident pages as its own."""
     peak = Path(os.environ.get("TMPDIR", "/tmp")) / f"fp8norm-bench-rss-{os.getpid()}"
     t0 = time.perf_counter()
+    # cwd: not the checkout, whose fp8norm/ `python -m` would import ahead of PYTHONPATH's
     out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(peak), *cmd], stdout=subprocess.PIPE, env=env,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=peak.parent).stdout
     wall = time.perf_counter() - t0
     rss = int(peak.read_text().split()[-1]) * 1024
     peak.unlink()

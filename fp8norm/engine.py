@@ -35,6 +35,7 @@ from .checkpoint import SourceCheckpoint
 from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
                      copy_file, io_error, read_manifest, source_identity, with_file)
 from .st_io import OutEntry, ShardWriter, read_tensor, tensor_bytes
+from .threads import compute_workers
 
 
 @dataclass
@@ -307,6 +308,27 @@ class _ByteBudget:
 _DONE = object()
 
 
+class _InOrder:
+    """Turns by sequence number: the compute workers hand their outputs to the writer in job order."""
+
+    def __init__(self):
+        self.next = 0
+        self.cond = threading.Condition()
+
+    def wait(self, seq: int, stop: threading.Event) -> bool:
+        """Until it is `seq`'s turn (True) or the run stops (False)."""
+        with self.cond:
+            while self.next != seq and not stop.is_set():
+                self.cond.wait(0.1)
+            return self.next == seq
+
+    def done(self, seq: int) -> None:
+        with self.cond:
+            if self.next == seq:
+                self.next += 1
+            self.cond.notify_all()
+
+
 class _Worker:
     """A daemon thread running `target`, and `wait()` for its end. Not Thread.join: on CPython 3.11 a
     Ctrl-C landing in join marks a thread that is still running as stopped (bpo-45274's handler
@@ -442,37 +464,64 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
             for w in open_files.values():
                 w.abort()
 
-    threads = [_Worker(reader), _Worker(writer)]
-    try:
+    taking = threading.Lock()  # a job and its place in the order are taken together
+    order = _InOrder()
+    seqs = iter(range(len(work)))
+
+    def compute() -> None:
+        """One compute worker: jobs from the reader, outputs to the writer in job order."""
         while True:
-            item = q_in.get()
-            if item is _DONE or stop.is_set():
-                break
-            if ctx is not None and distributed.failure(dst) is not None:
-                raise distributed.RankAborted("another rank failed")
-            _faults.maybe_fail_rank(ctx)
-            job, which, xs, ds, bufs = item
-            t0 = time.perf_counter()
-            outs = job.compute(xs, which)
-            stats.compute_s += time.perf_counter() - t0
-            n_in = nbytes_in[id(job)]
-            del xs, item
-            pool.give_back(bufs)  # those no output refers to: reused by the next reads
-            in_budget.release(n_in)
-            nbytes = sum(job.outputs[i][1].nbytes for i in which)
-            out_budget.acquire(nbytes, stop)
-            q_out.put((job, which, outs, ds, nbytes, bufs))
-            del outs
-            stats.bytes_in += n_in
-            if share is not None:
-                share.update(n_in)
-            else:
-                bar.update(n_in)
+            with taking:
+                item = q_in.get()
+                if item is _DONE or stop.is_set():
+                    q_in.put(_DONE)  # for the other workers
+                    return
+                seq = next(seqs)
+            try:
+                if ctx is not None and distributed.failure(dst) is not None:
+                    raise distributed.RankAborted("another rank failed")
+                _faults.maybe_fail_rank(ctx)
+                job, which, xs, ds, bufs = item
+                t0 = time.perf_counter()
+                outs = job.compute(xs, which)
+                compute_s = time.perf_counter() - t0
+                n_in = nbytes_in[id(job)]
+                del xs, item
+                pool.give_back(bufs)  # those no output refers to: reused by the next reads
+                in_budget.release(n_in)
+                nbytes = sum(job.outputs[i][1].nbytes for i in which)
+                if not order.wait(seq, stop):
+                    return
+                stats.compute_s += compute_s  # (summed over the workers)
+                out_budget.acquire(nbytes, stop)
+                q_out.put((job, which, outs, ds, nbytes, bufs))
+                del outs
+                stats.bytes_in += n_in
+                if share is not None:
+                    share.update(n_in)
+                else:
+                    bar.update(n_in)
+            finally:
+                order.done(seq)
+
+    def helper() -> None:
+        try:
+            compute()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            fail(e)
+
+    threads = [_Worker(reader), _Worker(writer)]
+    helpers = [_Worker(helper) for _ in range(compute_workers() - 1)]
+    try:
+        compute()  # the calling thread is a worker too: a Ctrl-C lands in it
     except BaseException as e:  # noqa: BLE001
         fail(e)
     finally:
-        q_out.put(_DONE)
-        for th in threads:
+        # every worker has queued its last outputs before the writer is told to end
+        for th in [*helpers, None, *threads]:
+            if th is None:
+                q_out.put(_DONE)
+                continue
             while True:
                 try:
                     th.wait()
