@@ -3,8 +3,9 @@
 A fresh buffer is fresh pages: with glibc's mmap threshold pinned (fp8norm._memory) each tensor read
 into new memory faults in every page, which made reading from the page cache run at 1.4 GB/s where a
 read into memory already touched runs at 5.3 GB/s (2-core development machine, 1.5 GB of bf16).
-The pool hands out buffers, takes them back once nothing else refers to their memory, and keeps at
-most `keep_bytes` (handed out + idle), so resident memory stays within the engine's byte budget.
+The pool hands out buffers and takes them back once nothing else refers to their memory. It holds
+(handed out + idle) no more than the most it ever had handed out at once, and at most `keep_bytes`:
+so it is never larger than the buffers fresh allocation would have had alive at the peak.
 
 A buffer comes back only when its storage has no other user: an output that is the input tensor
 itself (repack, kept tensors) or a view a computation kept still holds it, and the buffer is then
@@ -33,6 +34,7 @@ class BufferPool:
         self._idle: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}  # id -> buffer handed out
         self._lent_bytes = 0
+        self._peak_lent = 0  # the most handed out at once: what fresh allocation would have peaked at
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -45,9 +47,10 @@ class BufferPool:
             buf = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else None
             if buf is None:
                 # make room first: idle buffers that did not fit are dropped (their pages go back)
-                while self._idle and self._idle_bytes() + self._lent_bytes + nbytes > self.keep_bytes:
+                while self._idle and self._idle_bytes() + self._lent_bytes + nbytes > self._limit(nbytes):
                     self._idle.pop(max(range(len(self._idle)), key=lambda i: self._idle[i].numel()))
             self._lent_bytes += buf.numel() if buf is not None else nbytes
+            self._peak_lent = max(self._peak_lent, self._lent_bytes)
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
@@ -63,7 +66,7 @@ class BufferPool:
                     continue
                 del self._lent[id(b)]
                 self._lent_bytes -= b.numel()
-                if self._idle_bytes() + self._lent_bytes + b.numel() <= self.keep_bytes:
+                if self._idle_bytes() + self._lent_bytes + b.numel() <= self._limit(0):
                     self._idle.append(b)
 
     def forget(self, buffers) -> None:
@@ -72,6 +75,15 @@ class BufferPool:
             for b in buffers:
                 if self._lent.pop(id(b), None) is not None:
                     self._lent_bytes -= b.numel()
+
+    def held_bytes(self) -> int:
+        """Bytes of the buffers handed out and idle."""
+        with self._lock:
+            return self._lent_bytes + self._idle_bytes()
+
+    def _limit(self, extra: int) -> int:
+        """Bytes the pool may hold once `extra` more are handed out."""
+        return min(self.keep_bytes, max(self._peak_lent, self._lent_bytes + extra))
 
     def _idle_bytes(self) -> int:
         return sum(b.numel() for b in self._idle)

@@ -306,6 +306,10 @@ class _ByteBudget:
 
 
 _DONE = object()
+# How far the reader may run ahead of compute. Reading from NVMe or the page cache outpaces compute
+# (7 GB/s: 256 MiB is 40 ms), so a deeper queue only holds memory: with half a 4 GB shard of
+# read-ahead, a 1.5 GB quantize read the whole model ahead (peak RSS 1.3 GB against 0.75 GB).
+READ_AHEAD_BYTES = 256 << 20
 
 
 class _InOrder:
@@ -373,7 +377,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
     log_lines = ctx is not None and not sys.stderr.isatty()
     stop = threading.Event()
     errors: list[BaseException] = []
-    in_budget, out_budget = _ByteBudget(buffer_bytes), _ByteBudget(buffer_bytes)
+    in_budget, out_budget = _ByteBudget(min(buffer_bytes, READ_AHEAD_BYTES)), _ByteBudget(buffer_bytes)
     q_in: queue.Queue = queue.Queue()
     q_out: queue.Queue = queue.Queue()
     digests = InputDigests(ckpt)
