@@ -2,17 +2,18 @@
 
 quantize, convert and repack (one job per planned tensor, files written one after another) and shard /
 unshard (one job per module, every rank file open at once) all run here. Three stages overlap: a reader
-thread reads each job's source tensors into a bounded queue, the calling thread computes the outputs,
-a writer thread streams them into their files. Each queue holds at most `buffer_bytes`, so resident
-memory stays within a few buffers whatever the model size.
+thread reads each job's source tensors into a bounded queue, compute workers (the calling thread and,
+by default, one more: fp8norm.threads) make the outputs, a writer thread streams them into their
+files in job order. The read queue holds at most READ_AHEAD_BYTES (or `buffer_bytes` where smaller),
+the write queue `buffer_bytes`, so resident memory stays within a few buffers whatever the model size.
 
 The reader reads each tensor into a reused buffer (fp8norm.buffers) and hashes it (fp8norm.digest, in
-its thread, no extra read); the writer folds those
-digests per output file and source file and hashes each file it writes. Both go into the manifest as
-each file is committed, so `--resume` can tell a changed source and a damaged output file apart
-(see fp8norm.output). Under torchrun the files are shared out between the ranks (byte-balanced, see
-fp8norm.distributed); rank 0 prepares DST, and once every file is on disk writes the copied files, the
-text files (index, config, ...) and the final manifest.
+its thread, no extra read); the writer folds those digests per output file and source file and hashes
+each file it writes. Both go into the manifest as each file is committed, so `--resume` can tell a
+changed source and a damaged output file apart (see fp8norm.output). Under torchrun the files are
+shared out between the ranks (byte-balanced, see fp8norm.distributed); rank 0 prepares DST, and once
+every file is on disk writes the copied files, the text files (index, config, ...) and the final
+manifest.
 """
 
 from __future__ import annotations
