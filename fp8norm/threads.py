@@ -92,8 +92,7 @@ def choose_threads(requested: int | None = None, *, io_threads: int = IO_THREADS
         return ThreadChoice(per_rank, where)
     workers = 2 if per_rank >= 2 else 1
     n = max(1, (per_rank - 1) // workers)
-    return ThreadChoice(n, f"{where}, 1 left for the reader/writer threads (they mostly wait on I/O), "
-                           "workers side by side without a shared barrier", workers)
+    return ThreadChoice(n, f"{where}, 1 left for the reader/writer threads (mostly waiting on I/O)", workers)
 
 
 _configured: ThreadChoice | None = None
