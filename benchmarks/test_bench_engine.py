@@ -5,7 +5,7 @@ code before a change) interleaved with them, so a before/after table comes from 
     python -m pytest benchmarks/test_bench_engine.py --benchmark-only -s
     FP8NORM_BENCH_BASELINE=/path/to/old/checkout python -m pytest benchmarks/test_bench_engine.py ... -s
 
-Env: FP8NORM_BENCH_GB (bf16 Llama size, default 1.5), FP8NORM_BENCH_ROUNDS (default 3; the min of
+Env: FP8NORM_BENCH_GB (size of the bf16 Llama-shaped source, tools/gpu_check.py's; default 1.5), FP8NORM_BENCH_ROUNDS (default 3; the min of
 the rounds is shown), FP8NORM_BENCH_BASELINE (a checkout whose `fp8norm` package is run as "before",
 with PYTHONPATH pointing at it). The source is written once and read from the page cache by every
 run (as `cp` reads it). `cp` is followed by `sync FILE...` of what it wrote (fp8norm fsyncs each file
@@ -17,7 +17,7 @@ whole process. Timings on a shared machine are noisy: compare the ratios, measur
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import re
 import shutil
@@ -27,60 +27,27 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 SIZE_GB = float(os.environ.get("FP8NORM_BENCH_GB", "1.5"))
 ROUNDS = int(os.environ.get("FP8NORM_BENCH_ROUNDS", "3"))
 BASELINE = os.environ.get("FP8NORM_BENCH_BASELINE")
 REPO = Path(__file__).resolve().parents[1]
-H, INTER, KV, VOCAB = 2048, 8192, 512, 32000  # Llama-3.2-1B-like projections
-SHARD_BYTES = 1e9
 STAGES = ("read", "hash", "compute", "write", "fsync", "verify", "start-up", "first read")
 
 
-def write_llama(dst: Path, target_bytes: float) -> int:
-    """A Llama-shaped bf16 checkpoint of about `target_bytes`, in shards of at most SHARD_BYTES."""
-    layer = {"input_layernorm.weight": (H,), "self_attn.q_proj.weight": (H, H), "self_attn.k_proj.weight": (KV, H),
-             "self_attn.v_proj.weight": (KV, H), "self_attn.o_proj.weight": (H, H),
-             "post_attention_layernorm.weight": (H,), "mlp.gate_proj.weight": (INTER, H),
-             "mlp.up_proj.weight": (INTER, H), "mlp.down_proj.weight": (H, INTER)}
-    numel = lambda s: s[0] * (s[1] if len(s) > 1 else 1)  # noqa: E731
-    per_layer = 2 * sum(numel(s) for s in layer.values())
-    n_layers = max(1, round((target_bytes - 4 * VOCAB * H) / per_layer))
-    specs = [("model.embed_tokens.weight", (VOCAB, H))]
-    specs += [(f"model.layers.{i}.{k}", s) for i in range(n_layers) for k, s in layer.items()]
-    specs += [("model.norm.weight", (H,)), ("lm_head.weight", (VOCAB, H))]
-    groups, size = [[]], 0
-    for name, shape in specs:
-        if size + 2 * numel(shape) > SHARD_BYTES and groups[-1]:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += 2 * numel(shape)
-    g = torch.Generator().manual_seed(0)
-    dst.mkdir(parents=True)
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: (torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 1)).to(torch.bfloat16) for n, s in group}
-        save_file(tensors, str(dst / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in tensors})
-        total += sum(t.nbytes for t in tensors.values())
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
-    (dst / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": INTER,
-        "num_hidden_layers": n_layers, "num_attention_heads": H // 64, "num_key_value_heads": KV // 64,
-        "head_dim": 64, "vocab_size": VOCAB, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
-    return total
+def _gpu_check():
+    """tools/gpu_check.py, whose step (c) quantizes the same synthetic Llama on a GPU node."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-engine")
     bf16, fp8 = root / "llama-bf16", root / "llama-fp8"
-    write_llama(bf16, SIZE_GB * 1e9)
+    _gpu_check().write_synthetic_llama(bf16, SIZE_GB * 1e9, "cpu")  # hidden 4096, MLP 14336, a shard per layer
     subprocess.run([sys.executable, "-m", "fp8norm", "quantize", str(bf16), str(fp8), "-q", "--verify-samples", "0"],
                    check=True, stdout=subprocess.DEVNULL)
     return {"bf16": bf16, "fp8": fp8}
