@@ -7,12 +7,13 @@ code before a change) interleaved with them, so a before/after table comes from 
 
 Env: FP8NORM_BENCH_GB (size of the bf16 Llama-shaped source, tools/gpu_check.py's; default 1.5),
 FP8NORM_BENCH_ROUNDS (default 3; the min of the rounds is shown), FP8NORM_BENCH_BASELINE (a checkout
-whose `fp8norm` package is run as "before", with PYTHONPATH pointing at it). The source is written once and read from the page cache by every
-run (as `cp` reads it). `cp` is followed by `sync FILE...` of what it wrote (fp8norm fsyncs each file
-it writes). Stages come from the command's own `time` and `stages` lines (an older fp8norm prints
-no `stages` line: "-"); `start-up` is the process's wall time less the engine's, i.e. imports,
-planning and closing; `first read` the time from launch to the first tensor read. Peak RSS of the
-whole process. Timings on a shared machine are noisy: compare the ratios, measured in the same round.
+whose `fp8norm` package is run as "before", with PYTHONPATH pointing at it). The source is written
+once and read from the page cache by every run (as `cp` reads it). `cp` is followed by `sync
+FILE...` of what it wrote (fp8norm fsyncs each file it writes). Stages come from the command's own
+`time` and `stages` lines (an older fp8norm prints no `stages` line: "-"); `start-up` is the
+process's wall time less the engine's, i.e. imports, planning and closing; `first read` the time
+from launch to the first tensor read. Peak RSS of the whole process. Timings on a shared machine are
+noisy: compare the ratios, measured in the same round.
 """
 
 from __future__ import annotations
