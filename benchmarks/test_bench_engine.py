@@ -7,13 +7,15 @@ code before a change) interleaved with them, so a before/after table comes from 
 
 Env: FP8NORM_BENCH_GB (size of the bf16 Llama-shaped source, tools/gpu_check.py's; default 1.5),
 FP8NORM_BENCH_ROUNDS (default 3; the min of the rounds is shown), FP8NORM_BENCH_BASELINE (a checkout
-whose `fp8norm` package is run as "before", with PYTHONPATH pointing at it). The source is written
-once and read from the page cache by every run (as `cp` reads it). `cp` is followed by `sync
-FILE...` of what it wrote (fp8norm fsyncs each file it writes). Stages come from the command's own
-`time` and `stages` lines (an older fp8norm prints no `stages` line: "-"); `start-up` is the
-process's wall time less the engine's, i.e. imports, planning and closing; `first read` the time
-from launch to the first tensor read. Peak RSS of the whole process. Timings on a shared machine are
-noisy: compare the ratios, measured in the same round.
+whose `fp8norm` package is run as "before", with PYTHONPATH pointing at it),
+FP8NORM_BENCH_LLMCOMPRESSOR (a python with llmcompressor: its `model_free_ptq` FP8_BLOCK on the same
+source, in the quantize rounds), FP8NORM_BENCH_BUSY=1 (a process spins on one core during the
+rounds). The source is written once and read from the page cache by every run (as `cp` reads it).
+`cp` is followed by `sync FILE...` of what it wrote (fp8norm fsyncs each file it writes). Stages
+come from the command's own `time` and `stages` lines (an older fp8norm prints no `stages` line:
+"-"); `start-up` is the process's wall time less the engine's, i.e. imports, planning and closing;
+`first read` the time from launch to the first tensor read. Peak RSS of the whole process. Timings
+on a shared machine are noisy: compare the ratios, measured in the same round.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ import pytest
 SIZE_GB = float(os.environ.get("FP8NORM_BENCH_GB", "1.5"))
 ROUNDS = int(os.environ.get("FP8NORM_BENCH_ROUNDS", "3"))
 BASELINE = os.environ.get("FP8NORM_BENCH_BASELINE")
+LLMCOMPRESSOR = os.environ.get("FP8NORM_BENCH_LLMCOMPRESSOR")  # a python with llmcompressor installed
+BUSY = os.environ.get("FP8NORM_BENCH_BUSY") == "1"
+MODEL_FREE_PTQ = ("import sys; from llmcompressor.entrypoints.model_free import model_free_ptq; "
+                  "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_BLOCK', ignore=['lm_head'], device='cpu')")
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("read", "hash", "compute", "write", "fsync", "verify", "start-up", "first read")
 
@@ -104,31 +110,44 @@ def test_engine_vs_cp(command, sources, tmp_path, benchmark, capsys):
     which, args = COMMANDS[command]
     src = sources[which]
     verb, *rest = args
-    versions = {"after": dict(os.environ)}
+    fp8norm = [sys.executable, "-m", "fp8norm", verb, str(src), "{dst}", *rest, "--overwrite", "-q"]
+    versions = {"after": (fp8norm, dict(os.environ))}
     if BASELINE:
-        versions["before"] = {**os.environ, "PYTHONPATH": BASELINE}
+        versions["before"] = (fp8norm, {**os.environ, "PYTHONPATH": BASELINE})
+    if LLMCOMPRESSOR and command == "quantize":
+        versions["llm-compressor"] = ([LLMCOMPRESSOR, "-c", MODEL_FREE_PTQ, str(src), "{dst}"], dict(os.environ))
     results: dict[str, list] = {v: [] for v in versions}
     cps: list[float] = []
 
     def one_round():
         cps.append(cp_sync(src, tmp_path / "cp"))
-        for version, env in versions.items():
+        for version, (cmd, env) in versions.items():
             dst = tmp_path / version
-            wall, rss, out = _run([sys.executable, "-m", "fp8norm", verb, str(src), str(dst), *rest, "--overwrite",
-                                   "-q"], env=env)
-            results[version].append((wall, rss, parse_stages(out, wall)))
+            shutil.rmtree(dst, ignore_errors=True)
+            wall, rss, out = _run([a.format(dst=dst) for a in cmd], env=env)
+            results[version].append((wall, rss, parse_stages(out, wall) if "fp8norm" in cmd else {}))
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+    # one core kept busy by another process, the whole time, where asked
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if BUSY else None
+    try:
+        benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     cp_s = min(cps)
     nbytes = _source_bytes(src)
     with capsys.disabled():
         print(f"\n\n{command}: {nbytes / 1e9:.2f} GB ({which}) vs cp -r + sync of it, min of {ROUNDS} rounds; "
-              f"{os.cpu_count()} CPUs; noisy on a shared machine, compare the ratios")
-        print(f"  {'':<8}{'wall s':>8}{'x cp':>7}{'peak MB':>9}  " + "".join(f"{s:>11}" for s in STAGES))
-        print(f"  {'cp+sync':<8}{cp_s:>8.2f}{1:>7.2f}")
+              f"{os.cpu_count()} CPUs{', one kept busy' if BUSY else ''}; noisy on a shared machine, compare the "
+              "ratios")
+        print(f"  {'':<15}{'wall s':>8}{'x cp':>7}{'peak MB':>9}  " + "".join(f"{s:>11}" for s in STAGES))
+        print(f"  {'cp+sync':<15}{cp_s:>8.2f}{1:>7.2f}")
+        after = min(r[0] for r in results["after"])
         for version, rs in results.items():
             wall, rss, stages = min(rs, key=lambda r: r[0])
             cells = "".join(f"{stages[s]:>11.2f}" if s in stages else f"{'-':>11}" for s in STAGES)
-            print(f"  {version:<8}{wall:>8.2f}{wall / cp_s:>7.2f}{max(r[1] for r in rs) / 1e6:>9.0f}  {cells}")
+            vs = f"   after = {after / wall:.2f}x its time" if version != "after" else ""
+            print(f"  {version:<15}{wall:>8.2f}{wall / cp_s:>7.2f}{max(r[1] for r in rs) / 1e6:>9.0f}  {cells}{vs}")
         print()
     benchmark.extra_info.update(cp_s=cp_s, bytes=nbytes, **{v: min(r[0] for r in rs) for v, rs in results.items()})
