@@ -163,12 +163,12 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
              overwrite: bool = False, progress: bool | None = None, buffer_bytes: int,
              texts: dict[str, str] | None = None, copies: tuple[Path, ...] = (),
              before_finish: Callable[[list[str]], None] | None = None, desc: str = "fp8norm",
-             notes: list[str] | None = None, stats: RunStats | None = None) -> RunStats:
+             notes: list[str] | None = None, stats: RunStats | None = None, workers: int | None = None) -> RunStats:
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
     `texts` {name: text} in order, then the final manifest. `before_finish(files written)` runs on rank 0
     once every file is on disk (e.g. to re-read samples). `notes`: a list the jobs' computations append
-    to; under torchrun rank 0's list ends up holding every rank's notes. Returns the run's statistics
-    (in `stats` when given)."""
+    to; under torchrun rank 0's list ends up holding every rank's notes. `workers`: compute workers
+    (default: fp8norm.threads' choice). Returns the run's statistics (in `stats` when given)."""
     pin_mmap_threshold()
     dst = Path(dst)
     ctx = distributed.context()
@@ -215,7 +215,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             try:
                 record = ManifestRecord(dst, fingerprint, sources, ctx, done if rank0 else None)
                 _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes,
-                        stats, desc)
+                        stats, desc, workers or compute_workers())
             except OSError as e:
                 raise io_error(e, dst, still_needed(), sum(sizes.get(f, 0) for f in finished)) from None
         except BaseException as e:  # noqa: BLE001 - decided below, after the other ranks are told
@@ -354,8 +354,8 @@ class _Worker:
         self.ended.wait()
 
 
-def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes, stats, desc
-            ) -> None:
+def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes, stats, desc,
+            workers: int) -> None:
     """Read, compute and write the files in `mine` with overlapping reader / compute / writer stages."""
     work = []
     for job in jobs:
@@ -516,7 +516,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
             fail(e)
 
     threads = [_Worker(reader), _Worker(writer)]
-    helpers = [_Worker(helper) for _ in range(compute_workers() - 1)]
+    helpers = [_Worker(helper) for _ in range(workers - 1)]
     try:
         compute()  # the calling thread is a worker too: a Ctrl-C lands in it
     except BaseException as e:  # noqa: BLE001

@@ -172,7 +172,8 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     summary = RunSummary(tensors=plan.totals(), device=str(dev), verify=report, source=plan.source)
     run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
              progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
-             before_finish=verify if verify_samples else None, notes=transform.records, stats=summary)
+             before_finish=verify if verify_samples else None, notes=transform.records, stats=summary,
+             workers=1 if dev.type == "cuda" else None)  # one GPU stream: a second worker would only queue
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
     summary.notes += plan.notes + transform.notes()
