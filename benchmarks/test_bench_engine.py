@@ -46,6 +46,7 @@ def _gpu_check():
     """tools/gpu_check.py, whose step (c) quantizes the same synthetic Llama on a GPU node."""
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
