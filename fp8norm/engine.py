@@ -4,8 +4,8 @@ quantize, convert and repack (one job per planned tensor, files written one afte
 unshard (one job per module, every rank file open at once) all run here. Three stages overlap: a reader
 thread reads each job's source tensors into a bounded queue, compute workers (the calling thread and,
 by default, one more: fp8norm.threads) make the outputs, a writer thread streams them into their
-files in job order. The read queue holds at most READ_AHEAD_BYTES (or `buffer_bytes` where smaller),
-the write queue `buffer_bytes`, so resident memory stays within a few buffers whatever the model size.
+files in job order. Each queue holds at most QUEUE_BYTES (or `buffer_bytes` where smaller), so
+resident memory stays within a few buffers whatever the model size.
 
 The reader reads each tensor into a reused buffer (fp8norm.buffers) and hashes it (fp8norm.digest, in
 its thread, no extra read); the writer folds those digests per output file and source file and hashes
@@ -307,10 +307,10 @@ class _ByteBudget:
 
 
 _DONE = object()
-# How far the reader may run ahead of compute. Reading from NVMe or the page cache outpaces compute
-# (7 GB/s: 256 MiB is 40 ms), so a deeper queue only holds memory: with half a 4 GB shard of
-# read-ahead, a 1.5 GB quantize read the whole model ahead (peak RSS 1.3 GB against 0.75 GB).
-READ_AHEAD_BYTES = 256 << 20
+# The most either queue holds (where half a shard is more). 256 MiB is 40 ms of NVMe at 7 GB/s: enough
+# to ride out jitter; deeper queues only hold memory once reading got fast (with half a 4 GB shard, a
+# 1.5 GB quantize read the whole model ahead: peak RSS 1.3 GB against 0.75 GB before).
+QUEUE_BYTES = 256 << 20
 
 
 class _InOrder:
@@ -378,7 +378,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
     log_lines = ctx is not None and not sys.stderr.isatty()
     stop = threading.Event()
     errors: list[BaseException] = []
-    in_budget, out_budget = _ByteBudget(min(buffer_bytes, READ_AHEAD_BYTES)), _ByteBudget(buffer_bytes)
+    in_budget, out_budget = (_ByteBudget(min(buffer_bytes, QUEUE_BYTES)) for _ in range(2))
     q_in: queue.Queue = queue.Queue()
     q_out: queue.Queue = queue.Queue()
     digests = InputDigests(ckpt)
