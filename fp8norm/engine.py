@@ -307,10 +307,11 @@ class _ByteBudget:
 
 
 _DONE = object()
-# The most either queue holds (where half a shard is more). 256 MiB is 40 ms of NVMe at 7 GB/s: enough
+# The most either queue holds (where half a shard is more). 128 MiB is 20 ms of NVMe at 7 GB/s: enough
 # to ride out jitter; deeper queues only hold memory once reading got fast (with half a 4 GB shard, a
-# 1.5 GB quantize read the whole model ahead: peak RSS 1.3 GB against 0.75 GB before).
-QUEUE_BYTES = 256 << 20
+# 1.5 GB quantize read the whole model ahead: peak RSS 1.3 GB against 0.75 GB before; with 256 MiB,
+# repack peaked 80 MB above the code before reused buffers).
+QUEUE_BYTES = 128 << 20
 
 
 class _InOrder:
