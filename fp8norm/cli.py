@@ -267,8 +267,9 @@ def threads_option(io_threads: int = 2):
 
     return click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), default=None, expose_value=False,
                         callback=apply,
-                        help="CPU threads for torch [default: the CPUs this process may use (affinity, cgroup "
-                             "quota), per torchrun rank, minus the reader and writer threads].")
+                        help="CPU threads for torch, in one compute worker [default: two workers sharing the "
+                             "CPUs this process may use (affinity, cgroup quota), per torchrun rank, less one for "
+                             "the reader and writer].")
 
 
 def _not_with(other: str):

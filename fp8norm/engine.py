@@ -2,21 +2,22 @@
 
 quantize, convert and repack (one job per planned tensor, files written one after another) and shard /
 unshard (one job per module, every rank file open at once) all run here. Three stages overlap: a reader
-thread reads each job's source tensors into a bounded queue, the calling thread computes the outputs,
-a writer thread streams them into their files. Each queue holds at most `buffer_bytes`, so resident
-memory stays within a few buffers whatever the model size.
+thread reads each job's source tensors into a bounded queue, compute workers (the calling thread and,
+by default, one more: fp8norm.threads) make the outputs, a writer thread streams them into their
+files in job order. Each queue holds at most QUEUE_BYTES (or `buffer_bytes` where smaller), so
+resident memory stays within a few buffers whatever the model size.
 
-The reader hashes every tensor it reads (sha256, in its thread, no extra read); the writer folds those
-digests per output file and source file and hashes each file it writes. Both go into the manifest as
-each file is committed, so `--resume` can tell a changed source and a damaged output file apart
-(see fp8norm.output). Under torchrun the files are shared out between the ranks (byte-balanced, see
-fp8norm.distributed); rank 0 prepares DST, and once every file is on disk writes the copied files, the
-text files (index, config, ...) and the final manifest.
+The reader reads each tensor into a reused buffer (fp8norm.buffers) and hashes it (fp8norm.digest, in
+its thread, no extra read); the writer folds those digests per output file and source file and hashes
+each file it writes. Both go into the manifest as each file is committed, so `--resume` can tell a
+changed source and a damaged output file apart (see fp8norm.output). Under torchrun the files are
+shared out between the ranks (byte-balanced, see fp8norm.distributed); rank 0 prepares DST, and once
+every file is on disk writes the copied files, the text files (index, config, ...) and the final
+manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import shutil
 import sys
@@ -28,12 +29,14 @@ from pathlib import Path
 
 import torch
 
-from . import _faults, distributed
+from . import _faults, digest, distributed, timing
 from ._memory import pin_mmap_threshold
+from .buffers import BufferPool
 from .checkpoint import SourceCheckpoint
 from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
                      copy_file, io_error, read_manifest, source_identity, with_file)
 from .st_io import OutEntry, ShardWriter, build_header, read_tensor, tensor_bytes
+from .threads import compute_workers
 
 
 @dataclass
@@ -61,6 +64,11 @@ class RunStats:
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    # parts of the above (hash: reader + writer, fsync: writer) and the stages around them
+    hash_s: float = 0.0
+    fsync_s: float = 0.0
+    verify_s: float = 0.0
+    first_read_s: float | None = None  # from the process's launch to its first tensor read
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
@@ -122,7 +130,7 @@ def on_rank0(ctx, fn):
 
 
 class InputDigests:
-    """Per output file and source file: sha256 over the digests of the source tensors read for it."""
+    """Per output file and source file: a digest over the digests of the source tensors read for it."""
 
     def __init__(self, ckpt: SourceCheckpoint):
         self.ckpt, self.h = ckpt, {}
@@ -131,14 +139,14 @@ class InputDigests:
         for f in files:
             for name, d in zip(job.sources, digests):
                 rel = str(self.ckpt.tensors[name].file.relative_to(self.ckpt.root))
-                self.h.setdefault(f, {}).setdefault(rel, hashlib.sha256()).update(d)
+                self.h.setdefault(f, {}).setdefault(rel, digest.new()).update(d)
 
     def of(self, f: str) -> dict[str, str]:
         return {rel: h.hexdigest() for rel, h in sorted(self.h.get(f, {}).items())}
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.sha256(tensor_bytes(t)).digest()
+    return digest.of_bytes(tensor_bytes(t))
 
 
 def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict[str, dict], changed: set[str]):
@@ -160,12 +168,13 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
              overwrite: bool = False, progress: bool | None = None, buffer_bytes: int,
              texts: dict[str, str] | None = None, copies: tuple[Path, ...] = (),
              before_finish: Callable[[list[str], Path], None] | None = None, desc: str = "fp8norm",
-             notes: list[str] | None = None, stats: RunStats | None = None) -> RunStats:
+             notes: list[str] | None = None, stats: RunStats | None = None, workers: int | None = None) -> RunStats:
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
     `texts` {name: text} in order, then the final manifest. `before_finish(files written, folder)` runs
     on rank 0 once every file is on disk in `folder` (e.g. to re-read samples). `notes`: a list the jobs'
-    computations append to; under torchrun rank 0's list ends up holding every rank's notes. Returns the
-    run's statistics (in `stats` when given)."""
+    computations append to; under torchrun rank 0's list ends up holding every rank's notes. `workers`:
+    compute workers (default: fp8norm.threads' choice). Returns the run's statistics (in `stats` when
+    given)."""
     pin_mmap_threshold()
     dst = Path(dst)
     ctx = distributed.context()
@@ -219,7 +228,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             try:
                 record = ManifestRecord(work, fingerprint, sources, ctx, done if rank0 else None)
                 _stream(ckpt, jobs, work, files, mine, pending, record, finished, ctx, progress, buffer_bytes,
-                        stats, desc)
+                        stats, desc, workers or compute_workers())
             except OSError as e:
                 raise io_error(e, dst, still_needed(), sum(sizes.get(f, 0) for f in finished)) from None
         except BaseException as e:  # noqa: BLE001 - decided below, after the other ranks are told
@@ -246,7 +255,9 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         if rank0:
             try:
                 if before_finish is not None:
+                    t0 = time.perf_counter()
                     before_finish(pending, work)
+                    stats.verify_s += time.perf_counter() - t0
                 _finish(ckpt, work, copies, texts, fingerprint, sources)
                 if work != dst:
                     out.swap_in()
@@ -315,6 +326,32 @@ class _ByteBudget:
 
 
 _DONE = object()
+# The most either queue holds (where half a shard is more). 128 MiB is 20 ms of NVMe at 7 GB/s: enough
+# to ride out jitter; deeper queues only hold memory once reading got fast (with half a 4 GB shard, a
+# 1.5 GB quantize read the whole model ahead: peak RSS 1.3 GB against 0.75 GB before; with 256 MiB,
+# repack peaked 80 MB above the code before reused buffers).
+QUEUE_BYTES = 128 << 20
+
+
+class _InOrder:
+    """Turns by sequence number: the compute workers hand their outputs to the writer in job order."""
+
+    def __init__(self):
+        self.next = 0
+        self.cond = threading.Condition()
+
+    def wait(self, seq: int, stop: threading.Event) -> bool:
+        """Until it is `seq`'s turn (True) or the run stops (False)."""
+        with self.cond:
+            while self.next != seq and not stop.is_set():
+                self.cond.wait(0.1)
+            return self.next == seq
+
+    def done(self, seq: int) -> None:
+        with self.cond:
+            if self.next == seq:
+                self.next += 1
+            self.cond.notify_all()
 
 
 class _Worker:
@@ -337,8 +374,8 @@ class _Worker:
         self.ended.wait()
 
 
-def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes, stats, desc
-            ) -> None:
+def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes, stats, desc,
+            workers: int) -> None:
     """Read, compute and write the files in `mine` with overlapping reader / compute / writer stages."""
     work = []
     for job in jobs:
@@ -361,10 +398,11 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
     log_lines = ctx is not None and not sys.stderr.isatty()
     stop = threading.Event()
     errors: list[BaseException] = []
-    in_budget, out_budget = _ByteBudget(buffer_bytes), _ByteBudget(buffer_bytes)
+    in_budget, out_budget = (_ByteBudget(min(buffer_bytes, QUEUE_BYTES)) for _ in range(2))
     q_in: queue.Queue = queue.Queue()
     q_out: queue.Queue = queue.Queue()
     digests = InputDigests(ckpt)
+    pool = BufferPool(buffer_bytes)
 
     def fail(e: BaseException) -> None:
         errors.append(e)
@@ -380,19 +418,24 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                 if stop.is_set():  # woken by a stop: read nothing more
                     return
                 t0 = time.perf_counter()
-                xs, ds = [], []
+                if stats.first_read_s is None:
+                    stats.first_read_s = timing.since_launch()
+                xs, ds, bufs = [], [], []
                 for name in job.sources:
                     info = ckpt.tensors[name]
                     try:
                         f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
-                        x = read_tensor(info, f)
+                        bufs.append(pool.take(info.nbytes))
+                        xs.append(read_tensor(info, f, bufs[-1]))
                     except OSError as e:
                         raise with_file(e, info.file) from None
-                    xs.append(x)
-                    ds.append(_digest(x))
+                    t_hash = time.perf_counter()
+                    ds.append(_digest(xs[-1]))
+                    stats.hash_s += time.perf_counter() - t_hash
                 stats.read_s += time.perf_counter() - t0
                 stats.tensors_in += len(xs)
-                q_in.put((job, which, xs, ds))
+                q_in.put((job, which, xs, ds, bufs))
+                del xs
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             fail(e)
         finally:
@@ -408,7 +451,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                 item = q_out.get()
                 if item is _DONE or stop.is_set():
                     return
-                job, which, outs, ds, nbytes = item
+                job, which, outs, ds, nbytes, bufs = item
                 t0 = time.perf_counter()
                 digests.add(job, {job.outputs[i][0] for i in which}, ds)
                 for i, tensor in zip(which, outs):
@@ -423,10 +466,12 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                         if remaining[f] == 0:
                             w.commit()
                             del open_files[f]
+                            stats.hash_s += w.hash_s
+                            stats.fsync_s += w.fsync_s
                     except OSError as e:
                         raise with_file(e, dst / f) from None
                     if remaining[f] == 0:
-                        rec = {"size": (dst / f).stat().st_size, "sha256": w.sha256, "inputs": digests.of(f)}
+                        rec = {"size": (dst / f).stat().st_size, "digest": w.digest, "inputs": digests.of(f)}
                         finished[f] = rec
                         record.finished(f, rec)
                         stats.files_written += 1
@@ -434,6 +479,9 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                             print(f"fp8norm rank {ctx.rank}/{ctx.world}: wrote {f} "
                                   f"({stats.files_written}/{len(mine)})", file=sys.stderr, flush=True)
                 stats.write_s += time.perf_counter() - t0
+                item = outs = tensor = None  # written: drop the references before the buffers go back
+                pool.give_back(bufs)  # the inputs the outputs were (repack) or were views of
+                pool.forget(bufs)
                 out_budget.release(nbytes)
         except BaseException as e:  # noqa: BLE001
             fail(e)
@@ -441,36 +489,64 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
             for w in open_files.values():
                 w.abort()
 
-    threads = [_Worker(reader), _Worker(writer)]
-    try:
+    taking = threading.Lock()  # a job and its place in the order are taken together
+    order = _InOrder()
+    seqs = iter(range(len(work)))
+
+    def compute() -> None:
+        """One compute worker: jobs from the reader, outputs to the writer in job order."""
         while True:
-            item = q_in.get()
-            if item is _DONE or stop.is_set():
-                break
-            if ctx is not None and distributed.failure(dst) is not None:
-                raise distributed.RankAborted("another rank failed")
-            _faults.maybe_fail_rank(ctx)
-            job, which, xs, ds = item
-            t0 = time.perf_counter()
-            outs = job.compute(xs, which)
-            stats.compute_s += time.perf_counter() - t0
-            n_in = nbytes_in[id(job)]
-            in_budget.release(n_in)
-            del xs, item
-            nbytes = sum(job.outputs[i][1].nbytes for i in which)
-            out_budget.acquire(nbytes, stop)
-            q_out.put((job, which, outs, ds, nbytes))
-            del outs
-            stats.bytes_in += n_in
-            if share is not None:
-                share.update(n_in)
-            else:
-                bar.update(n_in)
+            with taking:
+                item = q_in.get()
+                if item is _DONE or stop.is_set():
+                    q_in.put(_DONE)  # for the other workers
+                    return
+                seq = next(seqs)
+            try:
+                if ctx is not None and distributed.failure(dst) is not None:
+                    raise distributed.RankAborted("another rank failed")
+                _faults.maybe_fail_rank(ctx)
+                job, which, xs, ds, bufs = item
+                t0 = time.perf_counter()
+                outs = job.compute(xs, which)
+                compute_s = time.perf_counter() - t0
+                n_in = nbytes_in[id(job)]
+                del xs, item
+                pool.give_back(bufs)  # those no output refers to: reused by the next reads
+                in_budget.release(n_in)
+                nbytes = sum(job.outputs[i][1].nbytes for i in which)
+                if not order.wait(seq, stop):
+                    return
+                stats.compute_s += compute_s  # (summed over the workers)
+                out_budget.acquire(nbytes, stop)
+                q_out.put((job, which, outs, ds, nbytes, bufs))
+                del outs
+                stats.bytes_in += n_in
+                if share is not None:
+                    share.update(n_in)
+                else:
+                    bar.update(n_in)
+            finally:
+                order.done(seq)
+
+    def helper() -> None:
+        try:
+            compute()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            fail(e)
+
+    threads = [_Worker(reader), _Worker(writer)]
+    helpers = [_Worker(helper) for _ in range(workers - 1)]
+    try:
+        compute()  # the calling thread is a worker too: a Ctrl-C lands in it
     except BaseException as e:  # noqa: BLE001
         fail(e)
     finally:
-        q_out.put(_DONE)
-        for th in threads:
+        # every worker has queued its last outputs before the writer is told to end
+        for th in [*helpers, None, *threads]:
+            if th is None:
+                q_out.put(_DONE)
+                continue
             while True:
                 try:
                     th.wait()

@@ -29,7 +29,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import _faults, distributed
+from . import _faults, digest, distributed
 from .checkpoint import OUTPUT_WORK_FOLDERS, read_json
 
 MANIFEST_NAME = "fp8norm-manifest.json"
@@ -183,12 +183,13 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+def check_digest_kind(path: Path, manifest: dict) -> None:
+    """Refuse a manifest whose digests are of another kind than fp8norm.digest computes (made before
+    the change to XXH3: no `digest` field, sha256): comparing them would call every file changed."""
+    kind = manifest.get("digest", "sha256")
+    if kind != digest.ALGORITHM:
+        raise OutputError(f"{path}: records {kind} digests (an older fp8norm); this fp8norm checks "
+                          f"{digest.ALGORITHM}: use --overwrite to start again")
 
 
 class ManifestRecord:
@@ -198,7 +199,8 @@ class ManifestRecord:
     def __init__(self, dst: Path, fp: str, sources: dict, ctx, done: dict | None = None):
         name = MANIFEST_NAME if ctx is None or ctx.rank == 0 else distributed.RANK_MANIFEST.format(rank=ctx.rank)
         self.dst, self.path = dst, dst / name
-        self.data = {"fingerprint": fp, "complete": False, "sources": sources, "done": dict(done or {})}
+        self.data = {"fingerprint": fp, "complete": False, "sources": sources, "done": dict(done or {}),
+                     "digest": digest.ALGORITHM}
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
@@ -395,6 +397,7 @@ class OutputDir:
         # the main manifest, and those of the ranks of an interrupted torchrun job (any count)
         for path in [manifest_path, *sorted(dst.glob(distributed.RANK_MANIFEST_GLOB))]:
             m = main if path == manifest_path else read_manifest(path)
+            check_digest_kind(path, m)
             if m.get("fingerprint") != self.fingerprint:
                 raise OutputError(f"{dst}: was started with other settings or another source (plan "
                                   "fingerprints differ); use --overwrite to start again")
@@ -415,6 +418,6 @@ class OutputDir:
         keep = {}
         for name, rec in done.items():
             p = dst / name
-            if p.is_file() and p.stat().st_size == rec.get("size") and file_sha256(p) == rec.get("sha256"):
+            if p.is_file() and p.stat().st_size == rec.get("size") and digest.of_file(p) == rec.get("digest"):
                 keep[name] = rec  # else written again
         return keep

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .engine import Job, RunStats, run_jobs
 from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
+from .threads import compute_workers
 from . import schemes
 from .verify import FAIL, NVFP4, Bands, VerifyReport, compare, compare_nvfp4, compare_scheme, mark_failed, source_matrix
 
@@ -57,8 +59,16 @@ class RunSummary(RunStats):
             f"{' now' if resumed else ''} ({self.files_written} shard(s) written, {self.files_skipped} already done)",
             f"time      {self.wall_s:.2f} s wall: read {self.read_s:.2f} s, compute {self.compute_s:.2f} s "
             f"({self.device}), write {self.write_s:.2f} s; {speed}",
+            self.format_stages(),
         ]
         return "\n".join(lines + self.notes)
+
+
+    def format_stages(self) -> str:
+        """Where read and write time went, the check after writing, and how long the start took."""
+        launch = f", first read {self.first_read_s:.2f} s after launch" if self.first_read_s is not None else ""
+        return (f"stages    hash {self.hash_s:.2f} s (read + write), fsync {self.fsync_s:.2f} s, verify "
+                f"{self.verify_s:.2f} s{launch}")
 
 
 def resolve_device(device: str, ctx=None) -> torch.device:
@@ -154,9 +164,18 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     report = _new_report(plan) if verify_samples else None
 
     def verify(_written: list[str], out_dir: Path) -> None:
-        # After the streams are drained, so the check adds nothing to the pipeline's peak memory.
-        for shard in plan.shards:
-            _verify_shard(plan, out_dir / shard, by_shard[shard], verify_samples, report)
+        # After the streams are drained, so the check adds nothing to the pipeline's peak memory; the
+        # shards side by side on the compute workers (a shard's report each, merged in shard order).
+        def one(shard: str) -> VerifyReport:
+            part = _new_report(plan)
+            _verify_shard(plan, out_dir / shard, by_shard[shard], verify_samples, part)
+            return part
+
+        with ThreadPoolExecutor(1 if dev.type == "cuda" else compute_workers()) as pool:
+            for part in pool.map(one, plan.shards):
+                report.checks += part.checks
+                report.fp8_tensors += part.fp8_tensors
+                report.kept_tensors += part.kept_tensors
         if report.status == FAIL and PROVENANCE_NAME in texts:
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
             texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], report)
@@ -164,7 +183,8 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     summary = RunSummary(tensors=plan.totals(), device=str(dev), verify=report, source=plan.source)
     run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
              progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
-             before_finish=verify if verify_samples else None, notes=transform.records, stats=summary)
+             before_finish=verify if verify_samples else None, notes=transform.records, stats=summary,
+             workers=1 if dev.type == "cuda" else None)  # one GPU stream: a second worker would only queue
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
     summary.notes += plan.notes + transform.notes()

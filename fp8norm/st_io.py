@@ -1,23 +1,23 @@
 """safetensors read and write, one tensor at a time, without mapping whole files.
 
 Reading parses and checks the header (every malformed file gives a SafetensorsError naming it) and
-reads a tensor's bytes with one positioned read into a fresh buffer. Writing lays out the header from
-a known list of entries first, then streams the tensors in that order, so a shard never has to be
-held in memory.
+reads a tensor's bytes with one positioned read into a fresh buffer (or one the caller reuses).
+Writing lays out the header from a known list of entries first, then streams the tensors in that
+order, so a shard never has to be held in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import _faults
+from . import _faults, digest
 
 # safetensors dtype string <-> torch dtype.
 DTYPES: dict[str, torch.dtype] = {
@@ -145,15 +145,15 @@ def _parse_entry(path: Path, name: str, entry, base: int) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), path, base + offsets[0], base + offsets[1])
 
 
-def read_tensor(info: TensorInfo, f=None) -> torch.Tensor:
-    """Read one tensor into fresh (unmapped) memory; `f` is an open binary file to reuse."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(info: TensorInfo, f=None, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor into fresh (unmapped) memory, or into the uint8 buffer `buf` (at least
+    info.nbytes; the tensor is a view of it); `f` is an open binary file to reuse."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if buf is None else buf[:info.nbytes]
     own = f is None
     if own:
         f = open(info.file, "rb")
     try:
-        f.seek(info.begin)
-        got = f.readinto(memoryview(buf.numpy())) if info.nbytes else 0
+        got = pread_into(f.fileno(), memoryview(buf.numpy()), info.begin) if info.nbytes else 0
     finally:
         if own:
             f.close()
@@ -161,6 +161,17 @@ def read_tensor(info: TensorInfo, f=None) -> torch.Tensor:
         raise SafetensorsError(f"{info.file}: tensor {info.name!r}: read {got} of {info.nbytes} bytes "
                                "(file truncated?)")
     return buf.view(info.torch_dtype).reshape(info.shape)
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Positioned reads into `view` until it is full or the file ends; the bytes read."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 @dataclass(frozen=True)
@@ -194,16 +205,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 class ShardWriter:
     """Writes a shard's header, then its tensors in header order, to `tmp_path`; `commit()` renames it
-    to `final_path` after an fsync, so a file under its final name is always complete. `sha256` is the
-    digest of the bytes written (computed as they go out). OSErrors name the file."""
+    to `final_path` after an fsync, so a file under its final name is always complete. `digest` is the
+    file's digest (fp8norm.digest, computed as the bytes go out, from the tensors' own memory);
+    `hash_s` and `fsync_s` the seconds spent hashing and in fsync. OSErrors name the file."""
 
     def __init__(self, final_path: Path, entries: list[OutEntry], metadata=None):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(f".{self.final_path.name}.partial")
         self.entries = entries
         self._next = 0
-        self._hash = hashlib.sha256()
-        self.sha256 = ""
+        self._hash = digest.new()
+        self.digest = ""
+        self.hash_s = self.fsync_s = 0.0
         self._f = None
         with self._naming_errors():
             self._f = open(self.tmp_path, "wb")
@@ -219,7 +232,9 @@ class ShardWriter:
             raise
 
     def _out(self, data) -> None:
+        t0 = time.perf_counter()
         self._hash.update(data)
+        self.hash_s += time.perf_counter() - t0
         self._f.write(data)
 
     def write(self, name: str, t: torch.Tensor) -> int:
@@ -239,9 +254,11 @@ class ShardWriter:
             raise RuntimeError(f"{self.final_path}: {len(self.entries) - self._next} tensors never written")
         with self._naming_errors():
             self._f.flush()
+            t0 = time.perf_counter()
             os.fsync(self._f.fileno())
+            self.fsync_s += time.perf_counter() - t0
             self._f.close()
-        self.sha256 = self._hash.hexdigest()
+        self.digest = self._hash.hexdigest()
         _faults.point("shard-before-rename")
         os.replace(self.tmp_path, self.final_path)
         _faults.point("shard-renamed")

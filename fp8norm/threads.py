@@ -7,10 +7,19 @@ cores they do not have). The rule here:
 
     usable   = min(len(os.sched_getaffinity(0)), ceil(cgroup cpu quota / period))
     per rank = usable // LOCAL_WORLD_SIZE              (torchrun ranks on this node share it)
-    threads  = max(1, per rank - 2)                     (the pipeline's reader and writer threads)
+    workers  = 2 where per rank >= 2, else 1           (the engine's compute workers, fp8norm.engine)
+    threads  = max(1, (per rank - 1) // workers)       (intra-op threads of each)
 
-`--threads N` (or `threads=N`) overrides it; OMP_NUM_THREADS set outside torchrun is honoured
-(torchrun sets it to 1 itself, so under torchrun the rule above applies).
+The reader and writer threads mostly wait (measured on 1.5 GB, 2 cores: reading into reused buffers,
+hashing and writing take < 1 s of CPU against 3-5 s of compute), so they get one core between them,
+not one each. Two workers compute two jobs side by side, each with its own intra-op threads: on a
+2-core box that is 2 x 1 thread, with no barrier between the workers, so a core taken by another
+process slows them down rather than stalling every op (the collapse above). `io_threads=0` (no
+pipeline: all CPUs, one worker) is for callers that compute alone.
+
+`--threads N` (or `threads=N`) sets the intra-op threads of one worker; OMP_NUM_THREADS set outside
+torchrun is honoured the same way (torchrun sets it to 1 itself, so under torchrun the rule above
+applies).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-IO_THREADS = 2  # the pipeline's reader and writer (fp8norm.pipeline)
+IO_THREADS = 2  # the pipeline's reader and writer (fp8norm.engine); together they get one core
 
 _CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1 = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
@@ -32,9 +41,11 @@ _CGROUP_V1 = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/
 class ThreadChoice:
     threads: int
     why: str
+    workers: int = 1  # compute workers of the engine, each with `threads` intra-op threads
 
     def describe(self) -> str:
-        return f"{self.threads} intra-op thread(s): {self.why}"
+        workers = f"{self.workers} compute workers x " if self.workers > 1 else ""
+        return f"{workers}{self.threads} intra-op thread(s): {self.why}"
 
 
 def cgroup_cpu_limit(v2: Path = _CGROUP_V2, v1: tuple[Path, Path] = _CGROUP_V1) -> float | None:
@@ -76,14 +87,28 @@ def choose_threads(requested: int | None = None, *, io_threads: int = IO_THREADS
     cpus = usable_cpus()
     ranks = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
     per_rank = max(1, cpus // ranks)
-    n = max(1, per_rank - io_threads)
     where = f"{cpus} usable CPU(s)" + (f" / {ranks} ranks on this node" if ranks > 1 else "")
-    return ThreadChoice(n, f"{where}, less {io_threads} for the reader/writer threads, at least 1")
+    if not io_threads:
+        return ThreadChoice(per_rank, where)
+    workers = 2 if per_rank >= 2 else 1
+    n = max(1, (per_rank - 1) // workers)
+    return ThreadChoice(n, f"{where}, 1 left for the reader/writer threads (mostly waiting on I/O)", workers)
+
+
+_configured: ThreadChoice | None = None
 
 
 def configure_threads(requested: int | None = None, **kw) -> ThreadChoice:
     """Choose (see the module doc) and apply to torch's intra-op pool; returns the choice."""
+    global _configured
     choice = choose_threads(requested, **kw)
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
+    _configured = choice
     return choice
+
+
+def compute_workers() -> int:
+    """The engine's compute workers: those of the configured choice (the CLI configures it while
+    parsing), else 1 (a library caller keeps torch's pool as it set it)."""
+    return _configured.workers if _configured is not None else 1

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 BANDWIDTH_FIELDS = {"op", "shape", "bytes", "kernel_us", "kernel_gbps", "copy_us", "copy_gbps", "pct_of_copy",
                     "method", "eager_us", "x_eager"}
 CHECKPOINT_FIELDS = {"bytes", "cp_s", "cp_gbps", "quantize_wall_s", "read_s", "compute_s", "write_s", "x_cp",
-                     "quantize_gbps", "device"}
+                     "quantize_gbps", "device", "hash_s", "fsync_s", "verify_s"}
 META_FIELDS = {"date", "gpu", "driver", "torch", "triton", "cuda", "python", "num_warps", "dry_run"}
 
 

@@ -156,7 +156,7 @@ def test_unshard_refuses_a_tampered_rank_file_and_a_failed_overwrite_keeps_the_o
     _flip_a_byte(rank1, "decoder.layers.1.mlp.linear_fc2.weight_scale")
     src_before = snapshot(bad)
     one_line_error(cli("unshard", bad, tmp_path / "new", ok=False), f"{rank1}: its bytes differ from those the "
-                   "shard run wrote (sha256 recorded in fp8norm-manifest.json)", "--trust-rank-files")
+                   "shard run wrote (xxh3-128 recorded in fp8norm-manifest.json)", "--trust-rank-files")
     assert not (tmp_path / "new").exists()
     # trusted, the row-parallel replicas of that scale now differ: found only while joining
     dst = tmp_path / "dst"

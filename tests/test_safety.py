@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
@@ -351,8 +352,26 @@ def test_manifest_records_sources_and_output_digests(clean):
     assert set(m["done"]) == {p.name for p in out.glob("model-*.safetensors")}
     for name, rec in m["done"].items():
         assert rec["size"] == (out / name).stat().st_size
-        assert rec["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+        assert rec["digest"] == xxhash.xxh3_128((out / name).read_bytes()).hexdigest()
         assert set(rec["inputs"]) <= set(m["sources"]) and rec["inputs"]
+    assert m["digest"] == "xxh3-128"
+
+
+@pytest.mark.parametrize("kind", [None, "sha256"])
+def test_resume_refuses_a_manifest_with_other_digests(tmp_path, monkeypatch, kind):
+    """A manifest from before XXH3 (no `digest` field: sha256) or of another kind: one line, DST untouched."""
+    s = make_example(tmp_path / "src", "llama", "sharded", shards=2)
+    dst = tmp_path / "dst"
+    _interrupted(s, dst, monkeypatch)
+    m = json.loads((dst / MANIFEST_NAME).read_text())
+    del m["digest"]
+    if kind is not None:
+        m["digest"] = kind
+    (dst / MANIFEST_NAME).write_text(json.dumps(m))
+    before = snapshot(dst)
+    one_line_error(cli("quantize", s, dst, "--max-shard-size", SHARD, "--skip-verify", "--resume", ok=False),
+                   f"{dst / MANIFEST_NAME}: records sha256 digests", "--overwrite")
+    assert snapshot(dst) == before
 
 
 def test_resume_refuses_a_changed_source(tmp_path, monkeypatch):

@@ -41,17 +41,20 @@ def test_usable_cpus_is_affinity_capped_by_quota(monkeypatch):
     assert threads.usable_cpus() == 3
 
 
-@pytest.mark.parametrize("cpus,env,want", [
-    (16, {}, 14),                                          # minus reader and writer
-    (2, {}, 1),                                            # at least one
-    (16, {"LOCAL_WORLD_SIZE": "4"}, 2),                    # 4 ranks share the node: 4 each, minus 2
-    (16, {"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}, 2),  # torchrun's own OMP=1 is not a choice
-    (16, {"OMP_NUM_THREADS": "3"}, 3),                     # the user's OMP_NUM_THREADS is
+@pytest.mark.parametrize("cpus,env,want,workers", [
+    (16, {}, 7, 2),                                        # 2 workers x (16 - 1 for reader and writer) // 2
+    (2, {}, 1, 2),                                         # 2 workers x 1: no barrier between them
+    (1, {}, 1, 1),                                         # at least one
+    (16, {"LOCAL_WORLD_SIZE": "4"}, 1, 2),                 # 4 ranks share the node: 4 each, less 1, halved
+    (16, {"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}, 1, 2),  # torchrun's own OMP=1 is not a choice
+    (16, {"OMP_NUM_THREADS": "3"}, 3, 1),                  # the user's OMP_NUM_THREADS is: one worker
 ])
-def test_default_choice(monkeypatch, cpus, env, want):
+def test_default_choice(monkeypatch, cpus, env, want, workers):
     monkeypatch.setattr(threads, "usable_cpus", lambda: cpus)
-    assert threads.choose_threads(env=env).threads == want
-    assert threads.choose_threads(5, env=env).threads == 5
+    choice = threads.choose_threads(env=env)
+    assert (choice.threads, choice.workers) == (want, workers)
+    assert (threads.choose_threads(5, env=env).threads, threads.choose_threads(5, env=env).workers) == (5, 1)
+    assert threads.choose_threads(env=env, io_threads=0).workers == 1
 
 
 def test_cli_applies_and_reports_the_choice(tmp_path, restore_threads):

@@ -570,7 +570,8 @@ def checkpoint(res: Results, device: str, dry: bool) -> None:
         res.set("checkpoint", {
             "bytes": total, "generate_s": round(gen_s, 2), "cp_s": round(cp_s, 2), "cp_gbps": round(total / cp_s / 1e9, 2),
             "quantize_wall_s": round(s.wall_s, 2), "read_s": round(s.read_s, 2), "compute_s": round(s.compute_s, 2),
-            "write_s": round(s.write_s, 2), "sync_after_s": round(sync_s, 2), "device": s.device,
+            "write_s": round(s.write_s, 2), "hash_s": round(s.hash_s, 2), "fsync_s": round(s.fsync_s, 2),
+            "verify_s": round(s.verify_s, 2), "sync_after_s": round(sync_s, 2), "device": s.device,
             "quantize_gbps": round(s.bytes_in / s.wall_s / 1e9, 2), "x_cp": round(s.wall_s / cp_s, 2),
             "bytes_out": s.bytes_out, "note": "the source was just written: cp and quantize read it from the page "
                                                "cache where it fits; cp includes a sync, quantize's sync_after_s is extra"})
@@ -632,7 +633,8 @@ def summary(res: Results) -> str:
     if d["checkpoint"]:
         k = d["checkpoint"]
         lines.append(f"checkpoint {k['bytes'] / 1e9:.2f} GB: quantize {k['quantize_wall_s']} s (read {k['read_s']}, "
-                     f"compute {k['compute_s']}, write {k['write_s']}) vs cp {k['cp_s']} s: x{k['x_cp']}")
+                     f"compute {k['compute_s']}, write {k['write_s']}; of these hash {k.get('hash_s')}, fsync "
+                     f"{k.get('fsync_s')}; verify {k.get('verify_s')}) vs cp {k['cp_s']} s: x{k['x_cp']}")
     for r in d.get("compiled_kernels", []):
         lines.append(f"compiled here: {r['kernel']} {r['num_warps']} warps, {r['registers']} registers, "
                      f"{r['spills']} spills, {r['shared_bytes']} B shared")

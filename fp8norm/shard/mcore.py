@@ -87,7 +87,8 @@ from pathlib import Path
 from ..kernels.numerics import fp8_block as nx
 from ..engine import Job, RunStats
 from ..checkpoint import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, open_checkpoint, pack_greedy, read_json, shard_name
-from ..output import MANIFEST_NAME, PROVENANCE_NAME, file_sha256, fingerprint, index_text, json_text, provenance
+from .. import digest
+from ..output import MANIFEST_NAME, PROVENANCE_NAME, fingerprint, index_text, json_text, provenance
 from ..plan import config_block_size
 from ..sizes import parse_size
 from ..st_io import read_header
@@ -577,20 +578,38 @@ TRUST_HINT = "pass --trust-rank-files (check_rank_files=False) to join rank file
 
 
 def check_rank_digests(root: Path, files: list[Path]) -> None:
-    """Each rank file against the size and sha256 the shard run recorded for it in its manifest: a
-    changed byte would otherwise be joined silently (and found only by a later verify)."""
+    """Each rank file against the size and digest the shard run recorded for it in its manifest: a
+    changed byte would otherwise be joined silently (and found only by a later verify). Manifests of an
+    fp8norm before XXH3 record sha256: those are checked with sha256."""
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         raise ValueError(f"{manifest}: missing, so the rank files cannot be checked against the digests "
                          f"the shard run recorded; {TRUST_HINT}")
-    done = read_json(manifest, "fp8norm manifest").get("done")
+    doc = read_json(manifest, "fp8norm manifest")
+    kind = doc.get("digest", "sha256")
+    if kind not in (digest.ALGORITHM, "sha256"):
+        raise ValueError(f"{manifest}: records {kind} digests, which this fp8norm cannot check; {TRUST_HINT}")
+    done = doc.get("done")
     for path in files:
         rec = done.get(str(path.relative_to(root))) if isinstance(done, dict) else None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: not listed in {manifest}, so it cannot be checked; {TRUST_HINT}")
-        if path.stat().st_size != rec.get("size") or file_sha256(path) != rec.get("sha256"):
-            raise ValueError(f"{path}: its bytes differ from those the shard run wrote (sha256 recorded in "
+        recorded = rec.get("digest" if kind == digest.ALGORITHM else "sha256")
+        if path.stat().st_size != rec.get("size") or _file_digest(path, kind) != recorded:
+            raise ValueError(f"{path}: its bytes differ from those the shard run wrote ({kind} recorded in "
                              f"{MANIFEST_NAME}): changed or damaged since; {TRUST_HINT}")
+
+
+def _file_digest(path: Path, kind: str) -> str:
+    if kind == digest.ALGORITHM:
+        return digest.of_file(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = None,
