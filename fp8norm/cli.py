@@ -9,6 +9,7 @@ import shlex
 import click
 from click.core import ParameterSource
 
+from . import timing  # noqa: F401 (first: starts the clock of the stages line)
 from . import __version__, formats
 from . import distributed
 from .distributed import RankAborted

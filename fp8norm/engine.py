@@ -68,7 +68,7 @@ class RunStats:
     hash_s: float = 0.0
     fsync_s: float = 0.0
     verify_s: float = 0.0
-    first_read_s: float | None = None  # from the process's launch to its first tensor read
+    first_read_s: float | None = None  # from fp8norm's start (fp8norm.timing) to its first tensor read
     notes: list[str] = field(default_factory=list)
 
     def format(self) -> str:
@@ -419,7 +419,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                     return
                 t0 = time.perf_counter()
                 if stats.first_read_s is None:
-                    stats.first_read_s = timing.since_launch()
+                    stats.first_read_s = timing.since_start()
                 xs, ds, bufs = [], [], []
                 for name in job.sources:
                     info = ckpt.tensors[name]

@@ -66,7 +66,7 @@ class RunSummary(RunStats):
 
     def format_stages(self) -> str:
         """Where read and write time went, the check after writing, and how long the start took."""
-        launch = f", first read {self.first_read_s:.2f} s after launch" if self.first_read_s is not None else ""
+        launch = f", first read {self.first_read_s:.2f} s after start" if self.first_read_s is not None else ""
         return (f"stages    hash {self.hash_s:.2f} s (read + write), fsync {self.fsync_s:.2f} s, verify "
                 f"{self.verify_s:.2f} s{launch}")
 

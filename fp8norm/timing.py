@@ -1,17 +1,15 @@
-"""Seconds since this process was launched (its start time in /proc), for the `stages` line."""
+"""Seconds since fp8norm started in this process, for the `stages` line (first byte read after start).
+
+The clock starts when this module is first imported: the command line imports it before anything else
+of fp8norm. (The process's own start time in /proc is its fork, which `bash -c '... && fp8norm ...'`
+places at the start of the whole chain: the shell execs its last command in the same process.)"""
 
 from __future__ import annotations
 
-import os
+import time
+
+STARTED = time.perf_counter()
 
 
-def since_launch() -> float | None:
-    """Wall seconds since the kernel started this process (10 ms resolution); None off Linux."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+def since_start() -> float:
+    return time.perf_counter() - STARTED
