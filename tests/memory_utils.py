@@ -13,8 +13,8 @@ def track_reads(monkeypatch) -> dict:
     """Patch the engine's reader; the returned dict's 'peak' is the most source bytes alive at once."""
     real, alive, stats = fp8norm.engine.read_tensor, [], {"peak": 0, "reads": 0}
 
-    def tracking(info, f=None):
-        t = real(info, f)
+    def tracking(info, *args, **kwargs):
+        t = real(info, *args, **kwargs)
         alive[:] = [(r, n) for r, n in alive if r() is not None]
         alive.append((weakref.ref(t), t.nbytes))
         stats["reads"] += 1
