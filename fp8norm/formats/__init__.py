@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ConfigRule = Callable[[dict], list]
 
@@ -38,7 +38,7 @@ class Format:
     readers: tuple = ()          # independent readers that load it here: transformers, compressed-tensors
     config_rules: tuple = ()     # ConfigRule functions: problems a reader would have parsing config.json
     aliases: tuple = ()          # old spellings of `--to NAME` (still accepted, hidden from --help)
-    library: dict = field(default_factory=dict)  # the library's own names, where they differ (scheme, target)
+    library_scheme: str | None = None  # the library's name of `quantize --to NAME` (fp8norm.schemes), where it differs
 
     def maker(self) -> tuple[tuple, str]:
         """How it is made here: (the words after `fp8norm`, "bf16" or "fp8": the kind of source they take)."""
@@ -110,7 +110,7 @@ def library_scheme(value: str) -> str:
     """The library's scheme name for `quantize --to VALUE` (fp8norm.schemes)."""
     for f in FORMATS.values():
         if f.from_bf16 and f.from_bf16[:3] == ("quantize", "--to", value):
-            return f.library.get("scheme", value)
+            return f.library_scheme or value
     return value
 
 

@@ -9,5 +9,5 @@ FORMAT = Format(
     element="e4m3", scale_block=(128, 128), elements_per_byte=1, layout="hf-fp8",
     from_bf16=("quantize", "--to", "fp8"), from_fp8=None,  # block FP8 is the source itself
     floor_sqnr_db=31.5, readers=("transformers",), config_rules=(_rules.hf_fp8,),
-    aliases=("fp8-block",), library={"scheme": "fp8-block", "target": "fp8"},
+    aliases=("fp8-block",), library_scheme="fp8-block",
 )
