@@ -377,8 +377,7 @@ def requant_options(f):
     f = scale_fmt_option("Requant: ue8m0 = power-of-two scales (TE force_pow_2_scales) [default: float, or "
                          "ue8m0 where the source's scales are E8M0].")(f)
     f = AMAX_EPSILON(f)
-    f = click.option("--amax-floor", type=float, default=None, callback=_positive_finite,
-                     help="Requant: smallest tile amax (a finite number > 0) [default: 1e-4].")(f)
+    f = AMAX_FLOOR(f)
     return click.option("--requant", is_flag=True,
                         help="Dequantize and requantize FP8 tensors whose split is not on the block grid.")(f)
 

@@ -72,17 +72,6 @@ def get(name: str) -> Format:
     raise ValueError(f"unknown format {name!r}: expected one of {', '.join(FORMATS)}")
 
 
-def quantize_formats() -> list[str]:
-    """The formats `quantize --to` makes from bf16."""
-    return [f.name for f in FORMATS.values() if (f.from_bf16 or ())[:1] == ("quantize",)]
-
-
-def convert_formats() -> list[str]:
-    """The formats `convert --to` makes."""
-    return [f.name for f in FORMATS.values()
-            if "convert" in ((f.from_fp8 or ())[:1] + (f.from_bf16 or ())[:1])]
-
-
 def cli_choices(command: str) -> list[str]:
     """The `--to` values `command` (quantize or convert) accepts: the words that make each format."""
     choices = []

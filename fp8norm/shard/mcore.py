@@ -595,21 +595,9 @@ def check_rank_digests(root: Path, files: list[Path]) -> None:
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: not listed in {manifest}, so it cannot be checked; {TRUST_HINT}")
         recorded = rec.get("digest" if kind == digest.ALGORITHM else "sha256")
-        if path.stat().st_size != rec.get("size") or _file_digest(path, kind) != recorded:
+        if path.stat().st_size != rec.get("size") or digest.of_file(path, kind) != recorded:
             raise ValueError(f"{path}: its bytes differ from those the shard run wrote ({kind} recorded in "
                              f"{MANIFEST_NAME}): changed or damaged since; {TRUST_HINT}")
-
-
-def _file_digest(path: Path, kind: str) -> str:
-    if kind == digest.ALGORITHM:
-        return digest.of_file(path)
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def plan_mcore_to_hf(src, *, requant: bool = False, amax_floor: float | None = None,
