@@ -240,8 +240,8 @@ def _load_hint(dst, convert_to: str | None) -> str:
     """One line that loads the output (README, "Load the output"): every output of quantize and convert is
     a Hugging Face checkpoint whose config says how it is quantized."""
     path = shlex.quote(str(dst))
-    if convert_to in ("nvfp4", "nvfp4-ct"):
-        return f"vllm serve {path}   (NVFP4: a Blackwell GPU)"
+    if convert_to and (note := formats.get(convert_to).serve_note):
+        return f"vllm serve {path}   ({note})"
     return f'vllm serve {path}   (transformers: AutoModelForCausalLM.from_pretrained("{dst}"))'
 
 

@@ -27,8 +27,9 @@ from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
 from .threads import compute_workers
-from . import schemes
-from .verify import FAIL, NVFP4, Bands, VerifyReport, compare, compare_nvfp4, compare_scheme, mark_failed, source_matrix
+from . import formats
+from .formats.compressed_tensors import module_of, split_source
+from .verify import BLOCK_KEY, CT_LAYOUT, FAIL, NVFP4, Bands, VerifyReport, compare, compare_nvfp4, compare_scheme, mark_failed, source_matrix
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -209,16 +210,20 @@ def _output_texts(plan: Plan, transform: Transform) -> tuple[dict[str, str], lis
 _VERIFIED = (D.FP8, D.UE8M0, D.SCHEME, D.NVFP4)
 
 
+def _format_of(plan: Plan):
+    """The format the plan writes (convert --to, or quantize --scheme)."""
+    return formats.get(plan.convert_to or plan.scheme)
+
+
 def _scheme_of(plan: Plan) -> str | None:
-    """The compressed-tensors scheme the plan writes (quantize --scheme, or convert --to one), or NVFP4
-    (either layout)."""
-    if (plan.convert_to or "").startswith(NVFP4):
-        return NVFP4
-    return next((s for s in (plan.scheme, plan.convert_to) if s in schemes.CT_SCHEMES), None)
+    """How verify judges what the plan writes: a compressed-tensors scheme, NVFP4 (either layout), or
+    None for block FP8 (its own bands, compared per tensor)."""
+    key = _format_of(plan).verify_key
+    return None if key == BLOCK_KEY else key
 
 
 def _new_report(plan: Plan) -> VerifyReport:
-    mode, scheme = plan.settings.calib.mode, _scheme_of(plan) or "fp8-block"
+    mode, scheme = plan.settings.calib.mode, _format_of(plan).verify_key
     return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
                         bands=Bands.for_scheme(scheme, mode), scheme=scheme)
 
@@ -236,18 +241,19 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
     for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name):
         src = source_matrix(t.name, plan.checkpoint, block)
         if scheme == NVFP4:  # (elements, group scale, global scale) per module; compressed-tensors stores 1 / scale_2
-            ct = plan.convert_to == "nvfp4-ct"
-            parts = schemes.split_source(t.name, src) if ct else [src]
+            fmt = _format_of(plan)
+            ct = fmt.layout == CT_LAYOUT
+            parts = split_source(t.name, src) if ct else [src]
             report.checks.extend(
-                compare_nvfp4(w.name if not ct else schemes.module_of(w.name.removesuffix("_packed")), shard_path.name,
+                compare_nvfp4(w.name if not ct else module_of(w.name.removesuffix("_packed")), shard_path.name,
                               read_tensor(infos[w.name]), read_tensor(infos[sc.name]),
                               torch.reciprocal(read_tensor(infos[g.name])) if ct else read_tensor(infos[g.name]),
                               x, report.bands, exact_scale_2=not ct)
                 for w, sc, g, x in zip(t.outputs[::3], t.outputs[1::3], t.outputs[2::3], parts))
             continue
         if scheme is not None:  # (weight, weight_scale) per module, fused experts per expert
-            pairs = zip(t.outputs[::2], t.outputs[1::2], schemes.split_source(t.name, src))
-            report.checks.extend(compare_scheme(scheme, schemes.module_of(w.name.removesuffix("_packed")),
+            pairs = zip(t.outputs[::2], t.outputs[1::2], split_source(t.name, src))
+            report.checks.extend(compare_scheme(scheme, module_of(w.name.removesuffix("_packed")),
                                                 shard_path.name, read_tensor(infos[w.name]),
                                                 read_tensor(infos[sc.name]), x, report.bands, plan.mx_rule)
                                  for w, sc, x in pairs)

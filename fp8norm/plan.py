@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from .kernels.numerics import fp8_block as nx
+from . import formats
+from .formats.compressed_tensors import LAYOUT as CT_LAYOUT
 from .calibrate import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
@@ -389,6 +391,6 @@ def format_plan_table(plan: Plan) -> str:
             f"scales: {s.scale_fmt}, {s.scale_dtype}, blocks {s.block_size[0]}x{s.block_size[1]}, "
             f"amax floor {s.amax_floor:g}, calibration {s.calib.describe()}"
             f"{' weighted by activation stats' if s.activation_stats_sha256 else ''}"]
-    if plan.scheme != "fp8-block":  # the scheme's own scales (fp8norm.schemes), not the block settings
-        out[-1] = f"scheme: {plan.scheme} (compressed-tensors layout; see fp8norm/schemes.py)"
+    if formats.get(plan.scheme).layout == CT_LAYOUT:  # the scheme's own scales, not the block settings
+        out[-1] = f"scheme: {plan.scheme} (compressed-tensors layout; see fp8norm/formats/)"
     return "\n".join(out)

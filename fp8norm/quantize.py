@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from . import schemes
+from . import formats
+from .formats.compressed_tensors import Scheme, apply_to_plan
 from .classify import FP8, KEEP
 from . import output
 from .output import PROVENANCE_NAME, json_text
@@ -35,46 +36,52 @@ class Quantize(BlockQuantize):
         return {PROVENANCE_NAME: provenance(plan)}
 
 
-class SchemeQuantize(Quantize):
-    """quantize --scheme: the tensors planned fp8 in one of fp8norm.schemes' compressed-tensors layouts."""
+# the `scheme` values plan() takes: block FP8 and the compressed-tensors schemes `quantize --to` makes
+SCHEMES = tuple(f.kind for f in formats.FORMATS.values() if f.from_bf16 and f.from_bf16[0] == "quantize"
+                and len(f.from_bf16) == 3)
 
-    def __init__(self, scheme: str):
+
+class SchemeQuantize(Quantize):
+    """quantize --scheme: the tensors planned fp8 in a compressed-tensors scheme (fp8norm.formats)."""
+
+    def __init__(self, fmt: Scheme):
         super().__init__()
-        self.scheme = scheme
+        self.format = fmt
 
     def outputs(self, t):
-        return schemes.output_entries(t.name, t.shape, self.scheme) if t.decision == FP8 else super().outputs(t)
+        return self.format.outputs(t.name, t.shape) if t.decision == FP8 else super().outputs(t)
 
     def apply(self, t, xs, plan, device):
         if t.decision != FP8:
             return xs
         try:
-            outs = schemes.quantize_weight(self.scheme, xs[0].to(device), rule=plan.mx_rule, name=t.name)
+            outs = self.format.encode(xs[0].to(device), rule=plan.mx_rule, name=t.name)
         except ValueError as e:
             raise ValueError(f"{t.source_file}: tensor {t.name!r}: {e}") from None
         return [o.cpu() for o in outs]
 
     def config(self, cfg, plan):
-        from .convert import ct_quantization_config
-
-        return {**cfg, "quantization_config": ct_quantization_config(self.scheme, plan)}
+        return {**cfg, "quantization_config": self.format.quantization_config(plan)}
 
 
 def plan(src, options: PlanOptions | None = None, **kwargs) -> Plan:
     """The dry run: every tensor's decision and rule, and the output layout; nothing is written.
     `options` (a PlanOptions) and/or its fields as keyword arguments (reference, include, exclude,
     scale_fmt, calib, max_shard_size, scheme, ...; keywords override `options`). `scheme`: fp8-block
-    (default), fp8-channel, mxfp8 or mxfp4 (see fp8norm.schemes)."""
+    (default), fp8-channel, mxfp8 or mxfp4 (see fp8norm.formats)."""
     o = replace(options, **kwargs) if options is not None else PlanOptions(**kwargs)
-    if schemes.check_scheme(o.scheme) == schemes.BLOCK:
+    if o.scheme not in SCHEMES:
+        raise ValueError(f"scheme {o.scheme!r}: expected one of {', '.join(SCHEMES)}")
+    fmt = formats.get(o.scheme)
+    if not isinstance(fmt, Scheme):
         return build_plan(src, o)
     if o.calib != "max" or o.activation_stats or o.scale_dtype or o.scale_fmt:
         raise ValueError(f"--scheme {o.scheme}: --calib, --activation-stats, --scale-fmt and --scale-dtype apply "
                          "to fp8-block only")
-    mx_rule = schemes.mx_rule_of(o.scheme, o.mx_rule)
+    mx_rule = fmt.mx_rule(o.mx_rule, o.scheme)
     p = build_plan(src, o)
     p.mx_rule = mx_rule
-    schemes.apply_to_plan(p, SchemeQuantize(o.scheme))
+    apply_to_plan(p, SchemeQuantize(fmt))
     p.shards = lay_out_shards(p.tensors, p.repacked, p.max_shard_size)
     return p
 
@@ -92,8 +99,9 @@ def quantize(src, dst, *, device="auto", resume=False, overwrite=False, progress
     p = plan(src, allow_nonfinite=allow_nonfinite, **plan_kwargs)
     if not any(t.decision == FP8 for t in p.tensors):
         raise ValueError(f"{src}: no tensor would be quantized (see `fp8norm plan {src}`)")
-    block = p.scheme == schemes.BLOCK
-    return execute_plan(p, Path(dst), transform=Quantize() if block else SchemeQuantize(p.scheme), device=device,
+    fmt = formats.get(p.scheme)
+    return execute_plan(p, Path(dst), transform=SchemeQuantize(fmt) if isinstance(fmt, Scheme) else Quantize(),
+                        device=device,
                         resume=resume, overwrite=overwrite, progress=progress, verify_samples=verify_samples)
 
 

@@ -104,7 +104,10 @@ from .kernels.numerics import e2m1
 from .kernels.numerics import fp8_block as nx
 from .kernels.numerics import mx
 from .kernels.numerics import nvfp4 as n4
-from . import schemes
+from . import formats
+from .formats.compressed_tensors import LAYOUT as CT_LAYOUT, Scheme, module_of, output_modules, split_source
+from .formats.mx import Mx
+from .formats.nvfp4 import Nvfp4
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
 from .reference import e4m3_to_float32
 from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_tensor
@@ -155,16 +158,16 @@ E4M3 = ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, FLOOR_REL_RMS, round(FLOOR_SQNR
 MXFP8_FLOOR_REL_RMS = 0.0292
 MXFP4_FLOOR_REL_RMS = 0.114
 NVFP4_FLOOR_REL_RMS = 0.0951
-NVFP4 = "nvfp4"  # either layout (ModelOpt, compressed-tensors)
+NVFP4 = formats.get("nvfp4").verify_key  # either layout (ModelOpt, compressed-tensors)
+BLOCK_KEY = formats.get("fp8").verify_key  # block FP8 and what verify judges as it
 SCHEME_FORMATS = {"fp8-block": E4M3, "fp8-channel": E4M3,
                   "mxfp8": ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, MXFP8_FLOOR_REL_RMS, 24.6, 18.0),
                   "mxfp4": ElementFormat("e2m1", 6.0, 0, 1, MXFP4_FLOOR_REL_RMS, 13.9, 6.5),
                   NVFP4: ElementFormat("e2m1", n4.E2M1_MAX, 0, 1, NVFP4_FLOOR_REL_RMS, 13.9, 10.3, ties_to_even=True)}
 # How the report names a format's quantized weights ("FP8 weight tensors": block FP8, the default)
-WEIGHT_LABELS = {"fp8-block": "FP8", "fp8-channel": "FP8 per-channel", "mxfp8": "MXFP8", "mxfp4": "MXFP4",
-                 NVFP4: "NVFP4"}
+WEIGHT_LABELS = {f.verify_key: f.weight_label for f in formats.FORMATS.values()}
 # Schemes whose scales let the largest elements saturate: clipping is the format's, judged by SQNR alone
-SATURATING_SCHEMES = (schemes.MXFP8, schemes.MXFP4, NVFP4)
+SATURATING_SCHEMES = tuple(f.verify_key for f in formats.FORMATS.values() if isinstance(f, (Mx, Nvfp4)))
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,7 @@ def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, sca
     `mx_rule` (None: any rule of fp8norm.kernels.numerics.mx) gives for its block's amax."""
     fmt = SCHEME_FORMATS[scheme]
     bands = bands or Bands.for_scheme(scheme, None)
-    if scheme == schemes.CHANNEL:
+    if not isinstance(formats.get(scheme), Mx):  # one scale per row
         return compare(name, shard, stored, scale, src, (1, src.shape[-1]), bands, fmt=fmt)
     mxf = mx.mx_format(scheme)
     check = compare(name, shard, stored, scale, src, (1, mx.MX_BLOCK), bands, fmt=fmt,
@@ -459,7 +462,7 @@ class VerifyReport:
     def floor_name(self) -> str:
         """Whose floor the report shows: the element format's ("e4m3" for block FP8), with the scheme where
         one element format serves several (MXFP4 and NVFP4 are both e2m1, with different floors)."""
-        return self.element_format.name if self.scheme == "fp8-block" else f"{self.scheme} ({self.element_format.name})"
+        return self.element_format.name if self.scheme == BLOCK_KEY else f"{self.scheme} ({self.element_format.name})"
 
     @property
     def weight_label(self) -> str:
@@ -648,7 +651,8 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
 
         report.calibration = CalibSettings(mode, **{k: v for k, v in calib.items() if k != "mode"}).describe()
     # requantized from an FP8 source: the values were rounded twice
-    steps = 1.5 if prov.get("converted_to") == "fp8-ue8m0" else 0.5
+    made = formats.FORMATS.get(prov.get("converted_to"))
+    steps = 1.5 if made is not None and made.requantizes_fp8 else 0.5
     try:
         q_ckpt = open_checkpoint(quant)
     except (CheckpointError, SafetensorsError) as e:
@@ -657,24 +661,24 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     s_ckpt = open_checkpoint(src)
     cfg = _read_json(quant / "config.json")
     qcfg = (cfg or {}).get("quantization_config") or {}
-    scheme = schemes.ct_scheme(qcfg)
-    from .convert import nvfp4_layout  # convert -> pipeline -> verify: imported here
-
-    layout = nvfp4_layout(cfg or {}, q_ckpt.tensors)
-    if scheme is not None or layout is not None:
-        report.scheme = scheme or NVFP4
+    try:
+        fmt = formats.detect(cfg or {}, q_ckpt.tensors)[0]
+    except ValueError:  # a layout no format reads: checked as block FP8, its problems listed
+        fmt = None
+    if isinstance(fmt, (Scheme, Nvfp4)):
+        report.scheme = fmt.verify_key
         report.bands = bands or Bands.for_scheme(report.scheme, mode, **(band_overrides or {}))
-        if scheme is not None:
+        if isinstance(fmt, Scheme):
             mx_rule = prov.get("mx_rule")
             if mx_rule is not None and mx_rule not in mx.SCALE_RULES:
                 report.problems.append(f"{quant / 'fp8norm.json'}: mx_rule {mx_rule!r} is none of "
                                        f"{', '.join(mx.SCALE_RULES)}")
                 mx_rule = None
-            _verify_scheme(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, mx_rule)
+            _verify_scheme(fmt, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, mx_rule)
         else:  # ModelOpt's own exports may declare it in hf_quant_config.json only
             hf_quant = (_read_json(quant / "hf_quant_config.json") or {}).get("quantization")
             qcfg = qcfg or ({"quant_method": "modelopt", **hf_quant} if isinstance(hf_quant, dict) else {})
-            _verify_nvfp4(layout, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed)
+            _verify_nvfp4(fmt, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed)
         return report
     block = tuple(qcfg.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     qt, st = q_ckpt.tensors, s_ckpt.tensors
@@ -734,7 +738,7 @@ def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
 @dataclass(frozen=True)
 class _Member:
     """One quantized weight of the output: its stored elements, its group/row/block scale and (NVFP4)
-    its global scale, and where its source is: (source tensor, index in schemes.split_source, or None
+    its global scale, and where its source is: (source tensor, index in split_source, or None
     for the whole tensor)."""
     elements: str
     scale: str
@@ -742,12 +746,12 @@ class _Member:
     source: tuple[str, int | None] | None
 
 
-def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
+def _verify_scheme(fmt: Scheme, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
                    samples: int | None, seed: int, mx_rule: str | None) -> None:
     """verify() for a compressed-tensors scheme output: per module `weight` (or `weight_packed`) and
-    `weight_scale`, fused 3D source experts written per expert and projection (fp8norm.schemes)."""
-    qt = q_ckpt.tensors
-    elem = ".weight_packed" if scheme == schemes.MXFP4 else ".weight"
+    `weight_scale`, fused 3D source experts written per expert and projection (fp8norm.formats)."""
+    qt, scheme = q_ckpt.tensors, fmt.verify_key
+    elem = fmt.elements_suffix
     src_of = _split_sources(s_ckpt.tensors)
     members = {m: _Member(m + elem, m + ".weight_scale", None, src_of.get(m))
                for m in sorted(n.removesuffix(".weight_scale") for n in qt if n.endswith(".weight_scale"))}
@@ -756,33 +760,31 @@ def _verify_scheme(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report:
         return compare_scheme(scheme, m, shard, read_tensor(qt[mem.elements]), read_tensor(qt[mem.scale]), x,
                               report.bands, mx_rule)
     _verify_members(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, members,
-                    lambda mem: schemes.check_sources(q_ckpt, {mem.elements: mem.scale}, scheme),
-                    check, 2 if scheme == schemes.MXFP4 else 1)
+                    lambda mem: fmt.check_sources(q_ckpt, {mem.elements: mem.scale}, None),
+                    check, fmt.elements_per_byte)
 
 
 def _split_sources(st: dict) -> dict[str, tuple[str, int]]:
-    """module -> (source tensor, index in schemes.split_source): the modules compressed-tensors layouts
+    """module -> (source tensor, index in split_source): the modules compressed-tensors layouts
     write, fused 3D experts per expert and projection."""
     src_of: dict[str, tuple[str, int]] = {}
     for n, info in st.items():
-        for i, m in enumerate(schemes.output_modules(n, tuple(info.shape))):
+        for i, m in enumerate(output_modules(n, tuple(info.shape))):
             src_of.setdefault(m, (n, i))
     return src_of
 
 
-def _verify_nvfp4(layout: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
+def _verify_nvfp4(fmt: Nvfp4, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
                   samples: int | None, seed: int) -> None:
     """verify() for an NVFP4 output in either layout (module docstring, "nvfp4"): ModelOpt's keeps the
     source's names (fused 3D experts whole, one scale_2 per expert); compressed-tensors' writes modules,
     fused 3D experts per expert and projection, with 1 / scale_2 as `weight_global_scale`."""
-    from .convert import nvfp4_members
-
     qt, st = q_ckpt.tensors, s_ckpt.tensors
-    ct = layout == "nvfp4-ct"
+    ct = fmt.layout == CT_LAYOUT
     src_of = _split_sources(st) if ct else {n: (n, None) for n in st}
     members = {}
-    for packed, (scale, global_scale, logical) in sorted(nvfp4_members(qt, layout).items()):
-        key = schemes.module_of(logical) if ct else logical
+    for packed, (scale, global_scale, logical) in sorted(fmt.global_scaled_members(qt).items()):
+        key = fmt.member_key(logical)
         members[key] = _Member(packed, scale, global_scale, src_of.get(key))
 
     def check(key: str, mem: _Member, shard: str, x: torch.Tensor) -> TensorCheck:
@@ -846,12 +848,12 @@ def _verify_members(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report
     for n, info in qt.items():
         # (FP8 weights an NVFP4 output keeps from an FP8 source carry their `_scale_inv`: kept tensors)
         if info.dtype in FP8_DTYPES and n not in owned and not (scheme == NVFP4 and _scale_of(n, qt)):
-            report.problems.append(f"{info.file.name}: tensor {n!r} is FP8 but has no {schemes.module_of(n)}.weight_scale")
+            report.problems.append(f"{info.file.name}: tensor {n!r} is FP8 but has no {module_of(n)}.weight_scale")
     quantized_src = {mem.source[0] for mem in members.values() if mem.source}
     # an FP8 source's scales are read with its weights, not kept
     consumed = quantized_src | {s for n in quantized_src if (s := _scale_of(n, st))}
     for n in sorted(quantized_src):
-        absent = [m for m in schemes.output_modules(n, tuple(st[n].shape)) if m not in members]
+        absent = [m for m in output_modules(n, tuple(st[n].shape)) if m not in members]
         if absent and n not in members:
             report.problems.append(f"source tensor {n!r} is quantized but {len(absent)} of its modules are not in "
                                    f"the output, e.g. {absent[0]!r}")
@@ -882,7 +884,7 @@ def _verify_members(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report
             if n not in cache:
                 cache.clear()  # one source tensor at a time (picks sorted: a fused tensor's experts together)
                 x = source_matrix(n, s_ckpt, src_block)
-                cache[n] = [x] if i is None else schemes.split_source(n, x)
+                cache[n] = [x] if i is None else split_source(n, x)
             x = cache[n][i or 0]
             *lead, cols = qt[mem.elements].shape
             if tuple(x.shape) != (*lead, pack * cols):
@@ -1050,13 +1052,16 @@ def _check_index(quant: Path, ckpt, report: VerifyReport) -> None:
                                f", the tensors hold {total} bytes")
 
 
+QUANT_METHODS = ("fp8", "compressed-tensors", "modelopt")  # the quantization_config.quant_method values read
+
+
 def _check_config(qcfg: dict, fp8: list[str], qt: dict[str, TensorInfo], report: VerifyReport) -> None:
     if fp8 and not qcfg:
         report.problems.append("config.json has no quantization_config but the checkpoint holds FP8 tensors")
         return
     if not fp8:
         return
-    if qcfg.get("quant_method") not in ("fp8", "compressed-tensors", "modelopt"):
+    if qcfg.get("quant_method") not in QUANT_METHODS:
         report.problems.append(f"config.json quantization_config.quant_method is {qcfg.get('quant_method')!r}")
     if qcfg.get("scale_fmt") == "ue8m0":
         not_pow2 = [s for n in fp8 if (s := _scale_of(n, qt)) and not nx.is_power_of_two(read_tensor(qt[s]))]

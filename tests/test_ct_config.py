@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fp8norm.classify import FP8, KEEP
-from fp8norm.convert import ct_quantization_config
+from fp8norm import formats
 from fp8norm.plan import Plan, QuantSettings, TensorPlan
-from fp8norm.schemes import ignore_patterns
+from fp8norm.formats.compressed_tensors import ignore_patterns
 from tests.readers import reader
 
 N_LAYERS, N_DENSE, N_EXPERTS = 68, 3, 256  # DeepSeek-V3 has 61 layers: ~47,000 linears
@@ -66,7 +66,7 @@ def meta_model(linears, others):
 def deepseek():
     quantized, kept = deepseek_names()
     assert len(quantized) + len(kept) > 50_000
-    return quantized, kept, ct_quantization_config("fp8-channel", fake_plan(quantized, kept))
+    return quantized, kept, formats.get("fp8-channel").quantization_config(fake_plan(quantized, kept))
 
 
 def test_config_is_small_and_parses(deepseek):

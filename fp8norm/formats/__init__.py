@@ -38,7 +38,108 @@ class Format:
     readers: tuple = ()          # independent readers that load it here: transformers, compressed-tensors
     config_rules: tuple = ()     # ConfigRule functions: problems a reader would have parsing config.json
     aliases: tuple = ()          # old spellings of `--to NAME` (still accepted, hidden from --help)
-    library_scheme: str | None = None  # the library's name of `quantize --to NAME` (fp8norm.schemes), where it differs
+    library_scheme: str | None = None  # the library's name of `quantize --to NAME` (fp8norm.quantize), where it differs
+    # As a convert source: where detect() runs among the formats (None: never detected as a source), and
+    # the kind fp8norm.json records (`source_format`). The suffix of a weight's scale tensor.
+    detect_order: int | None = None
+    source_kind: str | None = None
+    scale_suffix: str = "_scale_inv"
+    # How `verify` judges it: the element format and bands it shares with others (fp8norm.verify)
+    verify_key: str = "fp8-block"
+    weight_label: str = "FP8"    # the report's name for its quantized weights
+    serve_note: str | None = None  # what serving the output needs, after the `vllm serve` hint
+    dense_dtype: str | None = None  # a dense target: the safetensors dtype it dequantizes to
+
+    # ---- behaviour: the defaults of a format that quantizes nothing; layout families override them
+    takes_mx_rule = False        # `--mx-rule` applies (an E8M0 scale rule, fp8norm.kernels.numerics.mx)
+    quantizes_anew = False       # convert rounds source values anew (from bf16 or dequantized FP8)
+    needs_global_amax = False    # convert's pre-pass: one global amax per fused group
+    requantizes_fp8 = False      # rounds FP8 source values a second time (verify allows 1.5 steps)
+    extra_file_names: tuple = ()  # the files extra_files() may write (a convert to another format skips them)
+    unaligned_error_rule = None  # a KEEP rule that is an error unless --keep-unaligned
+
+    @property
+    def kind(self) -> str:
+        """The kind fp8norm.json records of a source in this format."""
+        return self.source_kind or self.library_scheme or self.name
+
+    def detect(self, config: dict, tensors: dict):
+        """The block size of a checkpoint in this format, from its config.json and tensors; None if it
+        is not in it. Raises ValueError for a layout this format's family cannot read."""
+        return None
+
+    # -- as a convert source
+    def scaled_weights(self, tensors: dict, skip=frozenset()) -> dict[str, str]:
+        """weight -> its scale tensor: every FP8 weight stored with `scale_suffix` (not in `skip`)."""
+        from ..st_io import FP8_DTYPES
+
+        return {n: n + self.scale_suffix for n, i in tensors.items()
+                if i.dtype in FP8_DTYPES and n + self.scale_suffix in tensors and n not in skip}
+
+    def global_scaled_members(self, tensors: dict) -> dict[str, tuple[str, str, str]]:
+        """Weights with a block scale and a global scale: packed -> (block scale, global scale, the
+        dequantized weight's name). None in formats without global scales."""
+        return {}
+
+    def check_sources(self, ckpt, scale_of: dict[str, str], block_size) -> None:
+        """Dtypes, shapes and values of the scaled weights of a checkpoint in this format, before
+        anything is read back: a PlanError of one line naming the tensor (convert, verify, shard)."""
+        from ..plan import check_fp8_sources
+
+        check_fp8_sources(ckpt, scale_of, block_size)
+
+    def refuse_target(self, src, target: "Format", members: dict) -> str | None:
+        """Why a source in this format does not convert to `target` (None: it does)."""
+        return None
+
+    def refuse_source(self, src, source: "Format") -> str | None:
+        """Why this target is not made from a `source` checkpoint (None: it is)."""
+        return None
+
+    @property
+    def rule_label(self) -> str:
+        """How a convert rule names a weight read from this format (`fp8->bf16`)."""
+        return "fp8"
+
+    def decode(self, xs: list, block_size, out_dtype):
+        """A stored weight and its scales -> its values in `out_dtype` (dense)."""
+        from .. import dispatch
+
+        return dispatch.dequant_fp8_block(xs[0], xs[1], block_size=block_size, out_dtype=out_dtype)
+
+    # -- as a convert target
+    def convert_decision(self, name: str, info, scale: str | None, candidate: bool, source: "Format"):
+        """(decision, rule) of a weight of a `source` checkpoint (scale: its scale tensor; candidate: a
+        weight this target would round, FP8 or a bf16 linear); None: not converted, kept."""
+        return None
+
+    def outputs(self, name: str, shape: tuple) -> list:
+        """The tensors (OutEntry) one rounded weight becomes, in encode()'s order."""
+        raise NotImplementedError(self.name)
+
+    def kept_reason(self, name: str, shape: tuple) -> str | None:
+        """Why a weight the rules would round has no readable layout here (None: it has one)."""
+        return None
+
+    def encode(self, x, *, name: str = "", src_scale_inv=None, src_block_size=(128, 128), rule=None,
+               global_amax=None) -> list:
+        """One weight (bf16, or FP8 with its block scales) -> its stored tensors, in outputs()' order."""
+        raise NotImplementedError(self.name)
+
+    def quantization_config(self, plan) -> dict | None:
+        """config.json's quantization_config of an output in this format (None: none)."""
+        return None
+
+    def extra_files(self, plan) -> dict[str, str]:
+        """Files beside config.json this format writes: {name: text}."""
+        return {}
+
+    def mx_rule(self, rule: str | None, spelled: str) -> str | None:
+        """The MX scale rule a run to this format (named `spelled`) uses; giving one where none applies is
+        an error."""
+        if rule is not None:
+            raise ValueError(f"--mx-rule applies to mxfp8 and mxfp4, not {spelled}")
+        return None
 
     def maker(self) -> tuple[tuple, str]:
         """How it is made here: (the words after `fp8norm`, "bf16" or "fp8": the kind of source they take)."""
@@ -63,6 +164,23 @@ def _load() -> dict[str, Format]:
 
 
 FORMATS: dict[str, Format] = _load()
+
+
+def detect(config: dict, tensors: dict) -> tuple[Format, tuple]:
+    """The format of a checkpoint (as convert, verify and shard read it) and its block size."""
+    for f in sorted((f for f in FORMATS.values() if f.detect_order is not None), key=lambda f: f.detect_order):
+        block = f.detect(config, tensors)
+        if block is not None:
+            return f, tuple(block)
+    raise ValueError("no format reads this checkpoint")
+
+
+def made_by(command: str, value: str, *options: str) -> Format | None:
+    """The format `fp8norm COMMAND --to VALUE [OPTION VALUE]...` makes, None if none."""
+    for f in FORMATS.values():
+        if (command, "--to", value, *options) in (f.from_bf16, f.from_fp8):
+            return f
+    return None
 
 
 def get(name: str) -> Format:

@@ -1,11 +1,14 @@
-"""OCP MXFP8: e4m3 elements, one E8M0 scale per 32 along the row (compressed-tensors `mxfp8-quantized`).
+"""OCP MXFP8: `weight` e4m3, `weight_scale` uint8 E8M0 [N, K/32] (compressed-tensors `mxfp8-quantized`).
 Rules: fp8norm.kernels.numerics.mx; kernel: fp8norm.kernels.quant_mx."""
 
-from . import Format, _rules
+from . import _rules
+from .mx import Mx
 
-FORMAT = Format(
+FORMAT = Mx(
     name="mxfp8", summary="OCP MXFP8, E8M0 scale per 32 (compressed-tensors)",
     element="e4m3", scale_block=(1, 32), elements_per_byte=1, layout="compressed-tensors",
     from_bf16=("quantize", "--to", "mxfp8"), from_fp8=("convert", "--to", "mxfp8"),
     floor_sqnr_db=30.7, readers=("compressed-tensors",), config_rules=(_rules.compressed_tensors,),
+    detect_order=20, scale_suffix="_scale", verify_key="mxfp8", weight_label="MXFP8",
+    ct_format="mxfp8-quantized",
 )

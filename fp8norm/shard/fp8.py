@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.numerics import fp8_block as nx
-from .. import schemes
-from ..kernels.numerics.mx import MX_BLOCK
+from .. import formats
+from ..formats.compressed_tensors import LAYOUT as CT_LAYOUT, Scheme
+from ..formats.fp8_block import BlockFp8
 from ..st_io import DTYPES, FP8_DTYPES, OutEntry
 from ..engine import Job
 from .jobs import SliceOut, shard_job
@@ -43,44 +44,49 @@ class Format:
 
     @property
     def requantizable(self) -> bool:  # block FP8, in either layout
-        return self.scheme in (schemes.BLOCK, FP8_CT)
+        return isinstance(SHARDED[self.scheme], BlockFp8)
 
     def scale_shape(self, shape: tuple) -> tuple:
         return tuple(1 if b is None else -(-n // b) for n, b in zip(shape, self.block))
 
 
-FP8_CT = "fp8-ct"  # block FP8 in compressed-tensors' layout (`X` + `X_scale` on the block grid)
+# The formats shard splits, by the name its layout files record (`scheme`): block FP8 in either layout
+# and the compressed-tensors schemes; every source format without a refusal but bf16 (no scales)
+SHARDED = {f.kind: f for f in formats.FORMATS.values()
+           if f.detect_order is not None and f.shard_refusal is None and not f.dense_dtype}
 
 
 def storage_format(root, cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
     """The Format of the checkpoint in `root`, from its config.json and tensors as convert reads them
     (convert.detect_source): a compressed-tensors layout, else block FP8 with `block` (its
     weight_block_size). NVFP4 and other layouts are refused in one line."""
-    from ..convert import NVFP4_SOURCES, detect_source
+    from ..convert import detect_source
 
     try:
         source = detect_source(tensors, cfg or {})
     except ValueError as e:
+        schemes = (f.name for f in formats.FORMATS.values() if isinstance(f, Scheme))
         raise ValueError(f"{root}: {e}; shard splits bf16, block FP8 (either layout), "
-                         f"{', '.join(schemes.CT_SCHEMES)}") from None
-    if source.kind in NVFP4_SOURCES:
-        raise ValueError(f"{root}: NVFP4 checkpoint: shard does not split NVFP4 weights (16-element groups under a "
-                         "per-tensor global scale) yet; shard the FP8 or bf16 model (or `fp8norm convert --to "
-                         "bf16` first)")
-    if source.kind in (FP8_CT, *schemes.CT_SCHEMES):
+                         f"{', '.join(schemes)}") from None
+    if refusal := source.format.shard_refusal:
+        raise ValueError(f"{root}: {refusal} checkpoint: shard does not split {refusal} weights (16-element groups "
+                         "under a per-tensor global scale) yet; shard the FP8 or bf16 model (or `fp8norm convert "
+                         "--to bf16` first)")
+    if source.format.layout == CT_LAYOUT:
         return scheme_format(source.kind, source.block_size)
-    return scheme_format(schemes.BLOCK, block)
+    return scheme_format(formats.get("fp8").kind, block)
 
 
 def scheme_format(scheme: str, block=nx.DEFAULT_BLOCK_SIZE) -> Format:
-    formats = {schemes.BLOCK: Format(scheme, "", "_scale_inv", tuple(block), FP8_DTYPES),
-               FP8_CT: Format(scheme, "", "_scale", tuple(block), FP8_DTYPES),
-               schemes.CHANNEL: Format(scheme, "", "_scale", (1, None), ("F8_E4M3",)),
-               schemes.MXFP8: Format(scheme, "", "_scale", (1, MX_BLOCK), ("F8_E4M3",)),
-               schemes.MXFP4: Format(scheme, "_packed", "_scale", (1, MX_BLOCK), ("U8",), pack=2)}
-    if scheme not in formats:
-        raise ValueError(f"weight format {scheme!r}: expected one of {', '.join(formats)}")
-    return formats[scheme]
+    """How a checkpoint in `scheme` (a SHARDED name) stores its weights: block FP8 on `block` tiles, a
+    compressed-tensors scheme on its own scale grid."""
+    if scheme not in SHARDED:
+        raise ValueError(f"weight format {scheme!r}: expected one of {', '.join(SHARDED)}")
+    f = SHARDED[scheme]
+    if isinstance(f, Scheme):
+        return Format(scheme, f.elements_suffix.removeprefix(".weight"), f.scale_suffix, f.scale_block,
+                      (f.weight_dtype,), pack=f.elements_per_byte)
+    return Format(scheme, "", f.scale_suffix, tuple(block), FP8_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -272,18 +278,13 @@ def specs_from_table(table: dict[str, tuple[str, tuple]], fmt: Format) -> tuple[
 
 def check_scales(ckpt, specs: dict[str, Spec]) -> None:
     """Every scale a shard / unshard run carries or requantizes from, checked as convert checks its
-    sources (plan.check_fp8_sources, schemes.check_sources: finite and > 0, no E8M0 NaN code), before
+    sources (its format's check_sources: finite and > 0, no E8M0 NaN code), before
     anything is written: a ValueError of one line naming the file and tensor."""
-    from ..plan import check_fp8_sources
-
     scaled = [sp for sp in specs.values() if sp.fmt is not None]
     if not scaled:
         return
     fmt, pairs = scaled[0].fmt, {sp.key: sp.scale_key for sp in scaled}
-    if fmt.scheme in schemes.CT_SCHEMES:
-        schemes.check_sources(ckpt, pairs, fmt.scheme)
-    else:
-        check_fp8_sources(ckpt, pairs, fmt.block)
+    SHARDED[fmt.scheme].check_sources(ckpt, pairs, fmt.block)
 
 
 def job_of(sources: list[str], outs: list[Out], specs: dict[str, Spec]) -> Job:
