@@ -24,7 +24,7 @@ from .st_io import FLOAT_DTYPES, FP8_DTYPES, TensorInfo
 class Decision(str, enum.Enum):
     """What is done to a tensor; a str, so plan JSON, tables and fingerprints show its value."""
     FP8, KEEP, PASSTHROUGH = "fp8", "keep", "passthrough"
-    # `fp8norm convert`; SCHEME: to fp8-channel / mxfp8 / mxfp4 (fp8norm.schemes)
+    # `fp8norm convert`; SCHEME: to fp8-channel / mxfp8 / mxfp4 (fp8norm.formats)
     DEQUANT, DEQUANT_NVFP4, RELABEL = "dequant", "dequant-nvfp4", "relabel"
     UE8M0, NVFP4, SCHEME = "ue8m0", "nvfp4", "scheme"
     __str__, __format__ = str.__str__, str.__format__

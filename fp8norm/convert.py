@@ -11,7 +11,7 @@ same streaming pipeline as `quantize` (reader, writer, resume, progress, plan).
   nvfp4-ct     NVFP4 in the compressed-tensors `nvfp4-pack-quantized` layout (weight_packed,
                weight_scale, weight_global_scale)
   fp8-channel, mxfp8, mxfp4
-               per-channel FP8 / OCP MXFP8 / MXFP4 in compressed-tensors layouts (see fp8norm.schemes),
+               per-channel FP8 / OCP MXFP8 / MXFP4 in compressed-tensors layouts (see fp8norm.formats),
                from bf16 or block FP8; `bf16`/`fp16` read them back
 
 NVFP4 sources may be bf16 (the quantize rule table picks the linears) or FP8 (fused dequant ->

@@ -28,8 +28,7 @@ from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
 from .threads import compute_workers
 from . import formats
-from .formats.compressed_tensors import module_of, split_source
-from .verify import BLOCK_KEY, CT_LAYOUT, FAIL, NVFP4, Bands, VerifyReport, compare, compare_nvfp4, compare_scheme, mark_failed, source_matrix
+from .verify import FAIL, Bands, VerifyReport, compare, mark_failed, source_matrix
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -215,13 +214,6 @@ def _format_of(plan: Plan):
     return formats.get(plan.convert_to or plan.scheme)
 
 
-def _scheme_of(plan: Plan) -> str | None:
-    """How verify judges what the plan writes: a compressed-tensors scheme, NVFP4 (either layout), or
-    None for block FP8 (its own bands, compared per tensor)."""
-    key = _format_of(plan).verify_key
-    return None if key == BLOCK_KEY else key
-
-
 def _new_report(plan: Plan) -> VerifyReport:
     mode, scheme = plan.settings.calib.mode, _format_of(plan).verify_key
     return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
@@ -235,33 +227,22 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
     infos, _ = read_header(shard_path)
     rounded = [t for t in tensors if t.decision in _VERIFIED]
     rng = random.Random(shard_path.name)
-    scheme = _scheme_of(plan)
+    fmt = _format_of(plan)
     # block FP8 outputs keep the source's blocks when converted, else the plan's
     block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
     for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name):
         src = source_matrix(t.name, plan.checkpoint, block)
-        if scheme == NVFP4:  # (elements, group scale, global scale) per module; compressed-tensors stores 1 / scale_2
-            fmt = _format_of(plan)
-            ct = fmt.layout == CT_LAYOUT
-            parts = split_source(t.name, src) if ct else [src]
+        if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
+            k = fmt.tensors_per_member
+            groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
             report.checks.extend(
-                compare_nvfp4(w.name if not ct else module_of(w.name.removesuffix("_packed")), shard_path.name,
-                              read_tensor(infos[w.name]), read_tensor(infos[sc.name]),
-                              torch.reciprocal(read_tensor(infos[g.name])) if ct else read_tensor(infos[g.name]),
-                              x, report.bands, exact_scale_2=not ct)
-                for w, sc, g, x in zip(t.outputs[::3], t.outputs[1::3], t.outputs[2::3], parts))
-            continue
-        if scheme is not None:  # (weight, weight_scale) per module, fused experts per expert
-            pairs = zip(t.outputs[::2], t.outputs[1::2], split_source(t.name, src))
-            report.checks.extend(compare_scheme(scheme, module_of(w.name.removesuffix("_packed")),
-                                                shard_path.name, read_tensor(infos[w.name]),
-                                                read_tensor(infos[sc.name]), x, report.bands, plan.mx_rule)
-                                 for w, sc, x in pairs)
+                fmt.compare_member(fmt.output_key(g[0].name), shard_path.name, [read_tensor(infos[o.name]) for o in g],
+                                   x, report.bands, plan.mx_rule)
+                for g, x in zip(groups, fmt.source_parts(t.name, src)))
             continue
         q = read_tensor(infos[t.outputs[0].name])
         scale_inv = read_tensor(infos[t.outputs[1].name])
         report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, block, report.bands))
     # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
-    per_module = 3 if scheme == NVFP4 else 2
-    report.fp8_tensors += sum(len(t.outputs) // per_module if scheme is not None else 1 for t in rounded)
+    report.fp8_tensors += sum(len(t.outputs) // fmt.tensors_per_member if fmt.per_module else 1 for t in rounded)
     report.kept_tensors += len(tensors) - len(rounded)

@@ -150,7 +150,7 @@ class Plan:
     source_format: object = None
     global_amax: dict | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)  # planning's lines for the summary
-    scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.schemes)
+    scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.formats)
     mx_rule: str | None = None  # MX targets: the E8M0 scale rule (fp8norm.kernels.numerics.mx)
 
     def shard_tensors(self, shard: str) -> list[TensorPlan]:
@@ -233,7 +233,7 @@ class PlanOptions:
     mse_grid: int = 50
     activation_stats: str | Path | None = None
     allow_nonfinite: bool = False
-    scheme: str = "fp8-block"  # applied by quantize.plan() (fp8norm.schemes)
+    scheme: str = "fp8-block"  # applied by quantize.plan() (fp8norm.formats)
     mx_rule: str | None = None  # mxfp8 / mxfp4: the scale rule [default: fp8norm.kernels.numerics.mx.DEFAULT_RULE]
 
 

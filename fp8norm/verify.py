@@ -105,9 +105,8 @@ from .kernels.numerics import fp8_block as nx
 from .kernels.numerics import mx
 from .kernels.numerics import nvfp4 as n4
 from . import formats
-from .formats.compressed_tensors import LAYOUT as CT_LAYOUT, Scheme, module_of, output_modules, split_source
-from .formats.mx import Mx
-from .formats.nvfp4 import Nvfp4
+from .formats import Format
+from .formats.compressed_tensors import module_of, output_modules, split_source
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
 from .reference import e4m3_to_float32
 from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_tensor
@@ -154,20 +153,27 @@ class ElementFormat:
 
 
 E4M3 = ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, FLOOR_REL_RMS, round(FLOOR_SQNR_DB - 2.0, 1), 20.0)
-# The per-scheme floors and bands of the compressed-tensors schemes (module docstring, "Other schemes").
-MXFP8_FLOOR_REL_RMS = 0.0292
-MXFP4_FLOOR_REL_RMS = 0.114
-NVFP4_FLOOR_REL_RMS = 0.0951
-NVFP4 = formats.get("nvfp4").verify_key  # either layout (ModelOpt, compressed-tensors)
+# The element formats as verify judges them: (largest value, exponent of the smallest normal, mantissa bits)
+ELEMENTS = {"e4m3": (nx.E4M3_MAX, -6, 3), "e2m1": (n4.E2M1_MAX, 0, 1)}
+
+
+def element_format(f: Format) -> ElementFormat:
+    """How verify judges a format's elements: with its own floor and bands (Format.verify_bands), or
+    block FP8's."""
+    if f.verify_bands is None:
+        return E4M3
+    return ElementFormat(f.element, *(ELEMENTS.get(f.element) or f.element_range), *f.verify_bands,
+                         ties_to_even=f.ties_to_even)
+
+
+# By Format.verify_key: NVFP4 in either layout, block FP8 in every layout, each scheme (module docstring)
+NVFP4 = formats.get("nvfp4").verify_key
 BLOCK_KEY = formats.get("fp8").verify_key  # block FP8 and what verify judges as it
-SCHEME_FORMATS = {"fp8-block": E4M3, "fp8-channel": E4M3,
-                  "mxfp8": ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, MXFP8_FLOOR_REL_RMS, 24.6, 18.0),
-                  "mxfp4": ElementFormat("e2m1", 6.0, 0, 1, MXFP4_FLOOR_REL_RMS, 13.9, 6.5),
-                  NVFP4: ElementFormat("e2m1", n4.E2M1_MAX, 0, 1, NVFP4_FLOOR_REL_RMS, 13.9, 10.3, ties_to_even=True)}
+SCHEME_FORMATS = {f.verify_key: element_format(f) for f in formats.FORMATS.values()}
 # How the report names a format's quantized weights ("FP8 weight tensors": block FP8, the default)
 WEIGHT_LABELS = {f.verify_key: f.weight_label for f in formats.FORMATS.values()}
 # Schemes whose scales let the largest elements saturate: clipping is the format's, judged by SQNR alone
-SATURATING_SCHEMES = tuple(f.verify_key for f in formats.FORMATS.values() if isinstance(f, (Mx, Nvfp4)))
+SATURATING_SCHEMES = tuple(dict.fromkeys(f.verify_key for f in formats.FORMATS.values() if f.saturates))
 
 
 @dataclass(frozen=True)
@@ -363,13 +369,13 @@ def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src
 
 def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, scale: torch.Tensor,
                    src: torch.Tensor, bands: Bands | None = None, mx_rule: str | None = None) -> TensorCheck:
-    """One module of a compressed-tensors scheme output (fp8norm.schemes: fp8-channel, mxfp8, mxfp4)
+    """One module of a compressed-tensors scheme output (fp8norm.formats: fp8-channel, mxfp8, mxfp4)
     against its source matrix (fp32 or the source dtype): every element RNE(x / scale) in the scheme's
     element format (the row's scale, or the block's E8M0 scale), and for MX every scale code the one
     `mx_rule` (None: any rule of fp8norm.kernels.numerics.mx) gives for its block's amax."""
     fmt = SCHEME_FORMATS[scheme]
     bands = bands or Bands.for_scheme(scheme, None)
-    if not isinstance(formats.get(scheme), Mx):  # one scale per row
+    if not formats.get(scheme).takes_mx_rule:  # one scale per row
         return compare(name, shard, stored, scale, src, (1, src.shape[-1]), bands, fmt=fmt)
     mxf = mx.mx_format(scheme)
     check = compare(name, shard, stored, scale, src, (1, mx.MX_BLOCK), bands, fmt=fmt,
@@ -499,7 +505,7 @@ class VerifyReport:
             right = sum(not c.wrong_elements and not c.wrong_scales for c in self.checks)
             scale = "weight_scale * scale_2" if self.scheme == NVFP4 else "scale"
             lines.append(f"  Correctly rounded   : {right} of {len(self.checks)} (every element RNE(x / {scale}) in "
-                         f"{fmt.name}{', every scale by the MX rule' if self.scheme.startswith('mx') else ''})")
+                         f"{fmt.name}{', every scale by the MX rule' if formats.get(self.scheme).takes_mx_rule else ''})")
             pooled = sum(c.rel_rms ** 2 for c in self.checks) / len(self.checks)
             mean_rel = pooled ** 0.5
             mean_sqnr = -10 * math.log10(pooled) if pooled > 0 else math.inf
@@ -665,20 +671,15 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
         fmt = formats.detect(cfg or {}, q_ckpt.tensors)[0]
     except ValueError:  # a layout no format reads: checked as block FP8, its problems listed
         fmt = None
-    if isinstance(fmt, (Scheme, Nvfp4)):
+    if fmt is not None and fmt.per_module:
         report.scheme = fmt.verify_key
         report.bands = bands or Bands.for_scheme(report.scheme, mode, **(band_overrides or {}))
-        if isinstance(fmt, Scheme):
-            mx_rule = prov.get("mx_rule")
-            if mx_rule is not None and mx_rule not in mx.SCALE_RULES:
-                report.problems.append(f"{quant / 'fp8norm.json'}: mx_rule {mx_rule!r} is none of "
-                                       f"{', '.join(mx.SCALE_RULES)}")
-                mx_rule = None
-            _verify_scheme(fmt, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, mx_rule)
-        else:  # ModelOpt's own exports may declare it in hf_quant_config.json only
-            hf_quant = (_read_json(quant / "hf_quant_config.json") or {}).get("quantization")
-            qcfg = qcfg or ({"quant_method": "modelopt", **hf_quant} if isinstance(hf_quant, dict) else {})
-            _verify_nvfp4(fmt, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed)
+        mx_rule = prov.get("mx_rule")
+        if mx_rule is not None and mx_rule not in mx.SCALE_RULES:
+            report.problems.append(f"{quant / 'fp8norm.json'}: mx_rule {mx_rule!r} is none of "
+                                   f"{', '.join(mx.SCALE_RULES)}")
+            mx_rule = None
+        verify_members(fmt, quant, q_ckpt, s_ckpt, qcfg or fmt.config_beside(quant), report, samples, seed, mx_rule)
         return report
     block = tuple(qcfg.get("weight_block_size") or nx.DEFAULT_BLOCK_SIZE)
     qt, st = q_ckpt.tensors, s_ckpt.tensors
@@ -735,99 +736,17 @@ def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
     return x
 
 
-@dataclass(frozen=True)
-class _Member:
-    """One quantized weight of the output: its stored elements, its group/row/block scale and (NVFP4)
-    its global scale, and where its source is: (source tensor, index in split_source, or None
-    for the whole tensor)."""
-    elements: str
-    scale: str
-    global_scale: str | None
-    source: tuple[str, int | None] | None
-
-
-def _verify_scheme(fmt: Scheme, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
+def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
                    samples: int | None, seed: int, mx_rule: str | None) -> None:
-    """verify() for a compressed-tensors scheme output: per module `weight` (or `weight_packed`) and
-    `weight_scale`, fused 3D source experts written per expert and projection (fp8norm.formats)."""
-    qt, scheme = q_ckpt.tensors, fmt.verify_key
-    elem = fmt.elements_suffix
-    src_of = _split_sources(s_ckpt.tensors)
-    members = {m: _Member(m + elem, m + ".weight_scale", None, src_of.get(m))
-               for m in sorted(n.removesuffix(".weight_scale") for n in qt if n.endswith(".weight_scale"))}
-
-    def check(m: str, mem: _Member, shard: str, x: torch.Tensor) -> TensorCheck:
-        return compare_scheme(scheme, m, shard, read_tensor(qt[mem.elements]), read_tensor(qt[mem.scale]), x,
-                              report.bands, mx_rule)
-    _verify_members(scheme, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, members,
-                    lambda mem: fmt.check_sources(q_ckpt, {mem.elements: mem.scale}, None),
-                    check, fmt.elements_per_byte)
-
-
-def _split_sources(st: dict) -> dict[str, tuple[str, int]]:
-    """module -> (source tensor, index in split_source): the modules compressed-tensors layouts
-    write, fused 3D experts per expert and projection."""
-    src_of: dict[str, tuple[str, int]] = {}
-    for n, info in st.items():
-        for i, m in enumerate(output_modules(n, tuple(info.shape))):
-            src_of.setdefault(m, (n, i))
-    return src_of
-
-
-def _verify_nvfp4(fmt: Nvfp4, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
-                  samples: int | None, seed: int) -> None:
-    """verify() for an NVFP4 output in either layout (module docstring, "nvfp4"): ModelOpt's keeps the
-    source's names (fused 3D experts whole, one scale_2 per expert); compressed-tensors' writes modules,
-    fused 3D experts per expert and projection, with 1 / scale_2 as `weight_global_scale`."""
-    qt, st = q_ckpt.tensors, s_ckpt.tensors
-    ct = fmt.layout == CT_LAYOUT
-    src_of = _split_sources(st) if ct else {n: (n, None) for n in st}
-    members = {}
-    for packed, (scale, global_scale, logical) in sorted(fmt.global_scaled_members(qt).items()):
-        key = fmt.member_key(logical)
-        members[key] = _Member(packed, scale, global_scale, src_of.get(key))
-
-    def check(key: str, mem: _Member, shard: str, x: torch.Tensor) -> TensorCheck:
-        g = read_tensor(qt[mem.global_scale]).float()
-        return compare_nvfp4(key, shard, read_tensor(qt[mem.elements]), read_tensor(qt[mem.scale]),
-                             torch.reciprocal(g) if ct else g, x, report.bands, exact_scale_2=not ct)
-    _verify_members(NVFP4, quant, q_ckpt, s_ckpt, qcfg, report, samples, seed, members,
-                    lambda mem: _check_nvfp4_member(qt, mem), check, 2)
-
-
-def _check_nvfp4_member(qt: dict[str, TensorInfo], mem: _Member) -> None:
-    """Dtypes and shapes of one NVFP4 weight and its scales, and their values (e4m3 group scales not NaN,
-    global scales finite and > 0), before anything is compared: one line naming the tensor."""
-    from .plan import PlanError
-
-    w, sc, g = qt[mem.elements], qt[mem.scale], qt[mem.global_scale]
-    *lead, rows, half = w.shape
-    want = (*lead, rows, 2 * half // n4.GROUP_SIZE)
-    if w.dtype != "U8" or sc.dtype != "F8_E4M3" or g.dtype != "F32" or len(w.shape) not in (2, 3):
-        raise PlanError(f"{w.file.name}: NVFP4 tensor {mem.elements!r} is {w.dtype} {list(w.shape)} with scales "
-                        f"{sc.dtype}, {g.dtype}; expected U8 2D/3D with an F8_E4M3 group scale and an F32 global one")
-    if tuple(sc.shape) != want or math.prod(g.shape) != (lead[0] if lead else 1):
-        raise PlanError(f"{sc.file.name}: scales {mem.scale!r} {list(sc.shape)} and {mem.global_scale!r} "
-                        f"{list(g.shape)} do not fit NVFP4 weight {mem.elements!r} {list(w.shape)} (needs {list(want)} "
-                        f"and {lead[0] if lead else 1} global)")
-    nan = (read_tensor(sc).view(torch.uint8) & 0x7F) == 0x7F
-    gv = read_tensor(g).float()
-    if bool(nan.any()) or not bool((torch.isfinite(gv) & (gv > 0)).all()):
-        name = mem.scale if bool(nan.any()) else mem.global_scale
-        raise PlanError(f"{qt[name].file.name}: scale {name!r} holds invalid values (NaN, Inf or <= 0); its weight "
-                        "cannot be read")
-
-
-def _verify_members(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
-                    samples: int | None, seed: int, members: dict[str, _Member], check_structure, check,
-                    pack: int) -> None:
-    """The structure of a per-module output (each member's tensors and source present and well formed,
-    every source tensor quantized whole or kept byte for byte, nothing extra), then `samples` members per
-    shard compared with their sources by `check(key, member, shard, source matrix)`. `pack`: source
-    columns per stored element."""
+    """verify() for an output `fmt` judges per module (Format.per_module: a compressed-tensors scheme,
+    NVFP4 in either layout): the structure (each member's tensors and source present and well formed,
+    every source tensor quantized whole or kept byte for byte, nothing extra), then `samples` members
+    per shard compared with their sources by fmt.compare_member."""
     from .plan import PlanError
 
     qt, st = q_ckpt.tensors, s_ckpt.tensors
+    scheme, pack = fmt.verify_key, fmt.elements_per_byte
+    members = fmt.written_members(qt, st)
     report.fp8_tensors = len(members)
     _check_index(quant, q_ckpt, report)
     owned = {n for mem in members.values() for n in (mem.elements, mem.scale, mem.global_scale) if n}
@@ -838,7 +757,7 @@ def _verify_members(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report
             if mem.elements not in qt:
                 raise PlanError(f"{qt[mem.scale].file.name}: scale {mem.scale!r} has no {scheme} weight "
                                 f"{mem.elements!r}")
-            check_structure(mem)
+            fmt.check_member(q_ckpt, mem)
             if mem.source is None:
                 raise PlanError(f"{qt[mem.elements].file.name}: quantized module {key!r} has no source weight")
         except PlanError as e:
@@ -847,7 +766,7 @@ def _verify_members(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report
         valid.append(key)
     for n, info in qt.items():
         # (FP8 weights an NVFP4 output keeps from an FP8 source carry their `_scale_inv`: kept tensors)
-        if info.dtype in FP8_DTYPES and n not in owned and not (scheme == NVFP4 and _scale_of(n, qt)):
+        if info.dtype in FP8_DTYPES and n not in owned and not (fmt.keeps_scaled_fp8 and _scale_of(n, qt)):
             report.problems.append(f"{info.file.name}: tensor {n!r} is FP8 but has no {module_of(n)}.weight_scale")
     quantized_src = {mem.source[0] for mem in members.values() if mem.source}
     # an FP8 source's scales are read with its weights, not kept
@@ -891,7 +810,8 @@ def _verify_members(scheme: str, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report
                 report.problems.append(f"{qt[mem.elements].file.name}: {mem.elements!r} has shape "
                                        f"{list(qt[mem.elements].shape)}, its source {list(x.shape)}")
                 continue
-            report.checks.append(check(key, mem, shard, x))
+            stored = [read_tensor(qt[n]) for n in (mem.elements, mem.scale, mem.global_scale) if n]
+            report.checks.append(fmt.compare_member(key, shard, stored, x, report.bands, mx_rule))
 
 
 PLOT_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'fp8norm[plot]' (or pip install matplotlib)"

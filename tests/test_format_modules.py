@@ -151,3 +151,55 @@ def test_no_import_cycle_among_fp8norm_modules():
     graph = _module_graph()
     graph = {m: {n for n in deps if not m.startswith(n + ".")} for m, deps in graph.items()}
     assert _cycle(graph) == []
+
+
+def _outputs(name: str, shape: tuple) -> list[tuple]:
+    return [(o.name, o.dtype, o.shape) for o in formats.get(name).outputs("m.layers.0.mlp.experts.gate_up_proj", shape)]
+
+
+def test_compressed_tensors_formats_split_fused_experts_per_expert_alike():
+    """One layout module splits fused 3D experts for every compressed-tensors format (gate rows first)."""
+    p = "m.layers.0.mlp.experts"
+    assert _outputs("mxfp4", (2, 128, 64)) == [
+        (f"{p}.{e}.{proj}.{t}", dt, shape) for e in range(2) for proj in ("gate_proj", "up_proj")
+        for t, dt, shape in (("weight_packed", "U8", (64, 32)), ("weight_scale", "U8", (64, 2)))]
+    assert _outputs("fp8-channel", (2, 128, 64))[:2] == [(f"{p}.0.gate_proj.weight", "F8_E4M3", (64, 64)),
+                                                          (f"{p}.0.gate_proj.weight_scale", "F32", (64, 1))]
+    assert _outputs("nvfp4-ct", (2, 128, 64))[:3] == [(f"{p}.0.gate_proj.weight_packed", "U8", (64, 32)),
+                                                       (f"{p}.0.gate_proj.weight_scale", "F8_E4M3", (64, 4)),
+                                                       (f"{p}.0.gate_proj.weight_global_scale", "F32", (1,))]
+    # ModelOpt keeps the fused tensor whole, one scale_2 per expert
+    assert _outputs("nvfp4", (2, 128, 64)) == [(f"{p}.gate_up_proj", "U8", (2, 128, 32)),
+                                               (f"{p}.gate_up_proj_scale", "F8_E4M3", (2, 128, 4)),
+                                               (f"{p}.gate_up_proj_scale_2", "F32", (2,))]
+
+
+def _config(fmt: str, strategy: str = "group", **weights) -> dict:
+    return {"quantization_config": {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {"strategy": strategy, **weights}}}}}
+
+
+class _Info:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+def test_detect_reads_each_layout_from_config_and_tensors():
+    fp8, bf16 = {"w": _Info("F8_E4M3"), "w_scale_inv": _Info("F32")}, {"w": _Info("BF16")}
+    cases = [(_config("mxfp4-pack-quantized"), {}, "mxfp4", (128, 128)),
+             (_config("mxfp8-quantized"), {}, "mxfp8", (128, 128)),
+             (_config("float-quantized", "channel"), {}, "fp8-channel", (128, 128)),
+             (_config("float-quantized", "block", num_bits=8, block_structure=[64, 32]), {}, "fp8-ct", (64, 32)),
+             (_config("nvfp4-pack-quantized", "tensor_group"), {}, "nvfp4-ct", (128, 128)),
+             ({"quantization_config": {"quant_method": "modelopt"}}, {}, "nvfp4", (128, 128)),
+             ({"quantization_config": {"weight_block_size": [64, 64]}}, fp8, "fp8", (64, 64)),
+             ({}, bf16, "bf16", (128, 128))]
+    assert [(f.name, block) for f, block in (formats.detect(c, t) for c, t, *_ in cases)] == \
+        [(name, block) for *_, name, block in cases]
+    try:
+        formats.detect(_config("int-quantized", "channel", num_bits=8), {})
+    except ValueError as e:
+        assert str(e) == ("compressed-tensors source with weights {'strategy': 'channel', 'num_bits': 8}: "
+                          "only FP8 block is read here")
+    else:
+        raise AssertionError("an unread compressed-tensors layout was detected")

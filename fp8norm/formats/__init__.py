@@ -22,6 +22,17 @@ ConfigRule = Callable[[dict], list]
 
 
 @dataclass(frozen=True)
+class Member:
+    """One quantized weight of an output verify judges per module: its stored elements, its
+    group/row scale and (NVFP4) its global scale, and where its source is: (source tensor, index in
+    compressed_tensors.split_source, or None for the whole tensor)."""
+    elements: str
+    scale: str
+    global_scale: str | None
+    source: tuple[str, int | None] | None
+
+
+@dataclass(frozen=True)
 class Format:
     name: str                    # the one name every command uses (`--to NAME`)
     summary: str
@@ -47,6 +58,11 @@ class Format:
     # How `verify` judges it: the element format and bands it shares with others (fp8norm.verify)
     verify_key: str = "fp8-block"
     weight_label: str = "FP8"    # the report's name for its quantized weights
+    # (floor relative RMS error, SQNR GOOD from, WARN down to) of its element format as it stores it;
+    # None: e4m3 in 128x128 blocks, the floor and bands of block FP8 (fp8norm.verify)
+    verify_bands: tuple | None = None
+    # (largest value, exponent of the smallest normal, mantissa bits) of an element verify does not know
+    element_range: tuple | None = None
     serve_note: str | None = None  # what serving the output needs, after the `vllm serve` hint
     dense_dtype: str | None = None  # a dense target: the safetensors dtype it dequantizes to
 
@@ -54,6 +70,11 @@ class Format:
     takes_mx_rule = False        # `--mx-rule` applies (an E8M0 scale rule, fp8norm.kernels.numerics.mx)
     quantizes_anew = False       # convert rounds source values anew (from bf16 or dequantized FP8)
     needs_global_amax = False    # convert's pre-pass: one global amax per fused group
+    per_module = False           # verify judges its weights per module (Member), compare_member()
+    tensors_per_member = 1       # the tensors one member is stored as (elements, scale[, global scale])
+    saturates = False            # its scales let a block's largest elements saturate (clipping is the format's)
+    ties_to_even = False         # e2m1 quotients halfway between two values are stored as the even one
+    keeps_scaled_fp8 = False     # block FP8 weights (with `_scale_inv`) may be kept beside its own
     requantizes_fp8 = False      # rounds FP8 source values a second time (verify allows 1.5 steps)
     extra_file_names: tuple = ()  # the files extra_files() may write (a convert to another format skips them)
     unaligned_error_rule = None  # a KEEP rule that is an error unless --keep-unaligned
@@ -132,6 +153,31 @@ class Format:
 
     def extra_files(self, plan) -> dict[str, str]:
         """Files beside config.json this format writes: {name: text}."""
+        return {}
+
+    # -- as `verify` reads an output in it (per_module formats; block FP8 is verify's own)
+    def written_members(self, qt: dict, st: dict) -> dict[str, Member]:
+        """The quantized weights of output tensors `qt`, by key, with their sources in `st`."""
+        raise NotImplementedError(self.name)
+
+    def output_key(self, stored: str) -> str:
+        """The key of the member whose elements are the output tensor `stored`."""
+        return stored
+
+    def source_parts(self, name: str, x) -> list:
+        """A source weight as its members' source matrices, in outputs()' order."""
+        return [x]
+
+    def check_member(self, ckpt, mem: Member) -> None:
+        """Dtypes, shapes and values of one member's tensors in `ckpt`: a PlanError naming the tensor."""
+        self.check_sources(ckpt, {mem.elements: mem.scale}, None)
+
+    def compare_member(self, key: str, shard: str, stored: list, x, bands, mx_rule=None):
+        """One member's stored tensors against its source matrix `x`: a verify.TensorCheck."""
+        raise NotImplementedError(self.name)
+
+    def config_beside(self, quant) -> dict:
+        """The quantization config an output in `quant` declares outside config.json ({}: none)."""
         return {}
 
     def mx_rule(self, rule: str | None, spelled: str) -> str | None:
@@ -214,7 +260,7 @@ def cli_aliases() -> dict[str, tuple[str, dict]]:
 
 
 def library_scheme(value: str) -> str:
-    """The library's scheme name for `quantize --to VALUE` (fp8norm.schemes)."""
+    """The library's scheme name for `quantize --to VALUE` (fp8norm.quantize)."""
     for f in FORMATS.values():
         if f.from_bf16 and f.from_bf16[:3] == ("quantize", "--to", value):
             return f.library_scheme or value

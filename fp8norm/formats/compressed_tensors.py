@@ -69,6 +69,21 @@ def split_source(name: str, x) -> list:
     return [x[e].chunk(n_parts, dim=0)[p] for e in range(x.shape[0]) for p in range(n_parts)]
 
 
+def split_sources(st: dict) -> dict[str, tuple[str, int]]:
+    """module -> (source tensor, index in split_source): the modules a compressed-tensors output of
+    source tensors `st` holds, fused 3D experts per expert and projection."""
+    src_of: dict[str, tuple[str, int]] = {}
+    for n, info in st.items():
+        for i, m in enumerate(output_modules(n, tuple(info.shape))):
+            src_of.setdefault(m, (n, i))
+    return src_of
+
+
+def output_module(stored: str) -> str:
+    """The module an output tensor `X.weight` / `X.weight_packed` belongs to."""
+    return module_of(stored.removesuffix("_packed"))
+
+
 def split_outputs(name: str, outs: list) -> list:
     """Tensors made in one launch over a whole weight -> per output module, in output_modules' order
     (a fused 3D expert tensor: each tensor split per expert and projection, then interleaved)."""
@@ -163,6 +178,8 @@ class Scheme(Format):
 
     # the class attributes of Format a scheme sets
     quantizes_anew = True
+    per_module = True
+    tensors_per_member = 2
 
     @property
     def elements_suffix(self) -> str:
@@ -269,6 +286,24 @@ class Scheme(Format):
 
     def quantization_config(self, plan):
         return ct_config(self.ct_format, *self.weight_args(), plan)
+
+    def written_members(self, qt, st):
+        from . import Member
+
+        src_of = split_sources(st)
+        return {m: Member(m + self.elements_suffix, m + ".weight_scale", None, src_of.get(m))
+                for m in sorted(n.removesuffix(".weight_scale") for n in qt if n.endswith(".weight_scale"))}
+
+    def output_key(self, stored):
+        return output_module(stored)
+
+    def source_parts(self, name, x):
+        return split_source(name, x)
+
+    def compare_member(self, key, shard, stored, x, bands, mx_rule=None):
+        from ..verify import compare_scheme
+
+        return compare_scheme(self.verify_key, key, shard, *stored, x, bands, mx_rule)
 
 
 def apply_to_plan(plan, transform) -> None:

@@ -19,6 +19,7 @@ def _block() -> int:
 @dataclass(frozen=True)
 class Mx(Scheme):
     takes_mx_rule = True
+    saturates = True
 
     def weight_args(self):
         """compressed-tensors 0.20's MXFP8A16 / MXFP4A16 presets."""

@@ -11,5 +11,5 @@ FORMAT = Mx(
     from_bf16=("quantize", "--to", "mxfp4"), from_fp8=("convert", "--to", "mxfp4"),
     floor_sqnr_db=18.9, readers=("compressed-tensors",), config_rules=(_rules.compressed_tensors,),
     detect_order=20, scale_suffix="_scale", verify_key="mxfp4", weight_label="MXFP4",
-    ct_format="mxfp4-pack-quantized", weight_dtype="U8",
+    verify_bands=(0.114, 13.9, 6.5), ct_format="mxfp4-pack-quantized", weight_dtype="U8",
 )

@@ -10,5 +10,5 @@ FORMAT = Mx(
     from_bf16=("quantize", "--to", "mxfp8"), from_fp8=("convert", "--to", "mxfp8"),
     floor_sqnr_db=30.7, readers=("compressed-tensors",), config_rules=(_rules.compressed_tensors,),
     detect_order=20, scale_suffix="_scale", verify_key="mxfp8", weight_label="MXFP8",
-    ct_format="mxfp8-quantized",
+    verify_bands=(0.0292, 24.6, 18.0), ct_format="mxfp8-quantized",
 )

@@ -9,9 +9,10 @@ error naming them, or stay as they are with `keep_unaligned`. NVFP4 checkpoints 
 bf16/fp16 only."""
 
 import json
+import math
 from dataclasses import dataclass
 
-from . import Format
+from . import Format, Member
 
 GROUP = 16  # elements per e4m3 group scale (fp8norm.kernels.numerics.nvfp4)
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -59,6 +60,11 @@ class Nvfp4(Format):
     quantizes_anew = True
     needs_global_amax = True
     unaligned_error_rule = "nvfp4:unaligned-kept"
+    per_module = True
+    tensors_per_member = 3
+    saturates = True
+    ties_to_even = True  # the quotient is the IEEE fp32 x / scale the kernel and its twin both compute
+    keeps_scaled_fp8 = True  # an FP8 source's weights it does not round keep their `_scale_inv`
 
     def detect(self, config, tensors):
         from ..kernels.numerics import fp8_block as nx
@@ -124,6 +130,66 @@ class Nvfp4(Format):
     def quantization_config(self, plan):
         return modelopt_config_json(plan)
 
+    def written_members(self, qt, st):
+        src_of = self.sources_of(st)
+        return {self.member_key(logical): Member(packed, scale, global_scale, src_of.get(self.member_key(logical)))
+                for packed, (scale, global_scale, logical) in sorted(self.global_scaled_members(qt).items())}
+
+    def sources_of(self, st: dict) -> dict:
+        """member key -> (source tensor, None): ModelOpt keeps the source's names, fused 3D experts whole."""
+        return {n: (n, None) for n in st}
+
+    def check_member(self, ckpt, mem):
+        """Dtypes and shapes of one NVFP4 weight and its scales, and their values (e4m3 group scales not
+        NaN, global scales finite and > 0), before anything is compared: one line naming the tensor."""
+        import torch
+
+        from ..plan import PlanError
+        from ..st_io import read_tensor
+
+        qt = ckpt.tensors
+        w, sc, g = qt[mem.elements], qt[mem.scale], qt[mem.global_scale]
+        *lead, rows, half = w.shape
+        want = (*lead, rows, 2 * half // GROUP)
+        if w.dtype != "U8" or sc.dtype != "F8_E4M3" or g.dtype != "F32" or len(w.shape) not in (2, 3):
+            raise PlanError(f"{w.file.name}: NVFP4 tensor {mem.elements!r} is {w.dtype} {list(w.shape)} with scales "
+                            f"{sc.dtype}, {g.dtype}; expected U8 2D/3D with an F8_E4M3 group scale and an F32 global one")
+        if tuple(sc.shape) != want or math.prod(g.shape) != (lead[0] if lead else 1):
+            raise PlanError(f"{sc.file.name}: scales {mem.scale!r} {list(sc.shape)} and {mem.global_scale!r} "
+                            f"{list(g.shape)} do not fit NVFP4 weight {mem.elements!r} {list(w.shape)} (needs "
+                            f"{list(want)} and {lead[0] if lead else 1} global)")
+        nan = (read_tensor(sc).view(torch.uint8) & 0x7F) == 0x7F
+        gv = read_tensor(g).float()
+        if bool(nan.any()) or not bool((torch.isfinite(gv) & (gv > 0)).all()):
+            name = mem.scale if bool(nan.any()) else mem.global_scale
+            raise PlanError(f"{qt[name].file.name}: scale {name!r} holds invalid values (NaN, Inf or <= 0); its "
+                            "weight cannot be read")
+
+    def scale_2(self, stored_global):
+        """ModelOpt's scale_2 (fp32) from the global scale as this layout stores it."""
+        return stored_global.float()
+
+    def compare_member(self, key, shard, stored, x, bands, mx_rule=None):
+        from ..verify import compare_nvfp4
+
+        packed, scale, global_scale = stored
+        return compare_nvfp4(key, shard, packed, scale, self.scale_2(global_scale), x, bands,
+                             exact_scale_2=self.stores_scale_2)
+
+    @property
+    def stores_scale_2(self) -> bool:
+        """scale_2 stored as the quantizer formed it (ModelOpt), not its reciprocal: exact ties."""
+        return True
+
+    def config_beside(self, quant):
+        """ModelOpt's own exports may declare it in hf_quant_config.json only."""
+        path = quant / HF_QUANT_CONFIG
+        try:
+            hf_quant = json.loads(path.read_text()).get("quantization") if path.exists() else None
+        except (OSError, ValueError, AttributeError):
+            hf_quant = None
+        return {"quant_method": "modelopt", **hf_quant} if isinstance(hf_quant, dict) else {}
+
     def extra_files(self, plan):
         from .. import __version__
 
@@ -136,5 +202,6 @@ FORMAT = Nvfp4(
     element="e2m1", scale_block=(1, 16), elements_per_byte=2, layout="modelopt",
     from_bf16=("convert", "--to", "nvfp4"), from_fp8=("convert", "--to", "nvfp4"),
     floor_sqnr_db=20.5, shard_refusal="NVFP4", detect_order=10, verify_key="nvfp4", weight_label="NVFP4",
+    verify_bands=(0.0951, 13.9, 10.3),
     serve_note="NVFP4: a Blackwell GPU", extra_file_names=(HF_QUANT_CONFIG,),
 )

@@ -29,10 +29,31 @@ class CtNvfp4(Nvfp4):
     def member_key(self, logical):
         return ct.module_of(logical)
 
+    def output_key(self, stored):
+        return ct.output_module(stored)
+
+    def sources_of(self, st):
+        return ct.split_sources(st)
+
+    def source_parts(self, name, x):
+        return ct.split_source(name, x)
+
     def stored_global_scale(self, g):
         import torch
 
         return torch.reciprocal(g.float()).reshape(g.shape[:-1])
+
+    def scale_2(self, stored_global):
+        import torch
+
+        return torch.reciprocal(stored_global.float())
+
+    @property
+    def stores_scale_2(self):
+        return False
+
+    def config_beside(self, quant):
+        return {}
 
     def kept_reason(self, name, shape):
         return ct.fused_3d_kept(name, shape)
