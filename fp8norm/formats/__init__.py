@@ -4,7 +4,11 @@ A module here states what its format *is*, for every command and test to read in
 its element and scale geometry, the layout and config it writes, how each command makes it, what
 `verify` checks and the format's own error floor, how `shard` treats it, which independent readers
 load it, and the rules vLLM / transformers apply when they parse its config (transcribed from their
-source, cited). `tests/test_conformance.py` runs every format through every command from this
+source, cited). Beside that data a module defines the format's behaviour, the methods of `Format`
+every command calls instead of branching on a name: detect(), check_sources(), outputs(), encode(),
+decode(), quantization_config(), extra_files(), convert_decision(), compare_member(). What a layout
+family shares is one module here (compressed_tensors.py, mx.py; BlockFp8 in fp8_block.py, Nvfp4 in
+nvfp4.py). `tests/test_conformance.py` runs every format through every command from this
 registry alone: a new format is a new module here and is covered without new test code.
 
 The numerics themselves (rules, Triton kernels, torch twins) live below fp8norm, in
@@ -99,7 +103,7 @@ class Format:
 
     def global_scaled_members(self, tensors: dict) -> dict[str, tuple[str, str, str]]:
         """Weights with a block scale and a global scale: packed -> (block scale, global scale, the
-        dequantized weight's name). None in formats without global scales."""
+        dequantized weight's name). Empty in formats without global scales."""
         return {}
 
     def check_sources(self, ckpt, scale_of: dict[str, str], block_size) -> None:
