@@ -11,6 +11,7 @@ import torch
 
 from fp8norm import formats
 from fp8norm.formats import int4_layout as w4
+from fp8norm.kernels.numerics import int4
 from fp8norm.st_io import DTYPE_NAMES, OutEntry
 from tests.readers import reader
 
@@ -236,6 +237,7 @@ def test_pending_format_is_described_but_not_registered():
     f = w4.PENDING_FORMAT
     assert (f.name, f.aliases, f.element, f.scale_block, f.layout) == ("w4a16", ("int4",), "int4", (1, 128), "compressed-tensors")
     assert f.readers == ("compressed-tensors",) and f.from_fp8 is None
+    assert w4.GROUP_SIZE == int4.GROUP_SIZE  # stated in the module, which imports no torch
     assert "w4a16" not in formats.FORMATS and not hasattr(w4, "FORMAT")
     with pytest.raises(ValueError, match="unknown format 'int4'"):
         formats.get("int4")

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
-from .. import dispatch, reference
-from ..kernels.numerics import int4
-from ..st_io import OutEntry
 from . import Format, _rules
 
-GROUP_SIZE = int4.GROUP_SIZE
+if TYPE_CHECKING:
+    import torch
+
+    from ..st_io import OutEntry
+
+# The registry imports every format module when the CLI starts, before any command runs: torch, the
+# kernels' rules and st_io are imported inside the functions (`fp8norm --help` stays torch-free).
+GROUP_SIZE = 128  # fp8norm.kernels.numerics.int4.GROUP_SIZE (tests/test_int4_layout.py holds them equal)
 CT_FORMAT = "pack-quantized"
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 SCALE_DTYPES = ("BF16", "F16", "F32")  # compressed-tensors stores the scale in the weight's dtype
@@ -75,6 +78,9 @@ def outputs(name: str, shape: tuple[int, ...], dtype: str = "BF16") -> list[OutE
     check_shape(name, shape)
     if dtype not in SCALE_DTYPES:
         raise ValueError(f"{name}: int4 W4A16 is made from a BF16, F16 or F32 weight, got {dtype}")
+    from ..kernels.numerics import int4
+    from ..st_io import OutEntry
+
     m = module_of(name)
     return [OutEntry(f"{m}.weight_packed", "I32", int4.packed_shape(shape)),
             OutEntry(f"{m}.weight_scale", dtype, int4.scale_shape(shape, GROUP_SIZE)),
@@ -84,31 +90,41 @@ def outputs(name: str, shape: tuple[int, ...], dtype: str = "BF16") -> list[OutE
 def _backend(t: torch.Tensor):
     """The twin or the Triton kernels, as fp8norm.dispatch chooses for the other formats (no int4 entry
     there until the commands consume formats through the registry)."""
-    return reference if dispatch.backend_for(t) == "torch" else importlib.import_module("fp8norm.kernels")
+    from .. import dispatch
+
+    return importlib.import_module("fp8norm.reference" if dispatch.backend_for(t) == "torch" else "fp8norm.kernels")
 
 
 def encode(x: torch.Tensor, *, rule: str = "ct", name: str = "weight") -> list[torch.Tensor]:
     """A bf16/fp16/fp32 weight [M, N] -> [weight_packed, weight_scale, weight_shape] (outputs' order).
     rule "ct" gives compressed-tensors' bytes on CUDA (llm-compressor's default device), "ct-cpu" its bytes
     on CPU (fp8norm.kernels.numerics.int4)."""
+    from ..kernels.numerics import int4
+
     check_shape(name, tuple(x.shape))
     packed, scale = _backend(x).quant_int4(x, group_size=GROUP_SIZE, rule=rule)
     return [packed, scale, int4.weight_shape(x.shape)]
 
 
-def decode(tensors: Sequence[torch.Tensor], *, out_dtype: torch.dtype = torch.bfloat16,
+def decode(tensors: Sequence[torch.Tensor], *, out_dtype: torch.dtype | None = None,
            name: str = "weight") -> torch.Tensor:
-    """[weight_packed, weight_scale, weight_shape] -> the weight q * scale in out_dtype (what
+    """[weight_packed, weight_scale, weight_shape] -> the weight q * scale in out_dtype (default bf16; what
     compressed-tensors' decompress gives), after check_stored."""
+    import torch
+
     check_stored(name, *tensors)
     packed, scale, _ = tensors
-    return _backend(packed).dequant_int4(packed, scale, group_size=GROUP_SIZE, out_dtype=out_dtype)
+    return _backend(packed).dequant_int4(packed, scale, group_size=GROUP_SIZE, out_dtype=out_dtype or torch.bfloat16)
 
 
 def check_stored(name: str, packed: torch.Tensor, scale: torch.Tensor, weight_shape: torch.Tensor) -> None:
     """A module read from a W4A16 source, before it is decoded: dtypes, shapes that agree with each other
     and with weight_shape, and every scale finite and > 0 (compressed-tensors' min-max scales are at
     least eps). One line naming the module."""
+    import torch
+
+    from ..kernels.numerics import int4
+
     m = module_of(name)
     if packed.dtype != torch.int32 or scale.dtype not in (torch.bfloat16, torch.float16, torch.float32) \
             or weight_shape.dtype != torch.int64 or packed.dim() != 2:
@@ -125,6 +141,8 @@ def check_stored(name: str, packed: torch.Tensor, scale: torch.Tensor, weight_sh
 
 
 def check_scale(name: str, scale: torch.Tensor) -> None:
+    import torch
+
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bool(bad.any()):
         first = [int(i) for i in bad.nonzero()[0].tolist()]
