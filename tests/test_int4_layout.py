@@ -144,7 +144,8 @@ def test_kernel_path_gives_the_twins_bytes(monkeypatch):
 def test_unsupported_shapes_are_refused_in_one_line(shape, needle):
     name = "model.layers.3.mlp.up_proj.weight"
     assert needle in w4.unsupported_reason(name, shape)
-    for call in (lambda: w4.outputs(name, shape), lambda: w4.encode(torch.zeros(shape, dtype=torch.bfloat16), name=name)):
+    zeros = torch.zeros(shape, dtype=torch.bfloat16)
+    for call in (lambda: w4.outputs(name, shape), lambda: w4.encode(zeros, name=name)):
         with pytest.raises(ValueError) as e:
             call()
         assert str(e.value).startswith(name + ": ") and needle in str(e.value) and "\n" not in str(e.value)
@@ -164,7 +165,8 @@ def test_damaged_scale_is_refused_naming_it(bad):
 
 def test_inconsistent_tensors_are_refused_naming_the_module():
     packed, scale, shape = w4.encode(gaussian((M, N)))
-    cases = [((packed, scale, torch.tensor([M, N - 128])), "weight_shape [64, 256] disagrees with weight_packed [64, 48]"),
+    cases = [((packed, scale, torch.tensor([M, N - 128])),
+              "weight_shape [64, 256] disagrees with weight_packed [64, 48]"),
              ((packed, scale[:, :2], shape), "weight_scale [64, 2]"),
              ((packed.view(torch.float32), scale, shape), "weight_packed torch.float32 [64, 48]"),
              ((packed, scale, shape.int()), "weight_shape torch.int32")]
@@ -207,7 +209,8 @@ def test_the_config_passes_every_rule():
     ({"format": "float-quantized"}, "format 'float-quantized' is not pack-quantized"),
     ({"strategy": "tensor"}, "strategy 'tensor' is not group or channel"),
     ({"dynamic": True}, "dynamic weights"),
-    ({"input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}, "input_activations set"),
+    ({"input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}},
+     "input_activations set"),
     ({"type": "float"}, "weights are 'float' 4-bit"),
     ({"symmetric": False}, "asymmetric weights need weight_zero_point"),
     ({"group_size": 256}, "group_size 256 is not one Marlin serves [-1, 32, 64, 128]"),
@@ -235,7 +238,8 @@ def test_vllm_shape_rules():
 
 def test_pending_format_is_described_but_not_registered():
     f = w4.PENDING_FORMAT
-    assert (f.name, f.aliases, f.element, f.scale_block, f.layout) == ("w4a16", ("int4",), "int4", (1, 128), "compressed-tensors")
+    assert (f.name, f.aliases, f.element, f.scale_block, f.layout) == (
+        "w4a16", ("int4",), "int4", (1, 128), "compressed-tensors")
     assert f.readers == ("compressed-tensors",) and f.from_fp8 is None
     assert w4.GROUP_SIZE == int4.GROUP_SIZE  # stated in the module, which imports no torch
     assert "w4a16" not in formats.FORMATS and not hasattr(w4, "FORMAT")
