@@ -15,8 +15,9 @@
   (size; where the mtime changed, the bytes read for the finished files must give the same digests),
   and each finished output file still of its recorded size and sha256 (else it is written again).
 
-Files appear under their final names only when complete: written to `.NAME.partial`, fsynced,
-renamed. Every OSError comes out as one line naming the file (see `io_error`).
+Files appear under their final names only when complete (fp8norm.atomic: written to `.NAME.partial`,
+fsynced, renamed, the directory fsynced). Every OSError comes out as one line naming the file (see
+`io_error`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ import shutil
 from pathlib import Path
 
 from . import _faults, digest, distributed
+from .atomic import PARTIAL_GLOB, AtomicFile
 from .checkpoint import OUTPUT_WORK_FOLDERS, read_json
 
 MANIFEST_NAME = "fp8norm-manifest.json"
 LOCK_NAME = ".fp8norm.lock"
 PROVENANCE_NAME = "fp8norm.json"
-PARTIAL_GLOB = ".*.partial"
 # the new output of an --overwrite until it is complete; the old output's entries while they are moved
 # aside; ... once all are (the renamed folder marks that step as done)
 STAGING_NAME, _MOVING_ASIDE, _ASIDE = OUTPUT_WORK_FOLDERS
@@ -221,30 +222,9 @@ def source_identity(root: Path, files) -> dict:
 
 # ------------------------------------------------------------------ the directory
 
-def write_atomically(path: Path, write, label: str | None = None) -> None:
-    """`write(tmp)` into `.NAME.partial` beside `path`, then rename it to `path`, so a file under its final
-    name is always complete. An OSError drops the partial file and names `path` (or the file it concerns).
-    `label`: the fault points around the rename (see fp8norm._faults)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise with_file(e, path if e.filename in (None, str(tmp)) else e.filename) from None
-    if label:
-        _faults.point(f"{label}-before-rename")
-    os.replace(tmp, path)
-    if label:
-        _faults.point(f"{label}-renamed")
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    write_atomically(path, write, "text")
+    with AtomicFile(path, label="text") as f:
+        f.file.write(text.encode())
 
 
 # errors of the written side of a copy (shutil's fast copy names the file read from in them)
@@ -253,15 +233,13 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 def copy_file(src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp):
+    with AtomicFile(out, open_file=False) as f:
         try:
-            shutil.copyfile(src, tmp)
+            shutil.copyfile(src, f.tmp)
         except OSError as e:
             if e.errno in _WRITE_ERRNOS:
-                e.filename, e.filename2 = None, None  # named as `out` by write_atomically
+                e.filename, e.filename2 = None, None  # named as `out` by AtomicFile
             raise
-    write_atomically(out, write)
 
 
 class OutputDir:
