@@ -35,6 +35,9 @@ from .atomic import PARTIAL_GLOB, AtomicFile
 from .checkpoint import OUTPUT_WORK_FOLDERS, read_json
 
 MANIFEST_NAME = "fp8norm-manifest.json"
+# under torchrun each rank records its finished files in its own manifest (no two ranks write one file)
+RANK_MANIFEST = ".fp8norm-manifest.rank{rank}.json"
+RANK_MANIFEST_GLOB = ".fp8norm-manifest.rank*.json"
 LOCK_NAME = ".fp8norm.lock"
 PROVENANCE_NAME = "fp8norm.json"
 # the new output of an --overwrite until it is complete; the old output's entries while they are moved
@@ -198,7 +201,7 @@ class ManifestRecord:
     rank's own (folded into the main one by rank 0 at the end, or by a later --resume)."""
 
     def __init__(self, dst: Path, fp: str, sources: dict, ctx, done: dict | None = None):
-        name = MANIFEST_NAME if ctx is None or ctx.rank == 0 else distributed.RANK_MANIFEST.format(rank=ctx.rank)
+        name = MANIFEST_NAME if ctx is None or ctx.rank == 0 else RANK_MANIFEST.format(rank=ctx.rank)
         self.dst, self.path = dst, dst / name
         self.data = {"fingerprint": fp, "complete": False, "sources": sources, "done": dict(done or {}),
                      "digest": digest.ALGORITHM}
@@ -209,6 +212,32 @@ class ManifestRecord:
     def finished(self, name: str, record: dict) -> None:
         self.data["done"][name] = record
         self.save()
+
+
+def read_manifests(folder: Path, fp: str) -> tuple[dict, dict[str, dict]]:
+    """The main manifest in `folder`, and {file: record} of the files it and the ranks' manifests of an
+    interrupted torchrun job (any number of ranks) record as done; each checked to hold digests of
+    fp8norm.digest's kind and to come from the plan with fingerprint `fp`."""
+    main_path = folder / MANIFEST_NAME
+    main = read_manifest(main_path)
+    done: dict[str, dict] = {}
+    for path in [main_path, *sorted(folder.glob(RANK_MANIFEST_GLOB))]:
+        m = main if path == main_path else read_manifest(path)
+        check_digest_kind(path, m)
+        if m.get("fingerprint") != fp:
+            raise OutputError(f"{folder}: was started with other settings or another source (plan "
+                              "fingerprints differ); use --overwrite to start again")
+        done.update(m.get("done", {}))
+    return main, done
+
+
+def save_folded_manifest(folder: Path, fp: str, sources: dict, done: dict, *, complete: bool = False) -> None:
+    """The main manifest recording `done`; then the ranks' manifests, folded into it, are removed."""
+    record = ManifestRecord(folder, fp, sources, None, done)
+    record.data["complete"] = complete
+    record.save()
+    for p in folder.glob(RANK_MANIFEST_GLOB):
+        p.unlink()
 
 
 def source_identity(root: Path, files) -> dict:
@@ -370,16 +399,7 @@ class OutputDir:
         if not manifest_path.exists():
             raise OutputError(f"{dst}: not empty and holds no {MANIFEST_NAME}: nothing to resume "
                               "(use --overwrite to replace it)")
-        main = read_manifest(manifest_path)
-        done: dict[str, dict] = {}
-        # the main manifest, and those of the ranks of an interrupted torchrun job (any count)
-        for path in [manifest_path, *sorted(dst.glob(distributed.RANK_MANIFEST_GLOB))]:
-            m = main if path == manifest_path else read_manifest(path)
-            check_digest_kind(path, m)
-            if m.get("fingerprint") != self.fingerprint:
-                raise OutputError(f"{dst}: was started with other settings or another source (plan "
-                                  "fingerprints differ); use --overwrite to start again")
-            done.update(m.get("done", {}))
+        main, done = read_manifests(dst, self.fingerprint)
         recorded = main.get("sources")
         if not isinstance(recorded, dict):
             raise OutputError(f"{manifest_path}: records no source files (made by an older fp8norm?); use "
