@@ -22,18 +22,10 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AtomicFile:
     """`file`: the partial file open for binary writing, or None with `open_file=False` (the caller
     writes `tmp` by its path, e.g. a copy). `label`: the fault points around the rename
-    (`LABEL-before-rename`, `LABEL-renamed`, see fp8norm._faults). `fsync_s`: seconds in fsync."""
+    (`LABEL-before-rename`, `LABEL-renamed`, see fp8norm._faults). `fsync_s`: seconds in fsync (file and directory)."""
 
     def __init__(self, path: str | os.PathLike, *, label: str | None = None, open_file: bool = True):
         self.path = Path(path)
@@ -68,11 +60,7 @@ class AtomicFile:
                     self._fsync(self.file.fileno())
                     self.file.close()
                 else:
-                    fd = os.open(self.tmp, os.O_RDONLY)
-                    try:
-                        self._fsync(fd)
-                    finally:
-                        os.close(fd)
+                    self._fsync_path(self.tmp, os.O_RDONLY)
                 if self.label:
                     _faults.point(f"{self.label}-before-rename")
                 os.replace(self.tmp, self.path)
@@ -81,7 +69,7 @@ class AtomicFile:
                 raise
             if self.label:
                 _faults.point(f"{self.label}-renamed")
-            fsync_directory(self.path.parent)
+            self._fsync_path(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
 
     def abort(self) -> None:
         """Drop the partial file; never raises (it runs while another error is on its way up)."""
@@ -99,6 +87,13 @@ class AtomicFile:
         t0 = time.perf_counter()
         os.fsync(fd)
         self.fsync_s += time.perf_counter() - t0
+
+    def _fsync_path(self, path: Path, flags: int) -> None:
+        fd = os.open(path, flags)
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> AtomicFile:
         return self
