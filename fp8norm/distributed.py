@@ -10,8 +10,9 @@ Every rank builds the same plan and the same byte-balanced assignment of output 
 writes the index, config and manifest. torch.distributed (gloo: only small Python objects travel)
 carries the barriers; a failing rank leaves its error in DST/.fp8norm-failed, which the others
 notice between tensors, so the job stops everywhere and the error is shown once (by rank 0).
-Finished shards are recorded per rank (.fp8norm-manifest.rankN.json, see fp8norm.output), so `--resume` works after a
-partial run with the same or a different number of ranks. Without torchrun nothing here runs.
+Finished shards are recorded per rank (.fp8norm-manifest.rankN.json, see fp8norm.output), so
+`--resume` works after a partial run with the same or a different number of ranks. Without
+torchrun nothing here runs.
 """
 
 from __future__ import annotations
