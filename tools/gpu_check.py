@@ -39,6 +39,7 @@ import fp8norm.reference as twin
 from fp8norm.kernels.numerics import e2m1, int4, mx
 from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm.kernels.numerics import nvfp4 as n4
+from fp8norm.output import atomic_write_text
 
 E4M3 = torch.float8_e4m3fn
 FULL_SHAPES = [(4096, 14336), (7168, 18432), (18432, 7168), (128, 1536, 2048), (256, 4096, 7168)]
@@ -68,9 +69,7 @@ class Results:
             self.data.setdefault(k, {} if k in ("meta", "steps", "checkpoint") else [])
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
     def add(self, key: str, record: dict) -> None:
         self.data[key].append(record)
