@@ -152,9 +152,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # planning's lines for the summary
     scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.formats)
     mx_rule: str | None = None  # MX targets: the E8M0 scale rule (fp8norm.kernels.numerics.mx)
-
-    def shard_tensors(self, shard: str) -> list[TensorPlan]:
-        return [t for t in self.tensors if t.shard == shard]
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def kept_linear_modules(self) -> list[str]:
         """Modules of 2D weights left unquantized (modules_to_not_convert / ignore / exclude lists)."""
@@ -188,11 +186,15 @@ class Plan:
         }
 
     def fingerprint(self) -> str:
-        """Hash of what decides the output bytes (not the source path: a moved source still resumes)."""
-        d = self.to_dict()
-        d.pop("source")
-        d.pop("reference")
-        return fingerprint(d)
+        """Hash of what decides the output bytes (not the source path: a moved source still resumes).
+        Computed once, on first use (the whole plan's JSON; a run asks more than once): by then planning
+        is over, so edits to the plan (schemes.apply_to_plan, convert's settings) come before it."""
+        if self._fingerprint is None:
+            d = self.to_dict()
+            d.pop("source")
+            d.pop("reference")
+            self._fingerprint = fingerprint(d)
+        return self._fingerprint
 
 
 def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> dict:

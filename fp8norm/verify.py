@@ -254,10 +254,6 @@ def half_step(v: torch.Tensor, fmt: ElementFormat = E4M3) -> torch.Tensor:
     return (pow2 * 2.0 ** -(fmt.mant + 1)).clamp_min_(2.0 ** (fmt.min_exp - fmt.mant - 1))
 
 
-def e4m3_half_step(v: torch.Tensor) -> torch.Tensor:
-    return half_step(v, E4M3)
-
-
 def rne_mismatch(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, steps: float = 0.5,
                  fmt: ElementFormat = E4M3) -> torch.Tensor:
     """Elements where fp32 q is not the saturating RNE `fmt` value of x / scale (all per element, fp32;
