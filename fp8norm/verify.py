@@ -266,8 +266,10 @@ def rne_mismatch(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, steps: f
 
 def _mismatch(q, y, ay, steps: float, fmt: ElementFormat = E4M3) -> torch.Tensor:
     bound = half_step(torch.minimum(ay, q.abs()), fmt).mul_(2 * steps).add_(ay * 2.0 ** -21)
+    # both sides False where q or y is NaN (a NaN bound compares False too), and q is never infinite
+    # where |y| < max (|q - y| would be), so no separate finiteness pass
     ok = torch.where(ay >= fmt.max, q == torch.sign(y) * fmt.max, (q - y).abs_() <= bound)
-    return ~(ok & torch.isfinite(q))
+    return ~ok
 
 
 def _odd_ties(q: torch.Tensor, y: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
@@ -288,7 +290,7 @@ def _tile_max(a: torch.Tensor, block_size) -> torch.Tensor:
 
 
 class _Sums:
-    """Running sums over the chunks of one tensor (fp32 cascade sums per chunk, fp64 across chunks)."""
+    """Running sums over the chunks of one tensor (fp32 sums per chunk, fp64 across chunks)."""
 
     def __init__(self):
         self.nq = self.nr = self.err_sq = self.abs_sum = 0.0
@@ -296,7 +298,8 @@ class _Sums:
         self.n = self.clipped = self.flushed = self.wrong = 0
         self.first_wrong: str | None = None
 
-    def add(self, q, s_tiles, x, block_size, where: str, row0: int, steps: float, fmt: ElementFormat = E4M3) -> None:
+    def add(self, q, s_tiles, x, block_size, where: str, row0: int, steps: float, fmt: ElementFormat = E4M3,
+            col0: int = 0) -> None:
         qf = e4m3_to_float32(q, torch.empty(q.shape, dtype=torch.float32)) if q.dtype == torch.float8_e4m3fn \
             else q.float()
         xf = x.float()
@@ -310,18 +313,20 @@ class _Sums:
         if n_bad and self.first_wrong is None:
             r, c = (int(v) for v in bad.nonzero()[0])
             want = float(fmt.rne(xf[r, c] / s[r, c]))
-            self.first_wrong = (f"element {where}[{row0 + r}, {c}]: x {float(xf[r, c]):.6g}, scale {float(s[r, c]):.6g}, "
+            self.first_wrong = (f"element {where}[{row0 + r}, {col0 + c}]: x {float(xf[r, c]):.6g}, scale {float(s[r, c]):.6g}, "
                                 f"stored {float(qf[r, c]):g}, RNE(x/scale) {want:g}")
         self.wrong += n_bad
         self.n += q.numel()
         self.clipped += int((ay > fmt.max * (1 + 2.0 ** -20)).sum())
         self.flushed += int(((qf == 0) & (xf != 0)).sum())
-        deq = qf.mul_(s)
-        self.nq += float(deq.square().sum())
-        self.nr += float(xf.square().sum())
-        err = deq.sub_(xf).abs_()
-        self.err_sq += float(err.square().sum())
+        deq = qf.mul_(s).view(-1)
+        flat = xf.reshape(-1)
+        self.nq += float(deq.dot(deq))  # dot: a sum of squares in one pass, without a squared copy
+        self.nr += float(flat.dot(flat))
+        err = deq.sub_(flat).abs_()
+        self.err_sq += float(err.dot(err))
         self.abs_sum += float(err.sum())
+        err = err.view(qf.shape)
         if err.numel():
             self.maxae = max(self.maxae, float(err.max()))
             # max over elements of err / its tile's amax = max over tiles of (tile max err) / tile amax
@@ -330,24 +335,34 @@ class _Sums:
 
 
 def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src: torch.Tensor,
-            block_size, bands: Bands | None = None, chunk_elems: int = 1 << 18,
+            block_size, bands: Bands | None = None, chunk_elems: int = 1 << 16,
             rounding_steps: float = 0.5, fmt: ElementFormat = E4M3, decode=None) -> TensorCheck:
     """Check q (with its stored scales) against the source tensor, element by element, and measure
-    what the format costs on it; a few row blocks at a time, so a large tensor costs little memory.
+    what the format costs on it; a few tiles at a time, so a large tensor costs little memory.
 
     `decode(q_rows, scale_rows)` -> (fp32 elements, fp32 scales per tile) reads stored forms other
     than e4m3 with float scales (MX: E8M0 codes, packed E2M1)."""
     bands = bands or Bands()
-    bm = block_size[0]
+    bm, bn = block_size
     sums = _Sums()
     mats = [(q, scale_inv, src)] if q.dim() == 2 else list(zip(q, scale_inv, src))
     for e, (q2, s2, x2) in enumerate(mats):
-        rows = max(bm, chunk_elems // max(1, q2.shape[1]) // bm * bm)
+        cols = q2.shape[1]
+        rows = max(bm, chunk_elems // max(1, cols) // bm * bm)
+        # Tall tiles (bm > 1: block FP8) are cut across the columns too: each chunk's fp32 temporaries
+        # stay under glibc's mmap threshold (fp8norm._memory pins it at 1 MiB), so they are reused from
+        # the heap; a 128-row stripe of a 14336-wide matrix made each one a fresh 7 MB mmap, and the
+        # check spent 3/4 of its time in page faults. (Stored forms that need `decode` have bm == 1.)
+        width = max(bn, chunk_elems // rows // bn * bn) if decode is None else None  # None: whole rows
         for r0 in range(0, q2.shape[0], rows):
-            qc, sc = q2[r0:r0 + rows], s2[r0 // bm:nx.ceil_div(r0 + rows, bm)]
-            if decode is not None:
-                qc, sc = decode(qc, sc)
-            sums.add(qc, sc, x2[r0:r0 + rows], block_size, f"[{e}]" if q.dim() == 3 else "", r0, rounding_steps, fmt)
+            for c0 in range(0, cols, width or cols):
+                cut = slice(c0, c0 + width) if width else slice(None)
+                qc = q2[r0:r0 + rows, cut]
+                sc = s2[r0 // bm:nx.ceil_div(r0 + rows, bm), c0 // bn:nx.ceil_div(c0 + width, bn) if width else None]
+                if decode is not None:
+                    qc, sc = decode(qc, sc)
+                sums.add(qc, sc, x2[r0:r0 + rows, cut], block_size, f"[{e}]" if q.dim() == 3 else "", r0,
+                         rounding_steps, fmt, col0=c0)
     denom = (sums.nq * sums.nr) ** 0.5
     # <deq, x> from ||deq - x||^2 = |deq|^2 + |x|^2 - 2<deq, x>: exact where 1 - cos is tiny
     cos = (sums.nq + sums.nr - sums.err_sq) / (2 * denom) if denom > 0 else float(sums.nq == sums.nr)

@@ -44,20 +44,54 @@ def _hand_over_the_name() -> None:
 
 if __name__ != "fp8norm.kernels":
     _hand_over_the_name()
-else:
+
+import sys  # noqa: E402
+import types  # noqa: E402
+
+# The public names, each from its module, imported on first use (PEP 562): importing this package, or
+# its triton-free `numerics` (which verify, the twins and every command import), costs no Triton
+# import (0.3 s of every command's start on CPU, where the torch twins run instead). Without Triton
+# (it ships for Linux) the names are missing, as before; .numerics and the twins still work.
+_EXPORTS = {
+    "capture_compiles": "_launch", "kernel": "_launch",
+    "dequant_fp8_block": "dequant_fp8_block", "dequant_fp8_block_kernel": "dequant_fp8_block",
+    "quant_fp8_block": "quant_fp8_block", "quant_fp8_block_kernel": "quant_fp8_block",
+    "dequant_nvfp4": "quant_nvfp4", "dequant_nvfp4_kernel": "quant_nvfp4", "nvfp4_amax": "quant_nvfp4",
+    "nvfp4_amax_kernel": "quant_nvfp4", "quant_nvfp4": "quant_nvfp4", "quant_nvfp4_kernel": "quant_nvfp4",
+    "dequant_fp8_channel": "quant_fp8_channel", "quant_fp8_channel": "quant_fp8_channel",
+    "dequant_mx": "quant_mx", "quant_mx": "quant_mx",
+    "dequant_int4": "quant_int4", "quant_int4": "quant_int4",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
     try:
-        import triton  # noqa: F401
-    except ImportError:  # no Triton here (it ships for Linux): the rules in .numerics and the twins still work
-        pass
-    else:
-        from ._launch import capture_compiles, kernel
-        from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel
-        from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel
-        from .quant_nvfp4 import (dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, nvfp4_amax_kernel, quant_nvfp4,
-                                  quant_nvfp4_kernel)
-        from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
-        from .quant_mx import dequant_mx, quant_mx
-        from .quant_int4 import dequant_int4, quant_int4
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    except ModuleNotFoundError as e:
+        if e.name != "triton" and not (e.name or "").startswith("triton."):
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (Triton is not installed)") from None
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing a submodule sets it as an attribute of this package; where it shares a public
+        # function's name (quant_fp8_block, quant_mx, ...) the name stays the function's, as it was
+        # when this package imported them all at once.
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+if __name__ == "fp8norm.kernels":  # (as the top-level `kernels`, sys.modules holds Hugging Face's package now)
+    sys.modules[__name__].__class__ = _Package
+
 
 __all__ = ["quant_fp8_block", "dequant_fp8_block", "quant_fp8_block_kernel", "dequant_fp8_block_kernel",
            "quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",

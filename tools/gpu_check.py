@@ -619,8 +619,24 @@ def write_synthetic_llama(dst: Path, target_bytes: float, device: str) -> int:
     return total
 
 
+def _cp_sync(src: Path, dst: Path) -> float:
+    """Seconds of `cp -r` + `sync` (what an output's fsyncs amount to) of `src`; the copy is removed."""
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["sync"], check=False)
+    secs = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return secs
+
+
+def _stages(s) -> dict:
+    """An engine run's split (fp8norm.engine.RunStats), in seconds."""
+    return {k: round(getattr(s, k), 2) for k in ("wall_s", "read_s", "compute_s", "write_s", "hash_s", "fsync_s",
+                                                  "verify_s")}
+
+
 def checkpoint(res: Results, device: str, dry: bool) -> None:
-    from fp8norm.quantize import quantize
+    from fp8norm.quantize import quantize, repack
 
     # `timeout` sends SIGTERM: exit through the `finally` below, which deletes the scratch checkpoints.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
@@ -632,11 +648,7 @@ def checkpoint(res: Results, device: str, dry: bool) -> None:
         t0 = time.perf_counter()
         total = write_synthetic_llama(src, target, device)
         gen_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        subprocess.run(["cp", "-r", str(src), str(cp_dst)], check=True)
-        subprocess.run(["sync"], check=False)
-        cp_s = time.perf_counter() - t0
-        shutil.rmtree(cp_dst)
+        cp_s = _cp_sync(src, cp_dst)
         res.set("checkpoint", {"bytes": total, "generate_s": round(gen_s, 2), "cp_s": round(cp_s, 2)})
         s = quantize(str(src), str(out), device=device)
         t0 = time.perf_counter()
@@ -651,6 +663,16 @@ def checkpoint(res: Results, device: str, dry: bool) -> None:
             "bytes_out": s.bytes_out, "note": "the source was just written: cp and quantize read it from the page "
                                                "cache where it fits; cp includes a sync, quantize's sync_after_s is extra"})
         print(s.format(), flush=True)
+        # repack (pure I/O) of the output against cp + sync of it, and what a command pays before its
+        # engine starts: the imports (torch's CUDA libraries) in a fresh interpreter
+        r = repack(str(out), str(scratch / "repack"))
+        shutil.rmtree(scratch / "repack")
+        out_cp_s = _cp_sync(out, cp_dst)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import fp8norm.pipeline"], check=True)
+        res.set("checkpoint", {**res.data["checkpoint"], "import_s": round(time.perf_counter() - t0, 2),
+                               "repack": {**_stages(r), "bytes": r.bytes_in, "cp_s": round(out_cp_s, 2),
+                                          "x_cp": round(r.wall_s / out_cp_s, 2)}})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -710,6 +732,11 @@ def summary(res: Results) -> str:
         lines.append(f"checkpoint {k['bytes'] / 1e9:.2f} GB: quantize {k['quantize_wall_s']} s (read {k['read_s']}, "
                      f"compute {k['compute_s']}, write {k['write_s']}; of these hash {k.get('hash_s')}, fsync "
                      f"{k.get('fsync_s')}; verify {k.get('verify_s')}) vs cp {k['cp_s']} s: x{k['x_cp']}")
+        if "repack" in k:
+            r = k["repack"]
+            lines.append(f"repack of the output {r['bytes'] / 1e9:.2f} GB: {r['wall_s']} s (read {r['read_s']}, write "
+                         f"{r['write_s']}; hash {r['hash_s']}, fsync {r['fsync_s']}) vs cp {r['cp_s']} s: x{r['x_cp']}; "
+                         f"imports before any command starts {k['import_s']} s")
     for r in d.get("compiled_kernels", []):
         lines.append(f"compiled here: {r['kernel']} {r['num_warps']} warps, {r['registers']} registers, "
                      f"{r['spills']} spills, {r['shared_bytes']} B shared")
