@@ -201,7 +201,9 @@ FORMAT = Nvfp4(
     name="nvfp4", summary="NVFP4, ModelOpt layout (Blackwell)",
     element="e2m1", scale_block=(1, 16), elements_per_byte=2, layout="modelopt",
     from_bf16=("convert", "--to", "nvfp4"), from_fp8=("convert", "--to", "nvfp4"),
-    floor_sqnr_db=20.5, shard_refusal="NVFP4", detect_order=10, verify_key="nvfp4", weight_label="NVFP4",
+    floor_sqnr_db=20.5, detect_order=10, verify_key="nvfp4", weight_label="NVFP4",
+    shard_refusal="shard does not split NVFP4 weights (16-element groups under a per-tensor global scale) yet; "
+                  "shard the FP8 or bf16 model (or `fp8norm convert --to bf16` first)",
     verify_bands=(0.0951, 13.9, 10.3),
     serve_note="NVFP4: a Blackwell GPU", extra_file_names=(HF_QUANT_CONFIG,),
 )
