@@ -21,6 +21,7 @@ from .activation_stats import weights_for
 from .calibrate import calibrated_quant
 from . import distributed
 from .checkpoint import INDEX_NAME, read_json
+from .device import resolve_device
 from .classify import FP8, Decision as D
 from .engine import Job, RunStats, run_jobs
 from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
@@ -69,23 +70,6 @@ class RunSummary(RunStats):
         launch = f", first read {self.first_read_s:.2f} s after start" if self.first_read_s is not None else ""
         return (f"stages    hash {self.hash_s:.2f} s (read + write), fsync {self.fsync_s:.2f} s, verify "
                 f"{self.verify_s:.2f} s{launch}")
-
-
-def resolve_device(device: str, ctx=None) -> torch.device:
-    """auto: CUDA when present (under torchrun the rank's LOCAL_RANK GPU), else the CPU."""
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count()) if ctx else torch.device("cuda")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise OutputError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OutputError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def quantize_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
@@ -215,9 +199,9 @@ def _format_of(plan: Plan):
 
 
 def _new_report(plan: Plan) -> VerifyReport:
-    mode, scheme = plan.settings.calib.mode, _format_of(plan).verify_key
+    mode, fmt = plan.settings.calib.mode, _format_of(plan)
     return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
-                        bands=Bands.for_scheme(scheme, mode), scheme=scheme)
+                        bands=Bands.for_format(fmt, mode), scheme=fmt.verify_key)
 
 
 def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,

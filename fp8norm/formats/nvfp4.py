@@ -144,7 +144,7 @@ class Nvfp4(Format):
         NaN, global scales finite and > 0), before anything is compared: one line naming the tensor."""
         import torch
 
-        from ..plan import PlanError
+        from ..source_checks import PlanError
         from ..st_io import read_tensor
 
         qt = ckpt.tensors
@@ -170,10 +170,10 @@ class Nvfp4(Format):
         return stored_global.float()
 
     def compare_member(self, key, shard, stored, x, bands, mx_rule=None):
-        from ..verify import compare_nvfp4
+        from ..checks import compare_nvfp4  # torch: not at the registry's import
 
         packed, scale, global_scale = stored
-        return compare_nvfp4(key, shard, packed, scale, self.scale_2(global_scale), x, bands,
+        return compare_nvfp4(self, key, shard, packed, scale, self.scale_2(global_scale), x, bands,
                              exact_scale_2=self.stores_scale_2)
 
     @property
