@@ -61,7 +61,7 @@ E4M3 = ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, FLOOR_REL_RMS, round(FLOOR_SQNR
 ELEMENTS = {"e4m3": (nx.E4M3_MAX, -6, 3), "e2m1": (n4.E2M1_MAX, 0, 1)}
 
 
-def element_format(f: Format) -> ElementFormat:
+def element_format(f) -> ElementFormat:
     """How verify judges a format's elements: with its own floor and bands (Format.verify_bands), or
     block FP8's."""
     if f.verify_bands is None:

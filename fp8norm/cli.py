@@ -688,7 +688,8 @@ def verify_cmd(src, quant, verify_samples, check_all, json_path, plot_path, sqnr
     Example:
       fp8norm verify /models/Qwen3-8B /models/Qwen3-8B-FP8 --all --json report.json --plot report.png
     """
-    from .verify import EXIT_VERIFY_FAILED, FAIL, plot_report, require_matplotlib, verify
+    from .verify import EXIT_VERIFY_FAILED, FAIL, verify
+    from .verify_plot import plot_report, require_matplotlib
 
     if plot_path:
         require_matplotlib()  # before the work, not after it

@@ -151,11 +151,12 @@ def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict
 def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, fingerprint: str, resume: bool = False,
              overwrite: bool = False, progress: bool | None = None, buffer_bytes: int,
              texts: dict[str, str] | None = None, copies: tuple[Path, ...] = (),
-             before_finish: Callable[[list[str], Path], None] | None = None, desc: str = "fp8norm",
+             before_finish: Callable[[list[str], Path], dict[str, str]] | None = None, desc: str = "fp8norm",
              notes: list[str] | None = None, stats: RunStats | None = None, workers: int | None = None) -> RunStats:
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
     `texts` {name: text} in order, then the final manifest. `before_finish(files written, folder)` runs
-    on rank 0 once every file is on disk in `folder` (e.g. to re-read samples). `notes`: a list the jobs'
+    on rank 0 once every file is on disk in `folder` (e.g. to re-read samples); the texts it returns
+    replace those of `texts` (e.g. fp8norm.json marked as failed). `notes`: a list the jobs'
     computations append to; under torchrun rank 0's list ends up holding every rank's notes. `workers`:
     compute workers (default: fp8norm.threads' choice). Returns the run's statistics (in `stats` when
     given)."""
@@ -233,7 +234,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             try:
                 if before_finish is not None:
                     t0 = time.perf_counter()
-                    before_finish(pending, work)
+                    texts = {**(texts or {}), **before_finish(pending, work)}
                     stats.verify_s += time.perf_counter() - t0
                 _finish(ckpt, work, copies, texts, fingerprint, sources)
                 if work != dst:

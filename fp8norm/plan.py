@@ -22,7 +22,7 @@ from .classify import (FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision,
                        scale_base, scale_name)
 from .output import fingerprint
 from .sizes import parse_size
-from .source_checks import SOURCE_SCALE_DTYPES, PlanError, check_fp8_sources  # their home; named here too
+from .source_checks import PlanError, check_fp8_sources  # their home; named here too
 from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
 
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

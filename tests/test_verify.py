@@ -15,8 +15,8 @@ from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.cli import main
 from fp8norm.examples import heavy_tailed, make_example
-from fp8norm.verify import (EXIT_VERIFY_FAILED, FAIL, FLOOR_REL_RMS, GOOD, WARN, Bands, compare, per_layer_sqnr,
-                            rne_mismatch, tensor_kind, verify)
+from fp8norm.checks import FAIL, FLOOR_REL_RMS, GOOD, WARN, Bands, compare, rne_mismatch
+from fp8norm.verify import EXIT_VERIFY_FAILED, per_layer_sqnr, tensor_kind, verify
 from tests.ckpt_utils import read_dir
 from tests.readers import reader
 

@@ -12,7 +12,8 @@ from fp8norm import reference
 from fp8norm.kernels.numerics.e2m1 import e2m1_codes, pack_codes
 from fp8norm.examples import make_example
 from fp8norm import formats
-from fp8norm.verify import EXIT_VERIFY_FAILED, GOOD, NVFP4, SCHEME_FORMATS, Bands, compare_nvfp4, verify
+from fp8norm.checks import GOOD, Bands, compare_nvfp4
+from fp8norm.verify import EXIT_VERIFY_FAILED, NVFP4, SCHEME_FORMATS, verify
 from tests.ckpt_utils import cli
 from tests.test_verify_schemes import edited_copy
 

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from fp8norm import formats
-from fp8norm.verify import (PLOT_NEEDS_MATPLOTLIB, WORST_ANNOTATED, Bands, TensorCheck, VerifyReport, plot_report,
-                            require_matplotlib, sqnr_figure, worst)
+from fp8norm.checks import Bands, TensorCheck, worst
+from fp8norm.verify import VerifyReport
+from fp8norm.verify_plot import PLOT_NEEDS_MATPLOTLIB, WORST_ANNOTATED, plot_report, require_matplotlib, sqnr_figure
 
 pytest.importorskip("matplotlib")
 

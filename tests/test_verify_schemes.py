@@ -14,8 +14,8 @@ from fp8norm.kernels.numerics import mx
 from fp8norm import reference
 from fp8norm.examples import make_example
 from fp8norm import formats
-from fp8norm.verify import (E4M3, EXIT_VERIFY_FAILED, FAIL, GOOD, SCHEME_FORMATS, WARN, Bands, compare_scheme,
-                            rne_mismatch, verify)
+from fp8norm.checks import E4M3, FAIL, GOOD, WARN, Bands, compare_scheme, rne_mismatch
+from fp8norm.verify import EXIT_VERIFY_FAILED, SCHEME_FORMATS, verify
 
 # each format named in the report, not "FP8" (which is block FP8's)
 LABELS = {"fp8-channel": "FP8 per-channel", "mxfp8": "MXFP8", "mxfp4": "MXFP4"}
