@@ -17,7 +17,7 @@ import torch
 
 from .activation_stats import weights_for
 from .calibrate import calibrated_quant
-from . import distributed
+from . import distributed, read_ahead
 from .checkpoint import INDEX_NAME, read_json
 from .device import resolve_device
 from .classify import FP8, Decision as D
@@ -65,6 +65,8 @@ class RunSummary(RunStats):
     def format_stages(self) -> str:
         """Where read and write time went, the check after writing, and how long the start took."""
         launch = f", first read {self.first_read_s:.2f} s after start" if self.first_read_s is not None else ""
+        if (ahead := read_ahead.LAST.describe()) is not None:
+            launch += f"; {ahead}"
         return (f"stages    hash {self.hash_s:.2f} s (read + write), fsync {self.fsync_s:.2f} s, verify "
                 f"{self.verify_s:.2f} s{launch}")
 
