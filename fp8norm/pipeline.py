@@ -119,6 +119,12 @@ class Transform:
     def apply(self, t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
         return xs
 
+    @property
+    def copies_as_is(self) -> bool:
+        """Every output is its source tensor as it is (this base's `apply`): the engine then copies
+        the bytes file to file (fp8norm.engine's copy jobs) instead of reading them."""
+        return type(self).apply is Transform.apply
+
     def config(self, cfg: dict, plan: Plan) -> dict:
         return cfg
 
@@ -159,7 +165,7 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     for t in plan.tensors:
         by_shard[t.shard].append(t)
     jobs = [Job(t.input_names, [(t.shard, o) for o in t.outputs],
-                lambda xs, _which, t=t: transform.apply(t, xs, plan, dev))
+                None if transform.copies_as_is else lambda xs, _which, t=t: transform.apply(t, xs, plan, dev))
             for s in plan.shards for t in by_shard[s]]
     report = _new_report(plan) if verify_samples else None
 

@@ -8,9 +8,12 @@ order, so a shard never has to be held in memory.
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +177,68 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
     return got
 
 
+class MappedTensor:
+    """A source tensor's bytes mapped read-only from its file (`view`): the page cache itself, read
+    without a copy into this process. `close()` unmaps it (every view of `view` must be gone)."""
+
+    def __init__(self, info: TensorInfo, f):
+        self.info = info
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
+        if info.end > os.fstat(f.fileno()).st_size:
+            raise SafetensorsError(f"{info.file}: tensor {info.name!r}: its bytes end past the end of the file "
+                                   "(file truncated?)")
+        self._map = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start) \
+            if info.nbytes else None
+        self.view = memoryview(self._map)[info.begin - start:] if self._map is not None else memoryview(b"")
+
+    def digest(self) -> bytes:
+        return digest.of_bytes(self.view)
+
+    def close(self) -> None:
+        self.view.release()
+        if self._map is not None:
+            self._map.close()
+
+
+# copy_file_range refuses: files on two file systems (EXDEV, before Linux 5.3 and again from 5.19),
+# a kernel or file system without it (ENOSYS, EOPNOTSUPP), some file systems and special files (EINVAL)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    return os.copy_file_range(src_fd, dst_fd, count, offset)
+
+
+def _sendfile(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    return os.sendfile(dst_fd, src_fd, offset, count)
+
+
+def _pread_write(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    data = os.pread(src_fd, min(count, 1 << 24), offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(dst_fd, view):]
+    return len(data)
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, src_path) -> None:
+    """Append `count` bytes at `offset` of `src_fd` to `dst_fd` (at its position): copy_file_range
+    (the kernel copies, no pass through this process), else sendfile, else read and write, each
+    tried when the one before is refused (_NO_KERNEL_COPY)."""
+    ways = [_copy_file_range, _sendfile, _pread_write]
+    while count:
+        try:
+            n = ways[0](src_fd, dst_fd, offset, count)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY or len(ways) == 1:
+                raise
+            ways.pop(0)
+            continue
+        if n == 0:
+            raise SafetensorsError(f"{src_path}: ends {count} bytes short of a tensor (file truncated?)")
+        offset, count = offset + n, count - n
+
+
 @dataclass(frozen=True)
 class OutEntry:
     """One tensor of an output shard, known before its data exists."""
@@ -236,13 +301,31 @@ class ShardWriter:
         self._f.write(data)
 
     def write(self, name: str, t: torch.Tensor) -> int:
+        """Write the next tensor from its memory; returns its bytes."""
+        return self._put(name, DTYPE_NAMES.get(t.dtype), tuple(t.shape), lambda: self._out(tensor_bytes(t)))
+
+    def copy(self, name: str, src: MappedTensor, src_fd: int) -> int:
+        """Write the next tensor as the bytes of `src` in the file open as `src_fd`, copied by the
+        kernel (copy_range); the digest reads them through the mapping (the page cache, no copy)."""
+        info = src.info
+
+        def out():
+            t0 = time.perf_counter()
+            self._hash.update(src.view)
+            self.hash_s += time.perf_counter() - t0
+            self._f.flush()  # the header and any tensor written through the file object come first
+            copy_range(src_fd, self._f.fileno(), info.begin, info.nbytes, info.file)
+
+        return self._put(name, info.dtype, info.shape, out)
+
+    def _put(self, name: str, dtype: str | None, shape: tuple[int, ...], out: Callable[[], None]) -> int:
         e = self.entries[self._next]
-        if name != e.name or DTYPE_NAMES.get(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
+        if name != e.name or dtype != e.dtype or shape != e.shape:
             raise RuntimeError(f"{self.final_path}: expected {e.name} {e.dtype} {list(e.shape)}, got {name} "
-                               f"{DTYPE_NAMES.get(t.dtype)} {list(t.shape)}")
+                               f"{dtype} {list(shape)}")
         _faults.point("tensor-write")
         with self._file.naming_errors():
-            self._out(tensor_bytes(t))
+            out()
         self._next += 1
         _faults.point("tensor-written")
         return e.nbytes
