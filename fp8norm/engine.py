@@ -26,9 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from . import _faults, digest, distributed, timing
 from ._memory import pin_mmap_threshold
@@ -38,6 +36,9 @@ from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, Out
                      copy_file, io_error, read_manifests, save_folded_manifest, source_identity, with_file)
 from .st_io import MappedTensor, OutEntry, ShardWriter, build_header, read_tensor, tensor_bytes
 from .threads import compute_workers
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

@@ -15,10 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from .activation_stats import weights_for
-from .calibrate import calibrated_quant
 from . import distributed
 from .checkpoint import INDEX_NAME, read_json
 from .classify import FP8, Decision as D
@@ -28,7 +26,11 @@ from .plan import Plan, TensorPlan
 from .st_io import OutEntry, read_header, read_tensor
 from .threads import compute_workers
 from . import formats
-from .verify import FAIL, Bands, VerifyReport, compare, mark_failed, source_matrix
+
+if TYPE_CHECKING:  # (imported where used: `repack` copies tensors and never imports torch)
+    import torch
+
+    from .verify import VerifyReport
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -73,6 +75,8 @@ class RunSummary(RunStats):
 
 def resolve_device(device: str, ctx=None) -> torch.device:
     """auto: CUDA when present (under torchrun the rank's LOCAL_RANK GPU), else the CPU."""
+    import torch
+
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -89,6 +93,9 @@ def resolve_device(device: str, ctx=None) -> torch.device:
 
 
 def quantize_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
+    from .activation_stats import weights_for
+    from .calibrate import calibrated_quant
+
     """The output tensors of one planned tensor (inputs `xs`), in the order of t.outputs."""
     x = xs[0]
     if t.decision != FP8:
@@ -159,7 +166,9 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     if verify_samples < 0:
         raise OutputError(f"verify_samples must be >= 0, got {verify_samples}")
     dst = Path(dst)
-    dev = resolve_device(device, distributed.context())
+    # copying tensors as they are needs no device (and no torch)
+    dev = None if transform.copies_as_is else resolve_device(device, distributed.context())
+    on_gpu = dev is not None and dev.type == "cuda"
     texts, copies = _output_texts(plan, transform)
     by_shard: dict[str, list[TensorPlan]] = {s: [] for s in plan.shards}
     for t in plan.tensors:
@@ -177,7 +186,9 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
             _verify_shard(plan, out_dir / shard, by_shard[shard], verify_samples, part)
             return part
 
-        with ThreadPoolExecutor(1 if dev.type == "cuda" else compute_workers()) as pool:
+        from .verify import FAIL, mark_failed
+
+        with ThreadPoolExecutor(1 if on_gpu else compute_workers()) as pool:
             for part in pool.map(one, plan.shards):
                 report.checks += part.checks
                 report.fp8_tensors += part.fp8_tensors
@@ -186,11 +197,11 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
             texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], report)
 
-    summary = RunSummary(tensors=plan.totals(), device=str(dev), verify=report, source=plan.source)
+    summary = RunSummary(tensors=plan.totals(), device=str(dev or "cpu"), verify=report, source=plan.source)
     run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
              progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
              before_finish=verify if verify_samples else None, notes=transform.records, stats=summary,
-             workers=1 if dev.type == "cuda" else None)  # one GPU stream: a second worker would only queue
+             workers=1 if on_gpu else None)  # one GPU stream: a second worker would only queue
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
     summary.notes += plan.notes + transform.notes()
@@ -221,6 +232,8 @@ def _format_of(plan: Plan):
 
 
 def _new_report(plan: Plan) -> VerifyReport:
+    from .verify import Bands, VerifyReport
+
     mode, scheme = plan.settings.calib.mode, _format_of(plan).verify_key
     return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
                         bands=Bands.for_scheme(scheme, mode), scheme=scheme)
@@ -230,6 +243,8 @@ def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], sampl
                   report: VerifyReport) -> None:
     """Re-read `samples` freshly rounded tensors of a finished shard from disk and compare them with the
     values they were made from (the source tensor, or an FP8 source dequantized with its scales)."""
+    from .verify import compare, source_matrix
+
     infos, _ = read_header(shard_path)
     rounded = [t for t in tensors if t.decision in _VERIFIED]
     rng = random.Random(shard_path.name)

@@ -9,22 +9,24 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .kernels.numerics import fp8_block as nx
+from .kernels.numerics import block_grid as nx
 from . import formats
 from .formats.compressed_tensors import LAYOUT as CT_LAYOUT
-from .calibrate import CalibSettings
+from .calib_settings import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
 from .classify import (FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision, classify, fused_group_key,
                        scale_base, scale_name)
 from .output import fingerprint
 from .sizes import parse_size
-from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
+from .st_io import FP8_DTYPES, OutEntry, read_floats, read_header
 
-SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+SCALE_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # --scale-dtype: the safetensors dtype
 QUANTIZE_DTYPES = ("BF16", "F16", "F32")  # what the kernels make FP8 from
 SOURCE_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # block scales of FP8 sources that are read
 
@@ -79,10 +81,12 @@ def check_fp8_sources(ckpt: SourceCheckpoint, scale_of: dict[str, str], block_si
             raise PlanError(f"{sc.file.name}: scale {sname!r} has shape {list(sc.shape)}, but {name!r} "
                             f"{list(w.shape)} with {block_size[0]}x{block_size[1]} blocks needs "
                             f"{list(expected) if expected else 'a 2D or 3D weight'}")
-        values = read_tensor(sc).float()
-        bad = ~(torch.isfinite(values) & (values > 0))
+        import numpy as np
+
+        values = read_floats(sc)
+        bad = ~(np.isfinite(values) & (values > 0))
         if bool(bad.any()):
-            first = [int(i) for i in bad.nonzero()[0].tolist()]
+            first = [int(i) for i in np.argwhere(bad)[0].tolist()]
             raise PlanError(f"{sc.file.name}: scale {sname!r} holds {int(bad.sum())} value(s) that are not finite "
                             f"and > 0 (first {float(values[tuple(first)])} at {first}); its weight cannot be read")
 
@@ -98,7 +102,9 @@ class QuantSettings:
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
+        from .st_io import DTYPES
+
+        return DTYPES[SCALE_DTYPES[self.scale_dtype]]
 
 
 @dataclass
@@ -284,7 +290,7 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
         d = decisions[name]
         if d.decision == FP8:
             outputs = [OutEntry(name, "F8_E4M3", info.shape),
-                       OutEntry(scale_name(name), DTYPE_NAMES[qs.torch_scale_dtype],
+                       OutEntry(scale_name(name), SCALE_DTYPES[qs.scale_dtype],
                                 nx.scale_inv_shape(info.shape, qs.block_size))]
         else:
             outputs = [OutEntry(name, info.dtype, info.shape)]
@@ -316,8 +322,10 @@ NONFINITE_FUSED_RULE = NONFINITE_RULE + ":fused-with-it"
 
 
 def _keep_nonfinite(ckpt: SourceCheckpoint, decisions: dict, notes: list[str]) -> dict:
+    import numpy as np
+
     bad = [n for n, d in decisions.items()
-           if d.decision == FP8 and not bool(torch.isfinite(read_tensor(ckpt.tensors[n])).all())]
+           if d.decision == FP8 and not bool(np.isfinite(read_floats(ckpt.tensors[n])).all())]
     groups = {fused_group_key(n) for n in bad} - {None}
     fused = [n for n, d in decisions.items() if d.decision == FP8 and n not in bad and fused_group_key(n) in groups]
     notes += [f"non-finite {ckpt.tensors[n].file.name}: tensor {n!r} holds NaN/Inf: kept unquantized" for n in bad]

@@ -134,3 +134,38 @@ def test_copy_range_names_a_short_source(tmp_path):
         st_io.copy_range(s.fileno(), d.fileno(), 60, 50, src)
     assert str(e.value) == f"{src}: ends 10 bytes short of a tensor (file truncated?)"
     assert dst.read_bytes() == b"x" * 40
+
+
+def test_repack_never_imports_torch(mixed, tmp_path):
+    """The whole command in a fresh interpreter, a --resume after a source's mtime changed (its bytes
+    are re-read and compared) included: torch is never imported (`python -X importtime` lists it)."""
+    dst = tmp_path / "o"
+    script = (f"import os, sys\nfrom fp8norm.cli import main\n"
+              f"for extra in ([], ['--resume', '--threads', '1']):\n"
+              f"    try:\n        main(['repack', {str(mixed)!r}, {str(dst)!r}, '--max-shard-size', '40KB', '-q', *extra])\n"
+              f"    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+              f"    if not extra:\n        os.utime({str(mixed / 'a.safetensors')!r})\n"
+              f"print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')))")
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "[]"
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "fp8norm.engine" in imported and "torch" not in imported and "numpy" in imported  # (the scale check)
+    _tensor_path(mixed, tmp_path / "read", "40KB")
+    assert tree_bytes(dst) == tree_bytes(tmp_path / "read")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])
+def test_read_floats_gives_torchs_values(tmp_path, dtype):
+    x = torch.tensor([[1.5, -0.0, float("nan"), float("inf")], [3e-5, 2.0 ** -127, 65504.0, 0.25]])
+    if dtype == torch.float8_e8m0fnu:
+        x = x.abs().nan_to_num(nan=1.0, posinf=2.0 ** 127)
+    t = x.to(dtype)
+    if dtype == torch.float8_e8m0fnu:
+        t.view(torch.uint8)[0, 2] = 255  # E8M0's NaN
+    save_file({"t": t}, str(tmp_path / "f.safetensors"))
+    info = st_io.read_header(tmp_path / "f.safetensors")[0]["t"]
+    got = torch.from_numpy(st_io.read_floats(info))
+    assert torch.equal(got.isnan(), t.float().isnan()) and bool(got.isnan().any())
+    assert torch.equal(got.nan_to_num(), t.float().nan_to_num()) and got.shape == t.shape
