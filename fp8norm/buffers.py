@@ -15,17 +15,27 @@ a torch lacks it, nothing is reused (the engine reads into fresh memory as befor
 
 from __future__ import annotations
 
+import functools
 import threading
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SMALL = 1 << 20  # below glibc's pinned mmap threshold: heap memory, already cheap
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+@functools.cache
+def _use_count():
+    import torch  # when first needed: an engine that copies tensors (repack) never imports torch
+
+    return getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _unshared(base: torch.Tensor) -> bool:
     # the base tensor and the storage object made for the query are the only users
-    return _use_count is not None and _use_count(base.untyped_storage()._cdata) <= 2
+    use_count = _use_count()
+    return use_count is not None and use_count(base.untyped_storage()._cdata) <= 2
 
 
 class BufferPool:
@@ -39,7 +49,9 @@ class BufferPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer of at least `nbytes` (at most twice as large): slice what you need."""
-        if nbytes < SMALL or _use_count is None:
+        import torch
+
+        if nbytes < SMALL or _use_count() is None:
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
             # (indices, not list.remove: == on tensors compares elements)

@@ -40,11 +40,11 @@ class Command(click.Command):
 ALIASES = "fp8norm.aliases"
 
 
-def _apply_threads(ctx, param, value, io_threads) -> None:
+def _apply_threads(ctx, param, value, io_threads, torch_pool) -> None:
     from .threads import configure_threads
 
     try:
-        ctx.meta["fp8norm.threads"] = configure_threads(value, io_threads=io_threads)
+        ctx.meta["fp8norm.threads"] = configure_threads(value, io_threads=io_threads, torch_pool=torch_pool)
     except ValueError as e:
         raise click.BadParameter(str(e), ctx, param) from None
 
@@ -271,12 +271,12 @@ def _size(_ctx, _param, value):
 THREADS_TO_APPLY = "fp8norm.threads-to-apply"
 
 
-def threads_option(io_threads: int = 2):
+def threads_option(io_threads: int = 2, torch_pool: bool = True):
     """--threads N, applied to torch's intra-op pool when the command starts (Command.invoke: after
     the source's read-ahead has started, since applying it imports torch; see fp8norm.threads for the
-    default). The bounds are checked while parsing."""
+    default; `torch_pool` False: the command never imports torch). The bounds are checked while parsing."""
     def remember(ctx, param, value):
-        ctx.meta[THREADS_TO_APPLY] = (param, value, io_threads)
+        ctx.meta[THREADS_TO_APPLY] = (param, value, io_threads, torch_pool)
         return value
 
     return click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), default=None, expose_value=False,
@@ -333,6 +333,7 @@ def _patterns(_ctx, param, value):
 OVERWRITE = click.option("--overwrite", is_flag=True, callback=_not_with("resume"),
                          help="Replace an existing non-empty DST (removed only once the new run is ready to write).")
 THREADS = threads_option()
+COPY_THREADS = threads_option(torch_pool=False)  # repack: tensors copied as they are, no torch
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 RESUME = click.option("--resume", is_flag=True, callback=_not_with("overwrite"),
                       help="Continue an interrupted run into DST (finished shards are skipped).")
@@ -363,9 +364,12 @@ MAX_SHARD_SIZE = click.option("--max-shard-size", default="4GB", show_default=Tr
                               help="Largest output shard: 4GB, 500MB, 4GiB.")
 
 
-def run_options(f):
-    """--resume, --overwrite, --threads and --quiet: every command that writes a DST."""
-    for option in (QUIET, THREADS, OVERWRITE, RESUME):
+def run_options(f=None, *, threads=THREADS):
+    """--resume, --overwrite, --threads (`threads`: that option) and --quiet: every command that writes
+    a DST."""
+    if f is None:
+        return lambda g: run_options(g, threads=threads)
+    for option in (QUIET, threads, OVERWRITE, RESUME):
         f = option(f)
     return f
 
@@ -528,7 +532,7 @@ def quantize_cmd(src, dst, device, resume, overwrite, quiet, verify_samples, ski
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @MAX_SHARD_SIZE
-@run_options
+@run_options(threads=COPY_THREADS)
 def repack_cmd(src, dst, max_shard_size, resume, overwrite, quiet):
     """Re-shard any safetensors directory SRC into standard shards and an index in DST; no quantization.
 

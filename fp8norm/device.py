@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .output import OutputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str, ctx=None) -> torch.device:
     """auto: CUDA when present (under torchrun the rank's LOCAL_RANK GPU), else the CPU."""
+    import torch  # here: `repack` never needs a device, nor torch
+
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")

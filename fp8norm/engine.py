@@ -26,9 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from . import _faults, digest, distributed, timing
 from ._memory import pin_mmap_threshold
@@ -36,8 +34,11 @@ from .buffers import BufferPool
 from .checkpoint import SourceCheckpoint
 from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
                      copy_file, io_error, read_manifests, save_folded_manifest, source_identity, with_file)
-from .st_io import OutEntry, ShardWriter, build_header, read_tensor, tensor_bytes
+from .st_io import MappedTensor, OutEntry, ShardWriter, build_header, read_tensor, tensor_bytes
 from .threads import compute_workers
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -45,10 +46,12 @@ class Job:
     """Source tensors read together, and the output tensors made from them.
 
     `compute(xs, which)` returns the outputs at indices `which` of `outputs` (a process under torchrun
-    makes only those of its own files), on the CPU, as `outputs` describes them."""
+    makes only those of its own files), on the CPU, as `outputs` describes them. `compute` None: output
+    i is source i as it is, its bytes copied from the source file by the kernel (never read into
+    buffers: the digests read them through a mapping of the page cache)."""
     sources: tuple[str, ...]
     outputs: list[tuple[str, OutEntry]]  # (output file, entry)
-    compute: Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]]
+    compute: Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]] | None
 
 
 @dataclass
@@ -133,19 +136,45 @@ def _digest(t: torch.Tensor) -> bytes:
     return digest.of_bytes(tensor_bytes(t))
 
 
+def _source_digest(info, f) -> bytes:
+    """A source tensor's digest, read through a mapping of its file (the same bytes read_tensor reads)."""
+    m = MappedTensor(info, f)
+    try:
+        return m.digest()
+    finally:
+        m.close()
+
+
 def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict[str, dict], changed: set[str]):
     """Sources whose mtime changed: re-read what the finished files were made from and compare digests."""
     digests = InputDigests(ckpt)
-    for job in jobs:
-        files = {f for f, _ in job.outputs if f in done}
-        rels = {str(ckpt.tensors[n].file.relative_to(ckpt.root)) for n in job.sources}
-        if files and rels & changed:
-            digests.add(job, files, [_digest(read_tensor(ckpt.tensors[n])) for n in job.sources])
+    handles = {}
+    try:
+        for job in jobs:
+            files = {f for f, _ in job.outputs if f in done}
+            rels = {str(ckpt.tensors[n].file.relative_to(ckpt.root)) for n in job.sources}
+            if files and rels & changed:
+                infos = [ckpt.tensors[n] for n in job.sources]
+                digests.add(job, files, [_source_digest(i, _opened(handles, i.file)) for i in infos])
+    finally:
+        for f in handles.values():
+            f.close()
     for f in done:
         for rel, hexd in digests.of(f).items():
             if rel in changed and done[f].get("inputs", {}).get(rel) != hexd:
                 raise OutputError(f"{ckpt.root / rel}: the source changed since the interrupted run (other bytes "
                                   f"than those {f} was made from); use --overwrite to start again")
+
+
+def _opened(handles: dict, path: Path):
+    """`path` open for reading, once: kept in `handles` {path: file} (the caller closes them)."""
+    f = handles.get(path)
+    if f is None:
+        try:
+            f = handles[path] = open(path, "rb")
+        except OSError as e:
+            raise with_file(e, path) from None
+    return f
 
 
 def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, fingerprint: str, resume: bool = False,
@@ -395,13 +424,16 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                 for name in job.sources:
                     info = ckpt.tensors[name]
                     try:
-                        f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
-                        bufs.append(pool.take(info.nbytes))
-                        xs.append(read_tensor(info, f, bufs[-1]))
+                        f = _opened(handles, info.file)
+                        if job.compute is None:
+                            xs.append(MappedTensor(info, f))  # copied by the writer, read by nobody
+                        else:
+                            bufs.append(pool.take(info.nbytes))
+                            xs.append(read_tensor(info, f, bufs[-1]))
                     except OSError as e:
                         raise with_file(e, info.file) from None
                     t_hash = time.perf_counter()
-                    ds.append(_digest(xs[-1]))
+                    ds.append(xs[-1].digest() if job.compute is None else _digest(xs[-1]))
                     stats.hash_s += time.perf_counter() - t_hash
                 stats.read_s += time.perf_counter() - t0
                 stats.tensors_in += len(xs)
@@ -417,6 +449,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
     def writer():
         remaining = {f: len(files[f]) for f in mine}
         open_files: dict[str, ShardWriter] = {}
+        sources = {}  # source files open for copy jobs
         try:
             while True:
                 item = q_out.get()
@@ -431,7 +464,10 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                         w = open_files.get(f)
                         if w is None:
                             w = open_files[f] = ShardWriter(dst / f, files[f])
-                        stats.bytes_out += w.write(entry.name, tensor)
+                        if job.compute is None:
+                            stats.bytes_out += w.copy(entry.name, tensor, _opened(sources, tensor.info.file).fileno())
+                        else:
+                            stats.bytes_out += w.write(entry.name, tensor)
                         stats.tensors_out += 1
                         remaining[f] -= 1
                         if remaining[f] == 0:
@@ -450,6 +486,9 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                             print(f"fp8norm rank {ctx.rank}/{ctx.world}: wrote {f} "
                                   f"({stats.files_written}/{len(mine)})", file=sys.stderr, flush=True)
                 stats.write_s += time.perf_counter() - t0
+                if job.compute is None:
+                    for m in outs:
+                        m.close()
                 item = outs = tensor = None  # written: drop the references before the buffers go back
                 pool.give_back(bufs)  # the inputs the outputs were (repack) or were views of
                 pool.forget(bufs)
@@ -459,6 +498,8 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
         finally:
             for w in open_files.values():
                 w.abort()
+            for f in sources.values():
+                f.close()
 
     taking = threading.Lock()  # a job and its place in the order are taken together
     order = _InOrder()
@@ -479,7 +520,7 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                 _faults.maybe_fail_rank(ctx)
                 job, which, xs, ds, bufs = item
                 t0 = time.perf_counter()
-                outs = job.compute(xs, which)
+                outs = [xs[i] for i in which] if job.compute is None else job.compute(xs, which)
                 compute_s = time.perf_counter() - t0
                 n_in = nbytes_in[id(job)]
                 del xs, item

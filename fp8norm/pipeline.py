@@ -13,10 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from .activation_stats import weights_for
-from .calibrate import calibrated_quant
 from . import distributed, read_ahead
 from .checkpoint import INDEX_NAME, read_json
 from .device import resolve_device
@@ -26,7 +24,11 @@ from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
 from .st_io import OutEntry
 from .threads import compute_workers
-from .verify import FAIL, VerifyReport, check_written, mark_failed
+
+if TYPE_CHECKING:  # (imported where used: `repack` copies tensors and never imports torch)
+    import torch
+
+    from .verify import VerifyReport
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -73,6 +75,9 @@ class RunSummary(RunStats):
 
 def quantize_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
     """The output tensors of one planned tensor (inputs `xs`), in the order of t.outputs."""
+    from .activation_stats import weights_for
+    from .calibrate import calibrated_quant
+
     x = xs[0]
     if t.decision != FP8:
         return [x]
@@ -101,6 +106,12 @@ class Transform:
 
     def apply(self, t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
         return xs
+
+    @property
+    def copies_as_is(self) -> bool:
+        """Every output is its source tensor as it is (this base's `apply`): the engine then copies
+        the bytes file to file (fp8norm.engine's copy jobs) instead of reading them."""
+        return type(self).apply is Transform.apply
 
     def config(self, cfg: dict, plan: Plan) -> dict:
         return cfg
@@ -136,20 +147,24 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     if verify_samples < 0:
         raise OutputError(f"verify_samples must be >= 0, got {verify_samples}")
     dst = Path(dst)
-    dev = resolve_device(device, distributed.context())
+    # copying tensors as they are needs no device (and no torch)
+    dev = None if transform.copies_as_is else resolve_device(device, distributed.context())
+    on_gpu = dev is not None and dev.type == "cuda"
     texts, copies = _output_texts(plan, transform)
     by_shard: dict[str, list[TensorPlan]] = {s: [] for s in plan.shards}
     for t in plan.tensors:
         by_shard[t.shard].append(t)
     jobs = [Job(t.input_names, [(t.shard, o) for o in t.outputs],
-                lambda xs, _which, t=t: transform.apply(t, xs, plan, dev))
+                None if transform.copies_as_is else lambda xs, _which, t=t: transform.apply(t, xs, plan, dev))
             for s in plan.shards for t in by_shard[s]]
-    summary = RunSummary(tensors=plan.totals(), device=str(dev), source=plan.source)
+    summary = RunSummary(tensors=plan.totals(), device=str(dev or "cpu"), source=plan.source)
 
     def check_after_writing(_written: list[str], out_dir: Path) -> dict[str, str]:
         # After the streams are drained, so the check adds nothing to the pipeline's peak memory
+        from .verify import FAIL, check_written, mark_failed
+
         summary.verify = check_written(plan, out_dir, by_shard, verify_samples,
-                                       workers=1 if dev.type == "cuda" else compute_workers())
+                                       workers=1 if on_gpu else compute_workers())
         if summary.verify.status == FAIL and PROVENANCE_NAME in texts:
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
             return {PROVENANCE_NAME: mark_failed(texts[PROVENANCE_NAME], summary.verify)}
@@ -158,7 +173,7 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
              progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
              before_finish=check_after_writing if verify_samples else None, notes=transform.records, stats=summary,
-             workers=1 if dev.type == "cuda" else None)  # one GPU stream: a second worker would only queue
+             workers=1 if on_gpu else None)  # one GPU stream: a second worker would only queue
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
     summary.notes += plan.notes + transform.notes()

@@ -9,13 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .kernels.numerics import fp8_block as nx
+from .kernels.numerics import block_grid as nx
 from . import formats
 from .formats.compressed_tensors import LAYOUT as CT_LAYOUT
-from .calibrate import CalibSettings
+from .calib_settings import CalibSettings
 from .checkpoint import (SourceCheckpoint, load_reference_names, open_checkpoint, pack_greedy,
                          shard_name)
 from .classify import (FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision, classify, fused_group_key,
@@ -23,9 +22,12 @@ from .classify import (FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision,
 from .output import fingerprint
 from .sizes import parse_size
 from .source_checks import PlanError, check_fp8_sources  # their home; named here too
-from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
+from .st_io import FP8_DTYPES, OutEntry, read_floats, read_header
 
-SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+SCALE_DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # --scale-dtype: the safetensors dtype
 QUANTIZE_DTYPES = ("BF16", "F16", "F32")  # what the kernels make FP8 from
 
 
@@ -69,7 +71,9 @@ class QuantSettings:
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
-        return SCALE_DTYPES[self.scale_dtype]
+        from .st_io import DTYPES
+
+        return DTYPES[SCALE_DTYPES[self.scale_dtype]]
 
 
 @dataclass
@@ -255,7 +259,7 @@ def build_plan(src: str | Path, options: PlanOptions | None = None, **kwargs) ->
         d = decisions[name]
         if d.decision == FP8:
             outputs = [OutEntry(name, "F8_E4M3", info.shape),
-                       OutEntry(scale_name(name), DTYPE_NAMES[qs.torch_scale_dtype],
+                       OutEntry(scale_name(name), SCALE_DTYPES[qs.scale_dtype],
                                 nx.scale_inv_shape(info.shape, qs.block_size))]
         else:
             outputs = [OutEntry(name, info.dtype, info.shape)]
@@ -287,8 +291,10 @@ NONFINITE_FUSED_RULE = NONFINITE_RULE + ":fused-with-it"
 
 
 def _keep_nonfinite(ckpt: SourceCheckpoint, decisions: dict, notes: list[str]) -> dict:
+    import numpy as np
+
     bad = [n for n, d in decisions.items()
-           if d.decision == FP8 and not bool(torch.isfinite(read_tensor(ckpt.tensors[n])).all())]
+           if d.decision == FP8 and not bool(np.isfinite(read_floats(ckpt.tensors[n])).all())]
     groups = {fused_group_key(n) for n in bad} - {None}
     fused = [n for n, d in decisions.items() if d.decision == FP8 and n not in bad and fused_group_key(n) in groups]
     notes += [f"non-finite {ckpt.tensors[n].file.name}: tensor {n!r} holds NaN/Inf: kept unquantized" for n in bad]

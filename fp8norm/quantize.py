@@ -115,11 +115,16 @@ def provenance(p: Plan) -> str:
         reference=p.reference, plan_fingerprint=p.fingerprint()))
 
 
-def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:
-    """Re-shard any safetensors directory into model-NNNNN-of-NNNNN files with an index; no quantization."""
+def repack_plan(src, max_shard_size="4GB") -> Plan:
+    """The plan of `repack`: every tensor kept as it is, laid out in new shards."""
     p = build_plan(src, exclude=(".*",), max_shard_size=max_shard_size, repack=True)
     for t in p.tensors:
         if t.decision == KEEP:
             t.rule = "repack"
-    return execute_plan(p, Path(dst), transform=Transform(), device="cpu", resume=resume, overwrite=overwrite,
-                        progress=progress)
+    return p
+
+
+def repack(src, dst, *, max_shard_size="4GB", resume=False, overwrite=False, progress=None) -> RunSummary:
+    """Re-shard any safetensors directory into model-NNNNN-of-NNNNN files with an index; no quantization."""
+    return execute_plan(repack_plan(src, max_shard_size), Path(dst), transform=Transform(), device="cpu",
+                        resume=resume, overwrite=overwrite, progress=progress)

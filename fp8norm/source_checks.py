@@ -3,11 +3,9 @@ line naming the file and tensor. Below fp8norm.formats and fp8norm.plan, which b
 
 from __future__ import annotations
 
-import torch
-
-from .kernels.numerics import fp8_block as nx
+from .kernels.numerics import block_grid as nx
 from .checkpoint import SourceCheckpoint
-from .st_io import read_tensor
+from .st_io import read_floats
 
 SOURCE_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # block scales of FP8 sources that are read
 
@@ -33,9 +31,11 @@ def check_fp8_sources(ckpt: SourceCheckpoint, scale_of: dict[str, str], block_si
             raise PlanError(f"{sc.file.name}: scale {sname!r} has shape {list(sc.shape)}, but {name!r} "
                             f"{list(w.shape)} with {block_size[0]}x{block_size[1]} blocks needs "
                             f"{list(expected) if expected else 'a 2D or 3D weight'}")
-        values = read_tensor(sc).float()
-        bad = ~(torch.isfinite(values) & (values > 0))
+        import numpy as np
+
+        values = read_floats(sc)
+        bad = ~(np.isfinite(values) & (values > 0))
         if bool(bad.any()):
-            first = [int(i) for i in bad.nonzero()[0].tolist()]
+            first = [int(i) for i in np.argwhere(bad)[0].tolist()]
             raise PlanError(f"{sc.file.name}: scale {sname!r} holds {int(bad.sum())} value(s) that are not finite "
                             f"and > 0 (first {float(values[tuple(first)])} at {first}); its weight cannot be read")

@@ -8,26 +8,52 @@ order, so a shard never has to be held in memory.
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import functools
+from typing import TYPE_CHECKING
 
 from . import _faults, digest
 from .atomic import AtomicFile
 
-# safetensors dtype string <-> torch dtype.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# safetensors dtype string -> (torch dtype name, bytes per element). Reading headers, planning and
+# copying tensors need no torch (`fp8norm repack` never imports it): the torch dtypes `DTYPES` and
+# `DTYPE_NAMES` are made when first asked for (module __getattr__).
+_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    dtypes = {name: getattr(torch, t) for name, (t, _) in _DTYPES.items()}
+    return dtypes, {v: k for k, v in dtypes.items()}
+
+
+def __getattr__(name: str):
+    """DTYPES {safetensors dtype: torch dtype} and DTYPE_NAMES (the reverse), importing torch."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        return _torch_dtypes()[name == "DTYPE_NAMES"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
@@ -39,7 +65,7 @@ class SafetensorsError(ValueError):
 
 
 def itemsize(dtype: str) -> int:
-    return DTYPES[dtype].itemsize
+    return _DTYPES[dtype][1]
 
 
 @dataclass(frozen=True)
@@ -57,7 +83,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return _torch_dtypes()[0][self.dtype]
 
 
 def _numel(shape) -> int:
@@ -130,7 +156,7 @@ def _parse_entry(path: Path, name: str, entry, base: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if dtype not in _DTYPES:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
@@ -148,6 +174,8 @@ def _parse_entry(path: Path, name: str, entry, base: int) -> TensorInfo:
 def read_tensor(info: TensorInfo, f=None, buf: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor into fresh (unmapped) memory, or into the uint8 buffer `buf` (at least
     info.nbytes; the tensor is a view of it); `f` is an open binary file to reuse."""
+    import torch
+
     buf = torch.empty(info.nbytes, dtype=torch.uint8) if buf is None else buf[:info.nbytes]
     own = f is None
     if own:
@@ -163,6 +191,28 @@ def read_tensor(info: TensorInfo, f=None, buf: torch.Tensor | None = None) -> to
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
+def read_floats(info: TensorInfo) -> np.ndarray:
+    """A float tensor (F64, F32, F16, BF16, F8_E8M0) as float32 numpy values, exactly, without torch
+    (planning checks scales and weights with it)."""
+    import numpy as np
+
+    with open(info.file, "rb") as f:
+        m = MappedTensor(info, f)
+        try:
+            raw = np.frombuffer(m.view, dtype=np.uint8).copy()
+        finally:
+            m.close()
+    if info.dtype == "BF16":  # the top half of an fp32
+        values = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    elif info.dtype == "F8_E8M0":  # 2^(e - 127); e = 255 is NaN
+        values = np.where(raw == 255, np.float32("nan"), np.ldexp(np.float32(1), raw.astype(np.int32) - 127))
+    elif info.dtype in ("F64", "F32", "F16"):
+        values = raw.view({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[info.dtype])
+    else:
+        raise SafetensorsError(f"{info.file}: tensor {info.name!r} is {info.dtype}, not a float dtype")
+    return values.astype(np.float32).reshape(info.shape)
+
+
 def pread_into(fd: int, view: memoryview, offset: int) -> int:
     """Positioned reads into `view` until it is full or the file ends; the bytes read."""
     got = 0
@@ -172,6 +222,68 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
             break
         got += n
     return got
+
+
+class MappedTensor:
+    """A source tensor's bytes mapped read-only from its file (`view`): the page cache itself, read
+    without a copy into this process. `close()` unmaps it (every view of `view` must be gone)."""
+
+    def __init__(self, info: TensorInfo, f):
+        self.info = info
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
+        if info.end > os.fstat(f.fileno()).st_size:
+            raise SafetensorsError(f"{info.file}: tensor {info.name!r}: its bytes end past the end of the file "
+                                   "(file truncated?)")
+        self._map = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start) \
+            if info.nbytes else None
+        self.view = memoryview(self._map)[info.begin - start:] if self._map is not None else memoryview(b"")
+
+    def digest(self) -> bytes:
+        return digest.of_bytes(self.view)
+
+    def close(self) -> None:
+        self.view.release()
+        if self._map is not None:
+            self._map.close()
+
+
+# copy_file_range refuses: files on two file systems (EXDEV, before Linux 5.3 and again from 5.19),
+# a kernel or file system without it (ENOSYS, EOPNOTSUPP), some file systems and special files (EINVAL)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    return os.copy_file_range(src_fd, dst_fd, count, offset)
+
+
+def _sendfile(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    return os.sendfile(dst_fd, src_fd, offset, count)
+
+
+def _pread_write(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    data = os.pread(src_fd, min(count, 1 << 24), offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(dst_fd, view):]
+    return len(data)
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, src_path) -> None:
+    """Append `count` bytes at `offset` of `src_fd` to `dst_fd` (at its position): copy_file_range
+    (the kernel copies, no pass through this process), else sendfile, else read and write, each
+    tried when the one before is refused (_NO_KERNEL_COPY)."""
+    ways = [_copy_file_range, _sendfile, _pread_write]
+    while count:
+        try:
+            n = ways[0](src_fd, dst_fd, offset, count)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY or len(ways) == 1:
+                raise
+            ways.pop(0)
+            continue
+        if n == 0:
+            raise SafetensorsError(f"{src_path}: ends {count} bytes short of a tensor (file truncated?)")
+        offset, count = offset + n, count - n
 
 
 @dataclass(frozen=True)
@@ -200,6 +312,8 @@ def build_header(entries: list[OutEntry]) -> bytes:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a CPU tensor of any dtype (fp8 included)."""
+    import torch
+
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -236,13 +350,31 @@ class ShardWriter:
         self._f.write(data)
 
     def write(self, name: str, t: torch.Tensor) -> int:
+        """Write the next tensor from its memory; returns its bytes."""
+        return self._put(name, _torch_dtypes()[1].get(t.dtype), tuple(t.shape), lambda: self._out(tensor_bytes(t)))
+
+    def copy(self, name: str, src: MappedTensor, src_fd: int) -> int:
+        """Write the next tensor as the bytes of `src` in the file open as `src_fd`, copied by the
+        kernel (copy_range); the digest reads them through the mapping (the page cache, no copy)."""
+        info = src.info
+
+        def out():
+            t0 = time.perf_counter()
+            self._hash.update(src.view)
+            self.hash_s += time.perf_counter() - t0
+            self._f.flush()  # the header and any tensor written through the file object come first
+            copy_range(src_fd, self._f.fileno(), info.begin, info.nbytes, info.file)
+
+        return self._put(name, info.dtype, info.shape, out)
+
+    def _put(self, name: str, dtype: str | None, shape: tuple[int, ...], out: Callable[[], None]) -> int:
         e = self.entries[self._next]
-        if name != e.name or DTYPE_NAMES.get(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
+        if name != e.name or dtype != e.dtype or shape != e.shape:
             raise RuntimeError(f"{self.final_path}: expected {e.name} {e.dtype} {list(e.shape)}, got {name} "
-                               f"{DTYPE_NAMES.get(t.dtype)} {list(t.shape)}")
+                               f"{dtype} {list(shape)}")
         _faults.point("tensor-write")
         with self._file.naming_errors():
-            self._out(tensor_bytes(t))
+            out()
         self._next += 1
         _faults.point("tensor-written")
         return e.nbytes

@@ -29,8 +29,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 IO_THREADS = 2  # the pipeline's reader and writer (fp8norm.engine); together they get one core
 
 _CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
@@ -98,12 +96,16 @@ def choose_threads(requested: int | None = None, *, io_threads: int = IO_THREADS
 _configured: ThreadChoice | None = None
 
 
-def configure_threads(requested: int | None = None, **kw) -> ThreadChoice:
-    """Choose (see the module doc) and apply to torch's intra-op pool; returns the choice."""
+def configure_threads(requested: int | None = None, *, torch_pool: bool = True, **kw) -> ThreadChoice:
+    """Choose (see the module doc) and apply to torch's intra-op pool (`torch_pool` False: a command
+    that computes nothing with torch, e.g. repack, which never imports it); returns the choice."""
     global _configured
     choice = choose_threads(requested, **kw)
-    if torch.get_num_threads() != choice.threads:
-        torch.set_num_threads(choice.threads)
+    if torch_pool:
+        import torch
+
+        if torch.get_num_threads() != choice.threads:
+            torch.set_num_threads(choice.threads)
     _configured = choice
     return choice
 

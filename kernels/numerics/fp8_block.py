@@ -10,9 +10,9 @@ import math
 
 import torch
 
+from .block_grid import DEFAULT_AMAX_FLOOR, DEFAULT_BLOCK_SIZE, ceil_div, scale_inv_shape  # noqa: F401
+
 E4M3_MAX = 448.0
-DEFAULT_BLOCK_SIZE = (128, 128)
-DEFAULT_AMAX_FLOOR = 1e-4
 
 SCALE_FMTS = ("float", "ue8m0")
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e8m0fnu)
@@ -22,16 +22,6 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # fp32 mantissa bits dropped by rounding a scale up: all 23 for a power of two (ue8m0), 16 for bf16.
 UE8M0_DROP_BITS = 23
 BF16_DROP_BITS = 16
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def scale_inv_shape(shape: tuple[int, ...], block_size: tuple[int, int]) -> tuple[int, ...]:
-    """`[..., M, N]` -> `[..., ceil(M/bm), ceil(N/bn)]`."""
-    *lead, m, n = shape
-    return (*lead, ceil_div(m, block_size[0]), ceil_div(n, block_size[1]))
 
 
 def sf_from_amax(amax: torch.Tensor, amax_floor: float) -> torch.Tensor:
