@@ -60,7 +60,7 @@ def source_files(src: str | os.PathLike) -> list[Path]:
         index = root / INDEX_NAME
         if index.is_file():
             names = dict.fromkeys(json.loads(index.read_text()).get("weight_map", {}).values())
-            return [root / n for n in names]
+            return [root / n for n in names if isinstance(n, str)]  # the command names a malformed index
         return sorted(root.glob("*.safetensors"))
     except (OSError, ValueError, AttributeError):
         return []
