@@ -124,8 +124,8 @@ def damage(path: Path, what: str) -> str:
         t = tensors[name]
         tensors[name] = (t.float() * 4).to(t.dtype) if t.dtype != torch.uint8 else t + 2
     else:
-        name = sorted(k for k in tensors if k.endswith((".weight", ".weight_packed")) and tensors[k].element_size() == 1
-                      and tensors[k].dim() >= 2 and "mlp" in k)[0]
+        name = sorted(k for k in tensors if k.endswith((".weight", ".weight_packed")) and tensors[k].dim() >= 2
+                      and tensors[k].dtype not in (torch.bfloat16, torch.float16, torch.float32) and "mlp" in k)[0]
         raw = tensors[name].view(torch.uint8).clone()
         raw.view(-1)[7] ^= 0x25
         tensors[name] = raw.view(tensors[name].dtype)

@@ -65,13 +65,11 @@ def storage_format(root, cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) 
     try:
         source = detect_source(tensors, cfg or {})
     except ValueError as e:
-        schemes = (f.name for f in formats.FORMATS.values() if isinstance(f, Scheme))
+        schemes = (f.name for f in SHARDED.values() if isinstance(f, Scheme))
         raise ValueError(f"{root}: {e}; shard splits bf16, block FP8 (either layout), "
                          f"{', '.join(schemes)}") from None
     if refusal := source.format.shard_refusal:
-        raise ValueError(f"{root}: {refusal} checkpoint: shard does not split {refusal} weights (16-element groups "
-                         "under a per-tensor global scale) yet; shard the FP8 or bf16 model (or `fp8norm convert "
-                         "--to bf16` first)")
+        raise ValueError(f"{root}: {refusal}")
     if source.format.layout == CT_LAYOUT:
         return scheme_format(source.kind, source.block_size)
     return scheme_format(formats.get("fp8").kind, block)

@@ -1,4 +1,4 @@
-"""fp8norm.formats.int4_layout (int4 W4A16, compressed-tensors `pack-quantized`) against compressed-tensors
+"""fp8norm.formats.w4a16 (int4 W4A16, compressed-tensors `pack-quantized`) against compressed-tensors
 0.20.1 itself: its ModelCompressor compresses a model holding fp8norm's scales into the same bytes, and
 decompresses fp8norm's tensors into the weight fp8norm decodes; its own serialization of the W4A16 preset
 is the config fp8norm writes. The vLLM 0.32 rules, shapes and source checks against hand-computed cases."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fp8norm import formats
-from fp8norm.formats import int4_layout as w4
+from fp8norm.formats import w4a16 as w4
 from fp8norm.kernels.numerics import int4
 from fp8norm.st_io import DTYPE_NAMES, OutEntry
 from tests.readers import reader
@@ -182,7 +182,7 @@ def test_sqnr_floor_on_gaussian_weights():
     err = (w4.decode(w4.encode(x)).double() - x.double()).pow(2).sum()
     sqnr = 10 * math.log10(x.double().pow(2).sum() / err)
     assert abs(sqnr - w4.FLOOR_SQNR_DB) < 0.1, sqnr
-    assert w4.PENDING_FORMAT.floor_sqnr_db == w4.FLOOR_SQNR_DB
+    assert w4.FORMAT.floor_sqnr_db == w4.FLOOR_SQNR_DB
 
 
 # --------------------------------------------------------------------------- vLLM 0.32 rules
@@ -200,7 +200,7 @@ def config_with(**changes):
 
 
 def test_the_config_passes_every_rule():
-    assert w4.PENDING_FORMAT.config_problems(config_with()) == []
+    assert w4.FORMAT.config_problems(config_with()) == []
     # the group's format may be left to the global one (compressed_tensors.py l.792)
     assert w4.vllm_wna16(config_with(format=None)) == []
 
@@ -233,15 +233,42 @@ def test_vllm_shape_rules():
         "moe intermediate size 1408 split 2 way(s) is not whole groups of 128 (fused-MoE Marlin)"]
 
 
-# --------------------------------------------------------------------------- the pending format
+# --------------------------------------------------------------------------- the registered format
 
 
-def test_pending_format_is_described_but_not_registered():
-    f = w4.PENDING_FORMAT
+def test_registered_under_its_name_and_alias():
+    f = w4.FORMAT
     assert (f.name, f.aliases, f.element, f.scale_block, f.layout) == (
         "w4a16", ("int4",), "int4", (1, 128), "compressed-tensors")
     assert f.readers == ("compressed-tensors",) and f.from_fp8 is None
-    assert w4.GROUP_SIZE == int4.GROUP_SIZE  # stated in the module, which imports no torch
-    assert "w4a16" not in formats.FORMATS and not hasattr(w4, "FORMAT")
-    with pytest.raises(ValueError, match="unknown format 'int4'"):
-        formats.get("int4")
+    assert w4.GROUP_SIZE == int4.GROUP_SIZE and w4.PER_WORD == int4.PER_WORD  # stated in the module (no torch)
+    assert formats.FORMATS["w4a16"] is f and formats.get("int4") is f
+
+
+def test_format_outputs_are_the_layouts_and_keep_what_has_none():
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert w4.FORMAT.outputs(name, (M, N), "F16") == w4.outputs(name, (M, N), "F16")
+    assert w4.FORMAT.kept_reason(name, (M, N)) is None
+    assert w4.FORMAT.kept_reason(name, (M, 200)) == "w4a16:unaligned-kept"
+    assert w4.FORMAT.kept_reason("model.layers.0.mlp.experts.gate_up_proj", (4, 2 * M, N)) == "w4a16:3d-kept"
+
+
+def test_compare_member_judges_by_the_rules():
+    """GOOD on what encode made (either quotient rule), FAIL naming the element for one changed code and the
+    scale for one changed scale; a quotient just over 7.5 clamped to 7 is not called wrong."""
+    x = gaussian((M, N), seed=5)
+    x[0, :128] = 0.0
+    x[0, 0] = 7.9375  # scale bf16(7.9375 / 7.5) = 1.0546875 (rounded down): quotient 7.526 -> 7
+    for rule in ("ct", "ct-cpu"):
+        packed, scale, shape = w4.encode(x, rule=rule)
+        assert scale[0, 0].item() == 1.0546875 and int4.unpack_int4(packed)[0, 0].item() == 7
+        check = w4.FORMAT.compare_member("m", "s", [packed, scale, shape], x, None)
+        assert check.wrong_elements == check.wrong_scales == 0 and "rounding" not in check.bands, check.first_wrong
+    bad = packed.clone()
+    bad[3, 2] ^= 0x30  # element 8*2 + 1 of row 3: nibble xor 3
+    check = w4.FORMAT.compare_member("m", "s", [bad, scale, shape], x, None)
+    assert check.status == "FAIL" and check.wrong_elements == 1 and check.first_wrong.startswith("element [3, 17]: ")
+    worse = scale.clone()
+    worse[5, 1] *= 4
+    check = w4.FORMAT.compare_member("m", "s", [packed, worse, shape], x, None)
+    assert check.status == "FAIL" and check.wrong_scales == 1 and check.first_wrong_scale.startswith("scale [5, 1]: ")
