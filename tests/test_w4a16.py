@@ -272,3 +272,76 @@ def test_compare_member_judges_by_the_rules():
     worse[5, 1] *= 4
     check = w4.FORMAT.compare_member("m", "s", [packed, worse, shape], x, None)
     assert check.status == "FAIL" and check.wrong_scales == 1 and check.first_wrong_scale.startswith("scale [5, 1]: ")
+
+
+# --------------------------------------------------------------------------- through the commands
+
+
+def test_an_fp16_model_keeps_its_scales_in_fp16_and_reads_back(tmp_path):
+    """`quantize --to int4` (the alias) on an fp16 model: F16 scales, as compressed-tensors writes them;
+    `verify` passes it; `convert --to fp16` gives decode's values."""
+    from safetensors.torch import load_file, save_file
+
+    from fp8norm.examples import make_example
+    from tests.ckpt_utils import cli, read_dir
+
+    src = make_example(tmp_path / "bf16", "qwen3-moe", "single")
+    (shard,) = src.glob("*.safetensors")
+    save_file({k: v.half() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    cli("quantize", src, tmp_path / "q", "--to", "int4", "-q")
+    out, x = read_dir(tmp_path / "q"), read_dir(src)
+    m = "model.layers.0.self_attn.o_proj"
+    assert out[m + ".weight_scale"].dtype == torch.float16 and m + ".weight" not in out
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc == w4.quantization_config(qc["ignore"]) and "lm_head" in qc["ignore"]
+    assert "FAIL 0" in cli("verify", src, tmp_path / "q", "--all").output
+    cli("convert", tmp_path / "q", tmp_path / "back", "--to", "fp16", "-q")
+    back = read_dir(tmp_path / "back")
+    assert set(back) == set(x)
+    tensors = [out[m + "." + s] for s in w4.SUFFIXES]
+    assert torch.equal(back[m + ".weight"], w4.decode(tensors, out_dtype=torch.float16))
+    assert torch.equal(back["model.norm.weight"], x["model.norm.weight"])
+
+
+def test_a_wrong_weight_shape_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fp8norm.examples import make_example
+    from tests.ckpt_utils import cli, one_line_error
+
+    src = make_example(tmp_path / "bf16", "qwen3-moe", "single")
+    cli("quantize", src, tmp_path / "q", "--to", "w4a16", "-q", "--skip-verify")
+    (shard,) = (tmp_path / "q").glob("*.safetensors")
+    tensors = load_file(shard)
+    name = "model.layers.1.self_attn.k_proj.weight_shape"
+    tensors[name] = torch.tensor([1024, 128])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    one_line_error(cli("convert", tmp_path / "q", tmp_path / "back", "--to", "bf16", ok=False),
+                   f"{name!r} is I64 [2] holding [1024, 128]; expected I64 [2] holding [1024, 256]")
+    res = cli("verify", src, tmp_path / "q", ok=False)
+    assert res.exit_code == 3 and f"{name!r} is I64 [2] holding [1024, 128]" in res.output
+
+
+def test_3d_and_unaligned_weights_are_kept_with_their_rule(tmp_path):
+    """q/k/v with k 272 wide (not whole groups): k kept, q and v with it (one fused layer); fused 3D experts kept;
+    the output verifies and reads back."""
+    from safetensors.torch import save_file
+
+    from tests.ckpt_utils import cli, read_dir
+
+    src = tmp_path / "src"
+    src.mkdir()
+    t = {f"model.layers.0.self_attn.{p}.weight": gaussian((256, 272 if p == "k_proj" else 256), seed=i)
+         for i, p in enumerate(("q_proj", "k_proj", "v_proj"))}
+    t["model.layers.0.mlp.experts.gate_up_proj"] = gaussian((4, 512, 256), seed=8)
+    t["model.layers.0.mlp.down_proj.weight"] = gaussian((256, 256), seed=9)
+    save_file(t, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    res = cli("plan", src, "--to", "w4a16")
+    assert "w4a16:unaligned-kept" in res.output and "ct:fused-with-kept" in res.output
+    assert "w4a16:3d-kept" in res.output and res.output.count("->w4a16") == 1
+    cli("quantize", src, tmp_path / "q", "--to", "w4a16", "-q")
+    out = read_dir(tmp_path / "q")
+    assert sorted(k for k in out if "weight_" in k) == [f"model.layers.0.mlp.down_proj.{s}" for s in w4.SUFFIXES]
+    assert all(torch.equal(out[k], t[k]) for k in t if k in out) and len(out) == len(t) + 2
+    assert "FAIL 0" in cli("verify", src, tmp_path / "q", "--all").output
