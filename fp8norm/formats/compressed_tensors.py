@@ -1,7 +1,7 @@
 """The compressed-tensors layout, shared by every format that writes it (fp8-ct, fp8-channel, mxfp8,
 mxfp4, nvfp4-ct): per-module tensor names (`<module>.weight` or `.weight_packed`, `.weight_scale`),
 fused 3D experts written per expert, the `ignore` patterns, the quantization_config, and `Scheme`, the
-behaviour of a compressed-tensors scheme that rounds weights per module (fp8-channel, mxfp8, mxfp4).
+behaviour of a compressed-tensors scheme that rounds weights per module (fp8-channel, mxfp8, mxfp4, w4a16).
 
 compressed-tensors has no layout for fused 3D expert tensors: `experts.gate_up_proj` [E, 2I, H]
 (gate rows first, as transformers' fused experts chunk it) and `experts.down_proj` [E, H, I] are

@@ -376,12 +376,13 @@ class W4a16(Scheme):
     def outputs(self, name, shape, dtype="BF16"):
         return outputs(name, shape, dtype)
 
-    def encode(self, x, *, name="", src_scale_inv=None, src_block_size=(128, 128), rule=None, global_amax=None):
+    def quantize(self, x, src_scale_inv, src_block_size, rule):
         if src_scale_inv is not None:
             raise ValueError(f"{self.name} is made from bf16/fp16 weights, not FP8 ones")
-        return encode(x, rule=rule or "ct", name=name or "weight")
+        return encode(x, rule=rule or "ct")
 
     def decode(self, xs, block_size, out_dtype):
+        """weight_packed, weight_scale and weight_shape (checked against each other) -> the weight."""
         return decode(xs, out_dtype=out_dtype)
 
     def quantization_config(self, plan):
