@@ -15,7 +15,7 @@ import torch
 from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.examples import heavy_tailed
 from fp8norm.threads import configure_threads
-from fp8norm.verify import FLOOR_SQNR_DB, compare
+from fp8norm.checks import FLOOR_SQNR_DB, compare
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (7168, 2048) if DEVICE == "cuda" else (1024, 2048)

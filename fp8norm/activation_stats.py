@@ -58,7 +58,7 @@ def collect_activation_stats(model_dir: str | Path, prompts: list[str], *, max_t
         raise ValueError(f"{model_dir}: its tokenizer cannot be loaded by transformers ({type(e).__name__}: {e}); "
                          "collect-stats needs the model's real tokenizer files (tokenizer.json, "
                          "tokenizer_config.json)") from None
-    from .pipeline import resolve_device
+    from .device import resolve_device
 
     device = resolve_device(device)  # auto: the GPU when there is one
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

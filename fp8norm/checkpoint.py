@@ -68,10 +68,6 @@ class SourceCheckpoint:
     standard_names: bool  # files are model.safetensors or model-NNNNN-of-NNNNN.safetensors
     other_files: list[Path]  # everything else to copy, relative to root (index excluded)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
 
 def open_checkpoint(root: str | Path) -> SourceCheckpoint:
     root = Path(root)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 
 import click
 from click.core import ParameterSource
 
 from . import timing  # noqa: F401 (first: starts the clock of the stages line)
-from . import __version__, formats
+from . import __version__, formats, read_ahead
 from . import distributed
 from .distributed import RankAborted
 
@@ -23,6 +24,10 @@ class Command(click.Command):
     of a Choices option) takes effect as its new one and prints the new name once."""
 
     def invoke(self, ctx):
+        if isinstance(ctx.params.get("src"), str):
+            read_ahead.start(ctx.params["src"])  # before the command imports torch (fp8norm.read_ahead)
+        if (threads := ctx.meta.pop(THREADS_TO_APPLY, None)) is not None:
+            _apply_threads(ctx, *threads)
         for old, spelled, values in ctx.meta.pop(ALIASES, []):
             given = [name for name in values if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
             if given:
@@ -33,6 +38,15 @@ class Command(click.Command):
 
 
 ALIASES = "fp8norm.aliases"
+
+
+def _apply_threads(ctx, param, value, io_threads) -> None:
+    from .threads import configure_threads
+
+    try:
+        ctx.meta["fp8norm.threads"] = configure_threads(value, io_threads=io_threads)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
 
 
 def _remember_alias(ctx, old: str, spelled: str, values: dict) -> None:
@@ -254,20 +268,19 @@ def _size(_ctx, _param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def threads_option(io_threads: int = 2):
-    """--threads N, applied to torch's intra-op pool as the command line is parsed (see
-    fp8norm.threads for the default)."""
-    def apply(ctx, _param, value):
-        from .threads import configure_threads
+THREADS_TO_APPLY = "fp8norm.threads-to-apply"
 
-        try:
-            ctx.meta["fp8norm.threads"] = configure_threads(value, io_threads=io_threads)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
+
+def threads_option(io_threads: int = 2):
+    """--threads N, applied to torch's intra-op pool when the command starts (Command.invoke: after
+    the source's read-ahead has started, since applying it imports torch; see fp8norm.threads for the
+    default). The bounds are checked while parsing."""
+    def remember(ctx, param, value):
+        ctx.meta[THREADS_TO_APPLY] = (param, value, io_threads)
         return value
 
     return click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), default=None, expose_value=False,
-                        callback=apply,
+                        callback=remember,
                         help="CPU threads for torch, in one compute worker [default: two workers sharing the "
                              "CPUs this process may use (affinity, cgroup quota), per torchrun rank, less one for "
                              "the reader and writer].")
@@ -283,14 +296,12 @@ def _not_with(other: str):
     return check
 
 
-def _device(_ctx, _param, value: str) -> str:
-    import torch
+DEVICE_VALUE = re.compile(r"auto|cpu(:\d+)?|cuda(:\d+)?")  # what torch.device takes of these two
 
-    try:
-        dev = None if value == "auto" else torch.device(value)
-    except (RuntimeError, ValueError):
-        dev = False
-    if dev is False or (dev is not None and dev.type not in ("cpu", "cuda")):
+
+def _device(_ctx, _param, value: str) -> str:
+    # read off the string: importing torch here would put its 1.5 s before the source's read-ahead
+    if not DEVICE_VALUE.fullmatch(value):
         raise click.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N")
     return value
 
@@ -688,7 +699,8 @@ def verify_cmd(src, quant, verify_samples, check_all, json_path, plot_path, sqnr
     Example:
       fp8norm verify /models/Qwen3-8B /models/Qwen3-8B-FP8 --all --json report.json --plot report.png
     """
-    from .verify import EXIT_VERIFY_FAILED, FAIL, plot_report, require_matplotlib, verify
+    from .verify import EXIT_VERIFY_FAILED, FAIL, verify
+    from .verify_plot import plot_report, require_matplotlib
 
     if plot_path:
         require_matplotlib()  # before the work, not after it

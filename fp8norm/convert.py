@@ -34,7 +34,8 @@ from .checkpoint import open_checkpoint, read_json
 from .classify import FP8, KEEP, Decision, fused_group_key, heuristic_rule, quantizable
 from .formats.compressed_tensors import keep_fused_partners
 from .output import PROVENANCE_NAME, json_text, provenance
-from .pipeline import RunSummary, Transform, execute_plan, resolve_device
+from .device import resolve_device
+from .pipeline import RunSummary, Transform, execute_plan
 from .plan import Plan, QuantSettings, TensorPlan, config_block_size, lay_out_shards
 from .sizes import parse_size
 from .st_io import FP8_DTYPES, OutEntry, read_tensor

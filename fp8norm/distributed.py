@@ -10,8 +10,9 @@ Every rank builds the same plan and the same byte-balanced assignment of output 
 writes the index, config and manifest. torch.distributed (gloo: only small Python objects travel)
 carries the barriers; a failing rank leaves its error in DST/.fp8norm-failed, which the others
 notice between tensors, so the job stops everywhere and the error is shown once (by rank 0).
-Finished shards are recorded per rank (.fp8norm-manifest.rankN.json), so `--resume` works after a
-partial run with the same or a different number of ranks. Without torchrun nothing here runs.
+Finished shards are recorded per rank (.fp8norm-manifest.rankN.json, see fp8norm.output), so
+`--resume` works after a partial run with the same or a different number of ranks. Without
+torchrun nothing here runs.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from pathlib import Path
 
 FAIL_FILE = ".fp8norm-failed"
 PROGRESS_DIR = ".fp8norm-progress"
-RANK_MANIFEST = ".fp8norm-manifest.rank{rank}.json"
-RANK_MANIFEST_GLOB = ".fp8norm-manifest.rank*.json"
 
 
 class RankAborted(RuntimeError):
@@ -66,6 +65,37 @@ def context() -> DistContext | None:
             dist.init_process_group("gloo", timeout=timeout)
         _ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return _ctx
+
+
+def on_rank0(ctx: DistContext | None, fn):
+    """Run `fn` on rank 0 only and share its (picklable) result, or its error, with every rank."""
+    if ctx is None:
+        return fn()
+    result, err = None, None
+    if ctx.rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below on rank 0, reported as abort elsewhere
+            err = e
+    shared, message = ctx.gather((result, None if err is None else str(err)))[0]
+    if message is not None:
+        if err is not None:
+            raise err
+        raise RankAborted(message)
+    return shared
+
+
+def sum_over_ranks(ctx: DistContext, stats, fields: tuple[str, ...], notes: list | None) -> list[dict]:
+    """On rank 0, `stats`' int attributes `fields` become their sums over every rank and `notes` every
+    rank's notes (in rank order). Returns each rank's own {field: value}. Every rank takes part (a
+    barrier)."""
+    gathered = ctx.gather(({f: getattr(stats, f) for f in fields}, list(notes or [])))
+    if ctx.rank == 0:
+        for f in fields:
+            setattr(stats, f, sum(counts[f] for counts, _ in gathered))
+        if notes is not None:
+            notes[:] = [n for _, rank_notes in gathered for n in rank_notes]
+    return [counts for counts, _ in gathered]
 
 
 def assign_shards(sizes: dict[str, int], world: int) -> list[list[str]]:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -34,7 +35,7 @@ from ._memory import pin_mmap_threshold
 from .buffers import BufferPool
 from .checkpoint import SourceCheckpoint
 from .output import (MANIFEST_NAME, PARTIAL_GLOB, ManifestRecord, OutputDir, OutputError, atomic_write_text,
-                     copy_file, io_error, read_manifest, source_identity, with_file)
+                     copy_file, io_error, read_manifests, save_folded_manifest, source_identity, with_file)
 from .st_io import OutEntry, ShardWriter, build_header, read_tensor, tensor_bytes
 from .threads import compute_workers
 
@@ -70,6 +71,7 @@ class RunStats:
     verify_s: float = 0.0
     first_read_s: float | None = None  # from fp8norm's start (fp8norm.timing) to its first tensor read
     notes: list[str] = field(default_factory=list)
+    SUMMED_OVER_RANKS: ClassVar = ("bytes_in", "bytes_out", "files_written", "tensors_out", "tensors_in")
 
     def format(self) -> str:
         resumed = f"; {self.files_skipped} already done, kept" if self.files_skipped else ""
@@ -111,24 +113,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(self.holds)
 
 
-def on_rank0(ctx, fn):
-    """Run `fn` on rank 0 only and share its (picklable) result, or its error, with every rank."""
-    if ctx is None:
-        return fn()
-    result, err = None, None
-    if ctx.rank == 0:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below on rank 0, reported as abort elsewhere
-            err = e
-    shared, message = ctx.gather((result, None if err is None else str(err)))[0]
-    if message is not None:
-        if err is not None:
-            raise err
-        raise distributed.RankAborted(message)
-    return shared
-
-
 class InputDigests:
     """Per output file and source file: a digest over the digests of the source tensors read for it."""
 
@@ -167,11 +151,12 @@ def _check_unchanged_sources(ckpt: SourceCheckpoint, jobs: list[Job], done: dict
 def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, fingerprint: str, resume: bool = False,
              overwrite: bool = False, progress: bool | None = None, buffer_bytes: int,
              texts: dict[str, str] | None = None, copies: tuple[Path, ...] = (),
-             before_finish: Callable[[list[str], Path], None] | None = None, desc: str = "fp8norm",
+             before_finish: Callable[[list[str], Path], dict[str, str]] | None = None, desc: str = "fp8norm",
              notes: list[str] | None = None, stats: RunStats | None = None, workers: int | None = None) -> RunStats:
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
     `texts` {name: text} in order, then the final manifest. `before_finish(files written, folder)` runs
-    on rank 0 once every file is on disk in `folder` (e.g. to re-read samples). `notes`: a list the jobs'
+    on rank 0 once every file is on disk in `folder` (e.g. to re-read samples); the texts it returns
+    replace those of `texts` (e.g. fp8norm.json marked as failed). `notes`: a list the jobs'
     computations append to; under torchrun rank 0's list ends up holding every rank's notes. `workers`:
     compute workers (default: fp8norm.threads' choice). Returns the run's statistics (in `stats` when
     given)."""
@@ -197,9 +182,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
         done = out.open(lambda kept: sum(s for f, s in sizes.items() if f not in kept) + closing, sources)
         if done and out.changed_mtime:
             _check_unchanged_sources(ckpt, jobs, done, out.changed_mtime)
-        ManifestRecord(out.work, fingerprint, sources, None, done).save()
-        for p in out.work.glob(distributed.RANK_MANIFEST_GLOB):  # folded into the manifest just written
-            p.unlink()
+        save_folded_manifest(out.work, fingerprint, sources, done)
         return done, str(out.work)
 
     def still_needed() -> int:
@@ -213,7 +196,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
     work = dst  # where the files are written: DST, or the staging folder of an --overwrite (see OutputDir)
     try:
         try:
-            done, work = on_rank0(ctx, prepare)  # its errors (DST locked, ...) must not be recorded in DST
+            done, work = distributed.on_rank0(ctx, prepare)  # its errors (DST locked, ...) must not be recorded in DST
         except OSError as e:
             raise io_error(e, dst, still_needed(), 0) from None
         work = Path(work)
@@ -238,15 +221,10 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
                 distributed.record_failure(work, ctx.rank, str(e) or type(e).__name__)
         if ctx is not None:
             # every rank has stopped streaming; rank 0's statistics count the whole job
-            gathered = ctx.gather((stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out,
-                                   stats.tensors_in, list(notes or [])))
+            per_rank = distributed.sum_over_ranks(ctx, stats, RunStats.SUMMED_OVER_RANKS, notes)
             if rank0:
-                (stats.bytes_in, stats.bytes_out, stats.files_written, stats.tensors_out,
-                 stats.tensors_in) = (sum(x[i] for x in gathered) for i in range(5))
-                if notes is not None:
-                    notes[:] = [n for x in gathered for n in x[5]]
                 stats.notes.append(f"ranks     {ctx.world} (torchrun), files written per rank: "
-                                   f"{', '.join(str(x[2]) for x in gathered)}")
+                                   f"{', '.join(str(r['files_written']) for r in per_rank)}")
             failed = distributed.failure(work)
             if failed is not None:
                 if rank0:
@@ -256,7 +234,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             try:
                 if before_finish is not None:
                     t0 = time.perf_counter()
-                    before_finish(pending, work)
+                    texts = {**(texts or {}), **before_finish(pending, work)}
                     stats.verify_s += time.perf_counter() - t0
                 _finish(ckpt, work, copies, texts, fingerprint, sources)
                 if work != dst:
@@ -295,14 +273,7 @@ def _finish(ckpt, dst: Path, copies, texts, fingerprint: str, sources: dict) -> 
         copy_file(ckpt.root / rel, dst / rel)
     for name, text in (texts or {}).items():
         atomic_write_text(dst / name, text)
-    done = {}
-    for path in [dst / MANIFEST_NAME, *sorted(dst.glob(distributed.RANK_MANIFEST_GLOB))]:
-        done.update(read_manifest(path).get("done", {}))
-    record = ManifestRecord(dst, fingerprint, sources, None, done)
-    record.data["complete"] = True
-    record.save()
-    for p in dst.glob(distributed.RANK_MANIFEST_GLOB):  # folded into the manifest above
-        p.unlink()
+    save_folded_manifest(dst, fingerprint, sources, read_manifests(dst, fingerprint)[1], complete=True)
     shutil.rmtree(dst / distributed.PROGRESS_DIR, ignore_errors=True)  # also one left by a killed torchrun job
 
 

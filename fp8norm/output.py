@@ -15,8 +15,9 @@
   (size; where the mtime changed, the bytes read for the finished files must give the same digests),
   and each finished output file still of its recorded size and sha256 (else it is written again).
 
-Files appear under their final names only when complete: written to `.NAME.partial`, fsynced,
-renamed. Every OSError comes out as one line naming the file (see `io_error`).
+Files appear under their final names only when complete (fp8norm.atomic: written to `.NAME.partial`,
+fsynced, renamed, the directory fsynced). Every OSError comes out as one line naming the file (see
+`io_error`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ import shutil
 from pathlib import Path
 
 from . import _faults, digest, distributed
+from .atomic import PARTIAL_GLOB, AtomicFile
 from .checkpoint import OUTPUT_WORK_FOLDERS, read_json
 
 MANIFEST_NAME = "fp8norm-manifest.json"
+# under torchrun each rank records its finished files in its own manifest (no two ranks write one file)
+RANK_MANIFEST = ".fp8norm-manifest.rank{rank}.json"
+RANK_MANIFEST_GLOB = ".fp8norm-manifest.rank*.json"
 LOCK_NAME = ".fp8norm.lock"
 PROVENANCE_NAME = "fp8norm.json"
-PARTIAL_GLOB = ".*.partial"
 # the new output of an --overwrite until it is complete; the old output's entries while they are moved
 # aside; ... once all are (the renamed folder marks that step as done)
 STAGING_NAME, _MOVING_ASIDE, _ASIDE = OUTPUT_WORK_FOLDERS
@@ -197,7 +201,7 @@ class ManifestRecord:
     rank's own (folded into the main one by rank 0 at the end, or by a later --resume)."""
 
     def __init__(self, dst: Path, fp: str, sources: dict, ctx, done: dict | None = None):
-        name = MANIFEST_NAME if ctx is None or ctx.rank == 0 else distributed.RANK_MANIFEST.format(rank=ctx.rank)
+        name = MANIFEST_NAME if ctx is None or ctx.rank == 0 else RANK_MANIFEST.format(rank=ctx.rank)
         self.dst, self.path = dst, dst / name
         self.data = {"fingerprint": fp, "complete": False, "sources": sources, "done": dict(done or {}),
                      "digest": digest.ALGORITHM}
@@ -208,6 +212,32 @@ class ManifestRecord:
     def finished(self, name: str, record: dict) -> None:
         self.data["done"][name] = record
         self.save()
+
+
+def read_manifests(folder: Path, fp: str) -> tuple[dict, dict[str, dict]]:
+    """The main manifest in `folder`, and {file: record} of the files it and the ranks' manifests of an
+    interrupted torchrun job (any number of ranks) record as done; each checked to hold digests of
+    fp8norm.digest's kind and to come from the plan with fingerprint `fp`."""
+    main_path = folder / MANIFEST_NAME
+    main = read_manifest(main_path)
+    done: dict[str, dict] = {}
+    for path in [main_path, *sorted(folder.glob(RANK_MANIFEST_GLOB))]:
+        m = main if path == main_path else read_manifest(path)
+        check_digest_kind(path, m)
+        if m.get("fingerprint") != fp:
+            raise OutputError(f"{folder}: was started with other settings or another source (plan "
+                              "fingerprints differ); use --overwrite to start again")
+        done.update(m.get("done", {}))
+    return main, done
+
+
+def save_folded_manifest(folder: Path, fp: str, sources: dict, done: dict, *, complete: bool = False) -> None:
+    """The main manifest recording `done`; then the ranks' manifests, folded into it, are removed."""
+    record = ManifestRecord(folder, fp, sources, None, done)
+    record.data["complete"] = complete
+    record.save()
+    for p in folder.glob(RANK_MANIFEST_GLOB):
+        p.unlink()
 
 
 def source_identity(root: Path, files) -> dict:
@@ -221,30 +251,9 @@ def source_identity(root: Path, files) -> dict:
 
 # ------------------------------------------------------------------ the directory
 
-def write_atomically(path: Path, write, label: str | None = None) -> None:
-    """`write(tmp)` into `.NAME.partial` beside `path`, then rename it to `path`, so a file under its final
-    name is always complete. An OSError drops the partial file and names `path` (or the file it concerns).
-    `label`: the fault points around the rename (see fp8norm._faults)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise with_file(e, path if e.filename in (None, str(tmp)) else e.filename) from None
-    if label:
-        _faults.point(f"{label}-before-rename")
-    os.replace(tmp, path)
-    if label:
-        _faults.point(f"{label}-renamed")
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    write_atomically(path, write, "text")
+    with AtomicFile(path, label="text") as f:
+        f.file.write(text.encode())
 
 
 # errors of the written side of a copy (shutil's fast copy names the file read from in them)
@@ -253,15 +262,13 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 def copy_file(src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp):
+    with AtomicFile(out, open_file=False) as f:
         try:
-            shutil.copyfile(src, tmp)
+            shutil.copyfile(src, f.tmp)
         except OSError as e:
             if e.errno in _WRITE_ERRNOS:
-                e.filename, e.filename2 = None, None  # named as `out` by write_atomically
+                e.filename, e.filename2 = None, None  # named as `out` by AtomicFile
             raise
-    write_atomically(out, write)
 
 
 class OutputDir:
@@ -392,16 +399,7 @@ class OutputDir:
         if not manifest_path.exists():
             raise OutputError(f"{dst}: not empty and holds no {MANIFEST_NAME}: nothing to resume "
                               "(use --overwrite to replace it)")
-        main = read_manifest(manifest_path)
-        done: dict[str, dict] = {}
-        # the main manifest, and those of the ranks of an interrupted torchrun job (any count)
-        for path in [manifest_path, *sorted(dst.glob(distributed.RANK_MANIFEST_GLOB))]:
-            m = main if path == manifest_path else read_manifest(path)
-            check_digest_kind(path, m)
-            if m.get("fingerprint") != self.fingerprint:
-                raise OutputError(f"{dst}: was started with other settings or another source (plan "
-                                  "fingerprints differ); use --overwrite to start again")
-            done.update(m.get("done", {}))
+        main, done = read_manifests(dst, self.fingerprint)
         recorded = main.get("sources")
         if not isinstance(recorded, dict):
             raise OutputError(f"{manifest_path}: records no source files (made by an older fp8norm?); use "

@@ -10,8 +10,6 @@ is touched, and written once every shard is complete.
 from __future__ import annotations
 
 import json
-import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +17,16 @@ import torch
 
 from .activation_stats import weights_for
 from .calibrate import calibrated_quant
-from . import distributed
+from . import distributed, read_ahead
 from .checkpoint import INDEX_NAME, read_json
+from .device import resolve_device
 from .classify import FP8, Decision as D
 from .engine import Job, RunStats, run_jobs
 from .output import MANIFEST_NAME, PROVENANCE_NAME, OutputError, index_text
 from .plan import Plan, TensorPlan
-from .st_io import OutEntry, read_header, read_tensor
+from .st_io import OutEntry
 from .threads import compute_workers
-from . import formats
-from .verify import FAIL, Bands, VerifyReport, compare, mark_failed, source_matrix
+from .verify import FAIL, VerifyReport, check_written, mark_failed
 
 __all__ = ["execute_plan", "Transform", "BlockQuantize", "RunSummary", "resolve_device", "quantize_tensor",
            "OutputError", "MANIFEST_NAME"]
@@ -67,25 +65,10 @@ class RunSummary(RunStats):
     def format_stages(self) -> str:
         """Where read and write time went, the check after writing, and how long the start took."""
         launch = f", first read {self.first_read_s:.2f} s after start" if self.first_read_s is not None else ""
+        if (ahead := read_ahead.LAST.describe()) is not None:
+            launch += f"; {ahead}"
         return (f"stages    hash {self.hash_s:.2f} s (read + write), fsync {self.fsync_s:.2f} s, verify "
                 f"{self.verify_s:.2f} s{launch}")
-
-
-def resolve_device(device: str, ctx=None) -> torch.device:
-    """auto: CUDA when present (under torchrun the rank's LOCAL_RANK GPU), else the CPU."""
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count()) if ctx else torch.device("cuda")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise OutputError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OutputError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def quantize_tensor(t: TensorPlan, xs: list[torch.Tensor], plan: Plan, device: torch.device) -> list[torch.Tensor]:
@@ -161,29 +144,20 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
     jobs = [Job(t.input_names, [(t.shard, o) for o in t.outputs],
                 lambda xs, _which, t=t: transform.apply(t, xs, plan, dev))
             for s in plan.shards for t in by_shard[s]]
-    report = _new_report(plan) if verify_samples else None
+    summary = RunSummary(tensors=plan.totals(), device=str(dev), source=plan.source)
 
-    def verify(_written: list[str], out_dir: Path) -> None:
-        # After the streams are drained, so the check adds nothing to the pipeline's peak memory; the
-        # shards side by side on the compute workers (a shard's report each, merged in shard order).
-        def one(shard: str) -> VerifyReport:
-            part = _new_report(plan)
-            _verify_shard(plan, out_dir / shard, by_shard[shard], verify_samples, part)
-            return part
-
-        with ThreadPoolExecutor(1 if dev.type == "cuda" else compute_workers()) as pool:
-            for part in pool.map(one, plan.shards):
-                report.checks += part.checks
-                report.fp8_tensors += part.fp8_tensors
-                report.kept_tensors += part.kept_tensors
-        if report.status == FAIL and PROVENANCE_NAME in texts:
+    def check_after_writing(_written: list[str], out_dir: Path) -> dict[str, str]:
+        # After the streams are drained, so the check adds nothing to the pipeline's peak memory
+        summary.verify = check_written(plan, out_dir, by_shard, verify_samples,
+                                       workers=1 if dev.type == "cuda" else compute_workers())
+        if summary.verify.status == FAIL and PROVENANCE_NAME in texts:
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
-            texts[PROVENANCE_NAME] = mark_failed(texts[PROVENANCE_NAME], report)
+            return {PROVENANCE_NAME: mark_failed(texts[PROVENANCE_NAME], summary.verify)}
+        return {}
 
-    summary = RunSummary(tensors=plan.totals(), device=str(dev), verify=report, source=plan.source)
     run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
              progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
-             before_finish=verify if verify_samples else None, notes=transform.records, stats=summary,
+             before_finish=check_after_writing if verify_samples else None, notes=transform.records, stats=summary,
              workers=1 if dev.type == "cuda" else None)  # one GPU stream: a second worker would only queue
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
@@ -202,47 +176,3 @@ def _output_texts(plan: Plan, transform: Transform) -> tuple[dict[str, str], lis
     skip = {*texts, *transform.skip_files, MANIFEST_NAME}
     copies = [rel for rel in plan.checkpoint.other_files if str(rel) not in skip and rel.name != MANIFEST_NAME]
     return texts, copies
-
-
-# Decisions whose outputs are freshly rounded, so checked after writing: quantize's FP8 (block or a
-# scheme), convert's requantization to ue8m0 scales and its conversion to a scheme or NVFP4.
-_VERIFIED = (D.FP8, D.UE8M0, D.SCHEME, D.NVFP4)
-
-
-def _format_of(plan: Plan):
-    """The format the plan writes (convert --to, or quantize --scheme)."""
-    return formats.get(plan.convert_to or plan.scheme)
-
-
-def _new_report(plan: Plan) -> VerifyReport:
-    mode, scheme = plan.settings.calib.mode, _format_of(plan).verify_key
-    return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
-                        bands=Bands.for_scheme(scheme, mode), scheme=scheme)
-
-
-def _verify_shard(plan: Plan, shard_path: Path, tensors: list[TensorPlan], samples: int,
-                  report: VerifyReport) -> None:
-    """Re-read `samples` freshly rounded tensors of a finished shard from disk and compare them with the
-    values they were made from (the source tensor, or an FP8 source dequantized with its scales)."""
-    infos, _ = read_header(shard_path)
-    rounded = [t for t in tensors if t.decision in _VERIFIED]
-    rng = random.Random(shard_path.name)
-    fmt = _format_of(plan)
-    # block FP8 outputs keep the source's blocks when converted, else the plan's
-    block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
-    for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name):
-        src = source_matrix(t.name, plan.checkpoint, block)
-        if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
-            k = fmt.tensors_per_member
-            groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
-            report.checks.extend(
-                fmt.compare_member(fmt.output_key(g[0].name), shard_path.name, [read_tensor(infos[o.name]) for o in g],
-                                   x, report.bands, plan.mx_rule)
-                for g, x in zip(groups, fmt.source_parts(t.name, src)))
-            continue
-        q = read_tensor(infos[t.outputs[0].name])
-        scale_inv = read_tensor(infos[t.outputs[1].name])
-        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, block, report.bands))
-    # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
-    report.fp8_tensors += sum(len(t.outputs) // fmt.tensors_per_member if fmt.per_module else 1 for t in rounded)
-    report.kept_tensors += len(tensors) - len(rounded)

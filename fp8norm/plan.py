@@ -22,15 +22,11 @@ from .classify import (FP8, KEEP, PASSTHROUGH, SCALE_SUFFIXES, Choice, Decision,
                        scale_base, scale_name)
 from .output import fingerprint
 from .sizes import parse_size
+from .source_checks import PlanError, check_fp8_sources  # their home; named here too
 from .st_io import DTYPE_NAMES, FP8_DTYPES, OutEntry, read_header, read_tensor
 
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZE_DTYPES = ("BF16", "F16", "F32")  # what the kernels make FP8 from
-SOURCE_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # block scales of FP8 sources that are read
-
-
-class PlanError(ValueError):
-    """A source or option that cannot be planned; the message names the file, tensor or option."""
 
 
 def quantization_config_of(cfg: dict, path) -> dict:
@@ -60,31 +56,6 @@ def check_patterns(patterns, option: str) -> tuple[str, ...]:
         except re.error as e:
             raise PlanError(f"{option} {p!r}: not a regular expression ({e})") from None
     return tuple(patterns)
-
-
-def check_fp8_sources(ckpt: SourceCheckpoint, scale_of: dict[str, str], block_size) -> None:
-    """FP8 weights read or carried, and their block scales, before anything is written: E4M3 only;
-    scales of a float dtype, of the block grid's shape, finite and > 0 (each scale is read: they are
-    1/16384 of their weight)."""
-    for name, sname in scale_of.items():
-        w, sc = ckpt.tensors[name], ckpt.tensors[sname]
-        where = f"{w.file.name}: tensor {name!r}"
-        if w.dtype != "F8_E4M3":
-            raise PlanError(f"{where} is {w.dtype}: fp8norm reads F8_E4M3 FP8 weights (with block scales) only")
-        if sc.dtype not in SOURCE_SCALE_DTYPES:
-            raise PlanError(f"{sc.file.name}: scale {sname!r} is {sc.dtype}; block scales are read as "
-                            f"{', '.join(SOURCE_SCALE_DTYPES)}")
-        expected = nx.scale_inv_shape(w.shape, block_size) if len(w.shape) >= 2 else None
-        if expected is None or tuple(sc.shape) != expected:
-            raise PlanError(f"{sc.file.name}: scale {sname!r} has shape {list(sc.shape)}, but {name!r} "
-                            f"{list(w.shape)} with {block_size[0]}x{block_size[1]} blocks needs "
-                            f"{list(expected) if expected else 'a 2D or 3D weight'}")
-        values = read_tensor(sc).float()
-        bad = ~(torch.isfinite(values) & (values > 0))
-        if bool(bad.any()):
-            first = [int(i) for i in bad.nonzero()[0].tolist()]
-            raise PlanError(f"{sc.file.name}: scale {sname!r} holds {int(bad.sum())} value(s) that are not finite "
-                            f"and > 0 (first {float(values[tuple(first)])} at {first}); its weight cannot be read")
 
 
 @dataclass(frozen=True)
@@ -152,9 +123,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # planning's lines for the summary
     scheme: str = "fp8-block"  # `quantize --scheme` (fp8norm.formats)
     mx_rule: str | None = None  # MX targets: the E8M0 scale rule (fp8norm.kernels.numerics.mx)
-
-    def shard_tensors(self, shard: str) -> list[TensorPlan]:
-        return [t for t in self.tensors if t.shard == shard]
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def kept_linear_modules(self) -> list[str]:
         """Modules of 2D weights left unquantized (modules_to_not_convert / ignore / exclude lists)."""
@@ -188,11 +157,15 @@ class Plan:
         }
 
     def fingerprint(self) -> str:
-        """Hash of what decides the output bytes (not the source path: a moved source still resumes)."""
-        d = self.to_dict()
-        d.pop("source")
-        d.pop("reference")
-        return fingerprint(d)
+        """Hash of what decides the output bytes (not the source path: a moved source still resumes).
+        Computed once, on first use (the whole plan's JSON; a run asks more than once): by then planning
+        is over, so edits to the plan (schemes.apply_to_plan, convert's settings) come before it."""
+        if self._fingerprint is None:
+            d = self.to_dict()
+            d.pop("source")
+            d.pop("reference")
+            self._fingerprint = fingerprint(d)
+        return self._fingerprint
 
 
 def _reference_settings(qcfg: dict, ref_folder: Path, ref_names: set[str]) -> dict:

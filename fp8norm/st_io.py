@@ -8,7 +8,6 @@ order, so a shard never has to be held in memory.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import _faults, digest
+from .atomic import AtomicFile
 
 # safetensors dtype string <-> torch dtype.
 DTYPES: dict[str, torch.dtype] = {
@@ -186,9 +186,9 @@ class OutEntry:
         return _numel(self.shape) * itemsize(self.dtype)
 
 
-def build_header(entries: list[OutEntry], metadata: dict[str, str] | None = None) -> bytes:
+def build_header(entries: list[OutEntry]) -> bytes:
     """The 8-byte length and the JSON header (space-padded to 8 bytes) for tensors in this order."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    header: dict = {"__metadata__": {"format": "pt"}}
     pos = 0
     for e in entries:
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
@@ -204,32 +204,30 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 class ShardWriter:
-    """Writes a shard's header, then its tensors in header order, to `tmp_path`; `commit()` renames it
-    to `final_path` after an fsync, so a file under its final name is always complete. `digest` is the
-    file's digest (fp8norm.digest, computed as the bytes go out, from the tensors' own memory);
+    """Writes a shard's header, then its tensors in header order, into an fp8norm.atomic.AtomicFile:
+    `commit()` puts it under `final_path` once complete. `digest` is the file's digest (fp8norm.digest,
+    computed as the bytes go out, from the tensors' own memory);
     `hash_s` and `fsync_s` the seconds spent hashing and in fsync. OSErrors name the file."""
 
-    def __init__(self, final_path: Path, entries: list[OutEntry], metadata=None):
+    def __init__(self, final_path: Path, entries: list[OutEntry]):
         self.final_path = Path(final_path)
-        self.tmp_path = self.final_path.with_name(f".{self.final_path.name}.partial")
         self.entries = entries
         self._next = 0
         self._hash = digest.new()
         self.digest = ""
-        self.hash_s = self.fsync_s = 0.0
-        self._f = None
-        with self._naming_errors():
-            self._f = open(self.tmp_path, "wb")
-            self._out(build_header(entries, metadata))
-
-    @contextlib.contextmanager
-    def _naming_errors(self):
+        self.hash_s = 0.0
+        self._file = AtomicFile(self.final_path, label="shard")
+        self._f = self._file.file
         try:
-            yield
-        except OSError as e:
-            if e.filename is None:
-                e.filename = str(self.final_path)
+            with self._file.naming_errors():
+                self._out(build_header(entries))
+        except BaseException:
+            self._file.abort()
             raise
+
+    @property
+    def fsync_s(self) -> float:
+        return self._file.fsync_s
 
     def _out(self, data) -> None:
         t0 = time.perf_counter()
@@ -243,7 +241,7 @@ class ShardWriter:
             raise RuntimeError(f"{self.final_path}: expected {e.name} {e.dtype} {list(e.shape)}, got {name} "
                                f"{DTYPE_NAMES.get(t.dtype)} {list(t.shape)}")
         _faults.point("tensor-write")
-        with self._naming_errors():
+        with self._file.naming_errors():
             self._out(tensor_bytes(t))
         self._next += 1
         _faults.point("tensor-written")
@@ -252,22 +250,9 @@ class ShardWriter:
     def commit(self) -> None:
         if self._next != len(self.entries):
             raise RuntimeError(f"{self.final_path}: {len(self.entries) - self._next} tensors never written")
-        with self._naming_errors():
-            self._f.flush()
-            t0 = time.perf_counter()
-            os.fsync(self._f.fileno())
-            self.fsync_s += time.perf_counter() - t0
-            self._f.close()
         self.digest = self._hash.hexdigest()
-        _faults.point("shard-before-rename")
-        os.replace(self.tmp_path, self.final_path)
-        _faults.point("shard-renamed")
+        self._file.commit()
 
     def abort(self) -> None:
         """Drop the unfinished file; never raises (it runs while another error is on its way up)."""
-        try:
-            if self._f is not None:
-                self._f.close()
-        except OSError:
-            pass  # e.g. the buffered tail hit a full disk again: the file is dropped anyway
-        self.tmp_path.unlink(missing_ok=True)
+        self._file.abort()

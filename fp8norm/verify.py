@@ -95,76 +95,29 @@ import json
 import math
 import random
 import re
-from dataclasses import asdict, dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .kernels.numerics import e2m1
 from .kernels.numerics import fp8_block as nx
 from .kernels.numerics import mx
-from .kernels.numerics import nvfp4 as n4
 from . import formats
 from .formats import Format
 from .formats.compressed_tensors import module_of, output_modules, split_source
+from .classify import Decision as D
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
-from .reference import e4m3_to_float32
-from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_tensor
+from .checks import FAIL, GOOD, WARN, Bands, ElementFormat, TensorCheck, compare, element_format, worst
+from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_header, read_tensor
 
-GOOD, WARN, FAIL = "GOOD", "WARN", "FAIL"
-_RANK = {GOOD: 0, WARN: 1, FAIL: 2}
 
 # Exit code of `verify`, `quantize` and `convert` when the verification FAILs (the output stays on
 # disk, marked in fp8norm.json); 1 is any other error, 2 a usage error.
 EXIT_VERIFY_FAILED = 3
 
-FLOOR_REL_RMS = 0.0265  # e4m3's rounding error on normal numbers (module docstring)
-FLOOR_SQNR_DB = -20 * math.log10(FLOOR_REL_RMS)  # 31.5 dB
 CLIPPING_CALIBRATIONS = ("rms", "percentile", "mse")
-
-
-
-@dataclass(frozen=True)
-class ElementFormat:
-    """An element format as verify judges it: largest value (saturation), exponent of the smallest
-    normal, mantissa bits; the rounding floor (relative RMS error) of the scheme storing it, and the
-    relative RMS error beyond which rounding alone cannot explain the cost (WARN -> FAIL)."""
-    name: str
-    max: float
-    min_exp: int
-    mant: int
-    floor_rel_rms: float
-    sqnr_good: float
-    sqnr_warn: float
-    # e2m1 quotients exactly halfway between two values must be stored as the even one. Only where the
-    # quotient is the IEEE fp32 x / scale that both the kernel and the twin compute (NVFP4); elsewhere
-    # the kernel's x * (1/scale) may move a tie by an ulp, and either neighbour is accepted there.
-    ties_to_even: bool = False
-
-    def rne(self, v: torch.Tensor) -> torch.Tensor:
-        """fp32 v -> its saturating round-to-nearest-even value in this format, as fp32."""
-        if self.name == "e2m1":
-            return n4.e2m1_table(v.device)[n4.e2m1_codes(v.float().reshape(-1)).long()].reshape(v.shape)
-        return nx.saturate_e4m3(v.float()).float()
-
-    @property
-    def floor_sqnr_db(self) -> float:
-        return -20 * math.log10(self.floor_rel_rms)
-
-
-E4M3 = ElementFormat("e4m3", nx.E4M3_MAX, -6, 3, FLOOR_REL_RMS, round(FLOOR_SQNR_DB - 2.0, 1), 20.0)
-# The element formats as verify judges them: (largest value, exponent of the smallest normal, mantissa bits)
-ELEMENTS = {"e4m3": (nx.E4M3_MAX, -6, 3), "e2m1": (n4.E2M1_MAX, 0, 1)}
-
-
-def element_format(f: Format) -> ElementFormat:
-    """How verify judges a format's elements: with its own floor and bands (Format.verify_bands), or
-    block FP8's."""
-    if f.verify_bands is None:
-        return E4M3
-    return ElementFormat(f.element, *(ELEMENTS.get(f.element) or f.element_range), *f.verify_bands,
-                         ties_to_even=f.ties_to_even)
-
+_RANK = {GOOD: 0, WARN: 1, FAIL: 2}  # the report lists the worst first
 
 # By Format.verify_key: NVFP4 in either layout, block FP8 in every layout, each scheme (module docstring)
 NVFP4 = formats.get("nvfp4").verify_key
@@ -174,238 +127,6 @@ SCHEME_FORMATS = {f.verify_key: element_format(f) for f in formats.FORMATS.value
 WEIGHT_LABELS = {f.verify_key: f.weight_label for f in formats.FORMATS.values()}
 # Schemes whose scales let the largest elements saturate: clipping is the format's, judged by SQNR alone
 SATURATING_SCHEMES = tuple(dict.fromkeys(f.verify_key for f in formats.FORMATS.values() if f.saturates))
-
-
-@dataclass(frozen=True)
-class Bands:
-    """Verdict bands. SQNR (dB): GOOD at or above sqnr_good, WARN down to sqnr_warn, FAIL below.
-    Clipped fraction: above clipped_good is WARN. cos / mae / maxae: optional absolute (GOOD, WARN)
-    bounds as the seed tool had them (None: not judged)."""
-    sqnr_good: float = round(FLOOR_SQNR_DB - 2.0, 1)
-    sqnr_warn: float = 20.0
-    clipped_good: float = 0.01
-    cos: tuple[float, float] | None = None
-    mae: tuple[float, float] | None = None
-    maxae: tuple[float, float] | None = None
-
-    @classmethod
-    def for_calibration(cls, mode: str | None, **overrides) -> Bands:
-        """Max calibration clips nothing by construction; clipping ones (and unknown) may clip 1%."""
-        return cls(**{"clipped_good": 0.0 if mode == "max" else 0.01, **overrides})
-
-    @classmethod
-    def for_scheme(cls, scheme: str, mode: str | None, **overrides) -> Bands:
-        """The bands of `scheme` (module docstring, "Other schemes"). MX scales are powers of two that the OCP rule lets saturate the block's largest
-        elements: clipping is the format's there, judged by the SQNR band alone."""
-        fmt = SCHEME_FORMATS[scheme]
-        base = {"sqnr_good": fmt.sqnr_good, "sqnr_warn": fmt.sqnr_warn}
-        if scheme in SATURATING_SCHEMES:
-            base["clipped_good"] = 1.0
-        return cls.for_calibration(mode, **{**base, **overrides})
-
-    def judge(self, c: TensorCheck) -> dict[str, str]:
-        b = {"sqnr": GOOD if c.sqnr_db >= self.sqnr_good else WARN if c.sqnr_db >= self.sqnr_warn else FAIL,
-             "clipped": GOOD if c.clipped_frac <= self.clipped_good else WARN}
-        if self.cos is not None:
-            b["cos"] = GOOD if c.cos >= self.cos[0] else WARN if c.cos >= self.cos[1] else FAIL
-        if self.mae is not None:
-            b["mae"] = GOOD if c.mae <= self.mae[0] else WARN if c.mae <= self.mae[1] else FAIL
-        if self.maxae is not None:
-            b["maxae"] = GOOD if c.maxae <= self.maxae[0] else WARN if c.maxae <= self.maxae[1] else FAIL
-        return b
-
-
-def worst(*statuses: str) -> str:
-    return max(statuses, key=_RANK.__getitem__, default=GOOD)
-
-
-@dataclass
-class TensorCheck:
-    name: str
-    shard: str
-    cos: float
-    rel_rms: float
-    sqnr_db: float
-    max_err_rel_amax: float  # largest |deq - x| / its tile's amax
-    clipped_frac: float      # |x / scale| > 448: saturated by the calibration
-    flushed_frac: float      # x != 0 stored as 0
-    mae: float
-    maxae: float
-    elements: int
-    wrong_elements: int      # not RNE(x / scale): a corruption
-    first_wrong: str | None
-    bands: dict
-    status: str
-    wrong_scales: int = 0    # MX: E8M0 codes no accepted rule gives for the block's amax
-    first_wrong_scale: str | None = None
-
-
-def _expand_tiles(t: torch.Tensor, shape, block_size) -> torch.Tensor:
-    """[tm, tn] per-tile values -> [rows, cols] per element."""
-    bm, bn = block_size
-    rows, cols = shape
-    return t.repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
-
-
-def half_step(v: torch.Tensor, fmt: ElementFormat = E4M3) -> torch.Tensor:
-    """Half the distance between `fmt` neighbours around v >= 0 (fp32): 2^(floor(log2 v) - mant - 1)
-    read off v's exponent bits, at least half the subnormal step (e4m3: 2^-10, e2m1: 2^-2)."""
-    pow2 = (v.contiguous().view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 v), 0 for 0
-    return (pow2 * 2.0 ** -(fmt.mant + 1)).clamp_min_(2.0 ** (fmt.min_exp - fmt.mant - 1))
-
-
-def e4m3_half_step(v: torch.Tensor) -> torch.Tensor:
-    return half_step(v, E4M3)
-
-
-def rne_mismatch(q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, steps: float = 0.5,
-                 fmt: ElementFormat = E4M3) -> torch.Tensor:
-    """Elements where fp32 q is not the saturating RNE `fmt` value of x / scale (all per element, fp32;
-    x * (1/scale) as the kernel computes it, with 2^-21 relative slack for the order of operations).
-
-    `steps`: allowed error in steps of the format (0.5: one rounding; 1.5: rounded twice, see the module doc)."""
-    y = x.float() * torch.reciprocal(scale.float())
-    return _mismatch(q.float(), y, y.abs(), steps, fmt)
-
-
-def _mismatch(q, y, ay, steps: float, fmt: ElementFormat = E4M3) -> torch.Tensor:
-    bound = half_step(torch.minimum(ay, q.abs()), fmt).mul_(2 * steps).add_(ay * 2.0 ** -21)
-    ok = torch.where(ay >= fmt.max, q == torch.sign(y) * fmt.max, (q - y).abs_() <= bound)
-    return ~(ok & torch.isfinite(q))
-
-
-def _odd_ties(q: torch.Tensor, y: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
-    """e2m1 elements whose quotient y lies exactly halfway between two values but are not stored as the
-    even one (RNE's choice, fmt.rne)."""
-    tie = torch.isin(y.abs(), torch.tensor(e2m1.E2M1_BOUNDS, device=y.device))
-    return tie & (q != fmt.rne(y))
-
-
-def _tile_max(a: torch.Tensor, block_size) -> torch.Tensor:
-    """[rows, cols] of values >= 0 -> [tm, tn] tile maxima."""
-    bm, bn = block_size
-    rows, cols = a.shape
-    tm, tn = nx.ceil_div(rows, bm), nx.ceil_div(cols, bn)
-    if rows % bm or cols % bn:
-        a = torch.nn.functional.pad(a, (0, tn * bn - cols, 0, tm * bm - rows))
-    return a.view(tm, bm, tn, bn).amax((1, 3))
-
-
-class _Sums:
-    """Running sums over the chunks of one tensor (fp32 cascade sums per chunk, fp64 across chunks)."""
-
-    def __init__(self):
-        self.nq = self.nr = self.err_sq = self.abs_sum = 0.0
-        self.maxae = self.max_rel = 0.0
-        self.n = self.clipped = self.flushed = self.wrong = 0
-        self.first_wrong: str | None = None
-
-    def add(self, q, s_tiles, x, block_size, where: str, row0: int, steps: float, fmt: ElementFormat = E4M3) -> None:
-        qf = e4m3_to_float32(q, torch.empty(q.shape, dtype=torch.float32)) if q.dtype == torch.float8_e4m3fn \
-            else q.float()
-        xf = x.float()
-        s = _expand_tiles(s_tiles.float(), qf.shape, block_size)
-        y = xf * torch.reciprocal(s)
-        ay = y.abs()
-        bad = _mismatch(qf, y, ay, steps, fmt)
-        if fmt.ties_to_even:
-            bad |= _odd_ties(qf, xf / s, fmt)
-        n_bad = int(bad.sum())
-        if n_bad and self.first_wrong is None:
-            r, c = (int(v) for v in bad.nonzero()[0])
-            want = float(fmt.rne(xf[r, c] / s[r, c]))
-            self.first_wrong = (f"element {where}[{row0 + r}, {c}]: x {float(xf[r, c]):.6g}, scale {float(s[r, c]):.6g}, "
-                                f"stored {float(qf[r, c]):g}, RNE(x/scale) {want:g}")
-        self.wrong += n_bad
-        self.n += q.numel()
-        self.clipped += int((ay > fmt.max * (1 + 2.0 ** -20)).sum())
-        self.flushed += int(((qf == 0) & (xf != 0)).sum())
-        deq = qf.mul_(s)
-        self.nq += float(deq.square().sum())
-        self.nr += float(xf.square().sum())
-        err = deq.sub_(xf).abs_()
-        self.err_sq += float(err.square().sum())
-        self.abs_sum += float(err.sum())
-        if err.numel():
-            self.maxae = max(self.maxae, float(err.max()))
-            # max over elements of err / its tile's amax = max over tiles of (tile max err) / tile amax
-            rel = _tile_max(err, block_size) / _tile_max(xf.abs(), block_size).clamp_min(1e-30)  # xf may be the caller's x
-            self.max_rel = max(self.max_rel, float(rel.max()))
-
-
-def compare(name: str, shard: str, q: torch.Tensor, scale_inv: torch.Tensor, src: torch.Tensor,
-            block_size, bands: Bands | None = None, chunk_elems: int = 1 << 18,
-            rounding_steps: float = 0.5, fmt: ElementFormat = E4M3, decode=None) -> TensorCheck:
-    """Check q (with its stored scales) against the source tensor, element by element, and measure
-    what the format costs on it; a few row blocks at a time, so a large tensor costs little memory.
-
-    `decode(q_rows, scale_rows)` -> (fp32 elements, fp32 scales per tile) reads stored forms other
-    than e4m3 with float scales (MX: E8M0 codes, packed E2M1)."""
-    bands = bands or Bands()
-    bm = block_size[0]
-    sums = _Sums()
-    mats = [(q, scale_inv, src)] if q.dim() == 2 else list(zip(q, scale_inv, src))
-    for e, (q2, s2, x2) in enumerate(mats):
-        rows = max(bm, chunk_elems // max(1, q2.shape[1]) // bm * bm)
-        for r0 in range(0, q2.shape[0], rows):
-            qc, sc = q2[r0:r0 + rows], s2[r0 // bm:nx.ceil_div(r0 + rows, bm)]
-            if decode is not None:
-                qc, sc = decode(qc, sc)
-            sums.add(qc, sc, x2[r0:r0 + rows], block_size, f"[{e}]" if q.dim() == 3 else "", r0, rounding_steps, fmt)
-    denom = (sums.nq * sums.nr) ** 0.5
-    # <deq, x> from ||deq - x||^2 = |deq|^2 + |x|^2 - 2<deq, x>: exact where 1 - cos is tiny
-    cos = (sums.nq + sums.nr - sums.err_sq) / (2 * denom) if denom > 0 else float(sums.nq == sums.nr)
-    rel_rms = (sums.err_sq / sums.nr) ** 0.5 if sums.nr > 0 else (0.0 if sums.err_sq == 0 else math.inf)
-    sqnr = -20 * math.log10(rel_rms) if rel_rms > 0 else math.inf
-    n = max(1, sums.n)
-    check = TensorCheck(name, shard, cos, rel_rms, sqnr, sums.max_rel, sums.clipped / n, sums.flushed / n,
-                        sums.abs_sum / n, sums.maxae, sums.n, sums.wrong, sums.first_wrong, {}, GOOD)
-    check.bands = bands.judge(check)
-    if sums.wrong:
-        check.bands["rounding"] = FAIL
-    check.status = worst(*check.bands.values())
-    return check
-
-
-def compare_scheme(scheme: str, name: str, shard: str, stored: torch.Tensor, scale: torch.Tensor,
-                   src: torch.Tensor, bands: Bands | None = None, mx_rule: str | None = None) -> TensorCheck:
-    """One module of a compressed-tensors scheme output (fp8norm.formats: fp8-channel, mxfp8, mxfp4)
-    against its source matrix (fp32 or the source dtype): every element RNE(x / scale) in the scheme's
-    element format (the row's scale, or the block's E8M0 scale), and for MX every scale code the one
-    `mx_rule` (None: any rule of fp8norm.kernels.numerics.mx) gives for its block's amax."""
-    fmt = SCHEME_FORMATS[scheme]
-    bands = bands or Bands.for_scheme(scheme, None)
-    if not formats.get(scheme).takes_mx_rule:  # one scale per row
-        return compare(name, shard, stored, scale, src, (1, src.shape[-1]), bands, fmt=fmt)
-    mxf = mx.mx_format(scheme)
-    check = compare(name, shard, stored, scale, src, (1, mx.MX_BLOCK), bands, fmt=fmt,
-                    decode=lambda q, s: (mx.decode_elements(q, mxf), mx.scale_value(s)))
-    amax = src.abs().reshape(*src.shape[:-1], -1, mx.MX_BLOCK).amax(-1).float()  # exact in src's dtype
-    codes = scale.to(torch.int32)
-    expected = {r: mx.scale_codes(amax, mxf, r) for r in ((mx_rule,) if mx_rule else mx.SCALE_RULES)}
-    wrong = torch.stack([codes != e for e in expected.values()]).all(0)
-    if bool(wrong.any()):
-        i = tuple(int(v) for v in wrong.nonzero()[0])
-        check.wrong_scales = int(wrong.sum())
-        check.first_wrong_scale = (f"scale block {list(i)}: code {int(codes[i])}, block amax {float(amax[i]):.6g} "
-                                   f"gives " + " or ".join(f"{int(e[i])} ({r})" for r, e in expected.items()))
-        check.bands["scale"] = check.status = FAIL
-    return check
-
-
-def compare_nvfp4(name: str, shard: str, packed: torch.Tensor, weight_scale: torch.Tensor, scale_2: torch.Tensor,
-                  src: torch.Tensor, bands: Bands | None = None, exact_scale_2: bool = True) -> TensorCheck:
-    """One NVFP4 weight (packed E2M1 `[..., M, N/2]`, e4m3 group scales `[..., M, N/16]`, fp32 scale_2: a
-    scalar, or one per expert of a 3D weight) against its source: every element RNE(x / (weight_scale *
-    scale_2)) in e2m1, the divisor the fp32 product the quantizer forms (fp8norm.kernels.numerics.nvfp4).
-    `exact_scale_2=False`: scale_2 was recovered as 1 / the stored global scale (compressed-tensors), which
-    can miss the quantizer's by an ulp, so a quotient on a tie may have gone either way (within 2^-21)."""
-    s2 = scale_2.float().reshape(-1, 1, 1) if packed.dim() == 3 else scale_2.float().reshape(())
-    table = n4.e2m1_table(packed.device)
-    fmt = SCHEME_FORMATS[NVFP4] if exact_scale_2 else replace(SCHEME_FORMATS[NVFP4], ties_to_even=False)
-    return compare(name, shard, packed, weight_scale.float() * s2, src, (1, n4.GROUP_SIZE),
-                   bands or Bands.for_scheme(NVFP4, None), fmt=fmt,
-                   decode=lambda q, s: (table[n4.unpack_codes(q).long()], s))
 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -425,7 +146,7 @@ def tensor_kind(name: str) -> tuple[str, str | None]:
     return kind, m.group(1) if main else f"{prefix}.{m.group(1)}"
 
 
-def _layer_order(layer: str) -> tuple:
+def layer_order(layer: str) -> tuple:
     """Main layers by number, then other stacks' (mtp.0, ...), then tensors outside layers ("-")."""
     if layer.isdigit():
         return (0, int(layer), "")
@@ -443,7 +164,7 @@ def per_layer_sqnr(checks: list[TensorCheck]) -> dict[str, dict[str, float]]:
     out = {}
     for kind, layers in sorted(pooled.items()):
         out[kind] = {}
-        for layer in sorted(layers, key=_layer_order):
+        for layer in sorted(layers, key=layer_order):
             ms = sum(layers[layer]) / len(layers[layer])
             out[kind][layer] = round(-10 * math.log10(ms), 3) if ms > 0 else math.inf
     return out
@@ -673,7 +394,7 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
         fmt = None
     if fmt is not None and fmt.per_module:
         report.scheme = fmt.verify_key
-        report.bands = bands or Bands.for_scheme(report.scheme, mode, **(band_overrides or {}))
+        report.bands = bands or Bands.for_format(fmt, mode, **(band_overrides or {}))
         mx_rule = prov.get("mx_rule")
         if mx_rule is not None and mx_rule not in mx.SCALE_RULES:
             report.problems.append(f"{quant / 'fp8norm.json'}: mx_rule {mx_rule!r} is none of "
@@ -736,13 +457,75 @@ def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
     return x
 
 
+# Decisions whose outputs are freshly rounded, so checked after writing: quantize's FP8 (block or a
+# scheme), convert's requantization to ue8m0 scales and its conversion to a scheme or NVFP4.
+_VERIFIED = (D.FP8, D.UE8M0, D.SCHEME, D.NVFP4)
+
+
+def _format_of(plan):
+    """The format the plan writes (convert --to, or quantize --scheme)."""
+    return formats.get(plan.convert_to or plan.scheme)
+
+
+def _new_report(plan) -> VerifyReport:
+    mode, fmt = plan.settings.calib.mode, _format_of(plan)
+    return VerifyReport(calibration=plan.settings.calib.describe(), calibration_mode=mode,
+                        bands=Bands.for_format(fmt, mode), scheme=fmt.verify_key)
+
+
+def check_written(plan, out_dir: Path, by_shard: dict[str, list], samples: int, *, workers: int = 1) -> VerifyReport:
+    """The check after writing (quantize, convert): `samples` freshly rounded tensors of each finished
+    shard of `plan` in `out_dir` (`by_shard`: the plan's tensors per shard) re-read from disk and
+    compared with the values they were made from; the shards side by side on `workers` threads (a
+    report each, merged in shard order)."""
+    def one(shard: str) -> VerifyReport:
+        part = _new_report(plan)
+        _check_written_shard(plan, out_dir / shard, by_shard[shard], samples, part)
+        return part
+
+    report = _new_report(plan)
+    with ThreadPoolExecutor(workers) as pool:
+        for part in pool.map(one, plan.shards):
+            report.checks += part.checks
+            report.fp8_tensors += part.fp8_tensors
+            report.kept_tensors += part.kept_tensors
+    return report
+
+
+def _check_written_shard(plan, shard_path: Path, tensors: list, samples: int, report: VerifyReport) -> None:
+    """Re-read `samples` freshly rounded tensors of a finished shard from disk and compare them with the
+    values they were made from (the source tensor, or an FP8 source dequantized with its scales)."""
+    infos, _ = read_header(shard_path)
+    rounded = [t for t in tensors if t.decision in _VERIFIED]
+    rng = random.Random(shard_path.name)
+    fmt = _format_of(plan)
+    # block FP8 outputs keep the source's blocks when converted, else the plan's
+    block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
+    for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name):
+        src = source_matrix(t.name, plan.checkpoint, block)
+        if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
+            k = fmt.tensors_per_member
+            groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
+            report.checks.extend(
+                fmt.compare_member(fmt.output_key(g[0].name), shard_path.name, [read_tensor(infos[o.name]) for o in g],
+                                   x, report.bands, plan.mx_rule)
+                for g, x in zip(groups, fmt.source_parts(t.name, src)))
+            continue
+        q = read_tensor(infos[t.outputs[0].name])
+        scale_inv = read_tensor(infos[t.outputs[1].name])
+        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, block, report.bands))
+    # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
+    report.fp8_tensors += sum(len(t.outputs) // fmt.tensors_per_member if fmt.per_module else 1 for t in rounded)
+    report.kept_tensors += len(tensors) - len(rounded)
+
+
 def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
                    samples: int | None, seed: int, mx_rule: str | None) -> None:
     """verify() for an output `fmt` judges per module (Format.per_module: a compressed-tensors scheme,
     NVFP4 in either layout): the structure (each member's tensors and source present and well formed,
     every source tensor quantized whole or kept byte for byte, nothing extra), then `samples` members
     per shard compared with their sources by fmt.compare_member."""
-    from .plan import PlanError
+    from .source_checks import PlanError
 
     qt, st = q_ckpt.tensors, s_ckpt.tensors
     scheme = fmt.verify_key
@@ -811,140 +594,6 @@ def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report:
                 continue
             stored = [read_tensor(qt[n]) for n in mem.tensors]
             report.checks.append(fmt.compare_member(key, shard, stored, x, report.bands, mx_rule))
-
-
-PLOT_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'fp8norm[plot]' (or pip install matplotlib)"
-WORST_ANNOTATED = 4  # lowest-SQNR tensors the plot names
-BAND_COLOURS = {GOOD: "#dcf0d5", WARN: "#fde5ad", FAIL: "#f8c9c8"}  # light enough to read points over
-
-
-def require_matplotlib() -> None:
-    """Raise the one-line ValueError of `--plot` when matplotlib is missing: call it before the work
-    whose result is to be plotted."""
-    try:
-        import matplotlib.figure  # noqa: F401
-    except ImportError:
-        raise ValueError(PLOT_NEEDS_MATPLOTLIB) from None
-
-
-def _sqnr_view(report: VerifyReport) -> tuple[float, float]:
-    """The plot's y range (dB): the finite SQNRs and the format's floor, the nearest band edge on each
-    side of them (how far the data sit from the next band), and a strip below the worst tensor for
-    the names of the worst ones. Not the whole band range: that squashes 1 dB of spread to nothing."""
-    b = report.bands
-    floor = report.element_format.floor_sqnr_db
-    values = [c.sqnr_db for c in report.checks if math.isfinite(c.sqnr_db)]
-    lo, hi = min(values + [floor]), max(values + [floor])
-    if any(c.sqnr_db == -math.inf for c in report.checks):  # drawn on the bottom edge: in the FAIL band
-        lo = min(lo, b.sqnr_warn)
-    edges = (b.sqnr_good, b.sqnr_warn)
-    lo = max((e for e in edges if e <= lo), default=lo)
-    hi = min((e for e in edges if e >= hi), default=hi)
-    span = max(hi - lo, 1.0)
-    top, bottom = hi + 0.08 * span, lo - 0.12 * span
-    worst_db = min(values, default=floor)
-    # the worst tensor at least 30% of the height above the bottom: room for the names
-    return min(bottom, (worst_db - 0.3 * top) / 0.7), top
-
-
-def sqnr_figure(report: VerifyReport):
-    """The matplotlib Figure of plot_report (no pyplot: no global backend or figure state).
-
-    One point per checked tensor at its layer (one x position each; tensor kinds side by side within
-    it, each kind at the same offset, colour and marker in every layer; experts of a kind stacked at
-    one x), no lines between points; GOOD / WARN / FAIL shaded from report.bands, the format's
-    floor as a dashed line, the WORST_ANNOTATED lowest-SQNR tensors ringed and named."""
-    require_matplotlib()
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    fmt, b = report.element_format, report.bands
-    floor = fmt.floor_sqnr_db
-    placed = [(c, kind, layer or "-") for c in report.checks for kind, layer in [tensor_kind(c.name)]]
-    layers = sorted({layer for _, _, layer in placed}, key=_layer_order)
-    kinds = sorted({kind for _, kind, _ in placed})
-    x_of_layer = {k: i for i, k in enumerate(layers)}
-    width = 0.8 / max(1, len(kinds))  # of one layer's x slot per kind
-    offset = {k: (i - (len(kinds) - 1) / 2) * width for i, k in enumerate(kinds)}
-    lo, hi = _sqnr_view(report)
-
-    fig = Figure(figsize=(min(18.0, max(10.0, 4 + 0.5 * len(layers))), 5.6), dpi=100)
-    ax = fig.add_subplot()
-    ax.set_xlim(-0.5, max(len(layers), 1) - 0.5)
-    ax.set_ylim(lo, hi)
-    for status, y0, y1, label in ((GOOD, b.sqnr_good, max(hi, b.sqnr_good), f"GOOD \u2265 {b.sqnr_good:g} dB"),
-                                  (WARN, b.sqnr_warn, b.sqnr_good, f"WARN {b.sqnr_warn:g}\u2013{b.sqnr_good:g} dB"),
-                                  (FAIL, min(lo, b.sqnr_warn), b.sqnr_warn, f"FAIL < {b.sqnr_warn:g} dB")):
-        ax.axhspan(y0, y1, facecolor=BAND_COLOURS[status], edgecolor="none", zorder=0, label=label)
-        shown0, shown1 = max(y0, lo), min(y1, hi)
-        if shown1 - shown0 > 0.08 * (hi - lo):  # named beside the axis where it shows
-            ax.text(1.006, (shown0 + shown1) / 2, status, transform=ax.get_yaxis_transform(), ha="left",
-                    va="center", rotation=90, fontsize=9, fontweight="bold", color="#555555")
-    ax.axhline(floor, color="#1a7a1a", linestyle="--", linewidth=1.3, zorder=2,
-               label=f"{fmt.name} floor {floor:.1f} dB ({report.scheme})")
-
-    def y_of(c: TensorCheck) -> float:  # infinite SQNR (exact, or nothing to compare) drawn on the edge
-        return min(max(c.sqnr_db, lo), hi)
-
-    markers = "osD^v<>phP*X"
-    colours = [f"C{i}" for i in range(10)]
-    for i, kind in enumerate(kinds):
-        mine = [(c, layer) for c, k, layer in placed if k == kind]
-        ax.scatter([x_of_layer[layer] + offset[kind] for _, layer in mine], [y_of(c) for c, _ in mine],
-                   s=34, marker=markers[i % len(markers)], color=colours[i % len(colours)],
-                   edgecolors="black", linewidths=0.4, zorder=3, clip_on=False, label=kind)
-
-    worst_first = sorted(placed, key=lambda p: p[0].sqnr_db)[:WORST_ANNOTATED]
-    x_of_worst = [x_of_layer[layer] + offset[kind] for _, kind, layer in worst_first]
-    y_of_worst = [y_of(c) for c, _, _ in worst_first]
-    if worst_first:
-        ax.scatter(x_of_worst, y_of_worst, s=190, facecolors="none", edgecolors="black", linewidths=1.6,
-                   zorder=4, clip_on=False)
-        # the names in the strip below the data that _sqnr_view keeps free, numbered as the rings
-        ax.text(0.01, 0.02, "\n".join(f"{rank}. {c.name}  {c.sqnr_db:.2f} dB ({c.status})"
-                                      for rank, (c, _, _) in enumerate(worst_first, 1)),
-                transform=ax.transAxes, ha="left", va="bottom", fontsize=8, zorder=5, linespacing=1.3,
-                bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "#888888", "alpha": 0.92})
-    for side, i in enumerate(sorted(range(len(worst_first)), key=x_of_worst.__getitem__)):
-        # numbers alternately left and right of the rings, so two neighbouring rings keep theirs apart
-        right = side % 2 == 1
-        ax.annotate(str(i + 1), xy=(x_of_worst[i], y_of_worst[i]), xytext=(7 if right else -7, -4),
-                    textcoords="offset points", ha="left" if right else "right", va="top", fontsize=9,
-                    fontweight="bold", zorder=5)
-
-    every = max(1, math.ceil(len(layers) / 40))  # at most ~40 layer names on the axis
-    ax.set_xticks(range(0, len(layers), every), ["other" if k == "-" else k for k in layers[::every]])
-    ax.set_xticks([i + 0.5 for i in range(len(layers) - 1)], minor=True)
-    ax.tick_params(axis="x", which="minor", length=0)
-    ax.grid(which="minor", axis="x", color="#999999", linewidth=0.8)  # separates the layers
-    ax.grid(which="major", axis="y", color="white", linewidth=0.6, alpha=0.8)
-    ax.set_xlabel("layer (tensor kinds side by side within each)")
-    ax.set_ylabel("SQNR (dB), higher is better")
-    title = (f"{report.scheme} ({fmt.name}) quantization error per tensor: {len(report.checks)} tensors, "
-             f"status {report.status}")
-    if report.calibration:
-        title += f", calibration {report.calibration}"
-    ax.set_title(title, fontsize=11)
-    handles, _ = ax.get_legend_handles_labels()
-    if worst_first:
-        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
-                              markeredgecolor="black", markeredgewidth=1.6,
-                              label=f"{len(worst_first)} lowest SQNR (named)"))
-    if not report.checks:
-        handles.append(Patch(facecolor="none", edgecolor="none", label="no tensors checked"))
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.035, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return fig
-
-
-def plot_report(report: VerifyReport, path: str | Path) -> Path:
-    """A PNG of SQNR (dB) per tensor by layer and tensor kind against the format's floor and the bands
-    (sqnr_figure). Needs matplotlib (extra `plot`): ValueError naming it, before anything is drawn."""
-    fig = sqnr_figure(report)
-    path = Path(path)
-    fig.savefig(path)
-    return path
 
 
 def _read_json(path: Path):

@@ -5,18 +5,12 @@ tensors runs the compiled kernel; a launch on CPU tensors runs the same kernel u
 interpreter (slow: for tests). The choice is made per launch (see `_launch`): importing this package
 sets no environment variable and leaves other libraries' `@triton.jit` kernels alone.
 
-Contract for kernel modules (tools/aot_compile.py and tools/gpu_check.py rely on it): every module
-here whose name has no leading underscore (found by `kernel_modules()`, nothing to register) defines
-`aot_cases()`, returning `{variant name: zero-argument callable}`
-where the callable invokes the module's public wrapper on CPU tensors of a realistic shape (a few
-hundred rows of a real weight's width, so every program is a full tile). The tool compiles, for each
-target, every kernel those calls launch, with the specialization a CUDA launch of the same arguments
-gets; it derives elements per program from the launch itself (the largest tensor argument's numel
-over the number of programs in the grid), so a case needs nothing more. Optionally a module also
-defines `gpu_check_ops()`, returning more `tools/gpu_check.py` `Op`s (correctness and bandwidth on
-a GPU node); a public wrapper with a twin of the same name in fp8norm.reference that no Op covers is
-listed as uncovered there. Kernels are decorated with `_launch.kernel` (not `triton.jit`) and take an
-`INTERPRET` constexpr that the launch fills in.
+This package holds the kernels and their launch wrappers only. What the tools run them on lives
+with the tools: tools/kernel_cases.py lists, per kernel module (`kernel_modules()`: every module here
+whose name has no leading underscore), the calls tools/aot_compile.py compiles, and a module with none
+is an error there; tools/gpu_check.py's `OPS` compare and time each public wrapper against its twin on
+a GPU node (one not covered is listed as uncovered). Kernels are decorated with `_launch.kernel` (not
+`triton.jit`) and take an `INTERPRET` constexpr that the launch fills in.
 """
 
 
@@ -50,24 +44,58 @@ def _hand_over_the_name() -> None:
 
 if __name__ != "fp8norm.kernels":
     _hand_over_the_name()
-else:
+
+import sys  # noqa: E402
+import types  # noqa: E402
+
+# The public names, each from its module, imported on first use (PEP 562): importing this package, or
+# its triton-free `numerics` (which verify, the twins and every command import), costs no Triton
+# import (0.3 s of every command's start on CPU, where the torch twins run instead). Without Triton
+# (it ships for Linux) the names are missing, as before; .numerics and the twins still work.
+_EXPORTS = {
+    "capture_compiles": "_launch", "kernel": "_launch",
+    "dequant_fp8_block": "dequant_fp8_block", "dequant_fp8_block_kernel": "dequant_fp8_block",
+    "quant_fp8_block": "quant_fp8_block", "quant_fp8_block_kernel": "quant_fp8_block",
+    "dequant_nvfp4": "quant_nvfp4", "dequant_nvfp4_kernel": "quant_nvfp4", "nvfp4_amax": "quant_nvfp4",
+    "nvfp4_amax_kernel": "quant_nvfp4", "quant_nvfp4": "quant_nvfp4", "quant_nvfp4_kernel": "quant_nvfp4",
+    "dequant_fp8_channel": "quant_fp8_channel", "quant_fp8_channel": "quant_fp8_channel",
+    "dequant_mx": "quant_mx", "quant_mx": "quant_mx",
+    "dequant_int4": "quant_int4", "quant_int4": "quant_int4",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
     try:
-        import triton  # noqa: F401
-    except ImportError:  # no Triton here (it ships for Linux): the rules in .numerics and the twins still work
-        pass
-    else:
-        from ._launch import capture_compiles, kernel
-        from .dequant_fp8_block import dequant_fp8_block, dequant_fp8_block_kernel
-        from .quant_fp8_block import quant_fp8_block, quant_fp8_block_kernel
-        from .quant_nvfp4 import (dequant_nvfp4, dequant_nvfp4_kernel, nvfp4_amax, nvfp4_amax_kernel, quant_nvfp4,
-                                  quant_nvfp4_kernel)
-        from .quant_fp8_channel import dequant_fp8_channel, quant_fp8_channel
-        from .quant_mx import dequant_mx, quant_mx
-        from .quant_int4 import dequant_int4, quant_int4
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    except ModuleNotFoundError as e:
+        if e.name != "triton" and not (e.name or "").startswith("triton."):
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (Triton is not installed)") from None
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing a submodule sets it as an attribute of this package; where it shares a public
+        # function's name (quant_fp8_block, quant_mx, ...) the name stays the function's, as it was
+        # when this package imported them all at once.
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+if __name__ == "fp8norm.kernels":  # (as the top-level `kernels`, sys.modules holds Hugging Face's package now)
+    sys.modules[__name__].__class__ = _Package
+
 
 __all__ = ["quant_fp8_block", "dequant_fp8_block", "quant_fp8_block_kernel", "dequant_fp8_block_kernel",
            "quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",
-           "nvfp4_amax_kernel", "capture_compiles", "kernel", "kernel_modules", "aot_cases",
+           "nvfp4_amax_kernel", "capture_compiles", "kernel", "kernel_modules",
            "quant_fp8_channel", "dequant_fp8_channel", "quant_mx", "dequant_mx",
            "quant_int4", "dequant_int4"]
 
@@ -80,13 +108,3 @@ def kernel_modules() -> list:
     return [importlib.import_module(f"{__name__}.{m.name}")
             for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
             if not m.name.startswith("_") and not m.ispkg]  # numerics/: the rules, not kernels
-
-
-def aot_cases() -> dict:
-    """Every kernel module's `aot_cases()`, merged; a module without one is an error (see above)."""
-    cases = {}
-    for module in kernel_modules():
-        if not hasattr(module, "aot_cases"):
-            raise AttributeError(f"{module.__name__} defines no aot_cases() (see fp8norm.kernels)")
-        cases.update(module.aot_cases())
-    return cases

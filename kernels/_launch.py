@@ -109,28 +109,3 @@ def capture_compiles(hook: Callable) -> Iterator[None]:
         yield
     finally:
         _compile_hook = previous
-
-
-def aot_specimens():
-    """CPU tensors of real weight shapes for the kernel modules' `aot_cases()`: a bf16 weight
-    [512, 7168], stacked bf16 experts [4, 512, 2048], an e4m3 weight [512, 7168] and its 128x128
-    block scales (values do not matter: the AOT tool compiles, it never runs them)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(weight=torch.zeros(512, 7168, dtype=torch.bfloat16),
-                           experts=torch.zeros(4, 512, 2048, dtype=torch.bfloat16),
-                           fp8=torch.zeros(512, 7168, dtype=torch.float8_e4m3fn),
-                           fp8_scale_inv=torch.ones(4, 56))
-
-
-def row_scaled_bf16(shape, gen) -> torch.Tensor:
-    """GPU-check input: bf16 normals, each row scaled by 2^k with k in [-12, 12) (rows of many scales)."""
-    rows = torch.exp2(torch.randint(-12, 12, (*shape[:-1], 1), generator=gen).float())
-    return (torch.randn(shape, generator=gen) * rows).to(torch.bfloat16)
-
-
-def finite_e4m3_codes(shape, gen) -> torch.Tensor:
-    """GPU-check input: random e4m3 bytes (uint8), the NaN codes 0x7F/0xFF replaced by 0x7E."""
-    codes = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    codes[(codes & 0x7F) == 0x7F] = 0x7E
-    return codes

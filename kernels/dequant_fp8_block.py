@@ -64,11 +64,3 @@ def dequant_fp8_block(
             **LAUNCH_OPTIONS,
         )
     return out
-
-
-def aot_cases() -> dict:
-    """Variants for tools/aot_compile.py: the public wrapper on CPU tensors of a real weight shape."""
-    q = torch.zeros(512, 7168, dtype=torch.float8_e4m3fn)
-    s = torch.ones(nx.scale_inv_shape(tuple(q.shape), nx.DEFAULT_BLOCK_SIZE))
-    return {f"dequant_fp8_block[{str(dt).split('.')[-1]}]": (lambda dt=dt: dequant_fp8_block(q, s, out_dtype=dt))
-            for dt in (torch.bfloat16, torch.float16, torch.float32)}

@@ -140,22 +140,3 @@ def quant_fp8_block(
     if check_finite:
         raise_if_nonfinite_tiles(s_out)
     return q, (scale_inv if given is not None else s_out)
-
-
-def aot_cases() -> dict:
-    """Variants for tools/aot_compile.py: the public wrapper on CPU tensors of a real weight shape."""
-    x = torch.zeros(512, 7168, dtype=torch.bfloat16)
-    cases = {}
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
-        name = str(dt).split(".")[-1]
-        xd = x.to(dt)
-        cases[f"quant_fp8_block[{name},float]"] = lambda xd=xd: quant_fp8_block(xd)
-        cases[f"quant_fp8_block[{name},ue8m0]"] = lambda xd=xd: quant_fp8_block(xd, scale_fmt="ue8m0")
-    cases["quant_fp8_block[bfloat16,ue8m0,e8m0]"] = lambda: quant_fp8_block(
-        x, scale_fmt="ue8m0", scale_dtype=torch.float8_e8m0fnu)
-    cases["quant_fp8_block[bfloat16,float,bf16-scale]"] = lambda: quant_fp8_block(x, scale_dtype=torch.bfloat16)
-    s = torch.ones(nx.scale_inv_shape(tuple(x.shape), nx.DEFAULT_BLOCK_SIZE))
-    cases["quant_fp8_block[bfloat16,given-scale]"] = lambda: quant_fp8_block(x, scale_inv=s)
-    q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn)
-    cases["quant_fp8_block[e4m3,requant-ue8m0]"] = lambda: quant_fp8_block(q, x_scale_inv=s, scale_fmt="ue8m0")
-    return cases

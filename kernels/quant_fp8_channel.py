@@ -16,14 +16,13 @@ import triton.language as tl
 from .numerics import fp8_block as nx
 from .numerics import fp8_channel as fc
 
-from ._launch import LAUNCH_OPTIONS, aot_specimens, finite_e4m3_codes, kernel, row_scaled_bf16
+from ._launch import LAUNCH_OPTIONS, kernel
 from ._device import (E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords,
                         to_e4m3)
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import load_source
 
-__all__ = ["quant_fp8_channel", "dequant_fp8_channel", "quant_fp8_channel_kernel", "dequant_fp8_channel_kernel",
-           "aot_cases"]
+__all__ = ["quant_fp8_channel", "dequant_fp8_channel", "quant_fp8_channel_kernel", "dequant_fp8_channel_kernel"]
 
 # 16 rows x 256 columns a step: 32 fp32 values a thread at 4 warps; 16-row programs keep a 7168-row
 # weight at 448 programs (a GPU has ~132 SMs).
@@ -154,45 +153,3 @@ def dequant_fp8_channel(q: torch.Tensor, scale: torch.Tensor, *, out_dtype: torc
             **LAUNCH_OPTIONS,
         )
     return out
-
-
-def aot_cases() -> dict:
-    """{variant: zero-arg callable} launching each compiled variant once on CPU tensors of a realistic
-    shape (the AOT tool and GPU checks discover kernels through this)."""
-    t = aot_specimens()
-    w, experts, fp8, fp8_scale = t.weight, t.experts, t.fp8, t.fp8_scale_inv
-    return {
-        "quant_fp8_channel[bf16]": lambda: quant_fp8_channel(w),
-        "quant_fp8_channel[bf16,ue8m0]": lambda: quant_fp8_channel(w, scale_fmt="ue8m0"),
-        "quant_fp8_channel[bf16,scale=bf16]": lambda: quant_fp8_channel(w, scale_dtype=torch.bfloat16),
-        "quant_fp8_channel[bf16,3d]": lambda: quant_fp8_channel(experts),
-        "quant_fp8_channel[fp8,src=fp32]": lambda: quant_fp8_channel(fp8, src_scale_inv=fp8_scale),
-        "dequant_fp8_channel[bf16]": lambda: dequant_fp8_channel(fp8, torch.ones(512, 1)),
-    }
-
-
-def gpu_check_ops() -> list:
-    """Ops for tools/gpu_check.py (its `Op` fields): each wrapper on the device against its twin."""
-    from types import SimpleNamespace
-
-    def make_quant(shape, device, gen):
-        if gen is None:  # timing: values do not matter
-            return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {}
-        return (row_scaled_bf16(shape, gen).to(device),), {}
-
-    def make_dequant(shape, device, gen):
-        codes = finite_e4m3_codes(shape, gen)
-        scale = torch.rand((*shape[:-1], 1), generator=gen) + 1e-3
-        return (codes.view(torch.float8_e4m3fn).to(device), scale.to(device)), {}
-
-    def n(shape):
-        return int(torch.tensor(shape).prod())
-
-    return [
-        SimpleNamespace(name="quant_fp8_channel[bf16]", fn="quant_fp8_channel", make=make_quant,
-                        bytes=lambda s: 3 * n(s), eager=None, host_sync=True,
-                        variants=(("ue8m0", {"scale_fmt": "ue8m0"}), ("bf16-scale", {"scale_dtype": torch.bfloat16}))),
-        SimpleNamespace(name="dequant_fp8_channel[->bf16]", fn="dequant_fp8_channel", make=make_dequant,
-                        bytes=lambda s: 3 * n(s), eager=None, host_sync=False,
-                        variants=(("float32", {"out_dtype": torch.float32}),)),
-    ]

@@ -15,11 +15,11 @@ import triton.language as tl
 
 from .numerics import int4
 
-from ._launch import LAUNCH_OPTIONS, aot_specimens, kernel, row_scaled_bf16
+from ._launch import LAUNCH_OPTIONS, kernel
 from ._device import amax_nan, cast_rne, round_to_bf16_grid, tile_coords
 from .quant_fp8_block import as_3d
 
-__all__ = ["quant_int4", "dequant_int4", "quant_int4_kernel", "dequant_int4_kernel", "aot_cases"]
+__all__ = ["quant_int4", "dequant_int4", "quant_int4_kernel", "dequant_int4_kernel"]
 
 # Tile of one program: 64 rows x 128 columns (one group of 128, or several smaller ones).
 BLOCK_M = 64
@@ -207,55 +207,3 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, *, group_size: int =
             **LAUNCH_OPTIONS,
         )
     return out
-
-
-def aot_cases() -> dict:
-    """{variant: zero-arg callable} launching each compiled variant once on CPU tensors of a realistic
-    shape (the AOT tool and GPU checks discover kernels through this)."""
-    t = aot_specimens()
-    w, experts = t.weight, t.experts
-    packed = torch.zeros(512, 7168 // int4.PER_WORD, dtype=torch.int32)
-    scale = torch.ones(512, 7168 // int4.GROUP_SIZE, dtype=torch.bfloat16)
-    return {
-        "quant_int4[bfloat16]": lambda: quant_int4(w),
-        "quant_int4[bfloat16,ct-cpu]": lambda: quant_int4(w, rule="ct-cpu"),
-        "quant_int4[float32]": lambda: quant_int4(w.float()),
-        "quant_int4[bfloat16,3d]": lambda: quant_int4(experts),
-        "dequant_int4[bfloat16]": lambda: dequant_int4(packed, scale),
-    }
-
-
-def gpu_check_ops() -> list:
-    """Ops for tools/gpu_check.py (its `Op` fields): each wrapper on the device against its twin. The
-    last dim is rounded down to whole groups of 128 (at least one)."""
-    from types import SimpleNamespace
-
-    g = int4.GROUP_SIZE
-
-    def groups(shape):
-        return (*shape[:-1], max(g, shape[-1] // g * g))
-
-    def make_quant(shape, device, gen):
-        shape = groups(shape)
-        if gen is None:
-            return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {}
-        return (row_scaled_bf16(shape, gen).to(device),), {}
-
-    def make_dequant(shape, device, gen):
-        *lead, m, n = groups(shape)
-        words = torch.randint(-2 ** 31, 2 ** 31, (*lead, m, n // int4.PER_WORD), dtype=torch.int64, generator=gen)
-        scale = torch.rand((*lead, m, n // g), generator=gen).to(torch.bfloat16)
-        return (words.to(torch.int32).to(device), scale.to(device)), {}
-
-    def nbytes(shape):
-        n = int(torch.tensor(groups(shape)).prod())
-        return int(2 * n + n // 2 + 2 * (n // g))
-
-    return [
-        SimpleNamespace(name="quant_int4[bf16->int4]", fn="quant_int4", make=make_quant, bytes=nbytes, eager=None,
-                        host_sync=True, variants=(("ct-cpu", {"rule": "ct-cpu"}), ("float16", {"dtype": torch.float16}),
-                                                  ("float32", {"dtype": torch.float32}),
-                                                  ("group 32", {"group_size": 32}))),
-        SimpleNamespace(name="dequant_int4[int4->bf16]", fn="dequant_int4", make=make_dequant, bytes=nbytes,
-                        eager=None, host_sync=False, variants=(("float32", {"out_dtype": torch.float32}),)),
-    ]

@@ -16,12 +16,12 @@ import triton.language as tl
 
 from .numerics import mx
 
-from ._launch import LAUNCH_OPTIONS, aot_specimens, finite_e4m3_codes, kernel, row_scaled_bf16
+from ._launch import LAUNCH_OPTIONS, kernel
 from ._device import amax_nan, cast_rne, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
 from .quant_fp8_block import as_3d
 from .quant_nvfp4 import e2m1_code, e2m1_value, load_source
 
-__all__ = ["quant_mx", "dequant_mx", "quant_mx_kernel", "dequant_mx_kernel", "aot_cases"]
+__all__ = ["quant_mx", "dequant_mx", "quant_mx_kernel", "dequant_mx_kernel"]
 
 # Tile of one program: 64 rows x 4 blocks of 32, as the NVFP4 kernels (no spills at NUM_WARPS).
 BLOCK_M = 64
@@ -169,64 +169,3 @@ def dequant_mx(stored: torch.Tensor, scale: torch.Tensor, *, fmt: str = "mxfp8",
             **LAUNCH_OPTIONS,
         )
     return out
-
-
-def aot_cases() -> dict:
-    """{variant: zero-arg callable} launching each compiled variant once on CPU tensors of a realistic
-    shape (the AOT tool and GPU checks discover kernels through this)."""
-    t = aot_specimens()
-    w, experts, fp8, fp8_scale = t.weight, t.experts, t.fp8, t.fp8_scale_inv
-    e8 = torch.full((512, 7168 // mx.MX_BLOCK), 127, dtype=torch.uint8)
-    packed = torch.zeros(512, 7168 // 2, dtype=torch.uint8)
-    return {
-        "quant_mx[mxfp8,bf16]": lambda: quant_mx(w, fmt="mxfp8"),
-        "quant_mx[mxfp4,bf16]": lambda: quant_mx(w, fmt="mxfp4"),
-        "quant_mx[mxfp8,bf16,ct]": lambda: quant_mx(w, fmt="mxfp8", rule="ct"),
-        "quant_mx[mxfp8,bf16,ocp]": lambda: quant_mx(w, fmt="mxfp8", rule="ocp"),
-        "quant_mx[mxfp4,bf16,3d]": lambda: quant_mx(experts, fmt="mxfp4"),
-        "quant_mx[mxfp8,fp8,src=fp32]": lambda: quant_mx(fp8, fmt="mxfp8", src_scale_inv=fp8_scale),
-        "quant_mx[mxfp4,fp8,src=fp32]": lambda: quant_mx(fp8, fmt="mxfp4", src_scale_inv=fp8_scale),
-        "dequant_mx[mxfp8,bf16]": lambda: dequant_mx(fp8, e8, fmt="mxfp8"),
-        "dequant_mx[mxfp4,bf16]": lambda: dequant_mx(packed, e8, fmt="mxfp4"),
-    }
-
-
-def gpu_check_ops() -> list:
-    """Ops for tools/gpu_check.py (its `Op` fields): each wrapper on the device against its twin. The
-    last dim is rounded down to whole blocks of 32 (at least one)."""
-    from types import SimpleNamespace
-
-    def blocks(shape):
-        return (*shape[:-1], max(mx.MX_BLOCK, shape[-1] // mx.MX_BLOCK * mx.MX_BLOCK))
-
-    def make_quant(fmt):
-        def make(shape, device, gen):
-            shape = blocks(shape)
-            if gen is None:
-                return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {"fmt": fmt}
-            return (row_scaled_bf16(shape, gen).to(device),), {"fmt": fmt}
-        return make
-
-    def make_dequant(fmt):
-        def make(shape, device, gen):
-            *lead, m, n = blocks(shape)
-            cols = n if fmt == "mxfp8" else n // 2
-            if fmt == "mxfp8":
-                codes = finite_e4m3_codes((*lead, m, cols), gen).view(torch.float8_e4m3fn)
-            else:  # packed E2M1 pairs: every byte is a value
-                codes = torch.randint(0, 256, (*lead, m, cols), dtype=torch.uint8, generator=gen)
-            scale = torch.randint(100, 150, (*lead, m, n // mx.MX_BLOCK), dtype=torch.uint8, generator=gen)
-            return (codes.to(device), scale.to(device)), {"fmt": fmt}
-        return make
-
-    def nbytes(elem, shape):
-        n = int(torch.tensor(blocks(shape)).prod())
-        return int(2 * n + elem * n + n // mx.MX_BLOCK)
-
-    return [op for fmt, elem in (("mxfp8", 1.0), ("mxfp4", 0.5)) for op in (
-        SimpleNamespace(name=f"quant_mx[bf16->{fmt}]", fn="quant_mx", make=make_quant(fmt),
-                        bytes=lambda s, elem=elem: nbytes(elem, s), eager=None, host_sync=True,
-                        variants=(("ct-rule", {"rule": "ct"}), ("ocp-rule", {"rule": "ocp"}))),
-        SimpleNamespace(name=f"dequant_mx[{fmt}->bf16]", fn="dequant_mx", make=make_dequant(fmt),
-                        bytes=lambda s, elem=elem: nbytes(elem, s), eager=None, host_sync=False,
-                        variants=(("float32", {"out_dtype": torch.float32}),)))]

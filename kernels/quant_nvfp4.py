@@ -328,17 +328,3 @@ def dequant_nvfp4(
             **LAUNCH_OPTIONS,
         )
     return out
-
-
-def aot_cases() -> dict:
-    """Variants for tools/aot_compile.py: the public wrappers on CPU tensors of a real weight shape."""
-    x = torch.zeros(512, 7168, dtype=torch.bfloat16)
-    q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn)
-    s = torch.ones(-(-512 // 128), -(-7168 // 128))
-    p = torch.zeros(512, 7168 // 2, dtype=torch.uint8)
-    w = torch.ones(512, 7168 // 16).to(torch.float8_e4m3fn)
-    return {
-        "quant_nvfp4[bfloat16]": lambda: quant_nvfp4(x),  # also compiles nvfp4_amax_kernel
-        "quant_nvfp4[e4m3,src=fp32]": lambda: quant_nvfp4(q, src_scale_inv=s),
-        "dequant_nvfp4[bfloat16]": lambda: dequant_nvfp4(p, w, torch.tensor(1.0)),
-    }

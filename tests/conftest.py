@@ -1,6 +1,8 @@
 """Shared fixtures. Kernel tests run every case on both backends: the Triton kernel (under the
 interpreter on CPU, on the GPU where CUDA is present) and its torch twin."""
 
+import os
+
 import pytest
 import torch
 
@@ -34,3 +36,16 @@ class Backend:
 @pytest.fixture(params=list(BACKENDS), ids=list(BACKENDS))
 def backend(request):
     return Backend(request.param)
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """The paths os.fsync is called on, in order (what each descriptor names at that moment)."""
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen

@@ -46,9 +46,24 @@ def test_every_case_compiles_for_sm90_and_sm100(compiled, record_property):
     assert {"quant_fp8_block_kernel", "dequant_fp8_block_kernel", "quant_nvfp4_kernel", "nvfp4_amax_kernel",
             "dequant_nvfp4_kernel"} <= kernels
     # Every case of every kernel module is there (the tool discovers them; none may be dropped).
-    from fp8norm.kernels import aot_cases
+    assert {c for c, _ in by_arch[90]} == set(kernel_cases().aot_cases())
 
-    assert {c for c, _ in by_arch[90]} == set(aot_cases())
+
+def kernel_cases():
+    """tools/kernel_cases.py as a module (tools/ is not a package: its scripts import it from beside them)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_cases", REPO / "tools" / "kernel_cases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_kernel_module_without_cases_is_refused(monkeypatch):
+    cases = kernel_cases()
+    monkeypatch.delitem(cases.CASES, "quant_mx")
+    with pytest.raises(LookupError, match=r"^fp8norm\.kernels\.quant_mx has no cases in tools/kernel_cases\.py"):
+        cases.aot_cases()
 
 
 def test_no_register_spills_and_two_blocks_per_sm(compiled):

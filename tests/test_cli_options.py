@@ -23,7 +23,7 @@ LIBRARY = {
     "convert": [("fp8norm.convert", "convert")],
     "shard": [("fp8norm.shard", "shard_deepseek"), ("fp8norm.shard", "hf_to_mcore")],
     "unshard": [("fp8norm.shard", "mcore_to_hf")],
-    "verify": [("fp8norm.verify", "verify"), ("fp8norm.verify", "plot_report"), ("fp8norm.verify", "require_matplotlib")],
+    "verify": [("fp8norm.verify", "verify"), ("fp8norm.verify_plot", "plot_report"), ("fp8norm.verify_plot", "require_matplotlib")],
     "collect-stats": [("fp8norm.activation_stats", "collect_activation_stats")],
     "make-example": [("fp8norm.examples", "make_example")],
     "demo": [("fp8norm.demo", "kernel_demo")],

@@ -6,10 +6,11 @@ Runs real `torchrun --standalone` jobs on CPU (gloo); each rank is a process of 
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from fp8norm.distributed import assign_shards
+from fp8norm.distributed import DistContext, RankAborted, assign_shards, on_rank0, sum_over_ranks
 from fp8norm.examples import make_example
 from tests.ckpt_utils import tree_bytes
 
@@ -44,6 +45,46 @@ def test_assign_shards_is_deterministic_and_byte_balanced():
     loads = [sum(sizes[s] for s in r) for r in a]
     assert max(loads) - min(loads) <= 30 and loads[0] == 90  # the big shard alone on rank 0
 
+
+class ThreeRanks(DistContext):
+    """Rank `rank` of a job of three whose other ranks sent `others` (by rank) to the gather."""
+
+    def __init__(self, rank: int, others: dict):
+        super().__init__(rank, 3, rank)
+        self.others = others
+
+    def gather(self, obj) -> list:
+        return [obj if r == self.rank else self.others[r] for r in range(self.world)]
+
+
+def test_rank0_sums_every_ranks_counts_and_collects_their_notes():
+    stats = SimpleNamespace(files_written=2, bytes_out=10, wall_s=1.5)
+    notes = ["rank 0 note"]
+    others = {1: ({"files_written": 3, "bytes_out": 20}, ["rank 1 note"]),
+              2: ({"files_written": 0, "bytes_out": 0}, [])}
+    per_rank = sum_over_ranks(ThreeRanks(0, others), stats, ("files_written", "bytes_out"), notes)
+    assert per_rank == [{"files_written": 2, "bytes_out": 10}, {"files_written": 3, "bytes_out": 20},
+                        {"files_written": 0, "bytes_out": 0}]
+    assert (stats.files_written, stats.bytes_out, stats.wall_s) == (5, 30, 1.5)
+    assert notes == ["rank 0 note", "rank 1 note"]
+    mine = SimpleNamespace(files_written=3, bytes_out=20)
+    sum_over_ranks(ThreeRanks(1, {0: ({"files_written": 2, "bytes_out": 10}, []), 2: others[2]}), mine,
+                   ("files_written", "bytes_out"), None)
+    assert (mine.files_written, mine.bytes_out) == (3, 20)  # other ranks keep their own counts
+
+
+def _locked():
+    raise ValueError("DST locked")
+
+
+def test_on_rank0_shares_rank0s_result_or_its_error():
+    assert on_rank0(None, lambda: 7) == 7
+    assert on_rank0(ThreeRanks(0, {1: (None, None), 2: (None, None)}), lambda: 7) == 7
+    assert on_rank0(ThreeRanks(2, {0: (7, None), 1: (None, None)}), lambda: pytest.fail("ran on rank 2")) == 7
+    with pytest.raises(ValueError, match="^DST locked$"):
+        on_rank0(ThreeRanks(0, {1: (None, None), 2: (None, None)}), _locked)
+    with pytest.raises(RankAborted, match="^DST locked$"):
+        on_rank0(ThreeRanks(1, {0: (None, "DST locked"), 2: (None, None)}), lambda: None)
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_any_number_of_ranks_gives_identical_bytes(src_and_clean, tmp_path, ranks):

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 BANDWIDTH_FIELDS = {"op", "shape", "bytes", "kernel_us", "kernel_gbps", "copy_us", "copy_gbps", "pct_of_copy",
                     "method", "eager_us", "x_eager"}
 CHECKPOINT_FIELDS = {"bytes", "cp_s", "cp_gbps", "quantize_wall_s", "read_s", "compute_s", "write_s", "x_cp",
-                     "quantize_gbps", "device", "hash_s", "fsync_s", "verify_s"}
+                     "quantize_gbps", "device", "hash_s", "fsync_s", "verify_s", "import_s", "repack"}
+REPACK_FIELDS = {"wall_s", "read_s", "write_s", "hash_s", "fsync_s", "bytes", "cp_s", "x_cp"}
 META_FIELDS = {"date", "gpu", "driver", "torch", "triton", "cuda", "python", "num_warps", "dry_run"}
 
 
@@ -55,6 +56,7 @@ def test_every_field_is_filled(dry_run):
     assert {r["op"] for r in d["wrapper_overhead"]} == {r["op"] for r in d["bandwidth"]}
     assert d["torch_compile"] and all("x_compile" in r and "error" not in r for r in d["torch_compile"])
     assert CHECKPOINT_FIELDS <= set(d["checkpoint"]) and d["checkpoint"]["bytes"] > 0
+    assert REPACK_FIELDS <= set(d["checkpoint"]["repack"]) and d["checkpoint"]["repack"]["bytes"] > 0
     assert isinstance(d["compiled_kernels"], list)  # filled on a GPU (the CPU interprets: nothing compiled)
 
 

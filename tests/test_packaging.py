@@ -154,3 +154,14 @@ def test_checkout_root_hands_the_name_to_whichever_kernels_comes_next(tmp_path):
                          text=True)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("ModuleNotFoundError: No module named 'kernels'")
+
+
+def test_the_commands_import_no_triton_until_a_kernel_is_used():
+    """Triton (0.3 s of every start) loads with the first kernel, not with fp8norm.kernels.numerics,
+    which every command imports; a kernel module imported by name leaves the function of that name."""
+    code = ("import sys, fp8norm.quantize, fp8norm.convert, fp8norm.verify, fp8norm.kernels; "
+            "print('triton' in sys.modules); import fp8norm.kernels.quant_mx; "
+            "print(fp8norm.kernels.quant_fp8_block.__module__, fp8norm.kernels.quant_mx.__module__, "
+            "'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.split() == ["False", "fp8norm.kernels.quant_fp8_block", "fp8norm.kernels.quant_mx", "True"]

@@ -590,7 +590,7 @@ def test_no_space_in_any_phase_is_one_line_and_resumable(clean, tmp_path, monkey
     s, out = clean
     dst = tmp_path / "dst"
     args = ("quantize", s, dst, "--max-shard-size", SHARD, "--skip-verify")
-    if name == "tokenizer":  # copied files are not fsynced: the copy itself fails
+    if name == "tokenizer":  # the copy itself fails (a copied file's fsync fails as any other's)
         def copyfile(a, b):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(fp8norm.output.shutil, "copyfile", copyfile)

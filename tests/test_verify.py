@@ -15,8 +15,8 @@ from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.cli import main
 from fp8norm.examples import heavy_tailed, make_example
-from fp8norm.verify import (EXIT_VERIFY_FAILED, FAIL, FLOOR_REL_RMS, GOOD, WARN, Bands, compare, per_layer_sqnr,
-                            rne_mismatch, tensor_kind, verify)
+from fp8norm.checks import FAIL, FLOOR_REL_RMS, GOOD, WARN, Bands, compare, rne_mismatch
+from fp8norm.verify import EXIT_VERIFY_FAILED, per_layer_sqnr, tensor_kind, verify
 from tests.ckpt_utils import read_dir
 from tests.readers import reader
 
@@ -98,6 +98,22 @@ def test_rounding_rule_by_hand():
         q2 = q.clone()
         q2[0, i] = v
         assert rne_mismatch(q2, x, scale.expand_as(x)).nonzero().tolist() == [[0, i]], i
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 16, 128 * 256, 1])  # whole rows, tiles cut across the columns, one tile
+def test_a_wrong_element_is_named_where_it_is_whatever_the_chunks(chunk_elems):
+    x = heavy((300, 1000))  # ragged tiles at both edges
+    q, s = calibrated_quant(x, CalibSettings("max"))
+    clean = compare("w", "f", q, s, x, BLOCK, chunk_elems=chunk_elems)
+    whole = compare("w", "f", q, s, x, BLOCK, chunk_elems=1 << 24)  # one chunk: the numbers to match
+    assert clean.wrong_elements == 0 and clean.maxae == whole.maxae and clean.max_err_rel_amax == whole.max_err_rel_amax
+    assert clean.sqnr_db == pytest.approx(whole.sqnr_db, abs=1e-4) and clean.elements == 300 * 1000
+    bad = q.clone()
+    bits = bad.view(torch.uint8)
+    bits[260, 700] ^= 0x01  # one step off
+    bits[290, 999] = 0x7F  # NaN
+    c = compare("w", "f", bad, s, x, BLOCK, chunk_elems=chunk_elems)
+    assert c.wrong_elements == 2 and c.first_wrong.startswith("element [260, 700]: x "), c.first_wrong
 
 
 def test_clipping_half_of_each_tile_is_not_good():

@@ -11,9 +11,13 @@ import torch
 from fp8norm import reference
 from fp8norm.kernels.numerics.e2m1 import e2m1_codes, pack_codes
 from fp8norm.examples import make_example
-from fp8norm.verify import EXIT_VERIFY_FAILED, GOOD, NVFP4, SCHEME_FORMATS, Bands, compare_nvfp4, verify
+from fp8norm import formats
+from fp8norm.checks import GOOD, Bands, compare_nvfp4
+from fp8norm.verify import EXIT_VERIFY_FAILED, NVFP4, SCHEME_FORMATS, verify
 from tests.ckpt_utils import cli
 from tests.test_verify_schemes import edited_copy
+
+NVFP4_FORMAT = formats.get(NVFP4)
 
 LAYOUTS = ["nvfp4", "nvfp4-ct"]
 LINEAR = "model.language_model.layers.1.self_attn.q_proj"
@@ -107,19 +111,19 @@ def test_nvfp4_rounding_by_hand():
     want = torch.tensor([[0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.5, -1.5, -6, 1.0, 6, 0, 0, 2.0]])
     packed = pack_codes(e2m1_codes(want))
     scale, scale_2 = torch.ones(1, 1).to(torch.float8_e4m3fn), torch.tensor(2.0)
-    c = compare_nvfp4("w", "s", packed, scale, scale_2, x)
+    c = compare_nvfp4(NVFP4_FORMAT, "w", "s", packed, scale, scale_2, x)
     assert c.wrong_elements == 0
     wrong = want.clone()
     wrong[0, 11] = 1.5  # y = 1.2 is nearer 1
-    c = compare_nvfp4("w", "s", pack_codes(e2m1_codes(wrong)), scale, scale_2, x)
+    c = compare_nvfp4(NVFP4_FORMAT, "w", "s", pack_codes(e2m1_codes(wrong)), scale, scale_2, x)
     assert c.wrong_elements == 1 and "element [0, 11]" in c.first_wrong and "RNE(x/scale) 1" in c.first_wrong
     odd_tie = want.clone()
     odd_tie[0, 15] = 3.0  # y = 2.5 is as near 3 as 2: RNE takes 2, the even code
-    c = compare_nvfp4("w", "s", pack_codes(e2m1_codes(odd_tie)), scale, scale_2, x)
+    c = compare_nvfp4(NVFP4_FORMAT, "w", "s", pack_codes(e2m1_codes(odd_tie)), scale, scale_2, x)
     assert c.wrong_elements == 1 and "element [0, 15]" in c.first_wrong and "RNE(x/scale) 2" in c.first_wrong
     # and the twin's own output (its global amax 20: scale_2 = 20 / 2688) passes the same check
     packed_twin, ws, s2 = reference.quant_nvfp4(x)
-    assert compare_nvfp4("w", "s", packed_twin, ws, s2, x).wrong_elements == 0
+    assert compare_nvfp4(NVFP4_FORMAT, "w", "s", packed_twin, ws, s2, x).wrong_elements == 0
 
 
 def test_nvfp4_floor_on_gaussian_weights():
@@ -128,6 +132,6 @@ def test_nvfp4_floor_on_gaussian_weights():
     g = torch.Generator().manual_seed(3)
     for sigma in (0.02, 50.0):
         x = (torch.randn(512, 1024, generator=g) * sigma).bfloat16()
-        c = compare_nvfp4("w", "s", *reference.quant_nvfp4(x), x, Bands.for_scheme(NVFP4, "max"))
+        c = compare_nvfp4(NVFP4_FORMAT, "w", "s", *reference.quant_nvfp4(x), x, Bands.for_format(NVFP4_FORMAT, "max"))
         assert c.status == GOOD and c.wrong_elements == 0 and abs(c.rel_rms / fmt.floor_rel_rms - 1) < 0.02
-    assert Bands.for_scheme(NVFP4, None).sqnr_warn == 10.3
+    assert Bands.for_format(NVFP4_FORMAT, None).sqnr_warn == 10.3

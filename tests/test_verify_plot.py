@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from fp8norm.verify import (PLOT_NEEDS_MATPLOTLIB, WORST_ANNOTATED, Bands, TensorCheck, VerifyReport, plot_report,
-                            require_matplotlib, sqnr_figure, worst)
+from fp8norm import formats
+from fp8norm.checks import Bands, TensorCheck, worst
+from fp8norm.verify import VerifyReport
+from fp8norm.verify_plot import PLOT_NEEDS_MATPLOTLIB, WORST_ANNOTATED, plot_report, require_matplotlib, sqnr_figure
 
 pytest.importorskip("matplotlib")
 
@@ -98,7 +100,7 @@ def test_y_range_is_the_data_the_floor_and_the_nearest_band_edge():
 def test_floor_line_and_title_are_the_reports_format():
     ax = sqnr_figure(example_like()).axes[0]
     assert list(ax.lines[0].get_ydata()) == pytest.approx([31.535, 31.535], abs=1e-3)  # -20 log10(0.0265)
-    mx4 = report_of({"model.layers.0.self_attn.q_proj.weight": 15.6}, Bands.for_scheme("mxfp4", "max"),
+    mx4 = report_of({"model.layers.0.self_attn.q_proj.weight": 15.6}, Bands.for_format(formats.get("mxfp4"), "max"),
                     scheme="mxfp4")
     ax = sqnr_figure(mx4).axes[0]
     [floor] = ax.lines

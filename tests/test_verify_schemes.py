@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from fp8norm.kernels.numerics import mx
 from fp8norm import reference
 from fp8norm.examples import make_example
-from fp8norm.verify import (E4M3, EXIT_VERIFY_FAILED, FAIL, GOOD, SCHEME_FORMATS, WARN, Bands, compare_scheme,
-                            rne_mismatch, verify)
+from fp8norm import formats
+from fp8norm.checks import E4M3, FAIL, GOOD, WARN, Bands, compare_scheme, rne_mismatch
+from fp8norm.verify import EXIT_VERIFY_FAILED, SCHEME_FORMATS, verify
 
 # each format named in the report, not "FP8" (which is block FP8's)
 LABELS = {"fp8-channel": "FP8 per-channel", "mxfp8": "MXFP8", "mxfp4": "MXFP4"}
@@ -123,7 +124,7 @@ def test_mx_scale_rule_either_rule_accepted_another_code_fails(fmt):
     ct = reference.quant_mx(x, fmt=fmt, rule="ct")
     assert int(ocp[1][0, 0]) == 127 - emax and int(ct[1][0, 0]) == 128 - emax  # the two rules, by hand
     for stored, scale in (ocp, ct):
-        c = compare_scheme(fmt, "w", "s", stored, scale, x)
+        c = compare_scheme(formats.get(fmt), "w", "s", stored, scale, x)
         assert c.wrong_elements == c.wrong_scales == 0 and c.status != FAIL
     # code 129 - emax: elements rounded for X = 4 * 2^-emax, but no rule gives that code for amax 1.875
     scale = ocp[1].clone()
@@ -134,12 +135,12 @@ def test_mx_scale_rule_either_rule_accepted_another_code_fails(fmt):
         stored[0, :32] = stored_fix[0]
     else:
         stored[0, :16] = stored_fix[0]
-    c = compare_scheme(fmt, "w", "s", stored, scale, x)
+    c = compare_scheme(formats.get(fmt), "w", "s", stored, scale, x)
     assert c.wrong_elements == 0 and c.wrong_scales == 1 and c.status == FAIL
     assert (f"code {129 - emax}, block amax 1.875 gives {128 - emax} (rceil) or {127 - emax} (ocp) or {128 - emax} (ct)"
             in c.first_wrong_scale)
     # with the rule the output records, only that rule's codes pass
-    c = compare_scheme(fmt, "w", "s", *ocp, x, mx_rule="rceil")
+    c = compare_scheme(formats.get(fmt), "w", "s", *ocp, x, mx_rule="rceil")
     assert c.wrong_scales >= 4 and c.status == FAIL  # every first block, and second blocks with amax mantissa > max
     assert c.first_wrong_scale == f"scale block [0, 0]: code {127 - emax}, block amax 1.875 gives {128 - emax} (rceil)"
 
@@ -166,10 +167,10 @@ def test_mxfp4_bands_bound_correct_rounding():
     x[0, 0] = 3.5
     stored, scale = reference.quant_mx(x, fmt="mxfp4", rule="ct")
     assert int(scale[0, 0]) == 127  # X = 1
-    c = compare_scheme("mxfp4", "w", "s", stored, scale, x, Bands.for_scheme("mxfp4", "max"))
+    c = compare_scheme(formats.get("mxfp4"), "w", "s", stored, scale, x, Bands.for_format(formats.get("mxfp4"), "max"))
     assert c.wrong_elements == 0 and c.status == WARN and abs(c.rel_rms - 0.39) < 0.01
     g = (torch.randn(256, 512, generator=torch.Generator().manual_seed(1)) * 0.02).bfloat16()
-    c = compare_scheme("mxfp4", "w", "s", *reference.quant_mx(g, fmt="mxfp4"), g, Bands.for_scheme("mxfp4", "max"))
+    c = compare_scheme(formats.get("mxfp4"), "w", "s", *reference.quant_mx(g, fmt="mxfp4"), g, Bands.for_format(formats.get("mxfp4"), "max"))
     assert c.status == GOOD and abs(c.rel_rms / E2M1.floor_rel_rms - 1) < 0.05
 
 

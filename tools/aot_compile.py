@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile every fp8norm kernel for real GPUs (sm_90 H100/H200, sm_100 B200) on a machine without one.
 
-Each kernel module's `aot_cases()` (see fp8norm.kernels) calls its public wrapper on CPU tensors; every
+Each kernel module's cases (tools/kernel_cases.py) call its public wrapper on CPU tensors; every
 launch is turned into a compile for each target with the specialization a CUDA launch of the same
 arguments gets (16-byte-aligned pointers, sizes divisible by 16: Triton's own binder computes it), so
 what is reported is what would run. Per kernel and target: registers, spills, shared memory, SASS
@@ -33,6 +33,7 @@ from triton.runtime import jit as triton_jit
 import torch
 
 import fp8norm.kernels as fk
+import kernel_cases  # tools/kernel_cases.py, beside this script
 
 # Per-SM limits of sm_90 and sm_100 (same for both): registers, warps, blocks, shared memory (bytes).
 SM_REGISTERS = 65536
@@ -168,7 +169,7 @@ def report(name: str, k, elements_per_program: int, arch: int) -> dict:
 
 def compile_all(targets, sweep_warps=None, only: str | None = None, ptx_dir: str | None = None) -> list[dict]:
     results = []
-    cases = {k: v for k, v in fk.aot_cases().items() if only is None or re.search(only, k)}
+    cases = {k: v for k, v in kernel_cases.aot_cases().items() if only is None or re.search(only, k)}
     for arch in targets:
         for case, call in cases.items():
             for warps in sweep_warps or [None]:

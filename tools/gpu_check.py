@@ -11,8 +11,7 @@ against the torch twin, CPU wall-clock timings, torch.compile with the "eager" b
 checkpoint, so the script is exercised by the test suite (tests/test_gpu_check.py) between GPU runs.
 
 What is compared and timed is a registry (`OPS`): every public wrapper of fp8norm.kernels with a
-twin of the same name in fp8norm.reference must be covered by one, or it is listed as uncovered; a
-new kernel module may add its own through an optional `gpu_check_ops()` returning more `Op`s.
+twin of the same name in fp8norm.reference must be covered by one, or it is listed as uncovered.
 """
 
 from __future__ import annotations
@@ -37,9 +36,10 @@ import torch
 
 import fp8norm.kernels as fk
 import fp8norm.reference as twin
-from fp8norm.kernels.numerics import e2m1
+from fp8norm.kernels.numerics import e2m1, int4, mx
 from fp8norm.kernels.numerics import fp8_block as nx
 from fp8norm.kernels.numerics import nvfp4 as n4
+from fp8norm.output import atomic_write_text
 
 E4M3 = torch.float8_e4m3fn
 FULL_SHAPES = [(4096, 14336), (7168, 18432), (18432, 7168), (128, 1536, 2048), (256, 4096, 7168)]
@@ -69,9 +69,7 @@ class Results:
             self.data.setdefault(k, {} if k in ("meta", "steps", "checkpoint") else [])
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
     def add(self, key: str, record: dict) -> None:
         self.data[key].append(record)
@@ -218,6 +216,77 @@ def _make_dequant_nvfp4(shape, device, gen):
     return (p, w, s2), {}
 
 
+
+def _row_scaled_bf16(shape, gen) -> torch.Tensor:
+    """bf16 normals, each row scaled by 2^k with k in [-12, 12) (rows of many scales)."""
+    rows = torch.exp2(torch.randint(-12, 12, (*shape[:-1], 1), generator=gen).float())
+    return (torch.randn(shape, generator=gen) * rows).to(torch.bfloat16)
+
+
+def _numel(shape) -> int:
+    return _nbytes(shape, torch.uint8)
+
+
+def _make_quant_channel(shape, device, gen):
+    if gen is None:  # timing: values do not matter
+        return (torch.randn(shape, device=device, dtype=torch.bfloat16),), {}
+    return (_row_scaled_bf16(shape, gen).to(device),), {}
+
+
+def _make_dequant_channel(shape, device, gen):
+    codes = _fp8_codes(shape, gen, device)
+    scale = torch.rand((*shape[:-1], 1), generator=gen) + 1e-3
+    return (codes, scale.to(device)), {}
+
+
+def _whole(shape, group: int):
+    """`shape` with its last dim rounded down to whole groups (at least one)."""
+    return (*shape[:-1], max(group, shape[-1] // group * group))
+
+
+def _make_quant_int4(shape, device, gen):
+    return _make_quant_channel(_whole(shape, int4.GROUP_SIZE), device, gen)
+
+
+def _make_dequant_int4(shape, device, gen):
+    g = int4.GROUP_SIZE
+    *lead, m, n = _whole(shape, g)
+    words = torch.randint(-2 ** 31, 2 ** 31, (*lead, m, n // int4.PER_WORD), dtype=torch.int64, generator=gen)
+    scale = torch.rand((*lead, m, n // g), generator=gen).to(torch.bfloat16)
+    return (words.to(torch.int32).to(device), scale.to(device)), {}
+
+
+def _int4_bytes(shape) -> int:
+    n = _numel(_whole(shape, int4.GROUP_SIZE))
+    return 2 * n + n // 2 + 2 * (n // int4.GROUP_SIZE)
+
+
+def _make_quant_mx(fmt):
+    def make(shape, device, gen):
+        (x,), _ = _make_quant_channel(_whole(shape, mx.MX_BLOCK), device, gen)
+        return (x,), {"fmt": fmt}
+    return make
+
+
+def _make_dequant_mx(fmt):
+    def make(shape, device, gen):
+        *lead, m, n = _whole(shape, mx.MX_BLOCK)
+        if fmt == "mxfp8":
+            codes = _fp8_codes((*lead, m, n), gen, device)
+        else:  # packed E2M1 pairs: every byte is a value
+            codes = torch.randint(0, 256, (*lead, m, n // 2), dtype=torch.uint8, generator=gen).to(device)
+        scale = torch.randint(100, 150, (*lead, m, n // mx.MX_BLOCK), dtype=torch.uint8, generator=gen)
+        return (codes, scale.to(device)), {"fmt": fmt}
+    return make
+
+
+def _mx_bytes(elem_bytes: float):
+    def nbytes(shape):
+        n = _numel(_whole(shape, mx.MX_BLOCK))
+        return int(2 * n + elem_bytes * n + n // mx.MX_BLOCK)
+    return nbytes
+
+
 OPS = [
     Op("quant_fp8_block[bf16->e4m3,ue8m0]", "quant_fp8_block", _make_quant,
        lambda s: _nbytes(s, torch.bfloat16) + _nbytes(s, E4M3),
@@ -246,15 +315,21 @@ OPS = [
        variants=tuple((str(dt).split(".")[-1], {"out_dtype": dt})
                       for dt in (torch.bfloat16, torch.float16, torch.float32))),
     Op("nvfp4_amax[bf16]", "nvfp4_amax", _make_nvfp4, lambda s: _nbytes(s, torch.bfloat16), host_sync=True),
+    Op("quant_fp8_channel[bf16]", "quant_fp8_channel", _make_quant_channel, lambda s: 3 * _numel(s),
+       host_sync=True, variants=(("ue8m0", {"scale_fmt": "ue8m0"}), ("bf16-scale", {"scale_dtype": torch.bfloat16}))),
+    Op("dequant_fp8_channel[->bf16]", "dequant_fp8_channel", _make_dequant_channel, lambda s: 3 * _numel(s),
+       variants=(("float32", {"out_dtype": torch.float32}),)),
+    Op("quant_int4[bf16->int4]", "quant_int4", _make_quant_int4, _int4_bytes, host_sync=True,
+       variants=(("ct-cpu", {"rule": "ct-cpu"}), ("float16", {"dtype": torch.float16}),
+                 ("float32", {"dtype": torch.float32}), ("group 32", {"group_size": 32}))),
+    Op("dequant_int4[int4->bf16]", "dequant_int4", _make_dequant_int4, _int4_bytes,
+       variants=(("float32", {"out_dtype": torch.float32}),)),
+    *(op for fmt, elem_bytes in (("mxfp8", 1.0), ("mxfp4", 0.5)) for op in (
+        Op(f"quant_mx[bf16->{fmt}]", "quant_mx", _make_quant_mx(fmt), _mx_bytes(elem_bytes), host_sync=True,
+           variants=(("ct-rule", {"rule": "ct"}), ("ocp-rule", {"rule": "ocp"}))),
+        Op(f"dequant_mx[{fmt}->bf16]", "dequant_mx", _make_dequant_mx(fmt), _mx_bytes(elem_bytes),
+           variants=(("float32", {"out_dtype": torch.float32}),)))),
 ]
-
-
-def all_ops() -> list[Op]:
-    ops = list(OPS)
-    for module in fk.kernel_modules():
-        if hasattr(module, "gpu_check_ops"):
-            ops += list(module.gpu_check_ops())
-    return ops
 
 
 def uncovered(ops) -> list[str]:
@@ -308,7 +383,7 @@ def correctness_cases(dry: bool) -> list[tuple[int, str, dict, tuple]]:
     shapes = [(1, 16), (130, 144), (2, 130, 144)] if dry else [(1, 1), (300, 700), (3, 200, 130), (129, 4112),
                                                                 (1024, 7168), (4, 512, 2048)]
     cases = []
-    for i, op in enumerate(all_ops()):
+    for i, op in enumerate(OPS):
         cases += [(i, "default", {}, shape) for shape in shapes]
         cases += [(i, label, variant, shapes[1]) for label, variant in op.variants]
     return cases
@@ -317,7 +392,7 @@ def correctness_cases(dry: bool) -> list[tuple[int, str, dict, tuple]]:
 def run_case(case, device: str) -> dict:
     """One correctness case: the op on `device` against its twin on the CPU (inputs made on the CPU)."""
     i, label, variant, shape = case
-    op = all_ops()[i]
+    op = OPS[i]
     if op.fn in ("quant_nvfp4", "dequant_nvfp4", "nvfp4_amax") and shape[-1] % 16:
         shape = (*shape[:-1], max(16, shape[-1] // 16 * 16))
     gen = torch.Generator().manual_seed(zlib.crc32(repr((i, label, shape)).encode()))
@@ -411,7 +486,7 @@ def bandwidth(res: Results, device: str, dry: bool) -> None:
     shapes = DRY_SHAPES if dry else FULL_SHAPES
     for shape in shapes:
         copies = {}
-        for op in all_ops():
+        for op in OPS:
             nbytes = op.bytes(shape)
             args, kwargs = op.make(shape, device, None)
             fn = getattr(fk, op.fn)
@@ -486,7 +561,7 @@ def compiled(res: Results, device: str, dry: bool, budget_s: float = 45.0) -> No
     whose compile takes more than `budget_s` is recorded and the next op goes on."""
     shapes = DRY_SHAPES[:1] if dry else FULL_SHAPES
     kernel_us = {(r["op"], tuple(r["shape"])): r["kernel_us"] for r in res.data["bandwidth"]}
-    for op in all_ops():
+    for op in OPS:
         if op.eager is None:
             continue
         cfn = torch.compile(op.eager, dynamic=True, backend="eager" if dry else "inductor")
@@ -544,8 +619,24 @@ def write_synthetic_llama(dst: Path, target_bytes: float, device: str) -> int:
     return total
 
 
+def _cp_sync(src: Path, dst: Path) -> float:
+    """Seconds of `cp -r` + `sync` (what an output's fsyncs amount to) of `src`; the copy is removed."""
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["sync"], check=False)
+    secs = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return secs
+
+
+def _stages(s) -> dict:
+    """An engine run's split (fp8norm.engine.RunStats), in seconds."""
+    return {k: round(getattr(s, k), 2) for k in ("wall_s", "read_s", "compute_s", "write_s", "hash_s", "fsync_s",
+                                                  "verify_s")}
+
+
 def checkpoint(res: Results, device: str, dry: bool) -> None:
-    from fp8norm.quantize import quantize
+    from fp8norm.quantize import quantize, repack
 
     # `timeout` sends SIGTERM: exit through the `finally` below, which deletes the scratch checkpoints.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
@@ -557,11 +648,7 @@ def checkpoint(res: Results, device: str, dry: bool) -> None:
         t0 = time.perf_counter()
         total = write_synthetic_llama(src, target, device)
         gen_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        subprocess.run(["cp", "-r", str(src), str(cp_dst)], check=True)
-        subprocess.run(["sync"], check=False)
-        cp_s = time.perf_counter() - t0
-        shutil.rmtree(cp_dst)
+        cp_s = _cp_sync(src, cp_dst)
         res.set("checkpoint", {"bytes": total, "generate_s": round(gen_s, 2), "cp_s": round(cp_s, 2)})
         s = quantize(str(src), str(out), device=device)
         t0 = time.perf_counter()
@@ -576,6 +663,16 @@ def checkpoint(res: Results, device: str, dry: bool) -> None:
             "bytes_out": s.bytes_out, "note": "the source was just written: cp and quantize read it from the page "
                                                "cache where it fits; cp includes a sync, quantize's sync_after_s is extra"})
         print(s.format(), flush=True)
+        # repack (pure I/O) of the output against cp + sync of it, and what a command pays before its
+        # engine starts: the imports (torch's CUDA libraries) in a fresh interpreter
+        r = repack(str(out), str(scratch / "repack"))
+        shutil.rmtree(scratch / "repack")
+        out_cp_s = _cp_sync(out, cp_dst)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import fp8norm.pipeline"], check=True)
+        res.set("checkpoint", {**res.data["checkpoint"], "import_s": round(time.perf_counter() - t0, 2),
+                               "repack": {**_stages(r), "bytes": r.bytes_in, "cp_s": round(out_cp_s, 2),
+                                          "x_cp": round(r.wall_s / out_cp_s, 2)}})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -603,7 +700,7 @@ def meta(res: Results, device: str, dry: bool) -> None:
     else:
         info.update(gpu=None, driver=None)
     res.set("meta", info)
-    res.set("uncovered", uncovered(all_ops()))
+    res.set("uncovered", uncovered(OPS))
 
 
 def summary(res: Results) -> str:
@@ -635,6 +732,11 @@ def summary(res: Results) -> str:
         lines.append(f"checkpoint {k['bytes'] / 1e9:.2f} GB: quantize {k['quantize_wall_s']} s (read {k['read_s']}, "
                      f"compute {k['compute_s']}, write {k['write_s']}; of these hash {k.get('hash_s')}, fsync "
                      f"{k.get('fsync_s')}; verify {k.get('verify_s')}) vs cp {k['cp_s']} s: x{k['x_cp']}")
+        if "repack" in k:
+            r = k["repack"]
+            lines.append(f"repack of the output {r['bytes'] / 1e9:.2f} GB: {r['wall_s']} s (read {r['read_s']}, write "
+                         f"{r['write_s']}; hash {r['hash_s']}, fsync {r['fsync_s']}) vs cp {r['cp_s']} s: x{r['x_cp']}; "
+                         f"imports before any command starts {k['import_s']} s")
     for r in d.get("compiled_kernels", []):
         lines.append(f"compiled here: {r['kernel']} {r['num_warps']} warps, {r['registers']} registers, "
                      f"{r['spills']} spills, {r['shared_bytes']} B shared")

@@ -128,7 +128,7 @@ class Format:
     def check_sources(self, ckpt, scale_of: dict[str, str], block_size) -> None:
         """Dtypes, shapes and values of the scaled weights of a checkpoint in this format, before
         anything is read back: a PlanError of one line naming the tensor (convert, verify, shard)."""
-        from ..plan import check_fp8_sources
+        from ..source_checks import check_fp8_sources
 
         check_fp8_sources(ckpt, scale_of, block_size)
 

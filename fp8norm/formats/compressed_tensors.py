@@ -232,7 +232,7 @@ class Scheme(Format):
 
     def check_sources(self, ckpt, scale_of, block_size=None) -> None:
         """Element and scale dtypes, scale shapes, and scale values, one line naming the tensor."""
-        from ..plan import PlanError
+        from ..source_checks import PlanError
         from ..st_io import read_tensor
 
         for name, sname in scale_of.items():
@@ -306,9 +306,9 @@ class Scheme(Format):
         return split_source(name, x)
 
     def compare_member(self, key, shard, stored, x, bands, mx_rule=None):
-        from ..verify import compare_scheme
+        from ..checks import compare_scheme  # torch: not at the registry's import
 
-        return compare_scheme(self.verify_key, key, shard, *stored, x, bands, mx_rule)
+        return compare_scheme(self, key, shard, *stored, x, bands, mx_rule)
 
 
 def apply_to_plan(plan, transform) -> None:

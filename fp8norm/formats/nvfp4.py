@@ -111,7 +111,7 @@ class Nvfp4(Format):
             return KEEP, kept  # 3D, not fused experts (those are written per expert)
         return Decision.NVFP4, f"{'fp8' if scale else 'bf16'}->{self.name}"
 
-    def outputs(self, name, shape, dtype="BF16"):
+    def outputs(self, name, shape):
         """The weight as it is named (3D fused experts whole, one scale_2 per expert)."""
         from ..st_io import OutEntry
 
@@ -144,7 +144,7 @@ class Nvfp4(Format):
         NaN, global scales finite and > 0), before anything is compared: one line naming the tensor."""
         import torch
 
-        from ..plan import PlanError
+        from ..source_checks import PlanError
         from ..st_io import read_tensor
 
         qt = ckpt.tensors
@@ -171,10 +171,10 @@ class Nvfp4(Format):
         return stored_global.float()
 
     def compare_member(self, key, shard, stored, x, bands, mx_rule=None):
-        from ..verify import compare_nvfp4
+        from ..checks import compare_nvfp4  # torch: not at the registry's import
 
         packed, scale, global_scale = stored
-        return compare_nvfp4(key, shard, packed, scale, self.scale_2(global_scale), x, bands,
+        return compare_nvfp4(self, key, shard, packed, scale, self.scale_2(global_scale), x, bands,
                              exact_scale_2=self.stores_scale_2)
 
     @property
@@ -198,14 +198,13 @@ class Nvfp4(Format):
                                              "quantization": modelopt_quantization(plan)}, indent=2) + "\n"}
 
 
-SHARD_REFUSAL = ("NVFP4 checkpoint: shard does not split NVFP4 weights (16-element groups under a per-tensor global "
-                 "scale) yet; shard the FP8 or bf16 model (or `fp8norm convert --to bf16` first)")
-
 FORMAT = Nvfp4(
     name="nvfp4", summary="NVFP4, ModelOpt layout (Blackwell)",
     element="e2m1", scale_block=(1, 16), elements_per_byte=2, layout="modelopt",
     from_bf16=("convert", "--to", "nvfp4"), from_fp8=("convert", "--to", "nvfp4"),
-    floor_sqnr_db=20.5, shard_refusal=SHARD_REFUSAL, detect_order=10, verify_key="nvfp4", weight_label="NVFP4",
+    floor_sqnr_db=20.5, detect_order=10, verify_key="nvfp4", weight_label="NVFP4",
+    shard_refusal="shard does not split NVFP4 weights (16-element groups under a per-tensor global scale) yet; "
+                  "shard the FP8 or bf16 model (or `fp8norm convert --to bf16` first)",
     verify_bands=(0.0951, 13.9, 10.3),
     serve_note="NVFP4: a Blackwell GPU", extra_file_names=(HF_QUANT_CONFIG,),
 )

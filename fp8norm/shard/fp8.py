@@ -69,7 +69,7 @@ def storage_format(root, cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) 
         raise ValueError(f"{root}: {e}; shard splits bf16, block FP8 (either layout), "
                          f"{', '.join(schemes)}") from None
     if refusal := source.format.shard_refusal:
-        raise ValueError(f"{root}: {refusal}")
+        raise ValueError(f"{root}: {source.format.weight_label} checkpoint: {refusal}")
     if source.format.layout == CT_LAYOUT:
         return scheme_format(source.kind, source.block_size)
     return scheme_format(formats.get("fp8").kind, block)

@@ -63,7 +63,6 @@ from . import fp8_block as nx
 from .args import check_amax_args
 
 MX_BLOCK = 32
-E8M0_BIAS = 127
 E8M0_NAN = 255
 SCALE_RULES = ("rceil", "ocp", "ct")
 DEFAULT_RULE = "rceil"
