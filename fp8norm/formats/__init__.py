@@ -56,7 +56,6 @@ class Format:
     from_fp8: tuple | None       # from a block-FP8 checkpoint (None: not a conversion fp8norm makes)
     floor_sqnr_db: float | None  # the format's own rounding floor on Gaussian weights (None: lossless)
     # `shard`/`unshard`: None = split and joined byte-identically; else the one-line refusal they give
-    # (after the checkpoint's path)
     shard_refusal: str | None = None
     readers: tuple = ()          # independent readers that load it here: transformers, compressed-tensors
     config_rules: tuple = ()     # ConfigRule functions: problems a reader would have parsing config.json

@@ -111,7 +111,7 @@ class Nvfp4(Format):
             return KEEP, kept  # 3D, not fused experts (those are written per expert)
         return Decision.NVFP4, f"{'fp8' if scale else 'bf16'}->{self.name}"
 
-    def outputs(self, name, shape):
+    def outputs(self, name, shape, dtype="BF16"):
         """The weight as it is named (3D fused experts whole, one scale_2 per expert)."""
         from ..st_io import OutEntry
 

@@ -338,7 +338,7 @@ class W4a16(Scheme):
 
     def check_sources(self, ckpt, scale_of, block_size=None):
         """The scheme's checks, and each module's weight_shape: int64 [2], the shape its words hold."""
-        from ..plan import PlanError
+        from ..source_checks import PlanError
         from ..st_io import read_tensor
 
         super().check_sources(ckpt, scale_of, block_size)
@@ -392,10 +392,11 @@ class W4a16(Scheme):
         """The statistics of verify.compare on the decoded elements; the rounding and scale verdicts by the
         rules themselves (rule_mismatches): a quotient just over 7.5 (the scale rounded down in its dtype)
         is clamped to 7, more than half a step from it, which compare's generic bound would call wrong."""
+        from ..checks import FAIL, Bands, compare, element_format, worst  # torch: not at the registry's import
         from ..kernels.numerics import int4
-        from ..verify import FAIL, compare, element_format, worst
 
         packed, scale, _ = stored
+        bands = bands or Bands.for_format(self, None)
         check = compare(key, shard, packed, scale, x, (1, GROUP_SIZE), bands, fmt=element_format(self),
                         decode=lambda q, s: (int4.unpack_int4(q).float(), s))
         wrong, first, wrong_scales, first_scale = rule_mismatches(packed, scale, x)
@@ -415,8 +416,8 @@ FORMAT = W4a16(
     element="int4", scale_block=(1, GROUP_SIZE), elements_per_byte=2, layout=ct.LAYOUT,
     from_bf16=("quantize", "--to", "w4a16"), from_fp8=None,  # the kernel takes bf16/fp16/fp32 weights
     floor_sqnr_db=FLOOR_SQNR_DB,
-    shard_refusal="int4 W4A16 checkpoint: shard does not split int4 W4A16 weights yet (each module's weight_shape "
-                  "holds the whole matrix's shape); shard the bf16 model (or `fp8norm convert --to bf16` first)",
+    shard_refusal="shard does not split int4 W4A16 weights yet (each module's weight_shape holds the whole matrix's "
+                  "shape); shard the bf16 model (or `fp8norm convert --to bf16` first)",
     readers=("compressed-tensors",), config_rules=(_rules.compressed_tensors, vllm_wna16), aliases=("int4",),
     detect_order=20, scale_suffix="_scale", verify_key="w4a16", weight_label="W4A16",
     # the floor (19.1 dB), GOOD from 5 dB under it (as mxfp4), WARN down to 12.4 dB under it (as mxfp4);
