@@ -103,7 +103,7 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
         raise ConvertError(f"{src}: holds no FP8 weights to convert to {to} (use `fp8norm quantize` for bf16)")
     if refusal := target.refuse_source(src, source):
         raise ConvertError(refusal)
-    tf = Convert(to, tensors)
+    tf = Convert(to, tensors, source)
     plans, candidates, unaligned = [], [], []
     for name, info in tensors.items():
         if name in consumed:
@@ -112,7 +112,7 @@ def build_convert_plan(src, to: str, *, keep_unaligned: bool = False, max_shard_
         inputs = (name, *members[name][:2]) if name in members else (name, scale) if scale else ()
         candidate = bool(scale) or (source.dense_dtype is not None and _bf16_candidate(name, info))
         if name in members:
-            decision, rule = DEQUANT_NVFP4, f"nvfp4->{to}"
+            decision, rule = DEQUANT_NVFP4, f"{source.member_rule_label}->{to}"
         else:  # every target takes an FP8 weight with its scale: one it does not is not quantized
             decision, rule = target.convert_decision(name, info, scale, candidate, source) or (KEEP, "not-quantized")
         if rule == target.unaligned_error_rule:
@@ -186,17 +186,17 @@ class Convert(Transform):
     the requantization errors of every rank summed up in one note."""
     skip_files = (PROVENANCE_NAME, *(n for f in formats.FORMATS.values() for n in f.extra_file_names))
 
-    def __init__(self, to: str, tensors: dict):
+    def __init__(self, to: str, tensors: dict, source: formats.Format):
         super().__init__()
-        self.to, self.tensors, self.target = to, tensors, formats.get(to)
+        self.to, self.tensors, self.target, self.source = to, tensors, formats.get(to), source
 
     def outputs(self, t: TensorPlan) -> list[OutEntry]:
         name, shape = t.name, t.shape
-        if t.decision in (DEQUANT, DEQUANT_NVFP4):  # a packed (U8) source holds two 4-bit values a byte
+        if t.decision in (DEQUANT, DEQUANT_NVFP4):  # a packed source holds several 4-bit values an element
             return [OutEntry(name.removesuffix("_packed"), self.target.dense_dtype,
-                             (*shape[:-1], 2 * shape[-1]) if t.dtype == "U8" else shape)]
+                             self.source.unpacked_shape(t.dtype, shape))]
         if t.decision in (SCHEME, NVFP4):
-            return self.target.outputs(name, shape)
+            return self.target.outputs(name, shape, t.dtype)
         scales = [OutEntry(n, self.tensors[n].dtype, self.tensors[n].shape) for n in t.inputs[1:]]
         if t.decision in (RELABEL, UE8M0):
             scales = [OutEntry(name + self.target.scale_suffix, scales[0].dtype, scales[0].shape)]
@@ -279,5 +279,6 @@ def convert(src, dst, *, to: str, scale_fmt: str | None = None, keep_unaligned=F
         plan.global_amax = nvfp4_global_amax(plan, resolve_device(device))
     if not any(t.decision in (UE8M0, SCHEME, NVFP4) for t in plan.tensors):
         verify_samples = 0  # nothing rounded anew (dequantized, relabelled)
-    return execute_plan(plan, Path(dst), transform=Convert(to, plan.checkpoint.tensors), device=device,
-                        resume=resume, overwrite=overwrite, progress=progress, verify_samples=verify_samples)
+    transform = Convert(to, plan.checkpoint.tensors, plan.source_format.format)
+    return execute_plan(plan, Path(dst), transform=transform, device=device, resume=resume, overwrite=overwrite,
+                        progress=progress, verify_samples=verify_samples)

@@ -49,7 +49,7 @@ class SchemeQuantize(Quantize):
         self.format = fmt
 
     def outputs(self, t):
-        return self.format.outputs(t.name, t.shape) if t.decision == FP8 else super().outputs(t)
+        return self.format.outputs(t.name, t.shape, t.dtype) if t.decision == FP8 else super().outputs(t)
 
     def apply(self, t, xs, plan, device):
         if t.decision != FP8:

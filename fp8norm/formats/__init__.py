@@ -27,13 +27,20 @@ ConfigRule = Callable[[dict], list]
 
 @dataclass(frozen=True)
 class Member:
-    """One quantized weight of an output verify judges per module: its stored elements, its
-    group/row scale and (NVFP4) its global scale, and where its source is: (source tensor, index in
+    """One quantized weight of an output verify judges per module: the tensors it is stored as, in
+    outputs()' order (its elements, its group/row scale, then what else the format stores with them:
+    NVFP4's global scale, W4A16's weight_shape), and where its source is: (source tensor, index in
     compressed_tensors.split_source, or None for the whole tensor)."""
-    elements: str
-    scale: str
-    global_scale: str | None
+    tensors: tuple[str, ...]
     source: tuple[str, int | None] | None
+
+    @property
+    def elements(self) -> str:
+        return self.tensors[0]
+
+    @property
+    def scale(self) -> str:
+        return self.tensors[1]
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ class Format:
     quantizes_anew = False       # convert rounds source values anew (from bf16 or dequantized FP8)
     needs_global_amax = False    # convert's pre-pass: one global amax per fused group
     per_module = False           # verify judges its weights per module (Member), compare_member()
-    tensors_per_member = 1       # the tensors one member is stored as (elements, scale[, global scale])
+    tensors_per_member = 1       # the tensors one member is stored as (Member.tensors)
     saturates = False            # its scales let a block's largest elements saturate (clipping is the format's)
     ties_to_even = False         # e2m1 quotients halfway between two values are stored as the even one
     keeps_scaled_fp8 = False     # block FP8 weights (with `_scale_inv`) may be kept beside its own
@@ -102,9 +109,20 @@ class Format:
                 if i.dtype in FP8_DTYPES and n + self.scale_suffix in tensors and n not in skip}
 
     def global_scaled_members(self, tensors: dict) -> dict[str, tuple[str, str, str]]:
-        """Weights with a block scale and a global scale: packed -> (block scale, global scale, the
-        dequantized weight's name). Empty in formats without global scales."""
+        """Weights stored with two tensors beside their elements (a block scale and a global scale, or a
+        group scale and the weight's shape): packed -> (scale, the other tensor, the dequantized
+        weight's name). Empty in formats that store one scale per weight."""
         return {}
+
+    @property
+    def member_rule_label(self) -> str:
+        """How a convert rule names a weight read with its global_scaled_members() tensors (`nvfp4->bf16`)."""
+        return self.verify_key
+
+    def unpacked_shape(self, dtype: str, shape: tuple) -> tuple:
+        """The shape of the matrix a stored weight of safetensors `dtype` and `shape` holds: packed
+        4-bit elements (U8, two a byte) count twice."""
+        return (*shape[:-1], 2 * shape[-1]) if dtype == "U8" else tuple(shape)
 
     def check_sources(self, ckpt, scale_of: dict[str, str], block_size) -> None:
         """Dtypes, shapes and values of the scaled weights of a checkpoint in this format, before
@@ -138,8 +156,8 @@ class Format:
         weight this target would round, FP8 or a bf16 linear); None: not converted, kept."""
         return None
 
-    def outputs(self, name: str, shape: tuple) -> list:
-        """The tensors (OutEntry) one rounded weight becomes, in encode()'s order."""
+    def outputs(self, name: str, shape: tuple, dtype: str = "BF16") -> list:
+        """The tensors (OutEntry) one rounded weight of safetensors `dtype` becomes, in encode()'s order."""
         raise NotImplementedError(self.name)
 
     def kept_reason(self, name: str, shape: tuple) -> str | None:

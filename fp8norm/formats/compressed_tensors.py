@@ -1,7 +1,7 @@
 """The compressed-tensors layout, shared by every format that writes it (fp8-ct, fp8-channel, mxfp8,
 mxfp4, nvfp4-ct): per-module tensor names (`<module>.weight` or `.weight_packed`, `.weight_scale`),
 fused 3D experts written per expert, the `ignore` patterns, the quantization_config, and `Scheme`, the
-behaviour of a compressed-tensors scheme that rounds weights per module (fp8-channel, mxfp8, mxfp4).
+behaviour of a compressed-tensors scheme that rounds weights per module (fp8-channel, mxfp8, mxfp4, w4a16).
 
 compressed-tensors has no layout for fused 3D expert tensors: `experts.gate_up_proj` [E, 2I, H]
 (gate rows first, as transformers' fused experts chunk it) and `experts.down_proj` [E, H, I] are
@@ -183,8 +183,13 @@ class Scheme(Format):
 
     @property
     def elements_suffix(self) -> str:
-        """`.weight`, or `.weight_packed` where two 4-bit elements share a byte."""
+        """`.weight`, or `.weight_packed` where 4-bit elements are packed."""
         return ".weight_packed" if self.elements_per_byte > 1 else ".weight"
+
+    @property
+    def member_suffixes(self) -> tuple[str, ...]:
+        """The names of a module's stored tensors after the module's (Member.tensors' order)."""
+        return (self.elements_suffix, ".weight_scale")
 
     def weight_args(self) -> tuple[dict, dict | None]:
         """(weights, input_activations) QuantizationArgs as compressed-tensors serializes the preset."""
@@ -266,7 +271,7 @@ class Scheme(Format):
         kept = self.kept_reason(name, info.shape)
         return (KEEP, kept) if kept else (Decision.SCHEME, f"{'fp8' if scale else 'bf16'}->{self.name}")
 
-    def outputs(self, name, shape):
+    def outputs(self, name, shape, dtype="BF16"):
         """Per module (a fused 3D expert tensor: per expert and projection, experts outermost)."""
         from ..st_io import OutEntry
 
@@ -275,7 +280,7 @@ class Scheme(Format):
             prefix, parts = fused
             e, rows, cols = shape
             return [o for i in range(e) for p in parts
-                    for o in self.outputs(f"{prefix}.{i}.{p}.weight", (rows // len(parts), cols))]
+                    for o in self.outputs(f"{prefix}.{i}.{p}.weight", (rows // len(parts), cols), dtype)]
         m = module_of(name)
         elements = (*shape[:-1], shape[-1] // self.elements_per_byte)
         return [OutEntry(name if self.elements_per_byte == 1 else m + self.elements_suffix, self.weight_dtype, elements),
@@ -291,7 +296,7 @@ class Scheme(Format):
         from . import Member
 
         src_of = split_sources(st)
-        return {m: Member(m + self.elements_suffix, m + ".weight_scale", None, src_of.get(m))
+        return {m: Member(tuple(m + s for s in self.member_suffixes), src_of.get(m))
                 for m in sorted(n.removesuffix(".weight_scale") for n in qt if n.endswith(".weight_scale"))}
 
     def output_key(self, stored):

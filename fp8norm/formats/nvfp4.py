@@ -111,7 +111,7 @@ class Nvfp4(Format):
             return KEEP, kept  # 3D, not fused experts (those are written per expert)
         return Decision.NVFP4, f"{'fp8' if scale else 'bf16'}->{self.name}"
 
-    def outputs(self, name, shape):
+    def outputs(self, name, shape, dtype="BF16"):
         """The weight as it is named (3D fused experts whole, one scale_2 per expert)."""
         from ..st_io import OutEntry
 
@@ -132,7 +132,7 @@ class Nvfp4(Format):
 
     def written_members(self, qt, st):
         src_of = self.sources_of(st)
-        return {self.member_key(logical): Member(packed, scale, global_scale, src_of.get(self.member_key(logical)))
+        return {self.member_key(logical): Member((packed, scale, global_scale), src_of.get(self.member_key(logical)))
                 for packed, (scale, global_scale, logical) in sorted(self.global_scaled_members(qt).items())}
 
     def sources_of(self, st: dict) -> dict:
@@ -148,20 +148,21 @@ class Nvfp4(Format):
         from ..st_io import read_tensor
 
         qt = ckpt.tensors
-        w, sc, g = qt[mem.elements], qt[mem.scale], qt[mem.global_scale]
+        elements, scale, global_scale = mem.tensors
+        w, sc, g = qt[elements], qt[scale], qt[global_scale]
         *lead, rows, half = w.shape
         want = (*lead, rows, 2 * half // GROUP)
         if w.dtype != "U8" or sc.dtype != "F8_E4M3" or g.dtype != "F32" or len(w.shape) not in (2, 3):
             raise PlanError(f"{w.file.name}: NVFP4 tensor {mem.elements!r} is {w.dtype} {list(w.shape)} with scales "
                             f"{sc.dtype}, {g.dtype}; expected U8 2D/3D with an F8_E4M3 group scale and an F32 global one")
         if tuple(sc.shape) != want or math.prod(g.shape) != (lead[0] if lead else 1):
-            raise PlanError(f"{sc.file.name}: scales {mem.scale!r} {list(sc.shape)} and {mem.global_scale!r} "
+            raise PlanError(f"{sc.file.name}: scales {mem.scale!r} {list(sc.shape)} and {global_scale!r} "
                             f"{list(g.shape)} do not fit NVFP4 weight {mem.elements!r} {list(w.shape)} (needs "
                             f"{list(want)} and {lead[0] if lead else 1} global)")
         nan = (read_tensor(sc).view(torch.uint8) & 0x7F) == 0x7F
         gv = read_tensor(g).float()
         if bool(nan.any()) or not bool((torch.isfinite(gv) & (gv > 0)).all()):
-            name = mem.scale if bool(nan.any()) else mem.global_scale
+            name = scale if bool(nan.any()) else global_scale
             raise PlanError(f"{qt[name].file.name}: scale {name!r} holds invalid values (NaN, Inf or <= 0); its "
                             "weight cannot be read")
 

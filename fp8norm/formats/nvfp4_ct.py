@@ -58,7 +58,7 @@ class CtNvfp4(Nvfp4):
     def kept_reason(self, name, shape):
         return ct.fused_3d_kept(name, shape)
 
-    def outputs(self, name, shape):
+    def outputs(self, name, shape, dtype="BF16"):
         from ..st_io import OutEntry
 
         modules = ct.output_modules(name, shape)

@@ -65,7 +65,7 @@ def storage_format(root, cfg: dict, tensors: dict, block=nx.DEFAULT_BLOCK_SIZE) 
     try:
         source = detect_source(tensors, cfg or {})
     except ValueError as e:
-        schemes = (f.name for f in formats.FORMATS.values() if isinstance(f, Scheme))
+        schemes = (f.name for f in SHARDED.values() if isinstance(f, Scheme))
         raise ValueError(f"{root}: {e}; shard splits bf16, block FP8 (either layout), "
                          f"{', '.join(schemes)}") from None
     if refusal := source.format.shard_refusal:

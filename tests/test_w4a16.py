@@ -1,4 +1,4 @@
-"""fp8norm.formats.int4_layout (int4 W4A16, compressed-tensors `pack-quantized`) against compressed-tensors
+"""fp8norm.formats.w4a16 (int4 W4A16, compressed-tensors `pack-quantized`) against compressed-tensors
 0.20.1 itself: its ModelCompressor compresses a model holding fp8norm's scales into the same bytes, and
 decompresses fp8norm's tensors into the weight fp8norm decodes; its own serialization of the W4A16 preset
 is the config fp8norm writes. The vLLM 0.32 rules, shapes and source checks against hand-computed cases."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fp8norm import formats
-from fp8norm.formats import int4_layout as w4
+from fp8norm.formats import w4a16 as w4
 from fp8norm.kernels.numerics import int4
 from fp8norm.st_io import DTYPE_NAMES, OutEntry
 from tests.readers import reader
@@ -182,7 +182,7 @@ def test_sqnr_floor_on_gaussian_weights():
     err = (w4.decode(w4.encode(x)).double() - x.double()).pow(2).sum()
     sqnr = 10 * math.log10(x.double().pow(2).sum() / err)
     assert abs(sqnr - w4.FLOOR_SQNR_DB) < 0.1, sqnr
-    assert w4.PENDING_FORMAT.floor_sqnr_db == w4.FLOOR_SQNR_DB
+    assert w4.FORMAT.floor_sqnr_db == w4.FLOOR_SQNR_DB
 
 
 # --------------------------------------------------------------------------- vLLM 0.32 rules
@@ -200,7 +200,7 @@ def config_with(**changes):
 
 
 def test_the_config_passes_every_rule():
-    assert w4.PENDING_FORMAT.config_problems(config_with()) == []
+    assert w4.FORMAT.config_problems(config_with()) == []
     # the group's format may be left to the global one (compressed_tensors.py l.792)
     assert w4.vllm_wna16(config_with(format=None)) == []
 
@@ -233,15 +233,115 @@ def test_vllm_shape_rules():
         "moe intermediate size 1408 split 2 way(s) is not whole groups of 128 (fused-MoE Marlin)"]
 
 
-# --------------------------------------------------------------------------- the pending format
+# --------------------------------------------------------------------------- the registered format
 
 
-def test_pending_format_is_described_but_not_registered():
-    f = w4.PENDING_FORMAT
+def test_registered_under_its_name_and_alias():
+    f = w4.FORMAT
     assert (f.name, f.aliases, f.element, f.scale_block, f.layout) == (
         "w4a16", ("int4",), "int4", (1, 128), "compressed-tensors")
     assert f.readers == ("compressed-tensors",) and f.from_fp8 is None
-    assert w4.GROUP_SIZE == int4.GROUP_SIZE  # stated in the module, which imports no torch
-    assert "w4a16" not in formats.FORMATS and not hasattr(w4, "FORMAT")
-    with pytest.raises(ValueError, match="unknown format 'int4'"):
-        formats.get("int4")
+    assert w4.GROUP_SIZE == int4.GROUP_SIZE and w4.PER_WORD == int4.PER_WORD  # stated in the module (no torch)
+    assert formats.FORMATS["w4a16"] is f and formats.get("int4") is f
+
+
+def test_format_outputs_are_the_layouts_and_keep_what_has_none():
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert w4.FORMAT.outputs(name, (M, N), "F16") == w4.outputs(name, (M, N), "F16")
+    assert w4.FORMAT.kept_reason(name, (M, N)) is None
+    assert w4.FORMAT.kept_reason(name, (M, 200)) == "w4a16:unaligned-kept"
+    assert w4.FORMAT.kept_reason("model.layers.0.mlp.experts.gate_up_proj", (4, 2 * M, N)) == "w4a16:3d-kept"
+
+
+def test_compare_member_judges_by_the_rules():
+    """GOOD on what encode made (either quotient rule), FAIL naming the element for one changed code and the
+    scale for one changed scale; a quotient just over 7.5 clamped to 7 is not called wrong."""
+    x = gaussian((M, N), seed=5)
+    x[0, :128] = 0.0
+    x[0, 0] = 7.9375  # scale bf16(7.9375 / 7.5) = 1.0546875 (rounded down): quotient 7.526 -> 7
+    for rule in ("ct", "ct-cpu"):
+        packed, scale, shape = w4.encode(x, rule=rule)
+        assert scale[0, 0].item() == 1.0546875 and int4.unpack_int4(packed)[0, 0].item() == 7
+        check = w4.FORMAT.compare_member("m", "s", [packed, scale, shape], x, None)
+        assert check.wrong_elements == check.wrong_scales == 0 and "rounding" not in check.bands, check.first_wrong
+    bad = packed.clone()
+    bad[3, 2] ^= 0x30  # element 8*2 + 1 of row 3: nibble xor 3
+    check = w4.FORMAT.compare_member("m", "s", [bad, scale, shape], x, None)
+    assert check.status == "FAIL" and check.wrong_elements == 1 and check.first_wrong.startswith("element [3, 17]: ")
+    worse = scale.clone()
+    worse[5, 1] *= 4
+    check = w4.FORMAT.compare_member("m", "s", [packed, worse, shape], x, None)
+    assert check.status == "FAIL" and check.wrong_scales == 1 and check.first_wrong_scale.startswith("scale [5, 1]: ")
+
+
+# --------------------------------------------------------------------------- through the commands
+
+
+def test_an_fp16_model_keeps_its_scales_in_fp16_and_reads_back(tmp_path):
+    """`quantize --to int4` (the alias) on an fp16 model: F16 scales, as compressed-tensors writes them;
+    `verify` passes it; `convert --to fp16` gives decode's values."""
+    from safetensors.torch import load_file, save_file
+
+    from fp8norm.examples import make_example
+    from tests.ckpt_utils import cli, read_dir
+
+    src = make_example(tmp_path / "bf16", "qwen3-moe", "single")
+    (shard,) = src.glob("*.safetensors")
+    save_file({k: v.half() for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    cli("quantize", src, tmp_path / "q", "--to", "int4", "-q")
+    out, x = read_dir(tmp_path / "q"), read_dir(src)
+    m = "model.layers.0.self_attn.o_proj"
+    assert out[m + ".weight_scale"].dtype == torch.float16 and m + ".weight" not in out
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc == w4.quantization_config(qc["ignore"]) and "lm_head" in qc["ignore"]
+    assert "FAIL 0" in cli("verify", src, tmp_path / "q", "--all").output
+    cli("convert", tmp_path / "q", tmp_path / "back", "--to", "fp16", "-q")
+    back = read_dir(tmp_path / "back")
+    assert set(back) == set(x)
+    tensors = [out[m + "." + s] for s in w4.SUFFIXES]
+    assert torch.equal(back[m + ".weight"], w4.decode(tensors, out_dtype=torch.float16))
+    assert torch.equal(back["model.norm.weight"], x["model.norm.weight"])
+
+
+def test_a_wrong_weight_shape_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fp8norm.examples import make_example
+    from tests.ckpt_utils import cli, one_line_error
+
+    src = make_example(tmp_path / "bf16", "qwen3-moe", "single")
+    cli("quantize", src, tmp_path / "q", "--to", "w4a16", "-q", "--skip-verify")
+    (shard,) = (tmp_path / "q").glob("*.safetensors")
+    tensors = load_file(shard)
+    name = "model.layers.1.self_attn.k_proj.weight_shape"
+    tensors[name] = torch.tensor([1024, 128])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    one_line_error(cli("convert", tmp_path / "q", tmp_path / "back", "--to", "bf16", ok=False),
+                   f"{name!r} is I64 [2] holding [1024, 128]; expected I64 [2] holding [1024, 256]")
+    res = cli("verify", src, tmp_path / "q", ok=False)
+    assert res.exit_code == 3 and f"{name!r} is I64 [2] holding [1024, 128]" in res.output
+
+
+def test_3d_and_unaligned_weights_are_kept_with_their_rule(tmp_path):
+    """q/k/v with k 272 wide (not whole groups): k kept, q and v with it (one fused layer); fused 3D experts kept;
+    the output verifies and reads back."""
+    from safetensors.torch import save_file
+
+    from tests.ckpt_utils import cli, read_dir
+
+    src = tmp_path / "src"
+    src.mkdir()
+    t = {f"model.layers.0.self_attn.{p}.weight": gaussian((256, 272 if p == "k_proj" else 256), seed=i)
+         for i, p in enumerate(("q_proj", "k_proj", "v_proj"))}
+    t["model.layers.0.mlp.experts.gate_up_proj"] = gaussian((4, 512, 256), seed=8)
+    t["model.layers.0.mlp.down_proj.weight"] = gaussian((256, 256), seed=9)
+    save_file(t, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    res = cli("plan", src, "--to", "w4a16")
+    assert "w4a16:unaligned-kept" in res.output and "ct:fused-with-kept" in res.output
+    assert "w4a16:3d-kept" in res.output and res.output.count("->w4a16") == 1
+    cli("quantize", src, tmp_path / "q", "--to", "w4a16", "-q")
+    out = read_dir(tmp_path / "q")
+    assert sorted(k for k in out if "weight_" in k) == [f"model.layers.0.mlp.down_proj.{s}" for s in w4.SUFFIXES]
+    assert all(torch.equal(out[k], t[k]) for k in t if k in out) and len(out) == len(t) + 2
+    assert "FAIL 0" in cli("verify", src, tmp_path / "q", "--all").output

@@ -1,10 +1,8 @@
 """int4 weight-only W4A16 in the compressed-tensors `pack-quantized` layout (symmetric, groups of 128 along
 the input dim, round to nearest): what llm-compressor's `model_free_ptq` W4A16 writes and vLLM serves with
-its Marlin (on Hopper, Machete) mixed-precision kernels.
-
-Pending: no command makes it yet, so this module defines `PENDING_FORMAT`, not `FORMAT` (the registry in
-fp8norm.formats only picks up FORMAT/FORMATS). Renaming it to FORMAT once the commands consume formats
-through the registry puts it in the conformance matrix.
+its Marlin (on Hopper, Machete) mixed-precision kernels. `fp8norm quantize --to w4a16` (alias `int4`) makes
+it from bf16/fp16; `convert --to bf16` reads it back; `shard` refuses it. 3D weights (fused experts) and
+weights whose input dim is not whole groups of 128 stay as they are (`w4a16:3d-kept`, `w4a16:unaligned-kept`).
 
 Rules (scale, quotient, rounding, packing): fp8norm.kernels.numerics.int4; kernel: fp8norm.kernels.quant_int4;
 twin: fp8norm.reference.int4.
@@ -34,9 +32,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import Format, _rules
+from . import _rules
+from . import compressed_tensors as ct
+from .compressed_tensors import Scheme, module_of
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 
 # The registry imports every format module when the CLI starts, before any command runs: torch, the
 # kernels' rules and st_io are imported inside the functions (`fp8norm --help` stays torch-free).
-GROUP_SIZE = 128  # fp8norm.kernels.numerics.int4.GROUP_SIZE (tests/test_int4_layout.py holds them equal)
+GROUP_SIZE = 128  # fp8norm.kernels.numerics.int4.GROUP_SIZE (tests/test_w4a16.py holds them equal)
+PER_WORD = 8  # 4-bit elements per int32 word of weight_packed (fp8norm.kernels.numerics.int4.PER_WORD)
 CT_FORMAT = "pack-quantized"
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 SCALE_DTYPES = ("BF16", "F16", "F32")  # compressed-tensors stores the scale in the weight's dtype
@@ -56,10 +58,6 @@ MOE_HIDDEN_MULTIPLE = 128
 
 
 # --------------------------------------------------------------------------- tensors
-
-
-def module_of(name: str) -> str:
-    return name.removesuffix(".weight")
 
 
 def unsupported_reason(name: str, shape: tuple[int, ...]) -> str | None:
@@ -94,8 +92,7 @@ def outputs(name: str, shape: tuple[int, ...], dtype: str = "BF16") -> list[OutE
 
 
 def _backend(t: torch.Tensor):
-    """The twin or the Triton kernels, as fp8norm.dispatch chooses for the other formats (no int4 entry
-    there until the commands consume formats through the registry)."""
+    """The twin or the Triton kernels, as fp8norm.dispatch chooses for the other formats."""
     from .. import dispatch
 
     return importlib.import_module("fp8norm.reference" if dispatch.backend_for(t) == "torch" else "fp8norm.kernels")
@@ -159,7 +156,7 @@ def check_scale(name: str, scale: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- config
 
 
-def weight_args() -> dict:
+def preset_weight_args() -> dict:
     """compressed-tensors 0.20.1's W4A16 preset QuantizationArgs, as it serializes them."""
     return {"num_bits": 4, "type": "int", "symmetric": True, "group_size": GROUP_SIZE, "strategy": "group",
             "dynamic": False}
@@ -170,7 +167,7 @@ def quantization_config(ignore: Sequence[str]) -> dict:
     W4A16 group over `Linear` with `ignore`, compressed, plus quant_method. ModelCompressor.update_config
     adds `version`, an empty sparsity_config and transform_config: those name the writing library and
     configure nothing."""
-    return {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weight_args(),
+    return {"config_groups": {"group_0": {"targets": ["Linear"], "weights": preset_weight_args(),
                                           "input_activations": None, "output_activations": None,
                                           "format": CT_FORMAT}},
             "quant_method": "compressed-tensors", "kv_cache_scheme": None, "format": CT_FORMAT,
@@ -247,15 +244,184 @@ def vllm_moe_problems(hidden_size: int, intermediate_size: int, *, tp: int = 1) 
 
 
 # Measured with the twin (rule "ct") on 4096x4096 standard-normal bf16 weights, three seeds: 19.115,
-# 19.115, 19.119 dB (Student-t with 3 degrees of freedom: 13.4 dB). tests/test_int4_layout.py re-measures it.
+# 19.115, 19.119 dB (Student-t with 3 degrees of freedom: 13.4 dB). tests/test_w4a16.py re-measures it.
 FLOOR_SQNR_DB = 19.1
 
-PENDING_FORMAT = Format(
+
+
+# --------------------------------------------------------------------------- verify
+
+THREE_D_KEPT = "w4a16:3d-kept"
+UNALIGNED_KEPT = "w4a16:unaligned-kept"
+CHECK_ROWS_ELEMENTS = 1 << 22  # elements of source rows compare_rules() holds in fp32 at once
+
+
+def _first(mask: torch.Tensor) -> list[int]:
+    return [int(i) for i in mask.nonzero()[0].tolist()]
+
+
+def rule_mismatches(packed: torch.Tensor, scale: torch.Tensor,
+                    x: torch.Tensor) -> tuple[int, str | None, int, str | None]:
+    """A stored module against its source matrix `x`, by the rules themselves (fp8norm.kernels.numerics.int4):
+    every scale the one the group's amax gives in the scale's dtype, every code round(clamp(x / scale))
+    under either quotient rule ("ct" or "ct-cpu"). (wrong codes, the first, wrong scales, the first), a
+    few rows at a time."""
+    import torch
+
+    from ..kernels.numerics import int4
+
+    rows = max(1, CHECK_ROWS_ELEMENTS // x.shape[-1])
+    wrong = wrong_scales = 0
+    first = first_scale = None
+    for r0 in range(0, x.shape[0], rows):
+        groups = x[r0:r0 + rows].float().unflatten(-1, (-1, GROUP_SIZE))
+        s = scale[r0:r0 + rows].float()
+        amax = groups.abs().amax(-1)
+        want = int4.group_scale(amax, scale.dtype)
+        bad_s = s != want
+        codes = int4.unpack_int4(packed[r0:r0 + rows]).unflatten(-1, (-1, GROUP_SIZE)).to(torch.int32)
+        ct_rule, cpu_rule = (int4.quantize_groups(groups, s, scale.dtype, rounded) for rounded in (False, True))
+        bad = ((codes != ct_rule) & (codes != cpu_rule)).flatten(-2)
+        if bool(bad.any()) and first is None:
+            r, c = _first(bad)
+            first = (f"element [{r0 + r}, {c}]: x {float(x[r0 + r, c]):.6g}, scale "
+                     f"{float(s[r, c // GROUP_SIZE]):.6g}, stored {int(codes.flatten(-2)[r, c])}, expected "
+                     f"{int(ct_rule.flatten(-2)[r, c])}")
+        if bool(bad_s.any()) and first_scale is None:
+            r, g = _first(bad_s)
+            first_scale = (f"scale [{r0 + r}, {g}]: {float(s[r, g]):.6g}, group amax {float(amax[r, g]):.6g} "
+                           f"gives {float(want[r, g]):.6g}")
+        wrong += int(bad.sum())
+        wrong_scales += int(bad_s.sum())
+    return wrong, first, wrong_scales, first_scale
+
+
+@dataclass(frozen=True)
+class W4a16(Scheme):
+    """The compressed-tensors scheme behaviour over the functions above: three tensors a module
+    (weight_packed int32 words, weight_scale in the weight's dtype, weight_shape), made from bf16 only."""
+    tensors_per_member = 3
+
+    @property
+    def member_suffixes(self):
+        return tuple("." + s for s in SUFFIXES)
+
+    def weight_args(self):
+        return preset_weight_args(), None
+
+    def detect(self, config, tensors):
+        """A `pack-quantized` config: this scheme, or one line saying which of its weights are not read."""
+        qc = ct.quantization_config_of(config)
+        if qc.get("format") != CT_FORMAT:
+            return None
+        w = ct.weight_args(qc)
+        if any(w.get(k) != v for k, v in preset_weight_args().items()) or w.get("actorder"):
+            raise ValueError(f"compressed-tensors {CT_FORMAT} source with weights {w}: only int4 W4A16 (symmetric, "
+                             f"group {GROUP_SIZE}) is read here")
+        return super().detect(config, tensors)
+
+    def expected_scale(self, shape):
+        return (*shape[:-1], shape[-1] * PER_WORD // GROUP_SIZE)
+
+    def fits(self, shape):
+        return shape[-1] * PER_WORD % GROUP_SIZE == 0
+
+    def bad_scales(self, values):
+        import torch
+
+        return ~(torch.isfinite(values.float()) & (values > 0))
+
+    def unpacked_shape(self, dtype, shape):
+        if dtype != self.weight_dtype:
+            return super().unpacked_shape(dtype, shape)
+        return (*shape[:-1], PER_WORD * shape[-1])
+
+    def check_sources(self, ckpt, scale_of, block_size=None):
+        """The scheme's checks, and each module's weight_shape: int64 [2], the shape its words hold."""
+        from ..source_checks import PlanError
+        from ..st_io import read_tensor
+
+        super().check_sources(ckpt, scale_of, block_size)
+        for name in scale_of:
+            w = ckpt.tensors[name]
+            shape_name = module_of(name.removesuffix("_packed")) + ".weight_shape"
+            info = ckpt.tensors.get(shape_name)
+            if info is None:
+                raise PlanError(f"{w.file.name}: {self.name} weight {name!r} has no {shape_name!r}")
+            want = list(self.unpacked_shape(w.dtype, tuple(w.shape)))
+            got = read_tensor(info).tolist() if info.dtype == "I64" and tuple(info.shape) == (2,) else None
+            if got != want:
+                raise PlanError(f"{info.file.name}: {shape_name!r} is {info.dtype} {list(info.shape)} holding {got}; "
+                                f"expected I64 [2] holding {want}, the shape of {name!r}")
+
+    def global_scaled_members(self, tensors):
+        """weight_packed -> (weight_scale, weight_shape, the module's weight): convert reads all three."""
+        out = {}
+        for n, i in tensors.items():
+            m = module_of(n.removesuffix("_packed"))
+            if i.dtype == self.weight_dtype and n.endswith(self.elements_suffix) \
+                    and m + ".weight_scale" in tensors and m + ".weight_shape" in tensors:
+                out[n] = (m + ".weight_scale", m + ".weight_shape", m + ".weight")
+        return out
+
+    def refuse_source(self, src, source):
+        return (f"{src}: {self.name} is made from bf16/fp16 by `fp8norm quantize --to {self.name}`; convert does not "
+                f"make it")
+
+    def kept_reason(self, name, shape):
+        if len(shape) != 2:
+            return THREE_D_KEPT
+        return UNALIGNED_KEPT if shape[-1] % GROUP_SIZE else None
+
+    def outputs(self, name, shape, dtype="BF16"):
+        return outputs(name, shape, dtype)
+
+    def quantize(self, x, src_scale_inv, src_block_size, rule):
+        if src_scale_inv is not None:
+            raise ValueError(f"{self.name} is made from bf16/fp16 weights, not FP8 ones")
+        return encode(x, rule=rule or "ct")
+
+    def decode(self, xs, block_size, out_dtype):
+        """weight_packed, weight_scale and weight_shape (checked against each other) -> the weight."""
+        return decode(xs, out_dtype=out_dtype)
+
+    def quantization_config(self, plan):
+        return quantization_config(ct.ct_ignore(plan))
+
+    def compare_member(self, key, shard, stored, x, bands, mx_rule=None):
+        """The statistics of verify.compare on the decoded elements; the rounding and scale verdicts by the
+        rules themselves (rule_mismatches): a quotient just over 7.5 (the scale rounded down in its dtype)
+        is clamped to 7, more than half a step from it, which compare's generic bound would call wrong."""
+        from ..checks import FAIL, Bands, compare, element_format, worst  # torch: not at the registry's import
+        from ..kernels.numerics import int4
+
+        packed, scale, _ = stored
+        bands = bands or Bands.for_format(self, None)
+        check = compare(key, shard, packed, scale, x, (1, GROUP_SIZE), bands, fmt=element_format(self),
+                        decode=lambda q, s: (int4.unpack_int4(q).float(), s))
+        wrong, first, wrong_scales, first_scale = rule_mismatches(packed, scale, x)
+        check.bands.pop("rounding", None)
+        check.wrong_elements, check.first_wrong = wrong, first
+        check.wrong_scales, check.first_wrong_scale = wrong_scales, first_scale
+        if wrong:
+            check.bands["rounding"] = FAIL
+        if wrong_scales:
+            check.bands["scale"] = FAIL
+        check.status = worst(*check.bands.values())
+        return check
+
+
+FORMAT = W4a16(
     name="w4a16", summary="int4 weight-only, group 128, compressed-tensors pack-quantized (vLLM Marlin)",
-    element="int4", scale_block=(1, GROUP_SIZE), elements_per_byte=2, layout="compressed-tensors",
+    element="int4", scale_block=(1, GROUP_SIZE), elements_per_byte=2, layout=ct.LAYOUT,
     from_bf16=("quantize", "--to", "w4a16"), from_fp8=None,  # the kernel takes bf16/fp16/fp32 weights
     floor_sqnr_db=FLOOR_SQNR_DB,
-    shard_refusal="shard does not split int4 W4A16 weights yet (each module's weight_shape holds the whole "
-                  "matrix's shape); shard the bf16 model",
+    shard_refusal="shard does not split int4 W4A16 weights yet (each module's weight_shape holds the whole matrix's "
+                  "shape); shard the bf16 model (or `fp8norm convert --to bf16` first)",
     readers=("compressed-tensors",), config_rules=(_rules.compressed_tensors, vllm_wna16), aliases=("int4",),
+    detect_order=20, scale_suffix="_scale", verify_key="w4a16", weight_label="W4A16",
+    # the floor (19.1 dB), GOOD from 5 dB under it (as mxfp4), WARN down to 12.4 dB under it (as mxfp4);
+    # verify reads the codes as numbers spaced 1 apart up to |-8| (subnormal step 2^(3-3))
+    verify_bands=(0.111, 14.1, 6.7), element_range=(8.0, 3, 3),
+    ct_format=CT_FORMAT, weight_dtype="I32", scale_dtypes=SCALE_DTYPES,
 )
