@@ -264,7 +264,7 @@ class VerifyReport:
             for c in sorted(bad, key=lambda c: -_RANK[c.status])[:20]:
                 which = ", ".join(f"{k} {v}" for k, v in c.bands.items() if v != GOOD)
                 if c.wrong_scales:
-                    what = f"{c.wrong_scales} scale(s) not the MX rule's, e.g. {c.first_wrong_scale}"
+                    what = f"{c.wrong_scales} scale(s) not the {self.weight_label} rule's, e.g. {c.first_wrong_scale}"
                 elif c.wrong_elements:
                     what = f"{c.wrong_elements} of {c.elements} element(s) not RNE(x / scale), e.g. {c.first_wrong}"
                 else:

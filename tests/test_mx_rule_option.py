@@ -54,7 +54,7 @@ def test_verify_checks_the_recorded_rule(src, tmp_path):
     doc["mx_rule"] = "rceil"  # the bytes are ocp's: blocks with amax mantissa > 1.75 have the wrong code
     (dst / "fp8norm.json").write_text(json.dumps(doc))
     res = cli("verify", src, dst, ok=False)
-    assert res.exit_code == 3 and "scale(s) not the MX rule's" in res.output and "(rceil)" in res.output
+    assert res.exit_code == 3 and "scale(s) not the MXFP8 rule's" in res.output and "(rceil)" in res.output
     del doc["mx_rule"]  # another tool's output: any rule's codes pass
     (dst / "fp8norm.json").write_text(json.dumps(doc))
     assert cli("verify", src, dst).exit_code == 0

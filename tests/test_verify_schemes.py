@@ -107,7 +107,7 @@ def test_changed_scale_fails_naming_the_module(outputs, tmp_path, scheme):
     res = cli("verify", src, bad, "--all", ok=False)
     assert res.exit_code == EXIT_VERIFY_FAILED and f"FAIL  {EXPERT}: " in res.output
     if scheme != "fp8-channel":
-        assert "scale(s) not the MX rule's, e.g. scale block [3, 1]" in res.output
+        assert f"scale(s) not the {scheme.upper()} rule's, e.g. scale block [3, 1]" in res.output
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])

@@ -322,6 +322,24 @@ def test_a_wrong_weight_shape_is_refused_naming_it(tmp_path):
     assert res.exit_code == 3 and f"{name!r} is I64 [2] holding [1024, 128]" in res.output
 
 
+def test_verify_names_a_scale_the_int4_rule_does_not_give(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fp8norm.examples import make_example
+    from tests.ckpt_utils import cli
+
+    src = make_example(tmp_path / "bf16", "qwen3-moe", "single")
+    cli("quantize", src, tmp_path / "q", "--to", "w4a16", "-q", "--skip-verify")
+    (shard,) = (tmp_path / "q").glob("*.safetensors")
+    tensors = load_file(shard)
+    module = "model.layers.1.self_attn.k_proj"
+    tensors[module + ".weight_scale"][5, 1] *= 4
+    save_file(tensors, shard, metadata={"format": "pt"})
+    res = cli("verify", src, tmp_path / "q", "--all", ok=False)
+    assert res.exit_code == 3
+    assert f"FAIL  {module}: 1 scale(s) not the W4A16 rule's, e.g. scale [5, 1]: " in res.output, res.output
+
+
 def test_3d_and_unaligned_weights_are_kept_with_their_rule(tmp_path):
     """q/k/v with k 272 wide (not whole groups): k kept, q and v with it (one fused layer); fused 3D experts kept;
     the output verifies and reads back."""
