@@ -13,6 +13,7 @@ import torch
 
 from .kernels.numerics import fp8_block as nx
 from .kernels.numerics import fp8_channel as fc
+from .kernels.numerics import int4
 from .kernels.numerics import mx
 from . import reference
 
@@ -110,3 +111,14 @@ def quant_mx(x: torch.Tensor, *, fmt: str = "mxfp8", rule: str = mx.DEFAULT_RULE
 def dequant_mx(stored: torch.Tensor, scale: torch.Tensor, *, fmt: str = "mxfp8",
                out_dtype: torch.dtype = torch.bfloat16):
     return _impl(stored).dequant_mx(stored, scale, fmt=fmt, out_dtype=out_dtype)
+
+
+def quant_int4(x: torch.Tensor, *, group_size: int = int4.GROUP_SIZE, rule: str = int4.DEFAULT_RULE):
+    """Symmetric int4, one scale per `group_size` along a row (W4A16), on the backend chosen for x's device:
+    `(packed int32 [M, N/8], scale [M, N/group_size] in x's dtype)`."""
+    return _impl(x).quant_int4(x, group_size=group_size, rule=rule)
+
+
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, *, group_size: int = int4.GROUP_SIZE,
+                 out_dtype: torch.dtype = torch.bfloat16):
+    return _impl(packed).dequant_int4(packed, scale, group_size=group_size, out_dtype=out_dtype)

@@ -30,7 +30,6 @@ equals decode bit for bit, and greedy tokens equal those of the same model holdi
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -91,21 +90,15 @@ def outputs(name: str, shape: tuple[int, ...], dtype: str = "BF16") -> list[OutE
             OutEntry(f"{m}.weight_shape", "I64", (len(shape),))]
 
 
-def _backend(t: torch.Tensor):
-    """The twin or the Triton kernels, as fp8norm.dispatch chooses for the other formats."""
-    from .. import dispatch
-
-    return importlib.import_module("fp8norm.reference" if dispatch.backend_for(t) == "torch" else "fp8norm.kernels")
-
-
 def encode(x: torch.Tensor, *, rule: str = "ct", name: str = "weight") -> list[torch.Tensor]:
     """A bf16/fp16/fp32 weight [M, N] -> [weight_packed, weight_scale, weight_shape] (outputs' order).
     rule "ct" gives compressed-tensors' bytes on CUDA (llm-compressor's default device), "ct-cpu" its bytes
     on CPU (fp8norm.kernels.numerics.int4)."""
+    from .. import dispatch  # torch: not at the registry's import
     from ..kernels.numerics import int4
 
     check_shape(name, tuple(x.shape))
-    packed, scale = _backend(x).quant_int4(x, group_size=GROUP_SIZE, rule=rule)
+    packed, scale = dispatch.quant_int4(x, group_size=GROUP_SIZE, rule=rule)
     return [packed, scale, int4.weight_shape(x.shape)]
 
 
@@ -115,9 +108,11 @@ def decode(tensors: Sequence[torch.Tensor], *, out_dtype: torch.dtype | None = N
     compressed-tensors' decompress gives), after check_stored."""
     import torch
 
+    from .. import dispatch
+
     check_stored(name, *tensors)
     packed, scale, _ = tensors
-    return _backend(packed).dequant_int4(packed, scale, group_size=GROUP_SIZE, out_dtype=out_dtype or torch.bfloat16)
+    return dispatch.dequant_int4(packed, scale, group_size=GROUP_SIZE, out_dtype=out_dtype or torch.bfloat16)
 
 
 def check_stored(name: str, packed: torch.Tensor, scale: torch.Tensor, weight_shape: torch.Tensor) -> None:

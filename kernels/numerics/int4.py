@@ -51,6 +51,7 @@ HALF_RANGE = (Q_MAX - Q_MIN) / 2  # 7.5
 OFFSET = 8  # pack_to_int32 stores q + 2^(bits - 1)
 PER_WORD = 8  # 4-bit values per int32
 RULES = ("ct", "ct-cpu")
+DEFAULT_RULE = "ct"
 INPUT_DTYPES = nx.INPUT_DTYPES
 OUT_DTYPES = nx.OUT_DTYPES
 
