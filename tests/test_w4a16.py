@@ -303,26 +303,9 @@ def test_an_fp16_model_keeps_its_scales_in_fp16_and_reads_back(tmp_path):
     assert torch.equal(back["model.norm.weight"], x["model.norm.weight"])
 
 
-def test_a_wrong_weight_shape_is_refused_naming_it(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from fp8norm.examples import make_example
-    from tests.ckpt_utils import cli, one_line_error
-
-    src = make_example(tmp_path / "bf16", "qwen3-moe", "single")
-    cli("quantize", src, tmp_path / "q", "--to", "w4a16", "-q", "--skip-verify")
-    (shard,) = (tmp_path / "q").glob("*.safetensors")
-    tensors = load_file(shard)
-    name = "model.layers.1.self_attn.k_proj.weight_shape"
-    tensors[name] = torch.tensor([1024, 128])
-    save_file(tensors, shard, metadata={"format": "pt"})
-    one_line_error(cli("convert", tmp_path / "q", tmp_path / "back", "--to", "bf16", ok=False),
-                   f"{name!r} is I64 [2] holding [1024, 128]; expected I64 [2] holding [1024, 256]")
-    res = cli("verify", src, tmp_path / "q", ok=False)
-    assert res.exit_code == 3 and f"{name!r} is I64 [2] holding [1024, 128]" in res.output
-
-
-def test_verify_names_a_scale_the_int4_rule_does_not_give(tmp_path):
+def quantized_then_edited(tmp_path, edit):
+    """The qwen3-moe example quantized to w4a16 in tmp_path / "q", its tensors then changed by `edit`
+    (a dict of tensors, changed in place); returns the bf16 source."""
     from safetensors.torch import load_file, save_file
 
     from fp8norm.examples import make_example
@@ -332,9 +315,27 @@ def test_verify_names_a_scale_the_int4_rule_does_not_give(tmp_path):
     cli("quantize", src, tmp_path / "q", "--to", "w4a16", "-q", "--skip-verify")
     (shard,) = (tmp_path / "q").glob("*.safetensors")
     tensors = load_file(shard)
-    module = "model.layers.1.self_attn.k_proj"
-    tensors[module + ".weight_scale"][5, 1] *= 4
+    edit(tensors)
     save_file(tensors, shard, metadata={"format": "pt"})
+    return src
+
+
+def test_a_wrong_weight_shape_is_refused_naming_it(tmp_path):
+    from tests.ckpt_utils import cli, one_line_error
+
+    name = "model.layers.1.self_attn.k_proj.weight_shape"
+    src = quantized_then_edited(tmp_path, lambda tensors: tensors.update({name: torch.tensor([1024, 128])}))
+    one_line_error(cli("convert", tmp_path / "q", tmp_path / "back", "--to", "bf16", ok=False),
+                   f"{name!r} is I64 [2] holding [1024, 128]; expected I64 [2] holding [1024, 256]")
+    res = cli("verify", src, tmp_path / "q", ok=False)
+    assert res.exit_code == 3 and f"{name!r} is I64 [2] holding [1024, 128]" in res.output
+
+
+def test_verify_names_a_scale_the_int4_rule_does_not_give(tmp_path):
+    from tests.ckpt_utils import cli
+
+    module = "model.layers.1.self_attn.k_proj"
+    src = quantized_then_edited(tmp_path, lambda tensors: tensors[module + ".weight_scale"][5, 1].mul_(4))
     res = cli("verify", src, tmp_path / "q", "--all", ok=False)
     assert res.exit_code == 3
     assert f"FAIL  {module}: 1 scale(s) not the W4A16 rule's, e.g. scale [5, 1]: " in res.output, res.output
