@@ -22,7 +22,7 @@ import math
 import torch
 
 from . import dispatch
-from .calib_settings import CALIB_MODES, CalibSettings  # noqa: F401 (their home before; planning imports no torch)
+from .calib_settings import CalibSettings  # its home: planning imports no torch
 from .kernels.numerics import fp8_block as nx
 
 

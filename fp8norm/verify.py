@@ -106,6 +106,7 @@ from .kernels.numerics import mx
 from . import formats
 from .formats import Format
 from .formats.compressed_tensors import module_of, output_modules, split_source
+from .calib_settings import CalibSettings
 from .classify import Decision as D
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
 from .checks import FAIL, GOOD, WARN, Bands, ElementFormat, TensorCheck, compare, element_format, worst
@@ -374,8 +375,6 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     mode = calib.get("mode", "max") if calib else None
     report = VerifyReport(bands=bands or Bands.for_calibration(mode, **(band_overrides or {})), calibration_mode=mode)
     if calib:
-        from .calibrate import CalibSettings
-
         report.calibration = CalibSettings(mode, **{k: v for k, v in calib.items() if k != "mode"}).describe()
     # requantized from an FP8 source: the values were rounded twice
     made = formats.FORMATS.get(prov.get("converted_to"))
