@@ -19,11 +19,38 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
+import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 # No FMA contraction: `x * inv` must round on its own, as it does in the torch twin.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+
+def as_3d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+def launch_group_dequant(kernel_fn, stored: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *extra,
+                         block_m: int, block_n: int, num_warps: int, **constexprs) -> None:
+    """Launch a dequant kernel of the grouped formats (int4, MX, NVFP4) over `[M, *]` or `[E, M, *]`:
+    one program per (column block, row block, expert), arguments (stored, scale, *extra, out, M, N,
+    the strides of stored, scale and out's rows), then BLOCK_M, BLOCK_N and `constexprs`."""
+    p3, w3, o3 = as_3d(stored), as_3d(scale), as_3d(out)
+    m, n = o3.shape[1], o3.shape[2]
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), p3.shape[0])
+    kernel_fn[grid](
+        p3, w3, *extra, o3,
+        m, n,
+        p3.stride(0), p3.stride(1), p3.stride(2),
+        w3.stride(0), w3.stride(1), w3.stride(2),
+        o3.stride(0), o3.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, **constexprs,
+        num_warps=num_warps,
+        **LAUNCH_OPTIONS,
+    )
+
 
 # Set by `capture_compiles`: called instead of launching on the GPU (ahead-of-time compilation).
 _compile_hook: Callable | None = None

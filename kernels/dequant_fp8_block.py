@@ -11,9 +11,9 @@ import triton.language as tl
 from .numerics import fp8_block as nx
 from .numerics.args import check_dequant_args
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, as_3d, kernel
 from ._device import cast_rne, load_e4m3_as_f32, tile_coords
-from .quant_fp8_block import as_3d, check_pow2_block
+from .quant_fp8_block import check_pow2_block
 
 # 4 warps: 128 elements a thread (8 128-bit fp8 loads), 56 registers, 9 blocks per SM on sm_90, 5.5
 # instructions per element (8 warps: 6.1; 16: 7.3). `python tools/aot_compile.py --sweep-warps 2,4,8,16`.

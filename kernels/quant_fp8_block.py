@@ -12,7 +12,7 @@ import triton.language as tl
 from .numerics import fp8_block as nx
 from .numerics.args import check_quant_args, raise_if_nonfinite_tiles
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, as_3d, kernel
 from ._device import E4M3_MAX, amax_nan, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
 
 # Scale output encodings (the stored dtype of scale_inv).
@@ -72,13 +72,6 @@ def quant_fp8_block_kernel(
         tl.store(s_out_ptr + s_off, ((sf.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.uint8))
     else:
         tl.store(s_out_ptr + s_off, sf.to(s_out_ptr.dtype.element_ty))
-
-
-def as_3d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 3 else t.unsqueeze(0)
-
-
-_as_3d = as_3d  # the old name, for kernel modules written against it
 
 
 def check_pow2_block(block_size: tuple[int, int]) -> None:

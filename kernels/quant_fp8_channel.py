@@ -16,10 +16,9 @@ import triton.language as tl
 from .numerics import fp8_block as nx
 from .numerics import fp8_channel as fc
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, as_3d, kernel
 from ._device import (E4M3_MAX, amax_nan, cast_rne, ceil_mantissa, load_e4m3_as_f32, not_finite, tile_coords,
                         to_e4m3)
-from .quant_fp8_block import as_3d
 from .quant_nvfp4 import load_source
 
 __all__ = ["quant_fp8_channel", "dequant_fp8_channel", "quant_fp8_channel_kernel", "dequant_fp8_channel_kernel"]

@@ -15,9 +15,8 @@ import triton.language as tl
 
 from .numerics import int4
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, as_3d, kernel, launch_group_dequant
 from ._device import amax_nan, cast_rne, round_to_bf16_grid, tile_coords
-from .quant_fp8_block import as_3d
 
 __all__ = ["quant_int4", "dequant_int4", "quant_int4_kernel", "dequant_int4_kernel"]
 
@@ -194,16 +193,6 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, *, group_size: int =
     *lead, m, _ = packed.shape
     out = torch.empty((*lead, m, n), dtype=out_dtype, device=packed.device)
     if out.numel():
-        p3, s3, o3 = as_3d(packed), as_3d(scale), as_3d(out)
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M), p3.shape[0])
-        dequant_int4_kernel[grid](
-            p3, s3, o3,
-            m, n,
-            p3.stride(0), p3.stride(1), p3.stride(2),
-            s3.stride(0), s3.stride(1), s3.stride(2),
-            o3.stride(0), o3.stride(1),
-            GROUP=g, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            num_warps=num_warps,
-            **LAUNCH_OPTIONS,
-        )
+        launch_group_dequant(dequant_int4_kernel, packed, scale, out, block_m=BLOCK_M, block_n=BLOCK_N,
+                             num_warps=num_warps, GROUP=g)
     return out

@@ -16,9 +16,8 @@ import triton.language as tl
 
 from .numerics import mx
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, as_3d, kernel, launch_group_dequant
 from ._device import amax_nan, cast_rne, load_e4m3_as_f32, not_finite, tile_coords, to_e4m3
-from .quant_fp8_block import as_3d
 from .quant_nvfp4 import e2m1_code, e2m1_value, load_source
 
 __all__ = ["quant_mx", "dequant_mx", "quant_mx_kernel", "dequant_mx_kernel"]
@@ -156,16 +155,6 @@ def dequant_mx(stored: torch.Tensor, scale: torch.Tensor, *, fmt: str = "mxfp8",
     *lead, m, _ = stored.shape
     out = torch.empty((*lead, m, n), dtype=out_dtype, device=stored.device)
     if out.numel():
-        p3, w3, o3 = as_3d(stored), as_3d(scale), as_3d(out)
-        grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M), p3.shape[0])
-        dequant_mx_kernel[grid](
-            p3, w3, o3,
-            m, n,
-            p3.stride(0), p3.stride(1), p3.stride(2),
-            w3.stride(0), w3.stride(1), w3.stride(2),
-            o3.stride(0), o3.stride(1),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ELEM_BITS=f.elem_bits,
-            num_warps=num_warps,
-            **LAUNCH_OPTIONS,
-        )
+        launch_group_dequant(dequant_mx_kernel, stored, scale, out, block_m=BLOCK_M, block_n=BLOCK_N,
+                             num_warps=num_warps, ELEM_BITS=f.elem_bits)
     return out

@@ -18,10 +18,9 @@ import triton.language as tl
 from .numerics import nvfp4 as n4
 from .numerics.args import check_amax_args
 
-from ._launch import LAUNCH_OPTIONS, kernel
+from ._launch import LAUNCH_OPTIONS, as_3d, kernel, launch_group_dequant
 from ._device import (E4M3_MAX, amax_nan, cast_rne, load_e4m3_as_f32, not_finite, round_to_e4m3_grid,
                         tile_coords, widen_to_f32)
-from .quant_fp8_block import as_3d
 
 __all__ = ["quant_nvfp4", "dequant_nvfp4", "nvfp4_amax", "quant_nvfp4_kernel", "dequant_nvfp4_kernel",
            "nvfp4_amax_kernel"]
@@ -314,17 +313,6 @@ def dequant_nvfp4(
     n = 2 * half
     out = torch.empty((*lead, m, n), dtype=out_dtype, device=packed.device)
     if out.numel():
-        p3, w3, o3 = as_3d(packed), as_3d(weight_scale), as_3d(out)
-        bn = max(BLOCK_N, g)
-        grid = (triton.cdiv(n, bn), triton.cdiv(m, BLOCK_M), p3.shape[0])
-        dequant_nvfp4_kernel[grid](
-            p3, w3, s2, o3,
-            m, n,
-            p3.stride(0), p3.stride(1), p3.stride(2),
-            w3.stride(0), w3.stride(1), w3.stride(2),
-            o3.stride(0), o3.stride(1),
-            BLOCK_M=BLOCK_M, BLOCK_N=bn, GROUP=g,
-            num_warps=num_warps,
-            **LAUNCH_OPTIONS,
-        )
+        launch_group_dequant(dequant_nvfp4_kernel, packed, weight_scale, out, s2, block_m=BLOCK_M,
+                             block_n=max(BLOCK_N, g), num_warps=num_warps, GROUP=g)
     return out
