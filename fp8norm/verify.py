@@ -475,47 +475,41 @@ def _new_report(plan) -> VerifyReport:
 def check_written(plan, out_dir: Path, by_shard: dict[str, list], samples: int, *, workers: int = 1) -> VerifyReport:
     """The check after writing (quantize, convert): `samples` freshly rounded tensors of each finished
     shard of `plan` in `out_dir` (`by_shard`: the plan's tensors per shard) re-read from disk and
-    compared with the values they were made from; the shards side by side on `workers` threads (a
-    report each, merged in shard order)."""
-    def one(shard: str) -> VerifyReport:
-        part = _new_report(plan)
-        _check_written_shard(plan, out_dir / shard, by_shard[shard], samples, part)
-        return part
-
+    compared with the values they were made from; the sampled tensors side by side on `workers`
+    threads (an output of a single shard too), the checks in shard and name order."""
     report = _new_report(plan)
+    fmt = _format_of(plan)
+    picked = []  # (shard, tensor), what is checked
+    for shard in plan.shards:
+        rounded = [t for t in by_shard[shard] if t.decision in _VERIFIED]
+        rng = random.Random(shard)  # (the shard's file name: the same sample on every run)
+        picked += [(shard, t) for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name)]
+        # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
+        report.fp8_tensors += sum(len(t.outputs) // fmt.tensors_per_member if fmt.per_module else 1 for t in rounded)
+        report.kept_tensors += len(by_shard[shard]) - len(rounded)
+    headers = {shard: read_header(out_dir / shard)[0] for shard in {shard for shard, _ in picked}}
     with ThreadPoolExecutor(workers) as pool:
-        for part in pool.map(one, plan.shards):
-            report.checks += part.checks
-            report.fp8_tensors += part.fp8_tensors
-            report.kept_tensors += part.kept_tensors
+        for checks in pool.map(lambda p: _check_written_tensor(plan, fmt, p[0], headers[p[0]], p[1], report.bands),
+                               picked):
+            report.checks += checks
     return report
 
 
-def _check_written_shard(plan, shard_path: Path, tensors: list, samples: int, report: VerifyReport) -> None:
-    """Re-read `samples` freshly rounded tensors of a finished shard from disk and compare them with the
-    values they were made from (the source tensor, or an FP8 source dequantized with its scales)."""
-    infos, _ = read_header(shard_path)
-    rounded = [t for t in tensors if t.decision in _VERIFIED]
-    rng = random.Random(shard_path.name)
-    fmt = _format_of(plan)
+def _check_written_tensor(plan, fmt: Format, shard: str, infos: dict, t, bands: Bands) -> list[TensorCheck]:
+    """Re-read a freshly rounded tensor of a finished shard (`infos`: its header) from disk and compare
+    it with the values it was made from (the source tensor, or an FP8 source dequantized with its scales)."""
     # block FP8 outputs keep the source's blocks when converted, else the plan's
     block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
-    for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name):
-        src = source_matrix(t.name, plan.checkpoint, block)
-        if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
-            k = fmt.tensors_per_member
-            groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
-            report.checks.extend(
-                fmt.compare_member(fmt.output_key(g[0].name), shard_path.name, [read_tensor(infos[o.name]) for o in g],
-                                   x, report.bands, plan.mx_rule)
-                for g, x in zip(groups, fmt.source_parts(t.name, src)))
-            continue
-        q = read_tensor(infos[t.outputs[0].name])
-        scale_inv = read_tensor(infos[t.outputs[1].name])
-        report.checks.append(compare(t.name, shard_path.name, q, scale_inv, src, block, report.bands))
-    # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
-    report.fp8_tensors += sum(len(t.outputs) // fmt.tensors_per_member if fmt.per_module else 1 for t in rounded)
-    report.kept_tensors += len(tensors) - len(rounded)
+    src = source_matrix(t.name, plan.checkpoint, block)
+    if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
+        k = fmt.tensors_per_member
+        groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
+        return [fmt.compare_member(fmt.output_key(g[0].name), shard, [read_tensor(infos[o.name]) for o in g],
+                                   x, bands, plan.mx_rule)
+                for g, x in zip(groups, fmt.source_parts(t.name, src))]
+    q = read_tensor(infos[t.outputs[0].name])
+    scale_inv = read_tensor(infos[t.outputs[1].name])
+    return [compare(t.name, shard, q, scale_inv, src, block, bands)]
 
 
 def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,

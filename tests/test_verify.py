@@ -16,6 +16,7 @@ from fp8norm.calibrate import CalibSettings, calibrated_quant
 from fp8norm.cli import main
 from fp8norm.examples import heavy_tailed, make_example
 from fp8norm.checks import FAIL, FLOOR_REL_RMS, GOOD, WARN, Bands, compare, rne_mismatch
+from fp8norm.reference import quant_fp8_channel
 from fp8norm.verify import EXIT_VERIFY_FAILED, per_layer_sqnr, tensor_kind, verify
 from tests.ckpt_utils import read_dir
 from tests.readers import reader
@@ -114,6 +115,69 @@ def test_a_wrong_element_is_named_where_it_is_whatever_the_chunks(chunk_elems):
     bits[290, 999] = 0x7F  # NaN
     c = compare("w", "f", bad, s, x, BLOCK, chunk_elems=chunk_elems)
     assert c.wrong_elements == 2 and c.first_wrong.startswith("element [260, 700]: x "), c.first_wrong
+
+
+def _cases():
+    x = heavy((384, 1024))
+    x[:128, :128] = 0  # an all-zero tile
+    x[128, :64] = 1e-12  # flushed to zero
+    tiny = gaussian((256, 512), seed=4)
+    q_max, s_max = calibrated_quant(x, CalibSettings("max"))
+    q_pct, s_pct = calibrated_quant(tiny, CalibSettings("percentile", percentile=50))  # clips half of each tile
+    q_bf, s_bf = calibrated_quant(x, CalibSettings("max"), scale_dtype=torch.bfloat16)
+    q_ue, s_ue = calibrated_quant(x, CalibSettings("max"), scale_fmt="ue8m0")
+    ragged = heavy((300, 1000))
+    q_rg, s_rg = calibrated_quant(ragged, CalibSettings("max"))
+    experts = gaussian((2, 256, 384), seed=5)
+    q_ex, s_ex = calibrated_quant(experts, CalibSettings("max"))
+    row = gaussian((64, 384), seed=6)  # one scale per row (fp8-channel's layout)
+    q_row, s_row = quant_fp8_channel(row)
+    return {"max": (q_max, s_max, x, BLOCK), "percentile-clips": (q_pct, s_pct, tiny, BLOCK),
+            "bf16-scales": (q_bf, s_bf, x, BLOCK), "ue8m0": (q_ue, s_ue, x, BLOCK),
+            "ragged": (q_rg, s_rg, ragged, BLOCK), "3d": (q_ex, s_ex, experts, BLOCK),
+            "per-row": (q_row, s_row, row, (1, 384))}
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", ["max", "percentile-clips", "bf16-scales", "ue8m0", "ragged", "3d", "per-row"])
+@pytest.mark.parametrize("chunk_elems", [1 << 17, 128 * 256])
+def test_the_exact_path_gives_the_element_by_element_numbers(case, chunk_elems, monkeypatch):
+    """compare's fast path (whole tiles whose bytes are exactly the RNE cast) against its element-by-element
+    judgement of the same chunks: the same counts and maxima, sums equal up to fp32 summation order."""
+    from fp8norm import checks
+
+    q, s, x, block = CASES[case]
+    taken = []
+    exact = checks._Sums._add_exact
+    monkeypatch.setattr(checks._Sums, "_add_exact", lambda self, *a: taken.append(exact(self, *a)) or taken[-1])
+    fast = compare("w", "f", q, s, x, block, chunk_elems=chunk_elems)
+    assert any(taken) and (all(taken) or case == "ragged"), taken  # ragged edge chunks: element by element
+    monkeypatch.setattr(checks._Sums, "_add_exact", lambda self, *a: False)
+    slow = compare("w", "f", q, s, x, block, chunk_elems=chunk_elems)
+    assert fast.wrong_elements == slow.wrong_elements == 0
+    for f in ("elements", "clipped_frac", "flushed_frac", "maxae", "max_err_rel_amax", "status", "bands"):
+        assert getattr(fast, f) == getattr(slow, f), f
+    for f in ("rel_rms", "sqnr_db", "mae", "cos"):
+        assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-5), f
+    if case == "percentile-clips":
+        assert fast.clipped_frac == pytest.approx(0.5, abs=0.02) and fast.status == FAIL
+    if case == "max":
+        assert fast.flushed_frac >= 64 / x.numel()
+
+
+def test_the_exact_path_leaves_a_wrong_byte_or_a_nan_source_to_the_element_check():
+    x = gaussian((256, 256), seed=7)
+    q, s = calibrated_quant(x, CalibSettings("max"))
+    bad = q.clone()
+    bad.view(torch.uint8)[200, 3] ^= 0x01
+    c = compare("w", "f", bad, s, x, BLOCK)
+    assert c.wrong_elements == 1 and c.first_wrong.startswith("element [200, 3]: x ")
+    x_nan = x.clone()
+    x_nan[5, 5] = float("nan")
+    c = compare("w", "f", q, s, x_nan, BLOCK)
+    assert c.wrong_elements == 1 and c.first_wrong.startswith("element [5, 5]: x nan") and c.status == FAIL
 
 
 def test_clipping_half_of_each_tile_is_not_good():

@@ -66,16 +66,19 @@ class ChunkBuffer:
 _E4M3_TO_BF16_BIAS = 2.0 ** 120
 
 
-def e4m3_to_float32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def e4m3_to_float32(q: torch.Tensor, out: torch.Tensor, *, has_nan: bool = True) -> torch.Tensor:
     """Exact e4m3 -> fp32 through bf16 bit placement: ~5x faster than torch's fp8 cast on CPU.
 
     Sign to bit 15, exponent and mantissa (7 bits) shifted up by 4 make a bf16 worth 2^-120 of the
     e4m3 value (subnormals included), which the cast to fp32 and an exact power-of-two multiply fix.
-    The NaN codes (0x7F, 0xFF) are put back afterwards.
+    The NaN codes (0x7F, 0xFF) are put back afterwards (has_nan=False: the caller knows there are
+    none, and saves the pass that looks; a NaN code would read as 480).
     """
     b = q.view(torch.uint8).to(torch.int16)
     bits = ((b & 0x80) << 8) | ((b & 0x7F) << 4)
     out.copy_(bits.view(torch.bfloat16)).mul_(_E4M3_TO_BF16_BIAS)
+    if not has_nan:
+        return out
     nan = (b & 0x7F) == 0x7F
     if bool(nan.any()):
         out[nan] = torch.nan
