@@ -8,8 +8,9 @@ every tensor buffer an mmap that goes back to the OS when freed.
 """
 
 import ctypes
-import ctypes.util
 import sys
+
+from . import libc
 
 M_MMAP_THRESHOLD = -3
 _done = False
@@ -20,9 +21,6 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     global _done
     if _done or not sys.platform.startswith("linux"):
         return _done
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        _done = False
+    mallopt = libc.function("mallopt", (ctypes.c_int, ctypes.c_int))
+    _done = mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, nbytes))
     return _done

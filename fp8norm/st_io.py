@@ -8,6 +8,7 @@ order, so a shard never has to be held in memory.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import mmap
@@ -20,7 +21,7 @@ from pathlib import Path
 import functools
 from typing import TYPE_CHECKING
 
-from . import _faults, digest
+from . import _faults, digest, libc
 from .atomic import AtomicFile
 
 if TYPE_CHECKING:
@@ -286,6 +287,30 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, src_path) -> N
         offset, count = offset + n, count - n
 
 
+# Bytes written between two requests to start their writeback. Measured on this project's 2-core VM
+# (ext4): 0.65 GB copied from the page cache then fsynced took 0.51 s, 0.32 s with a request every
+# 8 MiB, 0.33 s every 32 MiB, 0.39 s every 64 MiB.
+WRITEBACK_BYTES = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class Writeback:
+    """Starts the disk write of a file's bytes while the file is still being written (Linux
+    sync_file_range with SYNC_FILE_RANGE_WRITE: start, do not wait), WRITEBACK_BYTES at a time, so
+    the closing fsync finds little left to do and writing overlaps the disk. Where there is no such
+    call, or it fails, nothing happens: the fsync still writes (and reports) everything."""
+
+    def __init__(self, fd: int):
+        self.fd, self.sent = fd, 0
+        self.call = libc.function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
+
+    def written(self, end: int) -> None:
+        """The file now holds `end` bytes."""
+        if self.call is not None and end - self.sent >= WRITEBACK_BYTES:
+            self.call(self.fd, self.sent, end - self.sent, _SYNC_FILE_RANGE_WRITE)
+            self.sent = end
+
+
 @dataclass(frozen=True)
 class OutEntry:
     """One tensor of an output shard, known before its data exists."""
@@ -332,6 +357,8 @@ class ShardWriter:
         self.hash_s = 0.0
         self._file = AtomicFile(self.final_path, label="shard")
         self._f = self._file.file
+        self._pos = 0  # bytes handed to the file
+        self._writeback = Writeback(self._f.fileno())
         try:
             with self._file.naming_errors():
                 self._out(build_header(entries))
@@ -347,7 +374,14 @@ class ShardWriter:
         t0 = time.perf_counter()
         self._hash.update(data)
         self.hash_s += time.perf_counter() - t0
-        self._f.write(data)
+        data = memoryview(data).cast("B")
+        for i in range(0, len(data), WRITEBACK_BYTES):
+            self._f.write(data[i:i + WRITEBACK_BYTES])
+            self._advance(min(WRITEBACK_BYTES, len(data) - i))
+
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        self._writeback.written(self._pos)
 
     def write(self, name: str, t: torch.Tensor) -> int:
         """Write the next tensor from its memory; returns its bytes."""
@@ -363,7 +397,10 @@ class ShardWriter:
             self._hash.update(src.view)
             self.hash_s += time.perf_counter() - t0
             self._f.flush()  # the header and any tensor written through the file object come first
-            copy_range(src_fd, self._f.fileno(), info.begin, info.nbytes, info.file)
+            for i in range(0, info.nbytes, WRITEBACK_BYTES):
+                n = min(WRITEBACK_BYTES, info.nbytes - i)
+                copy_range(src_fd, self._f.fileno(), info.begin + i, n, info.file)
+                self._advance(n)
 
         return self._put(name, info.dtype, info.shape, out)
 

@@ -138,7 +138,8 @@ def test_copy_range_names_a_short_source(tmp_path):
 
 def test_repack_never_imports_torch(mixed, tmp_path):
     """The whole command in a fresh interpreter, a --resume after a source's mtime changed (its bytes
-    are re-read and compared) included: torch is never imported (`python -X importtime` lists it)."""
+    are re-read and compared) included: torch is never imported (`python -X importtime` lists it), nor
+    numpy (the few scales are checked in plain Python) or tqdm (no bar is shown)."""
     dst = tmp_path / "o"
     script = (f"import os, sys\nfrom fp8norm.cli import main\n"
               f"for extra in ([], ['--resume', '--threads', '1']):\n"
@@ -151,9 +152,35 @@ def test_repack_never_imports_torch(mixed, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "[]"
     imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
-    assert "fp8norm.engine" in imported and "torch" not in imported and "numpy" in imported  # (the scale check)
+    assert "fp8norm.engine" in imported and "fp8norm.source_checks" in imported
+    assert not imported & {"torch", "numpy", "tqdm"}, imported & {"torch", "numpy", "tqdm"}
     _tensor_path(mixed, tmp_path / "read", "40KB")
     assert tree_bytes(dst) == tree_bytes(tmp_path / "read")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])
+def test_the_scale_bit_rule_is_finite_and_positive(tmp_path, dtype):
+    """source_checks.scales_positive_finite (bits as unsigned integers) against torch's isfinite & > 0,
+    value by value, on the edge values of each dtype."""
+    from fp8norm.source_checks import scales_positive_finite
+
+    if dtype == torch.float8_e8m0fnu:  # codes: every one but 255 is 2^(e - 127) > 0
+        cases = {c: c != 255 for c in (0, 1, 127, 254, 255)}
+        values = {c: torch.tensor([c], dtype=torch.uint8).view(dtype) for c in cases}
+    else:
+        finfo = torch.finfo(dtype)
+        edge = [finfo.max, finfo.tiny, finfo.smallest_normal / 4, 1.0, 0.0, -0.0, -finfo.tiny, -1.0,
+                float("inf"), float("-inf"), float("nan")]
+        values = {v: torch.tensor([v], dtype=dtype) for v in edge}
+        cases = {v: bool(torch.isfinite(t) & (t > 0)) for v, t in values.items()}
+        assert sum(cases.values()) == 4  # max, tiny, a subnormal, 1
+    for v, t in values.items():
+        good = torch.ones(3, 5, dtype=dtype) if dtype != torch.float8_e8m0fnu else \
+            torch.full((3, 5), 127, dtype=torch.uint8).view(dtype)
+        good.view(-1)[7] = t[0]
+        save_file({"s": good}, str(tmp_path / "f.safetensors"))
+        info = st_io.read_header(tmp_path / "f.safetensors")[0]["s"]
+        assert scales_positive_finite(info) == cases[v], v
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])

@@ -1,8 +1,10 @@
 """fp8norm.st_io against the safetensors library: what ShardWriter writes the library reads, what the
 library writes read_header parses, and malformed headers are refused naming the file and tensor."""
 
+import ctypes
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -108,3 +110,48 @@ def test_malformed_headers_are_refused_naming_the_file(tmp_path, header, data, m
     with pytest.raises(SafetensorsError) as e:
         read_header(path)
     assert str(e.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("available", [True, False], ids=["sync_file_range", "none"])
+def test_writeback_is_asked_for_every_8_mib_and_changes_no_byte(tmp_path, monkeypatch, available):
+    """Written and kernel-copied tensors alike: writeback requests over consecutive ranges from byte 0,
+    each at least WRITEBACK_BYTES, within the file; without the call (not Linux) the same bytes."""
+    from fp8norm import libc, st_io
+    from fp8norm.st_io import WRITEBACK_BYTES, MappedTensor
+
+    asked = []
+    monkeypatch.setattr(libc, "function", lambda name, *a: (lambda fd, off, n, flags: asked.append((off, n, flags)) or 0)
+                        if available else None)
+    g = torch.Generator().manual_seed(1)
+    src = {"big": torch.randint(0, 256, (5 * WRITEBACK_BYTES // 2,), dtype=torch.uint8, generator=g),
+           "small": torch.arange(10, dtype=torch.int64)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    info = read_header(tmp_path / "src.safetensors")[0]["big"]
+    out = {"written": torch.randint(0, 256, (3 * WRITEBACK_BYTES + 5,), dtype=torch.uint8, generator=g),
+           "copied": src["big"], "small": src["small"]}
+    entries = [OutEntry(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in out.items()]
+    w = ShardWriter(tmp_path / "o.safetensors", entries)
+    w.write("written", out["written"])
+    with open(info.file, "rb") as f:
+        m = MappedTensor(info, f)
+        w.copy("copied", m, f.fileno())
+        m.close()
+    w.write("small", out["small"])
+    w.commit()
+    data = (tmp_path / "o.safetensors").read_bytes()
+    assert data == build_header(entries) + b"".join(t.numpy().tobytes() for t in out.values())
+    if not available:
+        assert asked == []
+        return
+    assert [o for o, _, _ in asked] == [0] + [o + n for o, n, _ in asked[:-1]]  # consecutive, from 0
+    assert all(n >= WRITEBACK_BYTES and flags == st_io._SYNC_FILE_RANGE_WRITE for _, n, flags in asked)
+    assert len(data) - WRITEBACK_BYTES < sum(n for _, n, _ in asked) <= len(data) and len(asked) >= 5
+
+
+def test_sync_file_range_is_found_on_linux():
+    from fp8norm import libc
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux's call")
+    assert libc.function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)) is not None
+    assert libc.function("no_such_call_here", ()) is None
