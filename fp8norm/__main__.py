@@ -1,5 +1,5 @@
 """`python -m fp8norm ...` (also how torchrun starts it)."""
 
-from .cli import main
+from .cli import run
 
-main()
+run()

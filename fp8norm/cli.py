@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shlex
+import sys
 
 import click
 from click.core import ParameterSource
@@ -791,3 +792,29 @@ def make_example_cmd(dst, family, layout, overwrite):
 
 if __name__ == "__main__":
     main()
+
+
+def run() -> None:
+    """The `fp8norm` console script and `python -m fp8norm`: main(), then, where the command loaded
+    torch, an exit that skips the interpreter's teardown of torch's modules (0.35 s of a 4 s quantize
+    here). By then every output file is on disk and fsynced, the lock is released and a torchrun
+    process group destroyed (_Group.invoke); stdout and stderr are flushed first. A traceback (--debug)
+    leaves the ordinary way."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)

@@ -5,6 +5,7 @@ import sys
 
 from click.testing import CliRunner
 
+from fp8norm import __version__
 from fp8norm.cli import main
 from fp8norm.demo import kernel_demo
 
@@ -69,3 +70,29 @@ def test_examples_shard_block_aligned_fp8_at_tp2_ep2(tmp_path):
     res = cli("verify", src, tmp_path / "back", "--all")
     n_fp8 = sum(t.dtype == torch.float8_e4m3fn for t in b.values())
     assert f"  All {n_fp8} FP8 tensors checked: all GOOD.\n" in res.output
+
+
+def _run_entry(*args: str) -> subprocess.CompletedProcess:
+    """fp8norm.cli.run (the console script) in a fresh interpreter with an atexit hook that prints:
+    the hook runs only where the interpreter's teardown does."""
+    script = ("import atexit, sys\natexit.register(lambda: print('teardown ran'))\n"
+              f"sys.argv = ['fp8norm', *{list(args)!r}]\nfrom fp8norm.cli import run\nrun()\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_a_command_that_loaded_torch_skips_the_teardown_with_its_exit_code_and_all_its_output(tmp_path):
+    from fp8norm.examples import make_example
+
+    src = make_example(tmp_path / "src", "llama", "single")
+    done = _run_entry("quantize", str(src), str(tmp_path / "fp8"), "-q")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1].startswith("load ") and "teardown ran" not in lines  # every line out, no teardown
+    assert (tmp_path / "fp8" / "model.safetensors.index.json").is_file()
+    failed = _run_entry("quantize", str(src), str(tmp_path / "fp8"), "-q")  # DST exists: refused, exit 1
+    assert failed.returncode == 1 and "Error: " in failed.stderr and "exists and is not empty" in failed.stderr, failed.stderr
+    # a command that never loads torch leaves the ordinary way (its exit code too)
+    version = _run_entry("--version")
+    assert version.returncode == 0 and version.stdout.splitlines() == [f"fp8norm, version {__version__}", "teardown ran"]
+    usage = _run_entry("quantize")
+    assert usage.returncode == 2 and usage.stdout == "teardown ran\n"
