@@ -192,6 +192,26 @@ def read_tensor(info: TensorInfo, f=None, buf: torch.Tensor | None = None) -> to
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
+def map_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor over a private (copy-on-write) mapping of its bytes: read from the page cache where
+    used, never copied into fresh memory as a whole (the check after writing: 1.5-1.9 GB/s for
+    read_tensor's copy). Writes to it stay in this process. The mapping goes with the last tensor
+    that uses it. A file truncated while it is mapped ends the process (SIGBUS): for files this run
+    holds (its source, its locked output), not for whatever verify is given."""
+    import torch
+
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    with open(info.file, "rb") as f:
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
+        if info.end > os.fstat(f.fileno()).st_size:
+            raise SafetensorsError(f"{info.file}: tensor {info.name!r}: its bytes end past the end of the file "
+                                   "(file truncated?)")
+        m = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_COPY, offset=start)
+    return torch.frombuffer(m, dtype=torch.uint8, offset=info.begin - start,
+                            count=info.nbytes).view(info.torch_dtype).reshape(info.shape)
+
+
 def read_floats(info: TensorInfo) -> np.ndarray:
     """A float tensor (F64, F32, F16, BF16, F8_E8M0) as float32 numpy values, exactly, without torch
     (planning checks scales and weights with it)."""

@@ -110,7 +110,7 @@ from .calib_settings import CalibSettings
 from .classify import Decision as D
 from .checkpoint import INDEX_NAME, CheckpointError, open_checkpoint
 from .checks import FAIL, GOOD, WARN, Bands, ElementFormat, TensorCheck, compare, element_format, worst
-from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, read_header, read_tensor
+from .st_io import FP8_DTYPES, SafetensorsError, TensorInfo, map_tensor, read_header, read_tensor
 
 
 # Exit code of `verify`, `quantize` and `convert` when the verification FAILs (the output stays on
@@ -445,14 +445,15 @@ def verify(src: str | Path, quant: str | Path, *, samples: int | None = 5, seed:
     return report
 
 
-def source_matrix(name: str, s_ckpt, src_block) -> torch.Tensor:
-    """A source weight as quantization read it: as stored, or an FP8 block weight dequantized to fp32."""
+def source_matrix(name: str, s_ckpt, src_block, read=read_tensor) -> torch.Tensor:
+    """A source weight as quantization read it: as stored, or an FP8 block weight dequantized to fp32
+    (`read`: how a tensor is read, read_tensor or map_tensor)."""
     info = s_ckpt.tensors[name]
-    x = read_tensor(info)
+    x = read(info)
     if info.dtype in FP8_DTYPES and (s := _scale_of(name, s_ckpt.tensors)):
         from .reference import dequant_fp8_block
 
-        x = dequant_fp8_block(x, read_tensor(s_ckpt.tensors[s]), block_size=src_block, out_dtype=torch.float32)
+        x = dequant_fp8_block(x, read(s_ckpt.tensors[s]), block_size=src_block, out_dtype=torch.float32)
     return x
 
 
@@ -500,15 +501,16 @@ def _check_written_tensor(plan, fmt: Format, shard: str, infos: dict, t, bands: 
     it with the values it was made from (the source tensor, or an FP8 source dequantized with its scales)."""
     # block FP8 outputs keep the source's blocks when converted, else the plan's
     block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
-    src = source_matrix(t.name, plan.checkpoint, block)
+    # mapped, not copied into fresh memory: this run's source and its own locked output
+    src = source_matrix(t.name, plan.checkpoint, block, read=map_tensor)
     if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
         k = fmt.tensors_per_member
         groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
-        return [fmt.compare_member(fmt.output_key(g[0].name), shard, [read_tensor(infos[o.name]) for o in g],
+        return [fmt.compare_member(fmt.output_key(g[0].name), shard, [map_tensor(infos[o.name]) for o in g],
                                    x, bands, plan.mx_rule)
                 for g, x in zip(groups, fmt.source_parts(t.name, src))]
-    q = read_tensor(infos[t.outputs[0].name])
-    scale_inv = read_tensor(infos[t.outputs[1].name])
+    q = map_tensor(infos[t.outputs[0].name])
+    scale_inv = map_tensor(infos[t.outputs[1].name])
     return [compare(t.name, shard, q, scale_inv, src, block, bands)]
 
 

@@ -155,3 +155,25 @@ def test_sync_file_range_is_found_on_linux():
         pytest.skip("Linux's call")
     assert libc.function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)) is not None
     assert libc.function("no_such_call_here", ()) is None
+
+
+def test_map_tensor_reads_what_read_tensor_reads_and_writes_nothing_back(tmp_path):
+    from fp8norm.st_io import map_tensor
+
+    path = tmp_path / "a.safetensors"
+    tensors = _tensors()
+    save_file(tensors, str(path))
+    before = path.read_bytes()
+    infos, _ = read_header(path)
+    for name, info in infos.items():
+        mapped = map_tensor(info)
+        assert mapped.dtype == tensors[name].dtype and mapped.shape == tensors[name].shape, name
+        assert torch.equal(mapped.view(torch.uint8), read_tensor(info).view(torch.uint8)), name
+        if mapped.numel():
+            mapped.view(torch.uint8).fill_(7)  # private: the file keeps its bytes
+    assert path.read_bytes() == before
+    with open(path, "r+b") as f:
+        f.truncate(len(before) - 3)
+    last = max(infos.values(), key=lambda i: i.end)
+    with pytest.raises(SafetensorsError, match="end past the end of the file"):
+        map_tensor(last)
