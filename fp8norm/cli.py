@@ -799,13 +799,14 @@ def run() -> None:
     torch, an exit that skips the interpreter's teardown of torch's modules (0.35 s of a 4 s quantize
     here). By then every output file is on disk and fsynced, the lock is released and a torchrun
     process group destroyed (_Group.invoke); stdout and stderr are flushed first. A traceback (--debug)
-    leaves the ordinary way."""
+    leaves the ordinary way, and so does a run under a profiler or tracer (cProfile, coverage: they
+    write their results at exit)."""
     try:
         main()
         code = 0
     except SystemExit as e:
         code = e.code
-    if "torch" not in sys.modules:
+    if "torch" not in sys.modules or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     if code is None:
         code = 0

@@ -96,3 +96,16 @@ def test_a_command_that_loaded_torch_skips_the_teardown_with_its_exit_code_and_a
     assert version.returncode == 0 and version.stdout.splitlines() == [f"fp8norm, version {__version__}", "teardown ran"]
     usage = _run_entry("quantize")
     assert usage.returncode == 2 and usage.stdout == "teardown ran\n"
+
+
+def test_a_profiled_run_leaves_the_ordinary_way_so_the_profile_is_written(tmp_path):
+    from fp8norm.examples import make_example
+
+    src = make_example(tmp_path / "src", "llama", "single")
+    prof = tmp_path / "run.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "fp8norm", "quantize", str(src),
+                           str(tmp_path / "fp8"), "-q"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    import pstats
+
+    assert any(name == "run" for _, _, name in pstats.Stats(str(prof)).stats)  # fp8norm.cli.run was profiled
