@@ -12,15 +12,22 @@ import sys
 
 from . import libc
 
-M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# Free memory at the top of a heap kept rather than given back: fixing the mmap threshold also fixes
+# glibc's trim threshold at its 128 KiB default, so every freed chunk temporary (up to 1 MiB) went
+# back to the OS and the next one faulted its pages in again: the check after writing ran 2.2x
+# slower with 512 KiB temporaries than with 4 MiB kept.
+TRIM_BYTES = 4 << 20
 _done = False
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Fix glibc's mmap threshold (process-wide, once). False where there is no glibc."""
+    """Fix glibc's mmap threshold and its trim threshold (process-wide, once). False where there is
+    no glibc."""
     global _done
     if _done or not sys.platform.startswith("linux"):
         return _done
     mallopt = libc.function("mallopt", (ctypes.c_int, ctypes.c_int))
-    _done = mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, nbytes))
+    _done = (mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, nbytes))
+             and bool(mallopt(M_TRIM_THRESHOLD, TRIM_BYTES)))
     return _done

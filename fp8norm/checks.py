@@ -261,7 +261,7 @@ class _Sums:
         x_amax = x4.abs().amax((1, 3))
         if float((x_amax * r4.view(tm, tn)).max()) > fmt.max * (1 + 2.0 ** -20):
             self.clipped += int(((x4 * r4).abs_() > fmt.max * (1 + 2.0 ** -20)).sum())
-        qf = e4m3_to_float32(want, torch.empty((rows, cols), dtype=torch.float32), has_nan=False).view(tm, bm, tn, bn)
+        qf = e4m3_to_float32(want, torch.empty((rows, cols), dtype=torch.float32)).view(tm, bm, tn, bn)
         self.flushed += int(torch.count_nonzero(xf)) - int(torch.count_nonzero(qf))
         deq = qf.mul_(s4)
         self.nq += float(deq.view(-1).dot(deq.view(-1)))

@@ -59,3 +59,18 @@ def test_peak_rss_is_bounded_by_shards_not_model(tmp_path):
           f"(bound 2 shards = {2 * SHARD / 1e6:.0f} MB)")
     assert 0 < extra <= 2 * SHARD, f"{extra / 1e6:.1f} MB above baseline"
     assert big["bytes_in"] >= 10 * SHARD  # the model really is much larger than the bound
+
+
+def test_both_glibc_thresholds_are_pinned(monkeypatch):
+    """mallopt gets the 1 MiB mmap threshold and the trim threshold (kept free memory) once."""
+    from fp8norm import _memory, libc
+
+    if not sys.platform.startswith("linux"):
+        return
+    calls = []
+    monkeypatch.setattr(libc, "function", lambda name, argtypes: (lambda p, v: calls.append((p, v)) or 1)
+                        if name == "mallopt" else None)
+    monkeypatch.setattr(_memory, "_done", False)
+    assert _memory.pin_mmap_threshold() is True and _memory.pin_mmap_threshold() is True
+    assert calls == [(_memory.M_MMAP_THRESHOLD, 1 << 20), (_memory.M_TRIM_THRESHOLD, _memory.TRIM_BYTES)]
+    assert (_memory.M_TRIM_THRESHOLD, _memory.M_MMAP_THRESHOLD) == (-1, -3)  # glibc's malloc.h

@@ -3,6 +3,7 @@ reused fp32 buffer, exact e4m3 -> fp32, and the expansion of per-block scales to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -62,26 +63,26 @@ class ChunkBuffer:
         return chunk.view(k, rows, rows2d.shape[1])
 
 
-# 2^120: an e4m3 exponent field placed in the low bits of a bf16 exponent is 120 short of its bias.
-_E4M3_TO_BF16_BIAS = 2.0 ** 120
+@functools.cache
+def _e4m3_values(device) -> torch.Tensor:
+    """The fp32 value of each of the 256 e4m3 codes (NaN for 0x7F and 0xFF): torch's own cast, once."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).float()
 
 
-def e4m3_to_float32(q: torch.Tensor, out: torch.Tensor, *, has_nan: bool = True) -> torch.Tensor:
-    """Exact e4m3 -> fp32 through bf16 bit placement: ~5x faster than torch's fp8 cast on CPU.
+# Codes looked up at a time: their int32 indices (256 KiB) stay below the pinned mmap threshold
+# (fp8norm._memory), so they come from the heap; 1 MiB of indices, freshly mapped each time, made the
+# lookup 3-6x slower.
+_LOOKUP_PIECE = 1 << 16
 
-    Sign to bit 15, exponent and mantissa (7 bits) shifted up by 4 make a bf16 worth 2^-120 of the
-    e4m3 value (subnormals included), which the cast to fp32 and an exact power-of-two multiply fix.
-    The NaN codes (0x7F, 0xFF) are put back afterwards (has_nan=False: the caller knows there are
-    none, and saves the pass that looks; a NaN code would read as 480).
-    """
-    b = q.view(torch.uint8).to(torch.int16)
-    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 4)
-    out.copy_(bits.view(torch.bfloat16)).mul_(_E4M3_TO_BF16_BIAS)
-    if not has_nan:
-        return out
-    nan = (b & 0x7F) == 0x7F
-    if bool(nan.any()):
-        out[nan] = torch.nan
+
+def e4m3_to_float32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Exact e4m3 -> fp32 into `out` (q's shape, contiguous): a lookup of each code's value (NaN codes
+    included) by int32 index, ~1 ns an element on one core here, against 3.3 for torch's fp8 cast and
+    4.7 for the bit placement into bf16 it replaces."""
+    values = _e4m3_values(q.device)
+    codes, flat = q.view(torch.uint8).reshape(-1), out.view(-1)
+    for i in range(0, codes.numel(), _LOOKUP_PIECE):
+        torch.index_select(values, 0, codes[i:i + _LOOKUP_PIECE].int(), out=flat[i:i + _LOOKUP_PIECE])
     return out
 
 

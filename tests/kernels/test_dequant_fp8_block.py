@@ -1,5 +1,7 @@
 """dequant_fp8_block: Triton kernel and torch twin against the oracle, 2D and 3D, every scale dtype."""
 
+import math
+
 import pytest
 import torch
 
@@ -42,16 +44,28 @@ def test_errors(backend):
         backend.dequant(q, torch.ones(2, 2), out_dtype=torch.int8)
 
 
-def test_fast_e4m3_to_float32_matches_torch_on_every_code():
+def _e4m3_by_formula(c: int) -> float:
+    """OCP e4m3fn by hand: sign, 4 exponent bits (bias 7), 3 mantissa bits; S.1111.111 is NaN."""
+    sign, e, m = -1.0 if c & 0x80 else 1.0, (c >> 3) & 0xF, c & 7
+    if e == 15 and m == 7:
+        return math.nan
+    return sign * (m / 8 * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
+
+def test_fast_e4m3_to_float32_is_the_formula_on_every_code():
     from fp8norm.reference import e4m3_to_float32
 
     codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    out = e4m3_to_float32(codes, torch.empty(256))
-    ref = codes.float()
-    finite = ~torch.isnan(ref)
-    assert torch.equal(torch.isnan(out), ~finite)
-    assert torch.equal(out[finite], ref[finite])
-    assert torch.equal(torch.signbit(out[finite]), torch.signbit(ref[finite]))  # -0.0 stays -0.0
+    want = torch.tensor([_e4m3_by_formula(c) for c in range(256)], dtype=torch.float32)
+    # a strided 2D view too: every code, in a [16, 16] transposed layout
+    for q, shape in ((codes, (256,)), (codes.view(16, 16).t(), (16, 16))):
+        out = e4m3_to_float32(q, torch.empty(shape)).reshape(-1)
+        ref = want.view(16, 16).t().reshape(-1) if q.dim() == 2 else want
+        finite = ~torch.isnan(ref)
+        assert torch.equal(torch.isnan(out), ~finite)
+        assert torch.equal(out[finite], ref[finite])
+        assert torch.equal(torch.signbit(out[finite]), torch.signbit(ref[finite]))  # -0.0 stays -0.0
+    assert torch.equal(codes.float().nan_to_num(), want.nan_to_num())  # (and torch's cast agrees)
 
 
 def test_nan_codes_dequantize_to_nan(backend):
