@@ -95,7 +95,7 @@ import json
 import math
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -473,27 +473,60 @@ def _new_report(plan) -> VerifyReport:
                         bands=Bands.for_format(fmt, mode), scheme=fmt.verify_key)
 
 
-def check_written(plan, out_dir: Path, by_shard: dict[str, list], samples: int, *, workers: int = 1) -> VerifyReport:
+class WrittenCheck:
     """The check after writing (quantize, convert): `samples` freshly rounded tensors of each finished
-    shard of `plan` in `out_dir` (`by_shard`: the plan's tensors per shard) re-read from disk and
-    compared with the values they were made from; the sampled tensors side by side on `workers`
-    threads (an output of a single shard too), the checks in shard and name order."""
-    report = _new_report(plan)
-    fmt = _format_of(plan)
-    picked = []  # (shard, tensor), what is checked
-    for shard in plan.shards:
-        rounded = [t for t in by_shard[shard] if t.decision in _VERIFIED]
-        rng = random.Random(shard)  # (the shard's file name: the same sample on every run)
-        picked += [(shard, t) for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name)]
-        # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
-        report.fp8_tensors += sum(len(t.outputs) // fmt.tensors_per_member if fmt.per_module else 1 for t in rounded)
-        report.kept_tensors += len(by_shard[shard]) - len(rounded)
-    headers = {shard: read_header(out_dir / shard)[0] for shard in {shard for shard, _ in picked}}
-    with ThreadPoolExecutor(workers) as pool:
-        for checks in pool.map(lambda p: _check_written_tensor(plan, fmt, p[0], headers[p[0]], p[1], report.bands),
-                               picked):
-            report.checks += checks
-    return report
+    shard of `plan` (`by_shard`: the plan's tensors per shard) re-read from disk and compared with the
+    values they were made from. `start(shard, folder)` checks a shard as soon as it is on disk, on one
+    background thread, while later shards are written (a GPU run's CPU cores are idle meanwhile);
+    `finish(folder, workers)` checks the shards whose check has not begun (a one-shard output, a resumed
+    run's earlier shards, those still queued), their sampled tensors side by side on `workers`
+    threads, waits for the others and
+    returns the report, its checks in shard and name order whatever ran when. `close()` drops what
+    has not started (an interrupted run) and waits for the check under way."""
+
+    def __init__(self, plan, by_shard: dict[str, list], samples: int):
+        self.plan, self.by_shard, self.samples = plan, by_shard, samples
+        self.fmt = _format_of(plan)
+        self.bands = _new_report(plan).bands
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="fp8norm-check")
+        self.started: dict[str, Future] = {}
+
+    def picked(self, shard: str) -> list:
+        """The tensors of `shard` checked: the same sample on every run (seeded by the file's name)."""
+        rounded = [t for t in self.by_shard[shard] if t.decision in _VERIFIED]
+        rng = random.Random(shard)
+        return sorted(rng.sample(rounded, min(self.samples, len(rounded))), key=lambda t: t.name)
+
+    def start(self, shard: str, folder: Path) -> None:
+        self.started[shard] = self.background.submit(
+            lambda: [c for t in self.picked(shard) for c in self._check(folder, shard, read_header(folder / shard)[0], t)])
+
+    def finish(self, folder: Path, workers: int) -> VerifyReport:
+        report = _new_report(self.plan)
+        # background checks still queued go to the `workers` threads with the rest
+        self.started = {shard: f for shard, f in self.started.items() if not f.cancel()}
+        rest = [(shard, t) for shard in self.plan.shards if shard not in self.started for t in self.picked(shard)]
+        headers = {shard: read_header(folder / shard)[0] for shard in {shard for shard, _ in rest}}
+        with ThreadPoolExecutor(workers) as pool:
+            checked = list(pool.map(lambda p: self._check(folder, p[0], headers[p[0]], p[1]), rest))
+        by_shard: dict[str, list] = {}
+        for (shard, _), checks in zip(rest, checked):
+            by_shard.setdefault(shard, []).extend(checks)
+        for shard in self.plan.shards:
+            tensors = self.by_shard[shard]
+            rounded = [t for t in tensors if t.decision in _VERIFIED]
+            report.checks += self.started[shard].result() if shard in self.started else by_shard.get(shard, [])
+            # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
+            report.fp8_tensors += sum(len(t.outputs) // self.fmt.tensors_per_member if self.fmt.per_module else 1
+                                      for t in rounded)
+            report.kept_tensors += len(tensors) - len(rounded)
+        return report
+
+    def close(self) -> None:
+        self.background.shutdown(wait=True, cancel_futures=True)
+
+    def _check(self, folder: Path, shard: str, infos: dict, t) -> list[TensorCheck]:
+        return _check_written_tensor(self.plan, self.fmt, shard, infos, t, self.bands)
 
 
 def _check_written_tensor(plan, fmt: Format, shard: str, infos: dict, t, bands: Bands) -> list[TensorCheck]:
