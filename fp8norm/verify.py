@@ -476,20 +476,19 @@ def _new_report(plan) -> VerifyReport:
 class WrittenCheck:
     """The check after writing (quantize, convert): `samples` freshly rounded tensors of each finished
     shard of `plan` (`by_shard`: the plan's tensors per shard) re-read from disk and compared with the
-    values they were made from. `start(shard, folder)` checks a shard as soon as it is on disk, on one
-    background thread, while later shards are written (a GPU run's CPU cores are idle meanwhile);
-    `finish(folder, workers)` checks the shards whose check has not begun (a one-shard output, a resumed
-    run's earlier shards, those still queued), their sampled tensors side by side on `workers`
-    threads, waits for the others and
-    returns the report, its checks in shard and name order whatever ran when. `close()` drops what
-    has not started (an interrupted run) and waits for the check under way."""
+    values they were made from. `start(shard, folder)` queues a shard's sampled tensors as soon as it
+    is on disk, checked one at a time on a background thread while later shards are written (a GPU
+    run's CPU cores are idle meanwhile); `finish(folder, workers)` checks the tensors whose check has
+    not begun (still queued, a resumed run's earlier shards) side by side on `workers` threads, waits
+    for the others and returns the report, its checks in shard and name order whatever ran when.
+    `close()` drops what has not begun (an interrupted run) and waits for the check under way."""
 
     def __init__(self, plan, by_shard: dict[str, list], samples: int):
         self.plan, self.by_shard, self.samples = plan, by_shard, samples
         self.fmt = _format_of(plan)
         self.bands = _new_report(plan).bands
         self.background = ThreadPoolExecutor(1, thread_name_prefix="fp8norm-check")
-        self.started: dict[str, Future] = {}
+        self.started: dict[tuple[str, str], Future] = {}  # (shard, tensor name): its check
 
     def picked(self, shard: str) -> list:
         """The tensors of `shard` checked: the same sample on every run (seeded by the file's name)."""
@@ -498,24 +497,25 @@ class WrittenCheck:
         return sorted(rng.sample(rounded, min(self.samples, len(rounded))), key=lambda t: t.name)
 
     def start(self, shard: str, folder: Path) -> None:
-        self.started[shard] = self.background.submit(
-            lambda: [c for t in self.picked(shard) for c in self._check(folder, shard, read_header(folder / shard)[0], t)])
+        infos = read_header(folder / shard)[0]
+        for t in self.picked(shard):
+            self.started[shard, t.name] = self.background.submit(self._check, shard, infos, t)
 
     def finish(self, folder: Path, workers: int) -> VerifyReport:
-        report = _new_report(self.plan)
-        # background checks still queued go to the `workers` threads with the rest
-        self.started = {shard: f for shard, f in self.started.items() if not f.cancel()}
-        rest = [(shard, t) for shard in self.plan.shards if shard not in self.started for t in self.picked(shard)]
+        # checks still queued go to the `workers` threads with those never started
+        self.started = {key: f for key, f in self.started.items() if not f.cancel()}
+        rest = [(shard, t) for shard in self.plan.shards for t in self.picked(shard) if (shard, t.name) not in self.started]
         headers = {shard: read_header(folder / shard)[0] for shard in {shard for shard, _ in rest}}
         with ThreadPoolExecutor(workers) as pool:
-            checked = list(pool.map(lambda p: self._check(folder, p[0], headers[p[0]], p[1]), rest))
-        by_shard: dict[str, list] = {}
-        for (shard, _), checks in zip(rest, checked):
-            by_shard.setdefault(shard, []).extend(checks)
+            done = dict(zip([(shard, t.name) for shard, t in rest],
+                            pool.map(lambda p: self._check(p[0], headers[p[0]], p[1]), rest)))
+        report = _new_report(self.plan)
         for shard in self.plan.shards:
+            for t in self.picked(shard):
+                key = (shard, t.name)
+                report.checks += self.started[key].result() if key in self.started else done[key]
             tensors = self.by_shard[shard]
             rounded = [t for t in tensors if t.decision in _VERIFIED]
-            report.checks += self.started[shard].result() if shard in self.started else by_shard.get(shard, [])
             # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
             report.fp8_tensors += sum(len(t.outputs) // self.fmt.tensors_per_member if self.fmt.per_module else 1
                                       for t in rounded)
@@ -525,7 +525,7 @@ class WrittenCheck:
     def close(self) -> None:
         self.background.shutdown(wait=True, cancel_futures=True)
 
-    def _check(self, folder: Path, shard: str, infos: dict, t) -> list[TensorCheck]:
+    def _check(self, shard: str, infos: dict, t) -> list[TensorCheck]:
         return _check_written_tensor(self.plan, self.fmt, shard, infos, t, self.bands)
 
 
