@@ -230,9 +230,8 @@ class _Sums:
             rel = _tile_max(err, block_size) / _tile_max(xf.abs(), block_size).clamp_min(1e-30)  # xf may be the caller's x
             self.max_rel = max(self.max_rel, float(rel.max()))
 
-
     def _add_exact(self, q, s_tiles, x, block_size, fmt: ElementFormat) -> bool:
-        """The common case at a third of add's cost: e4m3 codes on whole tiles, each byte the one the
+        """The common case at under half add's cost: e4m3 codes on whole tiles, each byte the one the
         saturating RNE cast of x * (1/scale) gives, x and the scales finite. Then no element is wrong
         (an exact value is within any tolerance of add's), and the counts need no per-element
         comparison: no clipping unless a tile's amax * (1/scale) exceeds the largest value, and an

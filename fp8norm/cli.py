@@ -790,8 +790,6 @@ def make_example_cmd(dst, family, layout, overwrite):
     click.echo(f"wrote a tiny {family} checkpoint ({layout}) to {dst}")
 
 
-if __name__ == "__main__":
-    main()
 
 
 def run() -> None:
@@ -819,3 +817,7 @@ def run() -> None:
         except (OSError, ValueError):  # a closed pipe: nothing more can be said
             pass
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -504,7 +504,8 @@ class WrittenCheck:
     def finish(self, folder: Path, workers: int) -> VerifyReport:
         # checks still queued go to the `workers` threads with those never started
         self.started = {key: f for key, f in self.started.items() if not f.cancel()}
-        rest = [(shard, t) for shard in self.plan.shards for t in self.picked(shard) if (shard, t.name) not in self.started]
+        rest = [(shard, t) for shard in self.plan.shards for t in self.picked(shard)
+                if (shard, t.name) not in self.started]
         headers = {shard: read_header(folder / shard)[0] for shard in {shard for shard, _ in rest}}
         with ThreadPoolExecutor(workers) as pool:
             done = dict(zip([(shard, t.name) for shard, t in rest],
@@ -526,25 +527,23 @@ class WrittenCheck:
         self.background.shutdown(wait=True, cancel_futures=True)
 
     def _check(self, shard: str, infos: dict, t) -> list[TensorCheck]:
-        return _check_written_tensor(self.plan, self.fmt, shard, infos, t, self.bands)
-
-
-def _check_written_tensor(plan, fmt: Format, shard: str, infos: dict, t, bands: Bands) -> list[TensorCheck]:
-    """Re-read a freshly rounded tensor of a finished shard (`infos`: its header) from disk and compare
-    it with the values it was made from (the source tensor, or an FP8 source dequantized with its scales)."""
-    # block FP8 outputs keep the source's blocks when converted, else the plan's
-    block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
-    # mapped, not copied into fresh memory: this run's source and its own locked output
-    src = source_matrix(t.name, plan.checkpoint, block, read=map_tensor)
-    if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
-        k = fmt.tensors_per_member
-        groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
-        return [fmt.compare_member(fmt.output_key(g[0].name), shard, [map_tensor(infos[o.name]) for o in g],
-                                   x, bands, plan.mx_rule)
-                for g, x in zip(groups, fmt.source_parts(t.name, src))]
-    q = map_tensor(infos[t.outputs[0].name])
-    scale_inv = map_tensor(infos[t.outputs[1].name])
-    return [compare(t.name, shard, q, scale_inv, src, block, bands)]
+        """Re-read freshly rounded tensor `t` of a finished shard (`infos`: its header) from disk and
+        compare it with the values it was made from (the source tensor, or an FP8 source dequantized
+        with its scales). Both are mapped, not copied into fresh memory: this run's source and its own
+        locked output."""
+        plan, fmt = self.plan, self.fmt
+        # block FP8 outputs keep the source's blocks when converted, else the plan's
+        block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
+        src = source_matrix(t.name, plan.checkpoint, block, read=map_tensor)
+        if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
+            k = fmt.tensors_per_member
+            groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
+            return [fmt.compare_member(fmt.output_key(g[0].name), shard, [map_tensor(infos[o.name]) for o in g],
+                                       x, self.bands, plan.mx_rule)
+                    for g, x in zip(groups, fmt.source_parts(t.name, src))]
+        q = map_tensor(infos[t.outputs[0].name])
+        scale_inv = map_tensor(infos[t.outputs[1].name])
+        return [compare(t.name, shard, q, scale_inv, src, block, self.bands)]
 
 
 def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,

@@ -408,14 +408,14 @@ def test_an_error_in_a_background_check_is_the_runs_error_and_leaves_no_output(t
     from fp8norm.quantize import quantize
 
     src = make_example(tmp_path / "src", "qwen3-moe", "sharded")
-    real = verify_module._check_written_tensor
+    real = verify_module.WrittenCheck._check
 
-    def broken(plan, fmt, shard, infos, t, bands):
+    def broken(self, shard, infos, t):
         if shard.startswith("model-00002-"):
             raise ValueError(f"{shard}: cannot read {t.name!r} back")
-        return real(plan, fmt, shard, infos, t, bands)
+        return real(self, shard, infos, t)
 
-    monkeypatch.setattr(verify_module, "_check_written_tensor", broken)
+    monkeypatch.setattr(verify_module.WrittenCheck, "_check", broken)
     with pytest.raises(ValueError, match="model-00002-of-00008.safetensors: cannot read"):
         quantize(src, tmp_path / "o", max_shard_size="1MB", verify_samples=2, progress=False)
     assert not (tmp_path / "o" / "model.safetensors.index.json").exists()  # not finished: resumable, not posing as done
