@@ -181,16 +181,14 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
              overwrite: bool = False, progress: bool | None = None, buffer_bytes: int,
              texts: dict[str, str] | None = None, copies: tuple[Path, ...] = (),
              before_finish: Callable[[list[str], Path], dict[str, str]] | None = None, desc: str = "fp8norm",
-             notes: list[str] | None = None, stats: RunStats | None = None, workers: int | None = None,
-             on_file_done: Callable[[str, Path], None] | None = None) -> RunStats:
+             notes: list[str] | None = None, stats: RunStats | None = None, workers: int | None = None) -> RunStats:
     """Write every output file of `jobs` into `dst`, then the `copies` (paths relative to SRC) and the
     `texts` {name: text} in order, then the final manifest. `before_finish(files written, folder)` runs
     on rank 0 once every file is on disk in `folder` (e.g. to re-read samples); the texts it returns
     replace those of `texts` (e.g. fp8norm.json marked as failed). `notes`: a list the jobs'
     computations append to; under torchrun rank 0's list ends up holding every rank's notes. `workers`:
-    compute workers (default: fp8norm.threads' choice). `on_file_done(file, folder)` is called (in the
-    writer thread, so quickly) once each output file this process writes is on disk under its name.
-    Returns the run's statistics (in `stats` when given)."""
+    compute workers (default: fp8norm.threads' choice). Returns the run's statistics (in `stats` when
+    given)."""
     pin_mmap_threshold()
     dst = Path(dst)
     ctx = distributed.context()
@@ -242,7 +240,7 @@ def run_jobs(ckpt: SourceCheckpoint, jobs: list[Job], dst: str | Path, *, finger
             try:
                 record = ManifestRecord(work, fingerprint, sources, ctx, done if rank0 else None)
                 _stream(ckpt, jobs, work, files, mine, pending, record, finished, ctx, progress, buffer_bytes,
-                        stats, desc, workers or compute_workers(), on_file_done)
+                        stats, desc, workers or compute_workers())
             except OSError as e:
                 raise io_error(e, dst, still_needed(), sum(sizes.get(f, 0) for f in finished)) from None
         except BaseException as e:  # noqa: BLE001 - decided below, after the other ranks are told
@@ -392,7 +390,7 @@ class _NoBar:
 
 
 def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progress, buffer_bytes, stats, desc,
-            workers: int, on_file_done=None) -> None:
+            workers: int) -> None:
     """Read, compute and write the files in `mine` with overlapping reader / compute / writer stages."""
     work = []
     for job in jobs:
@@ -500,8 +498,6 @@ def _stream(ckpt, jobs, dst, files, mine, pending, record, finished, ctx, progre
                         finished[f] = rec
                         record.finished(f, rec)
                         stats.files_written += 1
-                        if on_file_done is not None:
-                            on_file_done(f, dst)
                         if log_lines:
                             print(f"fp8norm rank {ctx.rank}/{ctx.world}: wrote {f} "
                                   f"({stats.files_written}/{len(mine)})", file=sys.stderr, flush=True)

@@ -159,33 +159,21 @@ def execute_plan(plan: Plan, dst: str | Path, *, transform: Transform | None = N
             for s in plan.shards for t in by_shard[s]]
     summary = RunSummary(tensors=plan.totals(), device=str(dev or "cpu"), source=plan.source)
 
-    checker = None
-    if verify_samples:
-        from .verify import WrittenCheck
-
-        checker = WrittenCheck(plan, by_shard, verify_samples)
-
     def check_after_writing(_written: list[str], out_dir: Path) -> dict[str, str]:
-        # the shards not checked while later ones were written (one background check at a time, so the
-        # check adds one sampled tensor to the pipeline's memory); the rest once the streams are drained
-        from .verify import FAIL, mark_failed
+        # After the streams are drained, so the check adds nothing to the pipeline's peak memory
+        from .verify import FAIL, check_written, mark_failed
 
-        summary.verify = checker.finish(out_dir, workers=1 if on_gpu else compute_workers())
+        summary.verify = check_written(plan, out_dir, by_shard, verify_samples,
+                                       workers=1 if on_gpu else compute_workers())
         if summary.verify.status == FAIL and PROVENANCE_NAME in texts:
             # the output stays, marked as failed (the CLI exits EXIT_VERIFY_FAILED)
             return {PROVENANCE_NAME: mark_failed(texts[PROVENANCE_NAME], summary.verify)}
         return {}
 
-    try:
-        run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
-                 progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
-                 before_finish=check_after_writing if checker else None, notes=transform.records, stats=summary,
-                 # under torchrun the check is rank 0's, after every rank's shards are written
-                 on_file_done=checker.start if checker and distributed.context() is None else None,
-                 workers=1 if on_gpu else None)  # one GPU stream: a second worker would only queue
-    finally:
-        if checker is not None:
-            checker.close()
+    run_jobs(plan.checkpoint, jobs, dst, fingerprint=plan.fingerprint(), resume=resume, overwrite=overwrite,
+             progress=progress, buffer_bytes=max(1, plan.max_shard_size // 2), texts=texts, copies=copies,
+             before_finish=check_after_writing if verify_samples else None, notes=transform.records, stats=summary,
+             workers=1 if on_gpu else None)  # one GPU stream: a second worker would only queue
     if not (plan.source / "config.json").exists():
         summary.notes.append("note      the source has no config.json: none written")
     summary.notes += plan.notes + transform.notes()

@@ -95,7 +95,7 @@ import json
 import math
 import random
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -473,77 +473,45 @@ def _new_report(plan) -> VerifyReport:
                         bands=Bands.for_format(fmt, mode), scheme=fmt.verify_key)
 
 
-class WrittenCheck:
+def check_written(plan, out_dir: Path, by_shard: dict[str, list], samples: int, *, workers: int = 1) -> VerifyReport:
     """The check after writing (quantize, convert): `samples` freshly rounded tensors of each finished
-    shard of `plan` (`by_shard`: the plan's tensors per shard) re-read from disk and compared with the
-    values they were made from. `start(shard, folder)` queues a shard's sampled tensors as soon as it
-    is on disk, checked one at a time on a background thread while later shards are written (a GPU
-    run's CPU cores are idle meanwhile); `finish(folder, workers)` checks the tensors whose check has
-    not begun (still queued, a resumed run's earlier shards) side by side on `workers` threads, waits
-    for the others and returns the report, its checks in shard and name order whatever ran when.
-    `close()` drops what has not begun (an interrupted run) and waits for the check under way."""
+    shard of `plan` in `out_dir` (`by_shard`: the plan's tensors per shard) re-read from disk and
+    compared with the values they were made from; the sampled tensors side by side on `workers`
+    threads (an output of a single shard too), the checks in shard and name order."""
+    report = _new_report(plan)
+    fmt = _format_of(plan)
+    picked = []  # (shard, tensor), what is checked
+    for shard in plan.shards:
+        rounded = [t for t in by_shard[shard] if t.decision in _VERIFIED]
+        rng = random.Random(shard)  # (the shard's file name: the same sample on every run)
+        picked += [(shard, t) for t in sorted(rng.sample(rounded, min(samples, len(rounded))), key=lambda t: t.name)]
+        # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
+        report.fp8_tensors += sum(len(t.outputs) // fmt.tensors_per_member if fmt.per_module else 1 for t in rounded)
+        report.kept_tensors += len(by_shard[shard]) - len(rounded)
+    headers = {shard: read_header(out_dir / shard)[0] for shard in {shard for shard, _ in picked}}
+    with ThreadPoolExecutor(workers) as pool:
+        for checks in pool.map(lambda p: _check_written_tensor(plan, fmt, p[0], headers[p[0]], p[1], report.bands),
+                               picked):
+            report.checks += checks
+    return report
 
-    def __init__(self, plan, by_shard: dict[str, list], samples: int):
-        self.plan, self.by_shard, self.samples = plan, by_shard, samples
-        self.fmt = _format_of(plan)
-        self.bands = _new_report(plan).bands
-        self.background = ThreadPoolExecutor(1, thread_name_prefix="fp8norm-check")
-        self.started: dict[tuple[str, str], Future] = {}  # (shard, tensor name): its check
 
-    def picked(self, shard: str) -> list:
-        """The tensors of `shard` checked: the same sample on every run (seeded by the file's name)."""
-        rounded = [t for t in self.by_shard[shard] if t.decision in _VERIFIED]
-        rng = random.Random(shard)
-        return sorted(rng.sample(rounded, min(self.samples, len(rounded))), key=lambda t: t.name)
-
-    def start(self, shard: str, folder: Path) -> None:
-        infos = read_header(folder / shard)[0]
-        for t in self.picked(shard):
-            self.started[shard, t.name] = self.background.submit(self._check, shard, infos, t)
-
-    def finish(self, folder: Path, workers: int) -> VerifyReport:
-        # checks still queued go to the `workers` threads with those never started
-        self.started = {key: f for key, f in self.started.items() if not f.cancel()}
-        rest = [(shard, t) for shard in self.plan.shards for t in self.picked(shard)
-                if (shard, t.name) not in self.started]
-        headers = {shard: read_header(folder / shard)[0] for shard in {shard for shard, _ in rest}}
-        with ThreadPoolExecutor(workers) as pool:
-            done = dict(zip([(shard, t.name) for shard, t in rest],
-                            pool.map(lambda p: self._check(p[0], headers[p[0]], p[1]), rest)))
-        report = _new_report(self.plan)
-        for shard in self.plan.shards:
-            for t in self.picked(shard):
-                key = (shard, t.name)
-                report.checks += self.started[key].result() if key in self.started else done[key]
-            tensors = self.by_shard[shard]
-            rounded = [t for t in tensors if t.decision in _VERIFIED]
-            # counted as `fp8norm verify` counts them: a scheme's per module (a fused 3D tensor is one per expert)
-            report.fp8_tensors += sum(len(t.outputs) // self.fmt.tensors_per_member if self.fmt.per_module else 1
-                                      for t in rounded)
-            report.kept_tensors += len(tensors) - len(rounded)
-        return report
-
-    def close(self) -> None:
-        self.background.shutdown(wait=True, cancel_futures=True)
-
-    def _check(self, shard: str, infos: dict, t) -> list[TensorCheck]:
-        """Re-read freshly rounded tensor `t` of a finished shard (`infos`: its header) from disk and
-        compare it with the values it was made from (the source tensor, or an FP8 source dequantized
-        with its scales). Both are mapped, not copied into fresh memory: this run's source and its own
-        locked output."""
-        plan, fmt = self.plan, self.fmt
-        # block FP8 outputs keep the source's blocks when converted, else the plan's
-        block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
-        src = source_matrix(t.name, plan.checkpoint, block, read=map_tensor)
-        if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
-            k = fmt.tensors_per_member
-            groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
-            return [fmt.compare_member(fmt.output_key(g[0].name), shard, [map_tensor(infos[o.name]) for o in g],
-                                       x, self.bands, plan.mx_rule)
-                    for g, x in zip(groups, fmt.source_parts(t.name, src))]
-        q = map_tensor(infos[t.outputs[0].name])
-        scale_inv = map_tensor(infos[t.outputs[1].name])
-        return [compare(t.name, shard, q, scale_inv, src, block, self.bands)]
+def _check_written_tensor(plan, fmt: Format, shard: str, infos: dict, t, bands: Bands) -> list[TensorCheck]:
+    """Re-read freshly rounded tensor `t` of a finished shard (`infos`: its header) from disk and compare
+    it with the values it was made from (the source tensor, or an FP8 source dequantized with its
+    scales). Both are mapped, not copied into fresh memory: this run's source and its own locked output."""
+    # block FP8 outputs keep the source's blocks when converted, else the plan's
+    block = plan.source_format.block_size if plan.source_format is not None else plan.settings.block_size
+    src = source_matrix(t.name, plan.checkpoint, block, read=map_tensor)
+    if fmt.per_module:  # (elements, scale[, global scale]) per module, fused experts per expert
+        k = fmt.tensors_per_member
+        groups = [t.outputs[i:i + k] for i in range(0, len(t.outputs), k)]
+        return [fmt.compare_member(fmt.output_key(g[0].name), shard, [map_tensor(infos[o.name]) for o in g],
+                                   x, bands, plan.mx_rule)
+                for g, x in zip(groups, fmt.source_parts(t.name, src))]
+    q = map_tensor(infos[t.outputs[0].name])
+    scale_inv = map_tensor(infos[t.outputs[1].name])
+    return [compare(t.name, shard, q, scale_inv, src, block, bands)]
 
 
 def verify_members(fmt: Format, quant: Path, q_ckpt, s_ckpt, qcfg: dict, report: VerifyReport,
