@@ -4,12 +4,11 @@ line naming the file and tensor. Below fp8norm.formats and fp8norm.plan, which b
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 from .kernels.numerics import block_grid as nx
 from .checkpoint import SourceCheckpoint
-from .st_io import SafetensorsError, TensorInfo, read_floats
+from .st_io import TensorInfo, read_bytes, read_floats
 
 SOURCE_SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # block scales of FP8 sources that are read
 # A float is finite and > 0 iff its bits, read as an unsigned integer, lie in [1, the largest finite
@@ -58,11 +57,7 @@ def check_fp8_sources(ckpt: SourceCheckpoint, scale_of: dict[str, str], block_si
 def scales_positive_finite(info: TensorInfo) -> bool:
     """Every value of a scale tensor (a SOURCE_SCALE_DTYPES dtype) finite and > 0, read off its bits
     in plain Python (_POSITIVE_FINITE_BITS)."""
-    with open(info.file, "rb") as f:
-        raw = os.pread(f.fileno(), info.nbytes, info.begin)
-    if len(raw) != info.nbytes:
-        raise SafetensorsError(f"{info.file}: ends {info.nbytes - len(raw)} bytes short of tensor {info.name!r} "
-                               "(file truncated?)")
+    raw = read_bytes(info)
     if info.dtype == "F8_E8M0":
         return raw.find(255) < 0
     if sys.byteorder != "little":  # (safetensors is little-endian)

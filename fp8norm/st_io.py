@@ -203,13 +203,18 @@ def map_tensor(info: TensorInfo) -> torch.Tensor:
     if not info.nbytes:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     with open(info.file, "rb") as f:
-        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
-        if info.end > os.fstat(f.fileno()).st_size:
-            raise SafetensorsError(f"{info.file}: tensor {info.name!r}: its bytes end past the end of the file "
-                                   "(file truncated?)")
-        m = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_COPY, offset=start)
-    return torch.frombuffer(m, dtype=torch.uint8, offset=info.begin - start,
-                            count=info.nbytes).view(info.torch_dtype).reshape(info.shape)
+        m = MappedTensor(info, f, access=mmap.ACCESS_COPY)  # (its view keeps the mapping alive)
+    return torch.frombuffer(m.view, dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
+
+
+def read_bytes(info: TensorInfo) -> bytes:
+    """A tensor's bytes, without torch (planning's checks of scales)."""
+    with open(info.file, "rb") as f:
+        m = MappedTensor(info, f)
+        try:
+            return bytes(m.view)
+        finally:
+            m.close()
 
 
 def read_floats(info: TensorInfo) -> np.ndarray:
@@ -217,12 +222,7 @@ def read_floats(info: TensorInfo) -> np.ndarray:
     (planning checks scales and weights with it)."""
     import numpy as np
 
-    with open(info.file, "rb") as f:
-        m = MappedTensor(info, f)
-        try:
-            raw = np.frombuffer(m.view, dtype=np.uint8).copy()
-        finally:
-            m.close()
+    raw = np.frombuffer(read_bytes(info), dtype=np.uint8)
     if info.dtype == "BF16":  # the top half of an fp32
         values = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     elif info.dtype == "F8_E8M0":  # 2^(e - 127); e = 255 is NaN
@@ -249,13 +249,13 @@ class MappedTensor:
     """A source tensor's bytes mapped read-only from its file (`view`): the page cache itself, read
     without a copy into this process. `close()` unmaps it (every view of `view` must be gone)."""
 
-    def __init__(self, info: TensorInfo, f):
+    def __init__(self, info: TensorInfo, f, access: int = mmap.ACCESS_READ):
         self.info = info
         start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page
         if info.end > os.fstat(f.fileno()).st_size:
             raise SafetensorsError(f"{info.file}: tensor {info.name!r}: its bytes end past the end of the file "
                                    "(file truncated?)")
-        self._map = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start) \
+        self._map = mmap.mmap(f.fileno(), info.end - start, access=access, offset=start) \
             if info.nbytes else None
         self.view = memoryview(self._map)[info.begin - start:] if self._map is not None else memoryview(b"")
 
